@@ -1,0 +1,11 @@
+"""Detector library: ``create(name, **params)``, ``available()``, ``info(name)``, ``load(dir)``.
+
+Every detector returns scores where **higher = more likely out-of-distribution**.
+"""
+
+from .base import Detector, NotFittedError, available, create, info, load, register
+
+# Importing the modules registers their detectors.
+from . import logits, openset, distance, subspace, shaping, head  # noqa: E402,F401  isort: skip
+
+__all__ = ["Detector", "NotFittedError", "available", "create", "info", "load", "register"]

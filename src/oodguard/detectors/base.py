@@ -1,0 +1,410 @@
+"""The detector contract, the registry, and saving/loading fitted detectors.
+
+Score convention, for every detector: **higher = more likely out-of-distribution.**
+
+A detector is a small class that declares what it needs (``requires`` at score time, ``fit_requires``
+at fit time), its hyperparameters with the official defaults, and its paper. ``fit`` turns outputs
+into named state tensors; ``score`` is a pure function of that state and the outputs. Detectors whose
+fit statistics are additive implement ``_statistics``/``_finalize`` and get exact ``partial_fit`` and
+``merge`` for free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..outputs import ModelOutputs, as_outputs
+
+FORMAT_VERSION = 1
+#: Peak extra memory a score call may use for intermediates, per chunk of rows.
+SCORE_MEMORY_BUDGET = 256 * 2**20
+
+_REGISTRY: dict[str, type[Detector]] = {}
+
+
+class NotFittedError(RuntimeError):
+    """Raised when a detector that needs fitting is used before ``fit``."""
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Class decorator adding a detector to the registry under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no registry name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"detector name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+class Detector:
+    """Base class of every detector. Subclasses set the class attributes and implement the hooks.
+
+    Class attributes
+    ----------------
+    name : registry name.
+    summary : one line saying what the score is.
+    paper, code : citation and official code location.
+    requires : fields needed by ``score`` (subset of logits, features, layers).
+    fit_requires : fields needed by ``fit`` (may add labels, head).
+    defaults : hyperparameters and their official defaults; the constructor accepts exactly these.
+    needs_fit : False for detectors with no fitted state (``fit`` is then optional).
+    state_reductions : for detectors with additive fit statistics, how each statistic combines
+        (``"sum"`` or ``"cat"``); declaring it enables exact ``partial_fit`` and ``merge``.
+
+    Hooks
+    -----
+    _fit(outputs) -> dict of state tensors (or implement ``_statistics`` + ``_finalize``).
+    _score(outputs) -> float tensor ``[n]`` for one chunk of rows, higher = more OOD.
+    _score_row_bytes() -> estimated bytes of intermediates per scored row (sets the chunk size).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    code: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset()
+    fit_requires: ClassVar[frozenset[str]] = frozenset()
+    defaults: ClassVar[dict[str, Any]] = {}
+    needs_fit: ClassVar[bool] = True
+    state_reductions: ClassVar[dict[str, str] | None] = None
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            valid = ", ".join(sorted(self.defaults)) or "none"
+            raise TypeError(f"{self.name}: unknown parameter(s) {unknown}; valid parameters: {valid}")
+        self.params: dict[str, Any] = {**self.defaults, **params}
+        self._check_params()
+        self.state_: dict[str, torch.Tensor] | None = None
+        self.stats_: dict[str, torch.Tensor] | None = None
+        self.meta_: dict[str, Any] = {}
+        self._state_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ hooks
+    def _check_params(self) -> None:
+        """Validate ``self.params``; raise ValueError naming the parameter."""
+
+    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        if self.state_reductions is not None:
+            return self._finalize(self._statistics(outputs))
+        raise NotImplementedError(f"{type(self).__name__} must implement _fit or _statistics/_finalize")
+
+    def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no additive fit statistics")
+
+    def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no additive fit statistics")
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement _score")
+
+    def _score_row_bytes(self) -> int:
+        return 64 * 1024
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def is_fitted(self) -> bool:
+        return self.state_ is not None or not self.needs_fit
+
+    @property
+    def supports_partial_fit(self) -> bool:
+        return self.state_reductions is not None
+
+    def fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> Detector:
+        """Fit on in-distribution outputs and return ``self``.
+
+        Rows labelled OOD (label < 0) are refused unless ``drop_ood=True``, which drops them.
+        """
+        outputs = self._prepare_fit(outputs, drop_ood)
+        self.stats_ = None
+        self._state_cache = {}
+        if self.state_reductions is not None:
+            self.stats_ = self._statistics(outputs)
+            self.state_ = self._finalize(self.stats_)
+        else:
+            self.state_ = self._fit(outputs)
+        self._record_dims(outputs)
+        return self
+
+    def partial_fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> Detector:
+        """Add one chunk of fit data; after any number of chunks, equal to ``fit`` on all of them."""
+        self._require_partial_fit("partial_fit")
+        outputs = self._prepare_fit(outputs, drop_ood)
+        if self.stats_ is not None:
+            self._check_dims(outputs, "partial_fit")
+        stats = self._statistics(outputs)
+        self.stats_ = stats if self.stats_ is None else self._combine(self.stats_, stats)
+        self.state_ = self._finalize(self.stats_)
+        self._state_cache = {}
+        self._record_dims(outputs)
+        return self
+
+    def merge(self, other: Detector) -> Detector:
+        """Combine with another detector of the same kind fitted on other data (in place; returns self)."""
+        self._require_partial_fit("merge")
+        if type(other) is not type(self) or other.params != self.params:
+            raise ValueError(f"{self.name}: can only merge with a {self.name} detector with the same parameters")
+        if other.stats_ is None:
+            raise NotFittedError(f"{self.name}: the detector to merge has not been fitted")
+        if self.stats_ is None:
+            self.stats_ = {k: v.clone() for k, v in other.stats_.items()}
+            self.meta_ = dict(other.meta_)
+        else:
+            for key in ("num_classes", "feature_dim"):
+                if self.meta_.get(key) != other.meta_.get(key):
+                    raise ValueError(
+                        f"{self.name}: cannot merge, {key} differs ({self.meta_.get(key)} vs {other.meta_.get(key)})"
+                    )
+            self.stats_ = self._combine(self.stats_, other.stats_)
+        self.state_ = self._finalize(self.stats_)
+        self._state_cache = {}
+        return self
+
+    def score(self, outputs: ModelOutputs | Mapping[str, Any]) -> np.ndarray | torch.Tensor:
+        """OOD scores ``[N]``, higher = more likely OOD. Numpy outputs give numpy, torch gives torch."""
+        outputs = as_outputs(outputs)
+        if not self.is_fitted:
+            raise NotFittedError(f"{self.name}: call fit(...) on in-distribution outputs before score(...)")
+        self._check_fields(outputs, self.requires, "score")
+        if len(outputs) == 0:
+            raise ValueError(f"{self.name}: score got empty outputs (N=0); pass at least one row")
+        self._check_dims(outputs, "score")
+        chunk = max(1, min(len(outputs), 16384, SCORE_MEMORY_BUDGET // max(1, self._score_row_bytes())))
+        pieces = [self._score(outputs._replace_rows(lambda t, s=start: t[s : s + chunk]))
+                  for start in range(0, len(outputs), chunk)]
+        scores = torch.cat(pieces).to(torch.float64) if len(pieces) > 1 else pieces[0].to(torch.float64)
+        if not bool(torch.isfinite(scores).all()):
+            bad = int((~torch.isfinite(scores)).sum())
+            raise FloatingPointError(
+                f"{self.name}: produced {bad} non-finite score(s); the inputs are outside what this detector "
+                "can handle (see its documentation for the valid range)"
+            )
+        if outputs.array_type == "numpy":
+            return scores.cpu().numpy()
+        return scores
+
+    __call__ = score
+
+    # ------------------------------------------------------------------ saving
+    def save(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``state.safetensors`` to ``directory`` (no pickle)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": "oodguard.detector",
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "params": self.params,
+            "meta": self.meta_,
+            "fitted": self.state_ is not None,
+        }
+        tensors: dict[str, torch.Tensor] = {}
+        for key, value in (self.state_ or {}).items():
+            tensors[f"state.{key}"] = value.detach().contiguous().cpu()
+        for key, value in (self.stats_ or {}).items():
+            tensors[f"stats.{key}"] = value.detach().contiguous().cpu()
+        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(tensors, str(directory / "state.safetensors"))
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def state(self, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The fitted state on ``device``; floating tensors cast to ``dtype`` when given (cached)."""
+        key = (str(device), dtype)
+        if key not in self._state_cache:
+            assert self.state_ is not None
+            self._state_cache[key] = {
+                k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
+                for k, v in self.state_.items()
+            }
+        return self._state_cache[key]
+
+    def _prepare_fit(self, outputs: ModelOutputs | Mapping[str, Any], drop_ood: bool) -> ModelOutputs:
+        outputs = as_outputs(outputs)
+        if outputs.labels is not None and bool(outputs.is_ood.any()):
+            count = int(outputs.is_ood.sum())
+            if not drop_ood:
+                raise ValueError(
+                    f"{self.name}: fit data contains {count} OOD-labelled row(s) (label < 0); fit on "
+                    "in-distribution data, or pass drop_ood=True to drop them"
+                )
+            outputs = outputs.id_only()
+        self._check_fields(outputs, self.fit_requires, "fit")
+        if len(outputs) == 0:
+            raise ValueError(f"{self.name}: fit got empty outputs (N=0); pass in-distribution rows to fit on")
+        return outputs
+
+    def _check_fields(self, outputs: ModelOutputs, fields: frozenset[str], stage: str) -> None:
+        missing = sorted(field for field in fields if not outputs.has(field))
+        if missing:
+            have = ", ".join(outputs.fields()) or "nothing"
+            raise ValueError(
+                f"{self.name}: {stage} needs {', '.join(missing)} but the outputs have {have}; "
+                f"extract {' and '.join(missing)} from the model"
+            )
+
+    def _record_dims(self, outputs: ModelOutputs) -> None:
+        if outputs.num_classes is not None:
+            self.meta_["num_classes"] = outputs.num_classes
+        if outputs.feature_dim is not None:
+            self.meta_["feature_dim"] = outputs.feature_dim
+
+    def _check_dims(self, outputs: ModelOutputs, stage: str) -> None:
+        expected_c = self.meta_.get("num_classes")
+        if outputs.logits is not None and expected_c is not None and outputs.logits.shape[1] != expected_c:
+            raise ValueError(
+                f"{self.name}: logits have C={outputs.logits.shape[1]} columns at {stage} but the detector "
+                f"was fitted with C={expected_c}; use outputs of the same model"
+            )
+        expected_d = self.meta_.get("feature_dim")
+        if outputs.features is not None and expected_d is not None and outputs.features.shape[1] != expected_d:
+            raise ValueError(
+                f"{self.name}: features have D={outputs.features.shape[1]} columns at {stage} but the detector "
+                f"was fitted with D={expected_d}; use outputs of the same model and layer"
+            )
+
+    def _require_partial_fit(self, method: str) -> None:
+        if self.state_reductions is None:
+            raise TypeError(
+                f"{self.name}: {method} is not available because its fit is not a sufficient statistic; "
+                "use fit on all the data"
+            )
+
+    def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assert self.state_reductions is not None
+        combined = {}
+        for key, how in self.state_reductions.items():
+            if how == "sum":
+                if a[key].shape != b[key].shape:
+                    raise ValueError(f"{self.name}: cannot combine statistic {key!r} of shapes "
+                                     f"{tuple(a[key].shape)} and {tuple(b[key].shape)}")
+                combined[key] = a[key] + b[key]
+            elif how == "cat":
+                combined[key] = torch.cat([a[key], b[key]])
+            else:
+                raise ValueError(f"unknown reduction {how!r}")
+        return combined
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({params})"
+
+
+# ---------------------------------------------------------------------- registry functions
+def create(name: str, **params: Any) -> Detector:
+    """A new detector by registry name, e.g. ``create("vim", dim=64)``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown detector {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name](**params)
+
+
+def available() -> list[str]:
+    """Registry names of every detector, sorted."""
+    return sorted(_REGISTRY)
+
+
+def info(name: str) -> dict[str, Any]:
+    """Paper, official code, requirements and defaults of a detector."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown detector {name!r}; available: {', '.join(available())}")
+    cls = _REGISTRY[name]
+    return {
+        "name": cls.name,
+        "summary": cls.summary,
+        "paper": cls.paper,
+        "code": cls.code,
+        "requires": sorted(cls.requires),
+        "fit_requires": sorted(cls.fit_requires),
+        "defaults": dict(cls.defaults),
+        "needs_fit": cls.needs_fit,
+        "partial_fit": cls.state_reductions is not None,
+    }
+
+
+def load(directory: str | Path) -> Detector:
+    """Load a detector written by :meth:`Detector.save`. Refuses unknown formats and versions."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no saved detector (config.json is missing)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error})") from error
+    if config.get("format") != "oodguard.detector":
+        raise ValueError(f"{config_path} is not an oodguard detector config")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{directory}: detector format version {version!r} is not supported (this oodguard reads "
+            f"version {FORMAT_VERSION}); re-fit and save with this version of oodguard"
+        )
+    detector = create(config["name"], **config.get("params", {}))
+    detector.meta_ = dict(config.get("meta", {}))
+    tensors = load_file(str(directory / "state.safetensors"))
+    if config.get("fitted"):
+        detector.state_ = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
+    stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
+    detector.stats_ = stats or None
+    return detector
+
+
+# ---------------------------------------------------------------------- shared numerics
+def logsumexp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T * LSE(f / T)`` along the last axis, computed stably."""
+    return temperature * torch.logsumexp(logits / temperature, dim=-1)
+
+
+def class_counts(labels: torch.Tensor, num_classes: int, name: str, minimum: int = 2) -> torch.Tensor:
+    """Samples per class; refuses labels outside ``0..C-1`` and classes with fewer than ``minimum`` rows."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{name}: labels must lie in 0..{num_classes - 1} (C={num_classes}), got range "
+            f"{int(labels.min())}..{int(labels.max())}"
+        )
+    counts = torch.bincount(labels, minlength=num_classes)
+    if minimum and bool((counts < minimum).any()):
+        short = torch.nonzero(counts < minimum).flatten().tolist()
+        shown = ", ".join(f"class {c}: {int(counts[c])}" for c in short[:5])
+        more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+        raise ValueError(
+            f"{name}: every class needs at least {minimum} fit samples ({shown}{more}); "
+            "add samples of those classes or remove the classes"
+        )
+    return counts
+
+
+def infer_num_classes(outputs: ModelOutputs) -> int:
+    """C from logits or head when present, else ``max(label) + 1``."""
+    if outputs.num_classes is not None:
+        return outputs.num_classes
+    if outputs.labels is None or outputs.labels.numel() == 0:
+        raise ValueError("cannot tell the number of classes: pass labels, logits or the head")
+    return int(outputs.labels.max()) + 1
+
+
+def symmetric_pinv(matrix: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
+    """Pseudo-inverse of a symmetric PSD matrix via ``eigh`` in float64 (finite even when singular)."""
+    matrix = matrix.to(torch.float64)
+    matrix = 0.5 * (matrix + matrix.T)
+    values, vectors = torch.linalg.eigh(matrix)
+    cutoff = rtol * max(float(values.abs().max()), math.ulp(1.0)) if values.numel() else 0.0
+    inverse = torch.where(values > cutoff, 1.0 / values.clamp_min(cutoff if cutoff > 0 else 1e-300), 0.0)
+    return (vectors * inverse) @ vectors.T
+
+
+def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """numpy-default (linear interpolation) percentile ``q`` in [0, 100] over all entries."""
+    flat = values.reshape(-1).to(torch.float64)
+    if flat.numel() == 0:
+        raise ValueError("percentile of an empty set")
+    return torch.quantile(flat, q / 100.0) if flat.numel() <= 16_000_000 else torch.from_numpy(
+        np.asarray(np.percentile(flat.numpy(), q))
+    )
