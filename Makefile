@@ -1,0 +1,31 @@
+# The README's two commands: `make bench` (the main job) and `make test` (the whole test suite).
+# Each creates or reuses the virtual environment it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: bench bench-imagenet test lint env clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+env: $(STAMP)
+
+bench: $(STAMP)
+	$(PY) benchmarks/detector_speed.py --scale cifar
+
+bench-imagenet: $(STAMP)
+	$(PY) benchmarks/detector_speed.py --scale imagenet --repeats 1
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

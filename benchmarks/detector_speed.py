@@ -1,0 +1,249 @@
+"""Fit and score time of every detector against the bare operations each method cannot avoid.
+
+For each detector the same run times, on the same synthetic outputs, a *lower bound*: the matrix
+products (and top-k selections) that any implementation of the method must perform, e.g.
+``[N_test, D] x [D, N_fit]`` plus top-k for KNN or ``[N_test, D] x [D, D]`` for Mahalanobis. The ratio
+score time / lower bound is the number that matters; targets are 2x (1.5x for KNN). Peak extra memory of
+a score call is read from the kernel's resident-set high-water mark, reset before each call.
+
+    python benchmarks/detector_speed.py --scale cifar
+    python benchmarks/detector_speed.py --scale imagenet --out docs/performance.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from oodguard import ModelOutputs, detectors
+
+SCALES = {
+    "cifar": {"n_fit": 50_000, "dim": 512, "classes": 10, "n_test": 20_000},
+    "imagenet": {"n_fit": 100_000, "dim": 2048, "classes": 1000, "n_test": 10_000},
+    "tiny": {"n_fit": 2_000, "dim": 64, "classes": 10, "n_test": 1_000},
+}
+MOS_GROUPS = 8
+CHUNK = 4096  # row chunk of the lower-bound loops, so they too stay in bounded memory
+
+
+@dataclass
+class Data:
+    fit: ModelOutputs
+    test: ModelOutputs
+    mos_fit: ModelOutputs
+    mos_test: ModelOutputs
+    weight: torch.Tensor
+
+
+def make_data(n_fit: int, dim: int, classes: int, n_test: int, seed: int = 0) -> Data:
+    """Non-negative class-clustered features, a linear head, logits; MOS-layout logits too."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.rand(classes, dim, generator=generator) * 2.0
+    weight = (means - means.mean(0)) / dim**0.5 * 8.0
+    bias = torch.zeros(classes)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, classes, (n,), generator=generator)
+        features = (means[labels] + torch.randn(n, dim, generator=generator)).clamp_min_(0)
+        return features, labels
+
+    fit_features, fit_labels = draw(n_fit)
+    test_features, test_labels = draw(n_test)
+    head = (weight, bias)
+    fit = ModelOutputs(logits=fit_features @ weight.T, features=fit_features, labels=fit_labels, head=head)
+    test = ModelOutputs(logits=test_features @ weight.T, features=test_features)
+    width = classes + MOS_GROUPS
+    mos_weight = torch.randn(width, dim, generator=generator) / dim**0.5
+    mos_fit = ModelOutputs(logits=fit_features[:1000] @ mos_weight.T)
+    mos_test = ModelOutputs(logits=test_features @ mos_weight.T)
+    return Data(fit, test, mos_fit, mos_test, weight)
+
+
+def group_sizes(classes: int) -> list[int]:
+    base, extra = divmod(classes, MOS_GROUPS)
+    return [base + (1 if g < extra else 0) for g in range(MOS_GROUPS)]
+
+
+def chunked(x: torch.Tensor, op: Callable[[torch.Tensor], object]) -> None:
+    for start in range(0, x.shape[0], CHUNK):
+        op(x[start : start + CHUNK])
+
+
+def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], None]]:
+    """The unavoidable work of each method at score time, as bare torch calls."""
+    z, f = data.test.features, data.test.logits
+    n_fit, dim = data.fit.features.shape
+    classes = f.shape[1]
+    dd = torch.randn(dim, dim)
+    cc = torch.randn(classes, classes)
+    w = data.weight
+    bank = torch.nn.functional.normalize(data.fit.features, dim=1)
+    nn_bank = bank[: max(1, int(n_fit * 0.01))]
+    k_vim = _vim_dim(dim)
+    sub = torch.randn(dim, min(k_vim, dim - k_vim))
+
+    def read_logits() -> None:
+        chunked(f, lambda x: x.max(dim=1))
+
+    def head_product() -> None:
+        chunked(z, lambda x: x @ w.T)
+
+    def knn(bank_: torch.Tensor, k: int) -> Callable[[], None]:
+        return lambda: chunked(z, lambda x: torch.topk(x @ bank_.T, k, dim=1))
+
+    def quadratic(times: int) -> Callable[[], None]:
+        def op(x: torch.Tensor) -> torch.Tensor:
+            for _ in range(times):
+                x @ dd
+            return x @ w.T
+
+        return lambda: chunked(z, op)
+
+    def topk_head(percent: float) -> Callable[[], None]:
+        keep = dim - round(dim * percent / 100)
+        return lambda: chunked(z, lambda x: (torch.topk(x, keep, dim=1), x @ w.T))
+
+    return {
+        "msp": read_logits,
+        "maxlogit": read_logits,
+        "energy": read_logits,
+        "tempscale": read_logits,
+        "mos": lambda: chunked(data.mos_test.logits, lambda x: x.max(dim=1)),
+        "gen": lambda: chunked(f, lambda x: torch.topk(x, min(100, classes), dim=1)),
+        "klm": lambda: chunked(f, lambda x: x @ cc),
+        "openmax": lambda: chunked(f, lambda x: x @ cc),
+        "mahalanobis": quadratic(1),
+        "rmds": quadratic(2),
+        "wdiscood": quadratic(1),
+        "knn": knn(bank, params.get("knn", {}).get("k", 50)),
+        "nnguide": knn(nn_bank, 10),
+        "she": lambda: chunked(z, lambda x: (x * x).sum(dim=1)),
+        "vim": lambda: chunked(z, lambda x: (x @ w.T, x @ sub)),
+        "residual": lambda: chunked(z, lambda x: x @ sub),
+        "react": head_product,
+        "dice": head_product,
+        "gradnorm": head_product,
+        "fdbd": head_product,
+        "nac": lambda: chunked(z, lambda x: (x @ w.T) @ w),
+        "ash": topk_head(90),
+        "scale": topk_head(85),
+    }
+
+
+def _vim_dim(dim: int) -> int:
+    return 1000 if dim >= 2048 else 512 if dim >= 768 else dim // 2
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_extra_mib(fn: Callable[[], object]) -> float:
+    """Peak resident memory above the level before ``fn`` (Linux; nan elsewhere)."""
+    try:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset the high-water mark VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    before = _rss_kib("VmRSS:")
+    fn()
+    return (_rss_kib("VmHWM:") - before) / 1024
+
+
+def run(scale: str, names: list[str], repeats: int) -> list[dict]:
+    config = SCALES[scale]
+    print(f"generating {scale}-like outputs: {config}", file=sys.stderr)
+    data = make_data(config["n_fit"], config["dim"], config["classes"], config["n_test"])
+    params = {"mos": {"group_sizes": group_sizes(config["classes"])}}
+    bounds = lower_bounds(data, params)
+    rows = []
+    for name in names:
+        fit_data, test_data = (data.mos_fit, data.mos_test) if name == "mos" else (data.fit, data.test)
+        detector = detectors.create(name, **params.get(name, {}))
+        fit_seconds = best_time(lambda: detector.fit(fit_data), 1)
+        detector.score(test_data[:256])  # warm caches (state casts) outside the timing
+        memory = peak_extra_mib(lambda: detector.score(test_data))
+        score_seconds = best_time(lambda: detector.score(test_data), repeats)
+        bound_seconds = best_time(bounds[name], repeats) if name in bounds else float("nan")
+        target = 1.5 if name == "knn" else 2.0
+        ratio = score_seconds / bound_seconds
+        rows.append(
+            {
+                "detector": name,
+                "fit_s": fit_seconds,
+                "score_s": score_seconds,
+                "bound_s": bound_seconds,
+                "ratio": ratio,
+                "target": target,
+                "peak_mib": memory,
+                "ok": ratio <= target and not memory > 512,
+            }
+        )
+        print(format_row(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    return (
+        f"| {row['detector']} | {row['fit_s']:.3f} | {row['score_s']:.3f} | {row['bound_s']:.3f} | "
+        f"{row['ratio']:.2f} | {row['target']:.1f} | {row['peak_mib']:.0f} | {'yes' if row['ok'] else 'NO'} |"
+    )
+
+
+def table(rows: list[dict], scale: str) -> str:
+    config = SCALES[scale]
+    header = (
+        f"### {scale}-like: N_fit={config['n_fit']:,}, D={config['dim']}, C={config['classes']}, "
+        f"N_test={config['n_test']:,} (torch threads: {torch.get_num_threads()})\n\n"
+        "| detector | fit s | score s | lower bound s | score / bound | target | peak extra MiB | within target |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---|"
+    )
+    return "\n".join([header, *(format_row(row) for row in rows)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cifar")
+    parser.add_argument("--detectors", nargs="*", default=None, help="registry names (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="score timings take the best of this many runs")
+    parser.add_argument("--out", help="append the Markdown table to this file")
+    args = parser.parse_args()
+    names = args.detectors or detectors.available()
+    unknown = sorted(set(names) - set(detectors.available()))
+    if unknown:
+        parser.error(f"unknown detector(s) {unknown}; available: {', '.join(detectors.available())}")
+    rows = run(args.scale, names, args.repeats)
+    text = table(rows, args.scale)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as handle:
+            handle.write(f"\n{text}\n\nCommand: `python benchmarks/{os.path.basename(__file__)} --scale {args.scale}`\n")
+    failing = [row["detector"] for row in rows if not row["ok"]]
+    if failing:
+        print(f"outside target: {', '.join(failing)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

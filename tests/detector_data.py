@@ -1,0 +1,78 @@
+"""Synthetic model outputs shared by the detector tests.
+
+Classes are clusters of non-negative (post-ReLU-like) features, each class active on its own block of
+units; the head is a linear classifier aligned with the class means, so logits are confident on ID data.
+The far-away OOD cluster is made of weak activations in random directions: low logits, far from every
+class mean in feature space, unlike any training sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from oodguard import ModelOutputs
+
+NUM_CLASSES = 6
+FEATURE_DIM = 32
+MOS_GROUP_SIZES = [2, 2, 2]
+
+# Parameters for detectors whose defaults need more data than these small sets hold.
+SMALL_DATA_PARAMS = {
+    "knn": {"k": 2},
+    "nnguide": {"bank_ratio": 1.0, "k": 2},
+    "openmax": {"tailsize": 2},
+}
+
+
+def head(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    weight = np.zeros((NUM_CLASSES, FEATURE_DIM))
+    block = FEATURE_DIM // NUM_CLASSES
+    for c in range(NUM_CLASSES):
+        weight[c, c * block : (c + 1) * block] = 1.0
+    weight = weight + 0.05 * rng.normal(size=weight.shape)
+    return weight.astype(np.float32), (0.1 * rng.normal(size=NUM_CLASSES)).astype(np.float32)
+
+
+def class_features(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    block = FEATURE_DIM // NUM_CLASSES
+    means = np.full((NUM_CLASSES, FEATURE_DIM), 0.3)
+    for c in range(NUM_CLASSES):
+        means[c, c * block : (c + 1) * block] = 2.0
+    return np.maximum(means[labels] + 0.4 * rng.normal(size=(len(labels), FEATURE_DIM)), 0).astype(np.float32)
+
+
+def grouped_logits(class_logits: np.ndarray) -> np.ndarray:
+    """MOS-style logits: each group's "others" entry is the log-sum-exp of the classes outside the group."""
+    parts, start = [], 0
+    for size in MOS_GROUP_SIZES:
+        inside = class_logits[:, start : start + size]
+        outside = np.delete(class_logits, np.s_[start : start + size], axis=1)
+        others = np.log(np.exp(outside).sum(axis=1, keepdims=True))
+        parts.append(np.concatenate([others, inside], axis=1))
+        start += size
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def outputs_from_features(features: np.ndarray, labels: np.ndarray | None, detector: str = "") -> ModelOutputs:
+    weight, bias = head()
+    logits = features @ weight.T + bias
+    if detector == "mos":
+        return ModelOutputs(logits=grouped_logits(logits), features=features, labels=labels)
+    return ModelOutputs(logits=logits, features=features, labels=labels, head=(weight, bias))
+
+
+def id_outputs(n_per_class: int, seed: int, detector: str = "") -> ModelOutputs:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(NUM_CLASSES), n_per_class)
+    return outputs_from_features(class_features(labels, rng), labels, detector)
+
+
+def far_outputs(n: int, seed: int, detector: str = "") -> ModelOutputs:
+    rng = np.random.default_rng(seed)
+    features = np.abs(0.4 * rng.normal(size=(n, FEATURE_DIM))).astype(np.float32)
+    return outputs_from_features(features, -np.ones(n, dtype=np.int64), detector)
+
+
+def detector_params(name: str) -> dict:
+    return {"group_sizes": MOS_GROUP_SIZES} if name == "mos" else {}

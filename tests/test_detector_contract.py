@@ -1,0 +1,198 @@
+"""The contract every registered detector keeps: direction, saving, partial fits and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from detector_data import SMALL_DATA_PARAMS, detector_params, far_outputs, id_outputs
+
+from oodguard import ModelOutputs, detectors
+from oodguard.detectors import NotFittedError
+
+NAMES = detectors.available()
+EXPECTED = {
+    "msp", "maxlogit", "energy", "gen", "klm", "tempscale", "mahalanobis", "rmds", "knn", "she", "vim",
+    "residual", "wdiscood", "react", "dice", "ash", "scale", "fdbd", "nnguide", "gradnorm", "nac", "mos",
+    "openmax",
+}  # fmt: skip
+
+
+def fitted(name: str, **extra) -> detectors.Detector:
+    detector = detectors.create(name, **{**detector_params(name), **extra})
+    return detector.fit(id_outputs(50, seed=1, detector=name))
+
+
+def pairwise_auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
+    greater = (ood_scores[:, None] > id_scores[None, :]).mean()
+    ties = (ood_scores[:, None] == id_scores[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+def test_registry_has_every_issue_detector():
+    assert EXPECTED <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_info_names_paper_code_and_requirements(name):
+    meta = detectors.info(name)
+    assert meta["paper"] and meta["code"] and meta["summary"]
+    assert set(meta["requires"]) <= {"logits", "features", "layers"}
+    assert set(meta["requires"]) <= set(meta["fit_requires"]) | {"logits", "features"}
+    json.dumps(meta["defaults"])  # defaults must be JSON-serialisable to be saved
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_far_cluster_scores_higher_than_id(name):
+    detector = fitted(name)
+    id_scores = detector.score(id_outputs(20, seed=2, detector=name))
+    ood_scores = detector.score(far_outputs(120, seed=3, detector=name))
+    assert isinstance(id_scores, np.ndarray) and id_scores.shape == (120,) and id_scores.dtype == np.float64
+    assert pairwise_auroc(id_scores, ood_scores) > 0.9
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_in_torch_out(name):
+    detector = fitted(name)
+    data = id_outputs(3, seed=2, detector=name)
+    as_torch = ModelOutputs(logits=data.logits, features=data.features)
+    scores = detector.score(as_torch)
+    assert isinstance(scores, torch.Tensor)
+    np.testing.assert_allclose(scores.numpy(), detector.score(data), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_load_gives_identical_scores(name, tmp_path):
+    detector = fitted(name)
+    test = ModelOutputs.concat([id_outputs(5, seed=2, detector=name), far_outputs(10, seed=3, detector=name)])
+    detector.save(tmp_path / name)
+    assert not list((tmp_path / name).glob("*.pkl")) and not list((tmp_path / name).glob("*.pt"))
+    loaded = detectors.load(tmp_path / name)
+    assert type(loaded) is type(detector) and loaded.params == detector.params
+    np.testing.assert_array_equal(loaded.score(test), detector.score(test))
+
+
+def test_load_refuses_unknown_version(tmp_path):
+    fitted("msp").save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["format_version"] = 999
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="version 999"):
+        detectors.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        detectors.load(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if detectors.info(n)["partial_fit"]])
+def test_partial_fit_and_merge_equal_full_fit(name):
+    data = id_outputs(30, seed=4, detector=name)
+    order = np.random.default_rng(0).permutation(len(data))
+    data = data[order]  # chunks then hold mixed classes of unequal counts
+    test = ModelOutputs.concat([id_outputs(5, seed=2, detector=name), far_outputs(10, seed=3, detector=name)])
+    params = detector_params(name)
+    full = detectors.create(name, **params).fit(data).score(test)
+    chunked = detectors.create(name, **params)
+    for chunk in (data[:50], data[50:51], data[51:]):
+        chunked.partial_fit(chunk)
+    np.testing.assert_allclose(chunked.score(test), full, rtol=1e-9, atol=1e-9)
+    left = detectors.create(name, **params).fit(data[:90])
+    right = detectors.create(name, **params).fit(data[90:])
+    np.testing.assert_allclose(left.merge(right).score(test), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not detectors.info(n)["partial_fit"]])
+def test_partial_fit_refused_where_not_a_sufficient_statistic(name):
+    with pytest.raises(TypeError, match="not a sufficient statistic"):
+        detectors.create(name, **detector_params(name)).partial_fit(id_outputs(5, seed=1, detector=name))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if detectors.info(n)["needs_fit"]])
+def test_score_before_fit_is_refused(name):
+    detector = detectors.create(name, **detector_params(name))
+    with pytest.raises(NotFittedError, match="before score"):
+        detector.score(id_outputs(2, seed=1, detector=name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_input_is_refused(name):
+    detector = detectors.create(name, **detector_params(name))
+    empty = id_outputs(2, seed=1, detector=name)[:0]
+    with pytest.raises(ValueError, match="empty"):
+        detector.fit(empty)
+    with pytest.raises(ValueError, match="empty"):
+        fitted(name).score(empty)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_missing_field_is_named(name):
+    detector = fitted(name)
+    data = id_outputs(3, seed=1, detector=name)
+    for field in detectors.info(name)["requires"]:
+        without = data.with_fields(**{field: None})
+        with pytest.raises(ValueError, match=f"needs {field}"):
+            detector.score(without)
+    for field in detectors.info(name)["fit_requires"]:
+        without = data.with_fields(**{field: None})
+        with pytest.raises(ValueError, match=f"needs.*{field}"):
+            detectors.create(name, **detector_params(name)).fit(without)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dimension_change_between_fit_and_score_is_refused(name):
+    detector = fitted(name)
+    data = id_outputs(3, seed=1, detector=name)
+    if "features" in detectors.info(name)["requires"]:
+        wider = ModelOutputs(logits=data.logits, features=torch.cat([data.features, data.features[:, :1]], 1))
+        with pytest.raises(ValueError, match="D=33"):
+            detector.score(wider)
+    if "logits" in detectors.info(name)["requires"]:
+        wider = ModelOutputs(logits=torch.cat([data.logits, data.logits[:, :1]], 1), features=data.features)
+        with pytest.raises(ValueError, match="C="):
+            detector.score(wider)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_and_wrong_rank_are_refused(name):
+    detector = fitted(name)
+    data = id_outputs(3, seed=1, detector=name)
+    field = sorted(detectors.info(name)["requires"])[0]
+    values = getattr(data, field).numpy().copy()
+    values[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        detector.score({field: values})
+    with pytest.raises(ValueError, match="rank"):
+        detector.score({field: values[0]})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ood_rows_in_fit_data_refused_unless_dropped(name):
+    data = ModelOutputs.concat([id_outputs(40, seed=1, detector=name), far_outputs(7, seed=3, detector=name)])
+    params = detector_params(name)
+    with pytest.raises(ValueError, match="7 OOD-labelled row"):
+        detectors.create(name, **params).fit(data)
+    test = id_outputs(3, seed=2, detector=name)
+    dropped = detectors.create(name, **params).fit(data, drop_ood=True).score(test)
+    clean = detectors.create(name, **params).fit(id_outputs(40, seed=1, detector=name)).score(test)
+    np.testing.assert_allclose(dropped, clean, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fewer_samples_than_dimensions_gives_finite_scores(name):
+    params = {**detector_params(name), **SMALL_DATA_PARAMS.get(name, {})}
+    detector = detectors.create(name, **params).fit(id_outputs(3, seed=1, detector=name))  # N=18 < D=32
+    scores = detector.score(ModelOutputs.concat([id_outputs(2, seed=2, detector=name), far_outputs(5, seed=3)
+                                                 if name != "mos" else far_outputs(5, seed=3, detector=name)]))
+    assert np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_parameter_is_refused(name):
+    with pytest.raises(TypeError, match="unknown parameter"):
+        detectors.create(name, not_a_parameter=1)
+
+
+def test_unknown_detector_lists_available():
+    with pytest.raises(ValueError, match="available: .*msp"):
+        detectors.create("nope")
