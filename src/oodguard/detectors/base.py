@@ -55,6 +55,7 @@ class Detector:
     requires : fields needed by ``score`` (subset of logits, features, layers).
     fit_requires : fields needed by ``fit`` (may add labels, head).
     defaults : hyperparameters and their official defaults; the constructor accepts exactly these.
+    required_params : parameters with no usable default that the caller must give (e.g. MOS's group layout).
     needs_fit : False for detectors with no fitted state (``fit`` is then optional).
     state_reductions : for detectors with additive fit statistics, how each statistic combines
         (``"sum"`` or ``"cat"``); declaring it enables exact ``partial_fit`` and ``merge``.
@@ -74,6 +75,7 @@ class Detector:
     fit_requires: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[dict[str, Any]] = {}
     needs_fit: ClassVar[bool] = True
+    required_params: ClassVar[tuple[str, ...]] = ()
     state_reductions: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, **params: Any) -> None:
@@ -324,6 +326,7 @@ def info(name: str) -> dict[str, Any]:
         "fit_requires": sorted(cls.fit_requires),
         "defaults": dict(cls.defaults),
         "needs_fit": cls.needs_fit,
+        "required_params": list(cls.required_params),
         "partial_fit": cls.state_reductions is not None,
     }
 

@@ -1,0 +1,1 @@
+"""Benchmarks: specifications, embedded presets, the runner and the report."""

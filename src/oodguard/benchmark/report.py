@@ -1,0 +1,236 @@
+"""One self-contained HTML report: leaderboard, ROC curves and score histograms per detector and OOD set.
+
+The page embeds its data as JSON and draws SVG with a few lines of plain JavaScript: no network, no
+external files, and it opens anywhere.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .runner import Results
+
+ROC_POINTS = 200
+HISTOGRAM_BINS = 40
+
+
+def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray, max_points: int = ROC_POINTS) -> dict[str, list]:
+    """ROC with OOD as the positive class: FPR = ID flagged, TPR = OOD flagged, one point per distinct score.
+
+    Thinned to about ``max_points`` points (keeping both ends) for the page.
+    """
+    scores = np.concatenate([id_scores, ood_scores])
+    is_ood = np.concatenate([np.zeros(len(id_scores)), np.ones(len(ood_scores))])
+    order = np.argsort(-scores, kind="stable")
+    scores, is_ood = scores[order], is_ood[order]
+    last_of_value = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tpr = np.r_[0.0, np.cumsum(is_ood)[last_of_value] / max(1, len(ood_scores))]
+    fpr = np.r_[0.0, np.cumsum(1 - is_ood)[last_of_value] / max(1, len(id_scores))]
+    if len(fpr) > max_points:
+        keep = np.unique(np.r_[np.linspace(0, len(fpr) - 1, max_points).astype(int), len(fpr) - 1])
+        fpr, tpr = fpr[keep], tpr[keep]
+    return {"fpr": np.round(fpr, 4).tolist(), "tpr": np.round(tpr, 4).tolist()}
+
+
+def histograms(scores: dict[str, np.ndarray], bins: int = HISTOGRAM_BINS) -> dict[str, object]:
+    """Densities of every score set on shared bins spanning the 0.5-99.5 % range of all scores."""
+    pooled = np.concatenate(list(scores.values()))
+    low, high = np.percentile(pooled, [0.5, 99.5])
+    if not high > low:
+        low, high = float(pooled.min()) - 0.5, float(pooled.max()) + 0.5
+    edges = np.linspace(low, high, bins + 1)
+    densities = {}
+    for name, values in scores.items():
+        counts, _ = np.histogram(np.clip(values, low, high), bins=edges)
+        densities[name] = np.round(counts / max(1, len(values)), 5).tolist()
+    return {"edges": np.round(edges, 6).tolist(), "density": densities}
+
+
+def report_data(results: Results) -> dict[str, object]:
+    board = results.leaderboard()
+    detectors = {}
+    for name, scores in results.scores.items():
+        table = results.table[results.table["detector"] == name]
+        detectors[name] = {
+            "roc": {row.ood_set: roc_curve(scores["id"], scores[row.ood_set]) for row in table.itertuples()},
+            "hist": histograms(scores),
+            "rows": table.drop(columns=["detector"]).round(4).to_dict(orient="records"),
+        }
+    return {
+        "benchmark": results.benchmark,
+        "id_accuracy": results.id_accuracy,
+        "full_spectrum": results.full_spectrum,
+        "groups": results.groups,
+        "leaderboard": json.loads(board.to_json(orient="records")),
+        "detectors": detectors,
+        "settings": results.settings,
+    }
+
+
+def write_report(results: Results, path: str | Path) -> Path:
+    """Write the HTML report to ``path`` and return it."""
+    path = Path(path)
+    data = json.dumps(report_data(results), allow_nan=False, default=str).replace("</", "<\\/")
+    title = html.escape(f"oodguard — {results.benchmark}")
+    path.write_text(_TEMPLATE.replace("__TITLE__", title).replace("__DATA__", data))
+    return path
+
+
+_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>__TITLE__</title>
+<style>
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1180px; color: #1d2330; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; }
+.note { color: #5a6270; font-size: 13px; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td { padding: 3px 8px; border-bottom: 1px solid #e3e6eb; text-align: right; white-space: nowrap; }
+th { background: #f4f6f9; cursor: pointer; } td:nth-child(2), th:nth-child(2) { text-align: left; }
+tr.sel td { outline: 2px solid #3b6fd8; } tr:hover td { background: #f0f4ff; }
+.failed td { color: #a03030; text-align: left; white-space: normal; max-width: 640px; }
+.grid { display: flex; flex-wrap: wrap; gap: 14px; } .panel { border: 1px solid #e3e6eb; border-radius: 6px; padding: 6px; }
+.panel h3 { font-size: 13px; margin: 0 0 4px; font-weight: 600; }
+svg text { font-size: 11px; fill: #3a4150; } select { font-size: 14px; padding: 2px 6px; }
+#errors { color: #b00020; white-space: pre-wrap; }
+</style>
+</head>
+<body>
+<h1>__TITLE__</h1>
+<div class="note" id="summary"></div>
+<div id="errors"></div>
+<h2>Leaderboard</h2>
+<div class="note">Click a detector to see its curves; click a column header to sort. AUROC (higher is better) and
+FPR@95 (% of OOD accepted when 95&nbsp;% of ID is kept; lower is better), unweighted means over each group's
+OOD sets. Colour: green is better.</div>
+<div id="leaderboard"></div>
+<h2>Detector <select id="picker"></select></h2>
+<div id="detail"></div>
+<div class="grid">
+  <div class="panel"><h3>ROC curves (OOD positive)</h3><div id="roc"></div></div>
+</div>
+<h2>Score histograms (higher score = more OOD)</h2>
+<div class="grid" id="hists"></div>
+<script id="report-data" type="application/json">__DATA__</script>
+<script>
+"use strict";
+window.addEventListener("error", e => { document.getElementById("errors").textContent += "Error: " + e.message + "\\n"; });
+const DATA = JSON.parse(document.getElementById("report-data").textContent);
+const COLORS = ["#d1495b", "#edae49", "#00798c", "#30638e", "#8e6c8a", "#66a182", "#c17c74", "#6b705c",
+                "#e07a5f", "#3d405b", "#81b29a", "#b5838d"];
+const NS = "http://www.w3.org/2000/svg";
+function el(tag, attrs, parent, text) {
+  const node = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  if (parent) parent.appendChild(node);
+  return node;
+}
+function pct(v) { return (v === null || v === undefined || Number.isNaN(v)) ? "" : (100 * v).toFixed(2); }
+function shade(v, higherBetter) {
+  if (v === null || v === undefined) return "";
+  const good = higherBetter ? Math.max(0, Math.min(1, (v - 0.5) / 0.5)) : Math.max(0, Math.min(1, 1 - v));
+  return `hsl(${Math.round(120 * good)}, 60%, 88%)`;
+}
+const board = DATA.leaderboard;
+const metricCols = Object.keys(board[0] || {}).filter(c => c.endsWith("AUROC") || c.endsWith("FPR@95"));
+let sortCol = null, sortDesc = true;
+function renderBoard(selected) {
+  const rows = board.slice();
+  if (sortCol) rows.sort((a, b) => ((a[sortCol] ?? -1e9) - (b[sortCol] ?? -1e9)) * (sortDesc ? -1 : 1));
+  const table = document.createElement("table");
+  const head = table.insertRow();
+  ["rank", "detector", ...metricCols].forEach(c => {
+    const th = document.createElement("th"); th.textContent = c; head.appendChild(th);
+    if (metricCols.includes(c)) th.onclick = () => { sortDesc = sortCol === c ? !sortDesc : c.endsWith("AUROC"); sortCol = c; renderBoard(selected); };
+  });
+  rows.forEach((r, i) => {
+    const tr = table.insertRow();
+    if (r.status !== "ok") {
+      tr.className = "failed";
+      tr.insertCell().textContent = "-"; tr.insertCell().textContent = r.detector;
+      const td = tr.insertCell(); td.colSpan = metricCols.length; td.textContent = "failed: " + r.error;
+      return;
+    }
+    if (r.detector === selected) tr.className = "sel";
+    tr.insertCell().textContent = i + 1; tr.insertCell().textContent = r.detector;
+    metricCols.forEach(c => { const td = tr.insertCell(); td.textContent = pct(r[c]); td.style.background = shade(r[c], c.endsWith("AUROC")); });
+    tr.onclick = () => select(r.detector);
+  });
+  const holder = document.getElementById("leaderboard"); holder.innerHTML = ""; holder.appendChild(table);
+}
+function axes(svg, w, h, m, xr, yr, xlabel, ylabel) {
+  el("line", {x1: m, y1: h - m, x2: w - 8, y2: h - m, stroke: "#888"}, svg);
+  el("line", {x1: m, y1: 8, x2: m, y2: h - m, stroke: "#888"}, svg);
+  [0, 0.5, 1].forEach(t => {
+    el("text", {x: m + t * (w - m - 8), y: h - m + 14, "text-anchor": "middle"}, svg, (xr[0] + t * (xr[1] - xr[0])).toPrecision(3));
+    el("text", {x: m - 4, y: h - m - t * (h - m - 8) + 4, "text-anchor": "end"}, svg, (yr[0] + t * (yr[1] - yr[0])).toPrecision(2));
+  });
+  el("text", {x: (w + m) / 2, y: h - 4, "text-anchor": "middle"}, svg, xlabel);
+  el("text", {x: 10, y: h / 2, transform: `rotate(-90 10 ${h / 2})`, "text-anchor": "middle"}, svg, ylabel);
+}
+function drawRoc(name) {
+  const d = DATA.detectors[name], holder = document.getElementById("roc"); holder.innerHTML = "";
+  const w = 520, h = 360, m = 46, svg = el("svg", {width: w + 200, height: h});
+  axes(svg, w, h, m, [0, 1], [0, 1], "false positive rate (ID flagged)", "true positive rate (OOD flagged)");
+  const sx = x => m + x * (w - m - 8), sy = y => h - m - y * (h - m - 8);
+  el("line", {x1: sx(0), y1: sy(0), x2: sx(1), y2: sy(1), stroke: "#ccc", "stroke-dasharray": "4 3"}, svg);
+  d.rows.forEach((row, i) => {
+    const c = d.roc[row.ood_set], color = COLORS[i % COLORS.length];
+    el("polyline", {points: c.fpr.map((x, j) => `${sx(x).toFixed(1)},${sy(c.tpr[j]).toFixed(1)}`).join(" "),
+                    fill: "none", stroke: color, "stroke-width": 1.8}, svg);
+    el("rect", {x: w + 10, y: 14 + 18 * i, width: 12, height: 12, fill: color}, svg);
+    el("text", {x: w + 28, y: 24 + 18 * i}, svg, `${row.ood_set} (${pct(row.auroc)})`);
+  });
+  holder.appendChild(svg);
+}
+function drawHists(name) {
+  const d = DATA.detectors[name], hist = d.hist, holder = document.getElementById("hists"); holder.innerHTML = "";
+  const edges = hist.edges, n = edges.length - 1;
+  d.rows.forEach((row, i) => {
+    const panel = document.createElement("div"); panel.className = "panel";
+    const title = document.createElement("h3");
+    title.textContent = `${row.ood_set} (${row.group}) — AUROC ${pct(row.auroc)} [${pct(row.auroc_low)}, ${pct(row.auroc_high)}], FPR@95 ${pct(row.fpr95)}`;
+    panel.appendChild(title);
+    const w = 340, h = 170, m = 40, svg = el("svg", {width: w, height: h});
+    const a = hist.density.id, b = hist.density[row.ood_set];
+    const top = Math.max(...a, ...b, 1e-9);
+    axes(svg, w, h, m, [edges[0], edges[n]], [0, top], "score", "fraction");
+    const bw = (w - m - 8) / n;
+    [[a, "#3b6fd8"], [b, COLORS[i % COLORS.length]]].forEach(([values, color]) => values.forEach((v, j) => {
+      const bh = (v / top) * (h - m - 8);
+      el("rect", {x: m + j * bw, y: h - m - bh, width: Math.max(bw - 0.5, 0.5), height: bh, fill: color, "fill-opacity": 0.55}, svg);
+    }));
+    el("text", {x: w - 10, y: 16, "text-anchor": "end", fill: "#3b6fd8"}, svg, "ID test");
+    el("text", {x: w - 10, y: 30, "text-anchor": "end"}, svg, row.ood_set);
+    panel.appendChild(svg); holder.appendChild(panel);
+  });
+}
+function select(name) {
+  if (!DATA.detectors[name]) return;
+  document.getElementById("picker").value = name;
+  renderBoard(name); drawRoc(name); drawHists(name);
+}
+(function main() {
+  const s = DATA.settings || {};
+  document.getElementById("summary").textContent =
+    `ID accuracy ${pct(DATA.id_accuracy)} %; ${DATA.full_spectrum ? "full-spectrum protocol (covariate sets count as ID)" : "standard protocol"}; ` +
+    `fitted on "${s.fit_split}", ID test "${s.id_split}"; 95 % bootstrap intervals from ${s.n_boot} replicates (seed ${s.seed}).`;
+  const picker = document.getElementById("picker");
+  board.filter(r => r.status === "ok").forEach(r => { const o = document.createElement("option"); o.value = o.textContent = r.detector; picker.appendChild(o); });
+  picker.onchange = () => select(picker.value);
+  const first = board.find(r => r.status === "ok");
+  if (first) select(first.detector); else renderBoard(null);
+  document.body.dataset.rendered = "ok";
+})();
+</script>
+</body>
+</html>
+"""

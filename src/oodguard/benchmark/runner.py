@@ -1,0 +1,308 @@
+"""Run detectors on a benchmark: extract every dataset once, fit and score each detector on the outputs."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .. import detectors as detector_registry
+from .. import metrics
+from ..outputs import ModelOutputs
+from .spec import GROUPS, Benchmark, DataSplit
+
+#: Metrics reported per detector and OOD set, each with a bootstrap interval.
+REPORTED = {
+    "auroc": "auroc",
+    "fpr95": "fpr_at_tpr",  # ID-TPR convention: OOD accepted when 95 % of ID is kept
+    "aupr_in": "aupr_in",
+    "aupr_out": "aupr_out",
+}
+
+
+@dataclass
+class Results:
+    """What a benchmark run produced: per-set metrics, per-detector status, and the raw scores."""
+
+    benchmark: str
+    table: pd.DataFrame
+    status: pd.DataFrame
+    scores: dict[str, dict[str, np.ndarray]]
+    groups: dict[str, list[str]]
+    id_accuracy: float
+    full_spectrum: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def leaderboard(self) -> pd.DataFrame:
+        """One row per detector: mean AUROC and FPR@95 per group (unweighted over sets), sorted best first.
+
+        Sorted by the mean AUROC over the semantic groups (near, far) when present, else over all groups.
+        Failed detectors come last with their error.
+        """
+        rows = []
+        for detector, status in self.status.set_index("detector").iterrows():
+            row: dict[str, Any] = {"detector": detector}
+            subset = self.table[self.table["detector"] == detector]
+            for group in self.groups:
+                in_group = subset[subset["group"] == group]
+                row[f"{group} AUROC"] = in_group["auroc"].mean() if len(in_group) else np.nan
+                row[f"{group} FPR@95"] = in_group["fpr95"].mean() if len(in_group) else np.nan
+            row["status"] = status["status"]
+            row["error"] = status["error"]
+            rows.append(row)
+        board = pd.DataFrame(rows)
+        semantic = [f"{g} AUROC" for g in ("near", "far") if g in self.groups] or [
+            f"{g} AUROC" for g in self.groups
+        ]
+        board["_rank"] = board[semantic].mean(axis=1)
+        board.loc[board["status"] != "ok", "_rank"] = -np.inf
+        board = board.sort_values("_rank", ascending=False, kind="stable").drop(columns="_rank")
+        return board.reset_index(drop=True)
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write CSV, JSON, Markdown and the HTML report; return their paths."""
+        from .report import write_report
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "csv": directory / "results.csv",
+            "json": directory / "results.json",
+            "markdown": directory / "leaderboard.md",
+            "html": directory / "report.html",
+        }
+        self.table.to_csv(paths["csv"], index=False)
+        payload = {
+            "benchmark": self.benchmark,
+            "id_accuracy": self.id_accuracy,
+            "full_spectrum": self.full_spectrum,
+            "settings": self.settings,
+            "groups": self.groups,
+            "status": self.status.to_dict(orient="records"),
+            "results": self.table.to_dict(orient="records"),
+            "leaderboard": self.leaderboard().to_dict(orient="records"),
+        }
+        import json
+
+        paths["json"].write_text(json.dumps(payload, indent=2, default=_json_default))
+        paths["markdown"].write_text(self.to_markdown())
+        write_report(self, paths["html"])
+        return paths
+
+    def to_markdown(self) -> str:
+        """The leaderboard as a Markdown table (AUROC and FPR@95 in percent)."""
+        board = self.leaderboard()
+        columns = [c for c in board.columns if c.endswith("AUROC") or c.endswith("FPR@95")]
+        lines = [
+            f"Benchmark `{self.benchmark}`; ID accuracy {100 * self.id_accuracy:.2f} %; "
+            f"{'full-spectrum (covariate sets count as ID)' if self.full_spectrum else 'standard'} protocol. "
+            "AUROC higher is better; FPR@95 = % of OOD accepted when 95 % of ID is kept (lower is better); "
+            "group means are unweighted over the group's OOD sets.",
+            "",
+            "| rank | detector | " + " | ".join(columns) + " |",
+            "|---:|---|" + "---:|" * len(columns),
+        ]
+        for rank, values in enumerate(board.to_dict(orient="records"), start=1):
+            if values["status"] != "ok":
+                lines.append(f"| - | {values['detector']} | failed: {_one_line(values['error'])} |")
+                continue
+            cells = " | ".join("" if pd.isna(values[c]) else f"{100 * values[c]:.2f}" for c in columns)
+            lines.append(f"| {rank} | {values['detector']} | {cells} |")
+        return "\n".join(lines) + "\n"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())[:200]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def extract_benchmark(
+    benchmark: Benchmark,
+    *,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    batch_size: int = 256,
+) -> dict[str, ModelOutputs]:
+    """Run the model once over every dataset of the benchmark (cached on disk when ``cache_dir`` is set)."""
+    from ..extract import extract
+
+    splits: list[DataSplit] = [benchmark.fit, benchmark.test, *benchmark.ood]
+    if benchmark.validation is not None:
+        splits.insert(1, benchmark.validation)
+    outputs = {}
+    for split in splits:
+        outputs[split.name] = extract(
+            benchmark.model,
+            split.data,
+            labels=split.labels,
+            device=device,
+            batch_size=batch_size,
+            progress=progress,
+            cache_dir=cache_dir,
+            desc=f"extract {split.name}",
+        )
+    return outputs
+
+
+def run(
+    benchmark: Benchmark,
+    detectors: Iterable[str] | None = None,
+    *,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    full_spectrum: bool = False,
+    n_boot: int = 200,
+    seed: int = 0,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Results:
+    """Evaluate detectors on a benchmark; a detector that fails is reported as failed and the run goes on.
+
+    Each dataset goes through the model once (cached on disk when ``cache_dir`` is set); every detector
+    is then fitted on the fit split's outputs and scores the ID test split and every OOD set.
+
+    Parameters
+    ----------
+    benchmark : the data and model.
+    detectors : registry names; default every detector whose requirements the outputs meet.
+    params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``.
+    full_spectrum : count covariate-shift sets as ID (full-spectrum OOD detection) instead of as OOD.
+    n_boot, seed : bootstrap replicates and seed of the 95 % intervals.
+    """
+    outputs = extract_benchmark(benchmark, device=device, cache_dir=cache_dir, progress=progress)
+    return run_on_outputs(
+        benchmark.name,
+        outputs[benchmark.fit.name],
+        outputs[benchmark.test.name],
+        [(split.name, split.group, outputs[split.name]) for split in benchmark.ood],
+        detectors,
+        params=params,
+        full_spectrum=full_spectrum,
+        n_boot=n_boot,
+        seed=seed,
+        progress=progress,
+        split_names=(benchmark.fit.name, benchmark.test.name),
+    )
+
+
+def run_on_outputs(
+    name: str,
+    fit: ModelOutputs,
+    test: ModelOutputs,
+    ood: list[tuple[str, str, ModelOutputs]],
+    detectors: Iterable[str] | None = None,
+    *,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    full_spectrum: bool = False,
+    n_boot: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+    split_names: tuple[str, str] = ("fit", "test"),
+) -> Results:
+    """The same evaluation from outputs already extracted: ``ood`` lists ``(name, group, outputs)``."""
+    params = {key: dict(value) for key, value in (params or {}).items()}
+    if not ood:
+        raise ValueError("no OOD sets given; pass at least one")
+    for set_name, group, _ in ood:
+        if group not in GROUPS:
+            raise ValueError(f"OOD set {set_name!r}: group must be one of {', '.join(GROUPS)}, got {group!r}")
+    names = list(detectors) if detectors is not None else default_detectors(fit)
+    unknown = sorted(set(names) - set(detector_registry.available()))
+    if unknown:
+        raise ValueError(f"unknown detector(s) {unknown}; available: {', '.join(detector_registry.available())}")
+    if not names:
+        raise ValueError("no detector to run: the outputs lack what every detector needs")
+
+    id_accuracy = _accuracy(test)
+    covariate = [set_name for set_name, group, _ in ood if group == "covariate"]
+    evaluated = [(n, g) for n, g, _ in ood if not (full_spectrum and g == "covariate")]
+    groups = {g: [n for n, gg in evaluated if gg == g] for g in GROUPS if any(gg == g for _, gg in evaluated)}
+
+    rows, status_rows, all_scores = [], [], {}
+    for detector_name in tqdm(names, desc="detectors", disable=not progress):
+        started = time.perf_counter()
+        try:
+            detector = detector_registry.create(detector_name, **params.get(detector_name, {}))
+            detector.fit(fit)
+            fitted = time.perf_counter()
+            scores = {"id": np.asarray(detector.score(test))}
+            for set_name, _, outputs in ood:
+                scores[set_name] = np.asarray(detector.score(outputs))
+            scored = time.perf_counter()
+        except Exception as error:  # a failing detector is reported, the run goes on
+            status_rows.append(
+                {"detector": detector_name, "status": "failed", "error": f"{type(error).__name__}: {error}",
+                 "fit_s": np.nan, "score_s": np.nan, "traceback": traceback.format_exc(limit=3)}
+            )  # fmt: skip
+            continue
+        id_scores = scores["id"]
+        if full_spectrum and covariate:
+            id_scores = np.concatenate([id_scores, *(scores[c] for c in covariate)])
+        for set_name, group in evaluated:
+            ci = metrics.bootstrap(id_scores, scores[set_name], metrics=tuple(REPORTED.values()),
+                                   n_boot=n_boot, seed=seed)  # fmt: skip
+            row = {"detector": detector_name, "ood_set": set_name, "group": group}
+            for column, metric in REPORTED.items():
+                estimate, low, high = ci[metric]
+                row.update({column: estimate, f"{column}_low": low, f"{column}_high": high})
+            rows.append(row)
+        all_scores[detector_name] = scores
+        status_rows.append(
+            {"detector": detector_name, "status": "ok", "error": "", "fit_s": fitted - started,
+             "score_s": scored - fitted, "traceback": ""}
+        )  # fmt: skip
+    return Results(
+        benchmark=name,
+        table=pd.DataFrame(rows, columns=_table_columns()),
+        status=pd.DataFrame(status_rows),
+        scores=all_scores,
+        groups=groups,
+        id_accuracy=id_accuracy,
+        full_spectrum=full_spectrum,
+        settings={"n_boot": n_boot, "seed": seed, "params": params, "fit_split": split_names[0],
+                  "id_split": split_names[1]},
+    )  # fmt: skip
+
+
+def _table_columns() -> list[str]:
+    columns = ["detector", "ood_set", "group"]
+    for column in REPORTED:
+        columns += [column, f"{column}_low", f"{column}_high"]
+    return columns
+
+
+def default_detectors(outputs: ModelOutputs) -> list[str]:
+    """Every registered detector whose fit requirements the outputs meet and that needs no extra parameters."""
+    available = set(outputs.fields())
+    chosen = []
+    for name in detector_registry.available():
+        meta = detector_registry.info(name)
+        needs = set(meta["fit_requires"]) | set(meta["requires"])
+        if needs <= available and not meta.get("required_params"):
+            chosen.append(name)
+    return chosen
+
+
+def _accuracy(outputs: ModelOutputs) -> float:
+    if outputs.logits is None or outputs.labels is None:
+        return float("nan")
+    known = outputs.labels >= 0
+    if not bool(known.any()):
+        return float("nan")
+    predictions = outputs.logits[known].argmax(dim=1)
+    return float((predictions == outputs.labels[known]).double().mean())

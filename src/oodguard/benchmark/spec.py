@@ -1,0 +1,57 @@
+"""A benchmark is data: a model, a fit set, an ID test set, and named OOD sets in groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: OOD groups, in the order reports show them. "covariate" sets share the ID label space.
+GROUPS = ("near", "far", "covariate", "synthetic")
+
+
+@dataclass
+class DataSplit:
+    """Inputs the model can run on (anything ``oodguard.extract`` accepts) and optional labels.
+
+    ``data`` is a tensor/array of inputs ``[N, ...]``, a torch Dataset, a DataLoader or an iterable
+    of batches. ``labels`` (``[N]``, integers) is given when ``data`` holds inputs only; OOD sets of a
+    new label space use ``-1``.
+    """
+
+    name: str
+    data: Any
+    labels: Any = None
+    group: str = "id"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.group not in ("id", *GROUPS):
+            raise ValueError(f"{self.name}: group must be 'id' or one of {', '.join(GROUPS)}, got {self.group!r}")
+
+
+@dataclass
+class Benchmark:
+    """Everything a benchmark run needs. ``ood`` lists the OOD sets; each carries its group."""
+
+    name: str
+    model: torch.nn.Module
+    fit: DataSplit
+    test: DataSplit
+    ood: list[DataSplit]
+    validation: DataSplit | None = None
+    description: str = ""
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [split.name for split in self.ood]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"{self.name}: OOD set names must be unique, repeated: {duplicates}")
+        if not self.ood:
+            raise ValueError(f"{self.name}: a benchmark needs at least one OOD set")
+
+    def groups(self) -> dict[str, list[str]]:
+        """OOD set names per group, in the order of ``GROUPS``."""
+        return {g: [s.name for s in self.ood if s.group == g] for g in GROUPS if any(s.group == g for s in self.ood)}

@@ -1,0 +1,183 @@
+"""Command line: ``oodguard bench``, ``oodguard eval`` and ``oodguard detectors``.
+
+Errors are printed as one line (no traceback) with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, detectors
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="oodguard: out-of-distribution detection for trained models. Scores: higher = more likely OOD.",
+)
+console = Console()
+errors = Console(stderr=True)
+
+DetectorsOption = Annotated[
+    list[str] | None,
+    typer.Option("--detectors", "-d", help="detector names, repeated or comma-separated (default: all that apply)"),
+]
+
+
+def _detector_names(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(detectors.available()))
+    if unknown:
+        raise ValueError(f"unknown detector(s) {', '.join(unknown)}; run `oodguard detectors` to list them")
+    return names
+
+
+def _show_leaderboard(results) -> None:
+    board = results.leaderboard()
+    columns = [c for c in board.columns if c.endswith("AUROC") or c.endswith("FPR@95")]
+    protocol = "full-spectrum" if results.full_spectrum else "standard"
+    table = Table(
+        title=f"{results.benchmark}: ID accuracy {100 * results.id_accuracy:.2f} % ({protocol} protocol)",
+        caption="AUROC ↑ and FPR@95 ↓ in %, unweighted means over each group's OOD sets",
+    )
+    table.add_column("#", justify="right")
+    table.add_column("detector")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for rank, row in enumerate(board.to_dict(orient="records"), start=1):
+        if row["status"] != "ok":
+            table.add_row("-", row["detector"], f"[red]failed: {row['error'][:80]}[/red]")
+            continue
+        cells = ["" if row[c] != row[c] else f"{100 * row[c]:.2f}" for c in columns]
+        table.add_row(str(rank), row["detector"], *cells)
+    console.print(table)
+
+
+def _finish(results, out: Path) -> None:
+    _show_leaderboard(results)
+    paths = results.save(out)
+    failed = results.status[results.status["status"] != "ok"]
+    if len(failed):
+        errors.print(f"{len(failed)} detector(s) failed; their errors are in {paths['json']}")
+    console.print(f"report: {paths['html']}")
+    console.print(f"tables: {paths['csv']}, {paths['markdown']}, {paths['json']}")
+
+
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="embedded benchmark: " + ", ".join(["digits", "digits-openset"]))],
+    detector_names: DetectorsOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default results/NAME)")] = None,
+    full_spectrum: Annotated[bool, typer.Option(help="count covariate-shift sets as ID")] = False,
+    n_boot: Annotated[int, typer.Option(help="bootstrap replicates for the 95 % intervals")] = 200,
+    cache_dir: Annotated[Path | None, typer.Option(help="cache for trained models and outputs")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or mps")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Run every detector on an embedded benchmark: leaderboard, tables and an HTML report."""
+    from .benchmark import presets
+    from .benchmark.runner import run
+
+    names = _detector_names(detector_names)
+    benchmark = presets.load(name, cache_dir=cache_dir, progress=not quiet)
+    outputs_cache = presets.outputs_cache_dir(cache_dir)
+    results = run(
+        benchmark, names, full_spectrum=full_spectrum, n_boot=n_boot, device=device,
+        cache_dir=outputs_cache, progress=not quiet,
+    )  # fmt: skip
+    _finish(results, out or Path("results") / name)
+
+
+@app.command("eval")
+def evaluate(
+    fit: Annotated[Path, typer.Option(help="outputs of ID data to fit detectors on (.safetensors or .npz)")],
+    id_: Annotated[Path, typer.Option("--id", help="outputs of the ID test set")],
+    ood: Annotated[
+        list[str],
+        typer.Option(help="OOD set as [GROUP:]NAME=FILE, repeated; GROUP is near, far, covariate or synthetic "
+                          "(default far)"),
+    ],
+    detector_names: DetectorsOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("results/eval"),
+    full_spectrum: Annotated[bool, typer.Option(help="count covariate-shift sets as ID")] = False,
+    n_boot: Annotated[int, typer.Option(help="bootstrap replicates for the 95 % intervals")] = 200,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Evaluate detectors on outputs from any framework (arrays logits/features/labels, optional head)."""
+    from .benchmark.runner import run_on_outputs
+    from .files import read_outputs
+
+    names = _detector_names(detector_names)
+    sets = []
+    for spec in ood:
+        label, sep, file = spec.partition("=")
+        if not sep or not label or not file:
+            raise ValueError(f"--ood {spec!r}: expected [GROUP:]NAME=FILE, e.g. --ood far:textures=textures.npz")
+        group, _, set_name = label.rpartition(":")
+        sets.append((set_name, group or "far", read_outputs(file)))
+    results = run_on_outputs(
+        "eval", read_outputs(fit), read_outputs(id_), sets, names,
+        full_spectrum=full_spectrum, n_boot=n_boot, progress=not quiet,
+        split_names=(str(fit), str(id_)),
+    )  # fmt: skip
+    _finish(results, out)
+
+
+@app.command("detectors")
+def list_detectors() -> None:
+    """List the detectors with what they need and their papers."""
+    table = Table(show_lines=True)
+    for column in ("name", "what it scores", "needs (fit)", "partial fit", "paper"):
+        table.add_column(column)
+    for name in detectors.available():
+        meta = detectors.info(name)
+        needs = ", ".join(meta["fit_requires"] if meta["needs_fit"] else meta["requires"])
+        if meta["required_params"]:
+            needs += "; params: " + ", ".join(meta["required_params"])
+        table.add_row(name, meta["summary"], needs, "yes" if meta["partial_fit"] else "no", meta["paper"])
+    console.print(table)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"oodguard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="show the version")] = False,
+) -> None:
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app and turns every error into one line and a non-zero exit code."""
+    try:
+        returned = app(args=argv, prog_name="oodguard", standalone_mode=False)
+    except typer.Exit as done:
+        return done.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        errors.print("interrupted")
+        return 130
+    except Exception as error:
+        if hasattr(error, "format_message") and hasattr(error, "exit_code"):  # usage errors
+            if error.format_message():  # empty when the help text was shown instead
+                errors.print(f"error: {error.format_message()}", highlight=False, soft_wrap=True)
+            return int(error.exit_code) or 2
+        message = " ".join(str(error).split()) or type(error).__name__
+        errors.print(f"error: {message}", highlight=False, soft_wrap=True)
+        return 1
+    return returned if isinstance(returned, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
