@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from detector_data import SMALL_DATA_PARAMS, detector_params, far_outputs, id_outputs
 
 from oodguard import ModelOutputs, detectors
 from oodguard.detectors import NotFittedError
+
+from detector_data import SMALL_DATA_PARAMS, detector_params, far_outputs, id_outputs
 
 NAMES = detectors.available()
 EXPECTED = {
@@ -182,8 +183,14 @@ def test_ood_rows_in_fit_data_refused_unless_dropped(name):
 def test_fewer_samples_than_dimensions_gives_finite_scores(name):
     params = {**detector_params(name), **SMALL_DATA_PARAMS.get(name, {})}
     detector = detectors.create(name, **params).fit(id_outputs(3, seed=1, detector=name))  # N=18 < D=32
-    scores = detector.score(ModelOutputs.concat([id_outputs(2, seed=2, detector=name), far_outputs(5, seed=3)
-                                                 if name != "mos" else far_outputs(5, seed=3, detector=name)]))
+    scores = detector.score(
+        ModelOutputs.concat(
+            [
+                id_outputs(2, seed=2, detector=name),
+                far_outputs(5, seed=3) if name != "mos" else far_outputs(5, seed=3, detector=name),
+            ]
+        )
+    )
     assert np.isfinite(scores).all()
 
 

@@ -102,8 +102,9 @@ def evaluate(
     id_: Annotated[Path, typer.Option("--id", help="outputs of the ID test set")],
     ood: Annotated[
         list[str],
-        typer.Option(help="OOD set as [GROUP:]NAME=FILE, repeated; GROUP is near, far, covariate or synthetic "
-                          "(default far)"),
+        typer.Option(
+            help="OOD set as [GROUP:]NAME=FILE, repeated; GROUP is near, far, covariate or synthetic (default far)"
+        ),
     ],
     detector_names: DetectorsOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("results/eval"),
@@ -154,7 +155,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="show the version")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="show the version")
+    ] = False,
 ) -> None:
     pass
 

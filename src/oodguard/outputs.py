@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 
 FORMAT_VERSION = 1
 _FIELDS = ("logits", "features", "labels", "layers", "head")
@@ -49,9 +49,7 @@ def _as_float(tensor: torch.Tensor, field: str) -> torch.Tensor:
 def _check_finite(tensor: torch.Tensor, field: str) -> None:
     if tensor.numel() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(
-            f"{field}: contains {bad} NaN or infinite value(s); remove or repair those rows before use"
-        )
+        raise ValueError(f"{field}: contains {bad} NaN or infinite value(s); remove or repair those rows before use")
 
 
 def _check_rank(tensor: torch.Tensor, field: str, rank: int, shape_doc: str) -> None:
@@ -304,7 +302,7 @@ class ModelOutputs:
             value = getattr(self, field)
             if value is not None:
                 tensors[field] = value.contiguous().cpu()
-        for index, (name, value) in enumerate(self.layers.items()):
+        for index, value in enumerate(self.layers.values()):
             tensors[f"layers.{index}"] = value.contiguous().cpu()
         if self.head is not None:
             tensors["head.weight"] = self.head[0].contiguous().cpu()

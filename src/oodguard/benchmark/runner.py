@@ -58,9 +58,7 @@ class Results:
             row["error"] = status["error"]
             rows.append(row)
         board = pd.DataFrame(rows)
-        semantic = [f"{g} AUROC" for g in ("near", "far") if g in self.groups] or [
-            f"{g} AUROC" for g in self.groups
-        ]
+        semantic = [f"{g} AUROC" for g in ("near", "far") if g in self.groups] or [f"{g} AUROC" for g in self.groups]
         board["_rank"] = board[semantic].mean(axis=1)
         board.loc[board["status"] != "ok", "_rank"] = -np.inf
         board = board.sort_values("_rank", ascending=False, kind="stable").drop(columns="_rank")

@@ -180,8 +180,10 @@ class Detector:
             raise ValueError(f"{self.name}: score got empty outputs (N=0); pass at least one row")
         self._check_dims(outputs, "score")
         chunk = max(1, min(len(outputs), 16384, SCORE_MEMORY_BUDGET // max(1, self._score_row_bytes())))
-        pieces = [self._score(outputs._replace_rows(lambda t, s=start: t[s : s + chunk]))
-                  for start in range(0, len(outputs), chunk)]
+        pieces = [
+            self._score(outputs._replace_rows(lambda t, s=start: t[s : s + chunk]))
+            for start in range(0, len(outputs), chunk)
+        ]
         scores = torch.cat(pieces).to(torch.float64) if len(pieces) > 1 else pieces[0].to(torch.float64)
         if not bool(torch.isfinite(scores).all()):
             bad = int((~torch.isfinite(scores)).sum())
@@ -285,8 +287,10 @@ class Detector:
         for key, how in self.state_reductions.items():
             if how == "sum":
                 if a[key].shape != b[key].shape:
-                    raise ValueError(f"{self.name}: cannot combine statistic {key!r} of shapes "
-                                     f"{tuple(a[key].shape)} and {tuple(b[key].shape)}")
+                    raise ValueError(
+                        f"{self.name}: cannot combine statistic {key!r} of shapes "
+                        f"{tuple(a[key].shape)} and {tuple(b[key].shape)}"
+                    )
                 combined[key] = a[key] + b[key]
             elif how == "cat":
                 combined[key] = torch.cat([a[key], b[key]])
@@ -408,6 +412,8 @@ def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
     flat = values.reshape(-1).to(torch.float64)
     if flat.numel() == 0:
         raise ValueError("percentile of an empty set")
-    return torch.quantile(flat, q / 100.0) if flat.numel() <= 16_000_000 else torch.from_numpy(
-        np.asarray(np.percentile(flat.numpy(), q))
+    return (
+        torch.quantile(flat, q / 100.0)
+        if flat.numel() <= 16_000_000
+        else torch.from_numpy(np.asarray(np.percentile(flat.numpy(), q)))
     )

@@ -1,0 +1,127 @@
+"""The benchmark runner on ready outputs, its tables, and the HTML report in a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from oodguard import metrics
+from oodguard.benchmark.report import histograms, roc_curve
+from oodguard.benchmark.runner import run_on_outputs
+
+from detector_data import far_outputs, id_outputs
+
+DETECTORS = ["msp", "energy", "mahalanobis", "knn", "mos"]  # mos fails: it needs its group layout
+
+
+@pytest.fixture(scope="module")
+def results():
+    near = id_outputs(10, seed=5).with_fields(labels=None)
+    shifted = id_outputs(10, seed=6)
+    shifted = shifted.with_fields(features=shifted.features * 0.7, logits=shifted.logits * 0.7)
+    sets = [("far-cluster", "far", far_outputs(80, seed=3)), ("near-copy", "near", near),
+            ("dimmed", "covariate", shifted)]  # fmt: skip
+    return run_on_outputs("synthetic", id_outputs(40, seed=1), id_outputs(15, seed=2), sets, DETECTORS,
+                          n_boot=50, progress=False)  # fmt: skip
+
+
+def test_failed_detector_is_reported_and_the_run_goes_on(results):
+    status = results.status.set_index("detector")
+    assert status.loc["mos", "status"] == "failed" and "group_sizes" in status.loc["mos", "error"]
+    assert (status.drop("mos")["status"] == "ok").all()
+    board = results.leaderboard()
+    assert board.iloc[-1]["detector"] == "mos"
+
+
+def test_table_values_match_the_metrics_module(results):
+    row = results.table.set_index(["detector", "ood_set"]).loc[("knn", "far-cluster")]
+    scores = results.scores["knn"]
+    assert row["auroc"] == pytest.approx(metrics.auroc(scores["id"], scores["far-cluster"]))
+    assert row["fpr95"] == pytest.approx(metrics.fpr_at_tpr(scores["id"], scores["far-cluster"]))
+    assert row["auroc_low"] <= row["auroc"] <= row["auroc_high"]
+    assert results.groups == {"near": ["near-copy"], "far": ["far-cluster"], "covariate": ["dimmed"]}
+
+
+def test_leaderboard_group_means_and_order(results):
+    board = results.leaderboard().set_index("detector")
+    table = results.table
+    expected = table[(table.detector == "energy") & (table.group == "far")]["auroc"].mean()
+    assert board.loc["energy", "far AUROC"] == pytest.approx(expected)
+    ok = results.leaderboard()
+    ok = ok[ok.status == "ok"]
+    rank_key = ok[["near AUROC", "far AUROC"]].mean(axis=1).to_numpy()
+    assert (np.diff(rank_key) <= 1e-12).all()
+
+
+def test_full_spectrum_counts_covariate_sets_as_id():
+    sets = [("far-cluster", "far", far_outputs(40, seed=3)), ("dimmed", "covariate", id_outputs(5, seed=6))]
+    fit, test = id_outputs(40, seed=1), id_outputs(10, seed=2)
+    spectrum = run_on_outputs("s", fit, test, sets, ["energy"], full_spectrum=True, n_boot=10, progress=False)
+    assert list(spectrum.table["ood_set"]) == ["far-cluster"]
+    scores = spectrum.scores["energy"]
+    pooled_id = np.concatenate([scores["id"], scores["dimmed"]])
+    assert spectrum.table["auroc"].iloc[0] == pytest.approx(metrics.auroc(pooled_id, scores["far-cluster"]))
+
+
+def test_bad_arguments_are_refused():
+    fit, test = id_outputs(10, seed=1), id_outputs(3, seed=2)
+    with pytest.raises(ValueError, match="unknown detector"):
+        run_on_outputs("s", fit, test, [("x", "far", far_outputs(5, seed=3))], ["nope"], progress=False)
+    with pytest.raises(ValueError, match="group must be one of"):
+        run_on_outputs("s", fit, test, [("x", "weird", far_outputs(5, seed=3))], ["msp"], progress=False)
+    with pytest.raises(ValueError, match="no OOD sets"):
+        run_on_outputs("s", fit, test, [], ["msp"], progress=False)
+
+
+def test_roc_curve_and_histograms_known_answers():
+    curve = roc_curve(np.array([0.0, 1.0, 2.0]), np.array([1.0, 3.0]))
+    # thresholds 3, 2, 1, 0 flag: {ood 3}, {+id 2}, {+id 1, ood 1}, {+id 0}
+    assert curve["fpr"] == [0.0, 0.0, pytest.approx(1 / 3, abs=1e-4), pytest.approx(2 / 3, abs=1e-4), 1.0]
+    assert curve["tpr"] == [0.0, 0.5, 0.5, 1.0, 1.0]
+    hist = histograms({"id": np.zeros(10), "ood": np.ones(10)}, bins=4)
+    assert sum(hist["density"]["id"]) == pytest.approx(1.0) and sum(hist["density"]["ood"]) == pytest.approx(1.0)
+
+
+def test_save_writes_every_format(results, tmp_path):
+    paths = results.save(tmp_path)
+    table = pd.read_csv(paths["csv"])
+    assert {"detector", "ood_set", "group", "auroc", "auroc_low", "fpr95", "aupr_in", "aupr_out"} <= set(table)
+    payload = json.loads(paths["json"].read_text())
+    assert payload["benchmark"] == "synthetic" and payload["leaderboard"][0]["status"] == "ok"
+    markdown = paths["markdown"].read_text()
+    assert "| rank | detector |" in markdown and "failed:" in markdown
+    page = paths["html"].read_text()
+    assert "<script src" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_renders_in_a_headless_browser_without_console_errors(results, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium for this test")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    paths = results.save(tmp_path)
+    command = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+        "--virtual-time-budget=5000", "--dump-dom", paths["html"].resolve().as_uri(),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console
+    assert 'data-rendered="ok"' in done.stdout
+    assert '<div id="errors"></div>' in done.stdout
+    assert done.stdout.count("<polyline") == 3  # one ROC curve per OOD set of the selected detector
+    assert "<table>" in done.stdout and "knn" in done.stdout
