@@ -23,7 +23,7 @@ EXPECTED = {
 
 def fitted(name: str, **extra) -> detectors.Detector:
     detector = detectors.create(name, **{**detector_params(name), **extra})
-    return detector.fit(id_outputs(50, seed=1, detector=name))
+    return detector.fit(id_outputs(100, seed=1, detector=name))
 
 
 def pairwise_auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:

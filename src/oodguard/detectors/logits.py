@@ -1,1 +1,325 @@
-"""(being written)"""
+"""Detectors that need only the logits: MSP, MaxLogit, Energy, GEN, KL-matching, temperature scaling.
+
+Every score here is O(C) per sample (KL-matching O(C^2)), vectorised over rows, and oriented
+**higher = more likely OOD**. Softmax-probability scores are returned as log-odds computed from the
+logits in float64, so that confident samples never saturate to the same value (ties distort FPR@95).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..outputs import ModelOutputs
+from .base import Detector, class_counts, register
+
+#: Templates of KL-matching are clamped here before the log (spec section 2.2).
+KLM_TEMPLATE_FLOOR = 1e-12
+#: Temperature scaling searches T in [1/TEMPERATURE_BOUND, TEMPERATURE_BOUND].
+TEMPERATURE_BOUND = 1e3
+
+
+# ---------------------------------------------------------------------- shared helpers
+def _positive_number(name: str, params: dict[str, Any], key: str) -> None:
+    value = params[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: {key} must be a finite number > 0, got {value!r}")
+    params[key] = float(value)
+
+
+def _positive_int(name: str, params: dict[str, Any], key: str, minimum: int = 1) -> None:
+    value = params[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: {key} must be an integer >= {minimum}, got {value!r}")
+    params[key] = int(value)
+
+
+def _need_two_classes(logits: torch.Tensor, name: str) -> None:
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"{name}: needs at least 2 classes (logits have C={logits.shape[1]}); a softmax over one class is "
+            "constant and carries no information"
+        )
+
+
+def _max_and_rest(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(f_max, LSE over the other classes, argmax)`` along the last axis; O(C)."""
+    top, index = logits.max(dim=1, keepdim=True)
+    rest = logits.scatter(1, index, float("-inf"))
+    return top.squeeze(1), torch.logsumexp(rest, dim=1), index.squeeze(1)
+
+
+def neg_log_odds_msp(logits: torch.Tensor) -> torch.Tensor:
+    """``log((1 - MSP) / MSP) = LSE_{c != argmax} f_c - f_max`` in float64, strictly decreasing in MSP.
+
+    Unlike ``MSP`` or ``-log MSP`` it never saturates: for any finite logits it is finite and two samples
+    tie only when their logit gaps tie. ``C >= 2`` required.
+    """
+    top, rest, _ = _max_and_rest(logits.to(torch.float64))
+    return rest - top
+
+
+# ---------------------------------------------------------------------- stateless scores
+class _LogitDetector(Detector):
+    """Logit-only detector without fitted state."""
+
+    requires = frozenset({"logits"})
+    needs_fit = False
+
+    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _score_row_bytes(self) -> int:
+        return 8 * 4 * 1024
+
+
+@register
+class MSP(_LogitDetector):
+    """Maximum softmax probability, returned as the log-odds of *not* being the top class.
+
+    ``s(x) = max_c softmax(f)_c``; the OOD score is ``log((1 - s)/s) = LSE_{c != ŷ}(f_c) - f_max``, a strictly
+    decreasing transform of MSP computed in float64.
+
+    Deviation: the spec suggests ``-log MSP = LSE(f) - f_max``; that still saturates to exactly 0 once the gap
+    between the two largest logits exceeds ~745 (``exp`` underflows), so very confident samples tie. The log-odds
+    rank identically and stay distinct for any finite logits (e.g. logits of order 1e4).
+
+    Paper: Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution Examples", ICLR 2017.
+    Code: Jingkang50/OpenOOD ``openood/postprocessors/base_postprocessor.py``. No hyperparameters, no fit.
+    """
+
+    name = "msp"
+    summary = "maximum softmax probability (as log-odds of the runner-up classes)"
+    paper = "Hendrycks & Gimpel, ICLR 2017"
+    code = "Jingkang50/OpenOOD openood/postprocessors/base_postprocessor.py"
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        _need_two_classes(outputs.logits, self.name)
+        return neg_log_odds_msp(outputs.logits)
+
+
+@register
+class MaxLogit(_LogitDetector):
+    """Maximum logit: ``s(x) = max_c f_c``; the OOD score is ``-max_c f_c``.
+
+    Paper: Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings", ICML 2022.
+    Code: hendrycks/anomaly-seg ``eval_ood.py``; OpenOOD ``maxlogit_postprocessor.py`` (identical).
+    """
+
+    name = "maxlogit"
+    summary = "negative maximum logit"
+    paper = "Hendrycks et al., ICML 2022"
+    code = "hendrycks/anomaly-seg eval_ood.py; Jingkang50/OpenOOD openood/postprocessors/maxlogit_postprocessor.py"
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        return -outputs.logits.amax(dim=1)
+
+
+@register
+class Energy(_LogitDetector):
+    """Free energy: the OOD score is ``E(x; T) = -T * LSE(f / T)`` (``s(x) = -E``).
+
+    Default ``temperature = 1`` (official ``--T``; OpenOOD ``ebo.yml``). Computed in the logits' dtype: the
+    log-sum-exp is stable and does not saturate.
+
+    Paper: Liu, Wang, Owens & Li, "Energy-based Out-of-distribution Detection", NeurIPS 2020.
+    Code: wetliu/energy_ood ``CIFAR/test.py``; OpenOOD ``ebo_postprocessor.py``.
+    """
+
+    name = "energy"
+    summary = "free energy -T*logsumexp(f/T)"
+    paper = "Liu et al., NeurIPS 2020"
+    code = "wetliu/energy_ood CIFAR/test.py; Jingkang50/OpenOOD openood/postprocessors/ebo_postprocessor.py"
+    defaults = {"temperature": 1.0}
+
+    def _check_params(self) -> None:
+        _positive_number(self.name, self.params, "temperature")
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        temperature = self.params["temperature"]
+        return -temperature * torch.logsumexp(outputs.logits / temperature, dim=1)
+
+
+@register
+class GEN(_LogitDetector):
+    """Generalized entropy over the ``M`` largest probabilities.
+
+    ``s(x) = -sum_{j<=M} p_(j)^γ (1 - p_(j))^γ`` with ``p_(1) >= p_(2) >= ...``; the OOD score is the sum itself.
+    Defaults ``gamma = 0.1``, ``M = 100`` (official ``benchmark.py``; OpenOOD ``gen.yml``); all classes are used
+    when ``C < M``. The top-M are found by partial selection (``topk``), and each term is evaluated in float64 as
+    ``exp(γ (log p + log(1 - p)))`` with ``log(1 - p_(1)) = LSE_{c != ŷ} f_c - LSE(f)`` exactly, so confident
+    samples do not collapse to the same value.
+
+    Paper: Liu, Lochman & Zach, "GEN: Pushing the Limits of Softmax-Based Out-of-Distribution Detection", CVPR 2023.
+    Code: XixiLiu95/GEN ``benchmark.py`` (``generalized_entropy``); OpenOOD ``gen_postprocessor.py`` (identical).
+    """
+
+    name = "gen"
+    summary = "generalized entropy sum_j p_j^gamma (1-p_j)^gamma over the top-M probabilities"
+    paper = "Liu, Lochman & Zach, CVPR 2023"
+    code = "XixiLiu95/GEN benchmark.py; Jingkang50/OpenOOD openood/postprocessors/gen_postprocessor.py"
+    defaults = {"gamma": 0.1, "M": 100}
+
+    def _check_params(self) -> None:
+        _positive_number(self.name, self.params, "gamma")
+        _positive_int(self.name, self.params, "M")
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        _need_two_classes(outputs.logits, self.name)
+        logits = outputs.logits.to(torch.float64)
+        gamma = self.params["gamma"]
+        m = min(self.params["M"], logits.shape[1])
+        top_m = torch.topk(logits, m, dim=1, sorted=True).values
+        lse = torch.logsumexp(logits, dim=1, keepdim=True)
+        log_p = top_m - lse
+        # log(1 - p) = log(-expm1(log p)) is accurate for p <= 1/2, i.e. every rank but the first.
+        log_q = torch.log(-torch.expm1(log_p.clamp_max(-1e-300)))
+        _, rest, _ = _max_and_rest(logits)
+        log_q[:, 0] = rest - lse.squeeze(1)
+        return torch.exp(gamma * (log_p + log_q)).sum(dim=1)
+
+
+# ---------------------------------------------------------------------- KL-matching
+@register
+class KLMatching(Detector):
+    """KL-matching: distance of the posterior to the typical posterior of each predicted class.
+
+    Fit (unlabelled ID data, ideally a held-out validation split): ``d_k = mean{softmax(f_i) : argmax f_i = k}``.
+    Score: ``s(x) = -min_k KL(p(x) || d_k)``; the OOD score is ``min_k KL(p || d_k)``, computed as
+    ``rowsum(P log P) - P @ log(D)^T`` with ``log P`` from log-softmax and templates clamped at 1e-12.
+
+    Classes never predicted on the fit data have no template. OpenOOD's fallback ``d_k = one_hot(k)`` gives
+    ``KL = inf`` for every non-one-hot ``p``, i.e. such a template is never the minimiser; here it is left out of
+    the minimum explicitly (the state holds templates only for predicted classes, ``template_classes``).
+    Clamping a one-hot template instead would make it a finite, spurious competitor.
+
+    The fit statistics (per-predicted-class sums of softmax vectors and counts, float64) are additive, so
+    ``partial_fit`` and ``merge`` are exact.
+
+    Paper: Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings", ICML 2022.
+    Code: Jingkang50/OpenOOD ``openood/postprocessors/kl_matching_postprocessor.py`` (fits on ID val, groups by
+    predicted class, min over k). No hyperparameters. Score cost O(C^2) per sample.
+    """
+
+    name = "klm"
+    summary = "min over predicted classes of KL(p || mean posterior of that class)"
+    paper = "Hendrycks et al., ICML 2022"
+    code = "Jingkang50/OpenOOD openood/postprocessors/kl_matching_postprocessor.py"
+    requires = frozenset({"logits"})
+    fit_requires = frozenset({"logits"})
+    state_reductions = {"softmax_sums": "sum", "counts": "sum"}
+
+    def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        _need_two_classes(outputs.logits, self.name)
+        logits = outputs.logits.to(torch.float64)
+        num_classes = logits.shape[1]
+        probs = torch.softmax(logits, dim=1)
+        predicted = logits.argmax(dim=1)
+        sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device)
+        sums.index_add_(0, predicted, probs)
+        counts = torch.bincount(predicted, minlength=num_classes).to(torch.float64)
+        return {"softmax_sums": sums, "counts": counts}
+
+    def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seen = stats["counts"] > 0
+        templates = stats["softmax_sums"][seen] / stats["counts"][seen, None]
+        return {
+            "log_templates": torch.log(templates.clamp_min(KLM_TEMPLATE_FLOOR)),
+            "template_classes": torch.nonzero(seen).flatten(),
+        }
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        logits = outputs.logits
+        log_templates = self.state(logits.device, logits.dtype)["log_templates"]
+        log_p = torch.log_softmax(logits, dim=1)
+        p = log_p.exp()
+        kl = (p * log_p).sum(dim=1, keepdim=True) - p @ log_templates.T
+        return kl.amin(dim=1)
+
+    def _score_row_bytes(self) -> int:
+        return 8 * 4 * (self.meta_.get("num_classes") or 1024)
+
+
+# ---------------------------------------------------------------------- temperature scaling
+def _nll_derivatives(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> tuple[float, float]:
+    """First and second derivative in ``beta = 1/T`` of the mean NLL of ``softmax(beta * f)``."""
+    probs = torch.softmax(beta * logits, dim=1)
+    mean_f = (probs * logits).sum(dim=1)
+    second = (probs * logits.square()).sum(dim=1) - mean_f.square()
+    first = mean_f - logits.gather(1, labels[:, None]).squeeze(1)
+    return float(first.mean()), float(second.clamp_min(0).mean())
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
+    """Temperature ``T`` minimising the mean NLL of ``softmax(f / T)`` on labelled logits (float64, deterministic).
+
+    The NLL is convex in ``beta = 1/T`` (its second derivative is the mean softmax variance of the logits), so
+    its derivative in ``beta`` is increasing: the minimiser is found by Newton's method in ``beta`` safeguarded by
+    bisection in ``log T`` on the bracket ``T in [1/TEMPERATURE_BOUND, TEMPERATURE_BOUND]``. When the minimum lies
+    outside the bracket (e.g. perfectly separable data, where the NLL keeps falling as ``T -> 0``) the nearest
+    bound is returned.
+    """
+    logits = logits.to(torch.float64)
+    lo, hi = 1.0 / TEMPERATURE_BOUND, TEMPERATURE_BOUND  # bracket in beta
+    if _nll_derivatives(logits, labels, lo)[0] >= 0:
+        return 1.0 / lo
+    if _nll_derivatives(logits, labels, hi)[0] <= 0:
+        return 1.0 / hi
+    beta = 1.0
+    for _ in range(max_iter):
+        first, second = _nll_derivatives(logits, labels, beta)
+        if first == 0:
+            break
+        if first < 0:
+            lo = beta
+        else:
+            hi = beta
+        step = beta - first / second if second > 0 else math.nan
+        new = step if lo < step < hi else math.sqrt(lo * hi)
+        if abs(new - beta) <= 1e-14 * beta or hi - lo <= 1e-14 * hi:
+            beta = new
+            break
+        beta = new
+    return 1.0 / beta
+
+
+@register
+class TemperatureScaling(Detector):
+    """MSP after temperature scaling: ``s(x) = max_c softmax(f / T)_c`` with ``T`` fitted on labelled ID logits.
+
+    Fit: ``T > 0`` minimising the NLL ``mean_i [LSE(f_i / T) - f_{i,y_i} / T]`` (float64; Newton in ``1/T`` with a
+    bisection safeguard in ``log T``, see :func:`fit_temperature`; searched in ``[1e-3, 1e3]``). Use a held-out
+    ID validation split, as OpenOOD does.
+    Score: like ``msp`` on ``f / T``, the log-odds ``LSE_{c != ŷ}(f_c / T) - f_max / T`` (float64, strictly
+    decreasing in the calibrated MSP, no saturation ties) rather than ``-max log_softmax(f / T)``.
+
+    Paper: Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks", ICML 2017.
+    Code: Jingkang50/OpenOOD ``openood/postprocessors/temp_scaling_postprocessor.py`` (LBFGS on ``T`` from 1.5,
+    lr 0.01, 50 iterations, float32): this solves the same problem to convergence, so ``T`` can differ slightly.
+    """
+
+    name = "tempscale"
+    summary = "maximum softmax probability after fitted temperature scaling (as log-odds)"
+    paper = "Guo et al., ICML 2017"
+    code = "Jingkang50/OpenOOD openood/postprocessors/temp_scaling_postprocessor.py"
+    requires = frozenset({"logits"})
+    fit_requires = frozenset({"logits", "labels"})
+
+    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        _need_two_classes(outputs.logits, self.name)
+        class_counts(outputs.labels, outputs.logits.shape[1], self.name, minimum=0)
+        temperature = fit_temperature(outputs.logits, outputs.labels)
+        return {"temperature": torch.tensor([temperature], dtype=torch.float64)}
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        temperature = self.state(outputs.logits.device)["temperature"]
+        return neg_log_odds_msp(outputs.logits.to(torch.float64) / temperature)
+
+    @property
+    def temperature_(self) -> float:
+        """The fitted temperature."""
+        if self.state_ is None:
+            raise AttributeError("tempscale: not fitted yet; call fit(...) first")
+        return float(self.state_["temperature"])
