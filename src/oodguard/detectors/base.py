@@ -415,5 +415,5 @@ def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
     return (
         torch.quantile(flat, q / 100.0)
         if flat.numel() <= 16_000_000
-        else torch.from_numpy(np.asarray(np.percentile(flat.numpy(), q)))
+        else torch.from_numpy(np.asarray(np.percentile(flat.cpu().numpy(), q)))
     )

@@ -156,6 +156,7 @@ class MOS(Detector):
     requires = frozenset({"logits"})
     fit_requires = frozenset({"logits"})
     defaults = {"group_sizes": None}
+    required_params = ("group_sizes",)
     needs_fit = False
 
     def _check_params(self) -> None:
