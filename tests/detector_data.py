@@ -2,8 +2,8 @@
 
 Classes are clusters of non-negative (post-ReLU-like) features, each class active on its own block of
 units; the head is a linear classifier aligned with the class means, so logits are confident on ID data.
-The far-away OOD cluster is made of weak activations in random directions: low logits, far from every
-class mean in feature space, unlike any training sample.
+The far-away OOD cluster is made of weak activations on the class units plus strong activations on the
+units no class uses: low logits, far from every class mean, and outside the subspace ID data spans.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def id_outputs(n_per_class: int, seed: int, detector: str = "") -> ModelOutputs:
 
 def far_outputs(n: int, seed: int, detector: str = "") -> ModelOutputs:
     rng = np.random.default_rng(seed)
-    features = np.abs(0.4 * rng.normal(size=(n, FEATURE_DIM))).astype(np.float32)
+    features = np.abs(0.4 * rng.normal(size=(n, FEATURE_DIM)))
+    features[:, NUM_CLASSES * (FEATURE_DIM // NUM_CLASSES) :] += 3.0  # units that no class uses
+    features = features.astype(np.float32)
     return outputs_from_features(features, -np.ones(n, dtype=np.int64), detector)
 
 

@@ -408,12 +408,13 @@ def symmetric_pinv(matrix: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
 
 
 def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """numpy-default (linear interpolation) percentile ``q`` in [0, 100] over all entries."""
-    flat = values.reshape(-1).to(torch.float64)
+    """numpy-default (linear interpolation) percentile ``q`` in [0, 100] over all entries, as float64.
+
+    Large inputs go through numpy in their own dtype, so no float64 copy of the whole tensor is made.
+    """
+    flat = values.detach().reshape(-1)
     if flat.numel() == 0:
         raise ValueError("percentile of an empty set")
-    return (
-        torch.quantile(flat, q / 100.0)
-        if flat.numel() <= 16_000_000
-        else torch.from_numpy(np.asarray(np.percentile(flat.cpu().numpy(), q)))
-    )
+    if flat.numel() <= 16_000_000:  # torch.quantile's size limit
+        return torch.quantile(flat.to(torch.float64), q / 100.0)
+    return torch.tensor(float(np.percentile(flat.cpu().numpy(), q)), dtype=torch.float64)

@@ -1,0 +1,243 @@
+"""ReAct, DICE, ASH, SCALE: known answers from per-sample numpy loops over the formulas, and edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from oodguard.detectors import create
+from oodguard.detectors.shaping import kept_count, shape_activations
+
+
+def _data(n=50, d=20, c=6, seed=0):
+    rng = np.random.default_rng(seed)
+    features = np.maximum(rng.normal(0.3, 1.0, size=(n, d)), 0) + 0.01 * rng.random((n, d))
+    weight = rng.normal(size=(c, d))
+    bias = rng.normal(size=c)
+    queries = np.abs(rng.normal(0.3, 1.2, size=(8, d)))
+    return features, weight, bias, queries
+
+
+def _neg_energy(logits):
+    m = max(logits)
+    return -(m + np.log(sum(np.exp(v - m) for v in logits)))
+
+
+def _fit(name, features, weight, bias, **params):
+    return create(name, **params).fit({"features": features, "head": (weight, bias)})
+
+
+def _top_k_indices(z, k):
+    return np.argsort(z)[::-1][:k]
+
+
+# ---------------------------------------------------------------- ReAct
+@pytest.mark.parametrize("p", [90, 37.5, 100])
+def test_react_known_answer(p):
+    features, weight, bias, queries = _data()
+    threshold = np.percentile(features, p)
+    expected = [_neg_energy(weight @ np.minimum(z, threshold) + bias) for z in queries]
+    detector = _fit("react", features, weight, bias, percentile=p)
+    assert float(detector.state_["threshold"]) == pytest.approx(threshold, rel=1e-12)
+    np.testing.assert_allclose(detector.score({"features": queries}), expected, rtol=1e-10)
+
+
+# ---------------------------------------------------------------- DICE
+@pytest.mark.parametrize("p", [90, 70, 0])
+def test_dice_known_answer(p):
+    features, weight, bias, queries = _data(seed=1)
+    mean = features.mean(axis=0)
+    contribution = weight * mean[None, :]
+    threshold = np.percentile(contribution, p)
+    masked = np.where(contribution > threshold, weight, 0.0)
+    expected = [_neg_energy(masked @ z + bias) for z in queries]
+    detector = _fit("dice", features, weight, bias, percentile=p)
+    np.testing.assert_allclose(detector.score({"features": queries}), expected, rtol=1e-10)
+    assert int((detector.state_["weight"] != 0).sum()) == int((contribution > threshold).sum())
+
+
+def test_dice_partial_fit_and_merge_equal_full_fit():
+    features, weight, bias, queries = _data(n=90, seed=2)
+    head = (weight, bias)
+    full = _fit("dice", features, weight, bias)
+    chunked = create("dice")
+    for rows in (slice(0, 17), slice(17, 60), slice(60, 90)):
+        chunked.partial_fit({"features": features[rows], "head": head})
+    left = create("dice").fit({"features": features[:41], "head": head})
+    right = create("dice").fit({"features": features[41:], "head": head})
+    merged = left.merge(right)
+    expected = full.score({"features": queries})
+    for detector in (chunked, merged):
+        np.testing.assert_allclose(detector.score({"features": queries}), expected, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(detector.state_["mean"].numpy(), features.mean(axis=0), rtol=1e-12)
+
+
+def test_dice_refuses_to_merge_different_heads():
+    features, weight, bias, _ = _data(seed=3)
+    left = _fit("dice", features, weight, bias)
+    right = _fit("dice", features, weight + 1.0, bias)
+    with pytest.raises(ValueError, match="different heads"):
+        left.merge(right)
+
+
+def test_dice_save_load_keeps_partial_fit(tmp_path):
+    from oodguard.detectors import load
+
+    features, weight, bias, queries = _data(n=60, seed=4)
+    head = (weight, bias)
+    detector = create("dice").partial_fit({"features": features[:30], "head": head})
+    detector.save(tmp_path)
+    restored = load(tmp_path).partial_fit({"features": features[30:], "head": head})
+    full = _fit("dice", features, weight, bias)
+    np.testing.assert_allclose(restored.score({"features": queries}), full.score({"features": queries}), atol=1e-10)
+
+
+# ---------------------------------------------------------------- ASH
+def _reference_ash(z, p, variant):
+    d = len(z)
+    k = d - int(np.round(d * p / 100.0))
+    top = _top_k_indices(z, k)
+    shaped = np.zeros(d)
+    if variant == "b":
+        shaped[top] = z.sum() / k
+    else:
+        shaped[top] = z[top]
+        if variant == "s":
+            shaped *= np.exp(z.sum() / shaped.sum())
+    return shaped
+
+
+@pytest.mark.parametrize("variant", ["p", "b", "s"])
+@pytest.mark.parametrize("p", [90, 65, 0])
+def test_ash_known_answer(variant, p):
+    features, weight, bias, queries = _data(seed=5)
+    expected = [_neg_energy(weight @ _reference_ash(z, p, variant) + bias) for z in queries]
+    detector = _fit("ash", features, weight, bias, variant=variant, percentile=p)
+    np.testing.assert_allclose(detector.score({"features": queries}), expected, rtol=1e-10)
+    shaped = shape_activations(torch.from_numpy(queries), p, variant).numpy()
+    np.testing.assert_allclose(shaped, [_reference_ash(z, p, variant) for z in queries], rtol=1e-12)
+
+
+def test_ash_defaults_are_the_official_resnet50_imagenet_setting():
+    assert create("ash").params == {"variant": "s", "percentile": 90}
+    assert create("scale").params == {"percentile": 85}
+    assert create("dice").params == {"percentile": 90}
+    assert create("react").params == {"percentile": 90}
+
+
+def test_ash_b_preserves_the_activation_sum():
+    _, _, _, queries = _data(seed=6)
+    shaped = shape_activations(torch.from_numpy(queries), 80, "b").numpy()
+    np.testing.assert_allclose(shaped.sum(axis=1), queries.sum(axis=1), rtol=1e-12)
+    assert np.all((shaped != 0).sum(axis=1) == kept_count(queries.shape[1], 80))
+
+
+def test_kept_count_rounds_like_numpy():
+    for d, p in [(10, 65), (10, 75), (2048, 90), (20, 12.5), (7, 50)]:
+        assert kept_count(d, p) == d - int(np.round(d * p / 100.0))
+
+
+def test_ash_s_float32_does_not_overflow():
+    # D = 800, p = 99.9 keeps one entry: exp(s1/s2) ~ exp(400) overflows float32 but not the float64 scale.
+    rng = np.random.default_rng(7)
+    weight, bias = rng.normal(size=(4, 800)), rng.normal(size=4)
+    features = rng.random((30, 800))
+    queries = rng.random((5, 800))
+    detector = _fit("ash", features, weight, bias, percentile=99.9)
+    scores64 = detector.score({"features": queries})
+    scores32 = detector.score({"features": queries.astype(np.float32)})
+    assert np.all(np.isfinite(scores32))
+    np.testing.assert_allclose(scores32, scores64, rtol=1e-4)
+    expected = [_neg_energy(weight @ _reference_ash(z, 99.9, "s") + bias) for z in queries]
+    np.testing.assert_allclose(scores64, expected, rtol=1e-10)
+
+
+# ---------------------------------------------------------------- SCALE
+@pytest.mark.parametrize("p", [85, 50, 0])
+def test_scale_known_answer(p):
+    features, weight, bias, queries = _data(seed=8)
+    expected = []
+    for z in queries:
+        k = len(z) - int(np.round(len(z) * p / 100.0))
+        ratio = z.sum() / z[_top_k_indices(z, k)].sum()
+        expected.append(_neg_energy(weight @ (z * np.exp(ratio)) + bias))  # the bias is not scaled
+    detector = _fit("scale", features, weight, bias, percentile=p)
+    np.testing.assert_allclose(detector.score({"features": queries}), expected, rtol=1e-10)
+
+
+# ---------------------------------------------------------------- shared behaviour
+@pytest.mark.parametrize("name", ["ash", "scale"])
+def test_signed_features_with_non_positive_kept_sum_are_refused(name):
+    features, weight, bias, queries = _data(seed=9)
+    detector = _fit(name, features, weight, bias)
+    signed = queries.copy()
+    signed[0] = -np.abs(signed[0])  # every entry negative: the kept top-k sum is negative
+    with pytest.raises(ValueError, match="non-negative"):
+        detector.score({"features": signed})
+
+
+@pytest.mark.parametrize("name", ["ash", "scale"])
+def test_all_zero_rows_score_as_the_bias_alone(name):
+    features, weight, bias, queries = _data(seed=10)
+    detector = _fit(name, features, weight, bias)
+    rows = queries.copy()
+    rows[2] = 0.0
+    scores = detector.score({"features": rows})
+    assert scores[2] == pytest.approx(_neg_energy(bias), rel=1e-12)
+
+
+def test_ash_p_and_b_accept_signed_features():
+    features, weight, bias, queries = _data(seed=11)
+    signed = queries - 1.0
+    for variant in ("p", "b"):
+        scores = _fit("ash", features, weight, bias, variant=variant).score({"features": signed})
+        expected = [_neg_energy(weight @ _reference_ash(z, 90, variant) + bias) for z in signed]
+        np.testing.assert_allclose(scores, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["react", "dice", "ash", "scale"])
+def test_float32_features_agree_with_float64(name):
+    features, weight, bias, queries = _data(n=200, d=64, seed=12)
+    detector = _fit(name, features, weight, bias)
+    scores32 = detector.score({"features": torch.from_numpy(queries.astype(np.float32))})
+    np.testing.assert_allclose(scores32.numpy(), detector.score({"features": queries}), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("ash", {"variant": "x"}),
+        ("ash", {"percentile": 100}),
+        ("ash", {"percentile": -1}),
+        ("ash", {"percentile": float("nan")}),
+        ("ash", {"percentile": "90"}),
+        ("scale", {"percentile": 100}),
+        ("scale", {"percentile": -1}),
+        ("scale", {"percentile": True}),
+        ("dice", {"percentile": 100}),
+        ("dice", {"percentile": -1}),
+        ("react", {"percentile": 0}),
+        ("react", {"percentile": 100.5}),
+    ],
+)
+def test_bad_parameters_are_refused(name, params):
+    with pytest.raises(ValueError, match="variant|percentile"):
+        create(name, **params)
+
+
+@pytest.mark.parametrize("name", ["ash", "scale"])
+def test_percentile_that_keeps_nothing_is_refused_at_fit(name):
+    features, weight, bias, _ = _data(d=8)
+    with pytest.raises(ValueError, match="keeps no activation"):
+        _fit(name, features, weight, bias, percentile=95)  # round(8 * 0.95) = 8 -> k = 0
+
+
+@pytest.mark.parametrize("name", ["react", "dice", "ash", "scale"])
+def test_state_does_not_alias_the_callers_head(name):
+    features, weight, bias, queries = _data(seed=13)
+    detector = _fit(name, features, weight, bias)
+    before = detector.score({"features": queries})
+    weight[:] = 0.0
+    bias[:] = 0.0
+    np.testing.assert_array_equal(detector.score({"features": queries}), before)
