@@ -85,10 +85,31 @@ class Detector:
             raise TypeError(f"{self.name}: unknown parameter(s) {unknown}; valid parameters: {valid}")
         self.params: dict[str, Any] = {**self.defaults, **params}
         self._check_params()
+        self._stale = False
+        self._state_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.state_: dict[str, torch.Tensor] | None = None
         self.stats_: dict[str, torch.Tensor] | None = None
         self.meta_: dict[str, Any] = {}
-        self._state_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    @property
+    def state_(self) -> dict[str, torch.Tensor] | None:
+        """Fitted state tensors. After ``partial_fit``/``merge`` they are finalised on first use, so adding
+        many chunks costs only the statistics, not one finalisation (e.g. an eigendecomposition) per chunk."""
+        if self._stale:
+            self._stale = False
+            self._state = self._finalize(self.stats_)
+        return self._state
+
+    @state_.setter
+    def state_(self, value: dict[str, torch.Tensor] | None) -> None:
+        self._state = value
+        self._stale = False
+        self._state_cache = {}
+
+    def _statistics_changed(self) -> None:
+        self._state = None
+        self._stale = True
+        self._state_cache = {}
 
     # ------------------------------------------------------------------ hooks
     def _check_params(self) -> None:
@@ -114,7 +135,7 @@ class Detector:
     # ------------------------------------------------------------------ public API
     @property
     def is_fitted(self) -> bool:
-        return self.state_ is not None or not self.needs_fit
+        return self._state is not None or self._stale or not self.needs_fit
 
     @property
     def supports_partial_fit(self) -> bool:
@@ -144,8 +165,7 @@ class Detector:
             self._check_dims(outputs, "partial_fit")
         stats = self._statistics(outputs)
         self.stats_ = stats if self.stats_ is None else self._combine(self.stats_, stats)
-        self.state_ = self._finalize(self.stats_)
-        self._state_cache = {}
+        self._statistics_changed()
         self._record_dims(outputs)
         return self
 
@@ -166,8 +186,7 @@ class Detector:
                         f"{self.name}: cannot merge, {key} differs ({self.meta_.get(key)} vs {other.meta_.get(key)})"
                     )
             self.stats_ = self._combine(self.stats_, other.stats_)
-        self.state_ = self._finalize(self.stats_)
-        self._state_cache = {}
+        self._statistics_changed()
         return self
 
     def score(self, outputs: ModelOutputs | Mapping[str, Any]) -> np.ndarray | torch.Tensor:
@@ -202,19 +221,28 @@ class Detector:
         """Write ``config.json`` and ``state.safetensors`` to ``directory`` (no pickle)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        state = self.state_
+        tensors: dict[str, torch.Tensor] = {}
+        for key, value in (self.stats_ or {}).items():
+            tensors[f"stats.{key}"] = value.detach().contiguous().cpu()
+        # A state tensor that *is* a statistic (e.g. the KNN bank) is written once: safetensors refuses
+        # shared memory, and a second copy of a large bank would double the file.
+        aliases = {}
+        for key, value in (state or {}).items():
+            twin = next((k for k, v in (self.stats_ or {}).items() if v is value), None)
+            if twin is not None:
+                aliases[key] = twin
+            else:
+                tensors[f"state.{key}"] = value.detach().contiguous().cpu()
         config = {
             "format": "oodguard.detector",
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "params": self.params,
             "meta": self.meta_,
-            "fitted": self.state_ is not None,
+            "fitted": state is not None,
+            "state_aliases": aliases,
         }
-        tensors: dict[str, torch.Tensor] = {}
-        for key, value in (self.state_ or {}).items():
-            tensors[f"state.{key}"] = value.detach().contiguous().cpu()
-        for key, value in (self.stats_ or {}).items():
-            tensors[f"stats.{key}"] = value.detach().contiguous().cpu()
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(tensors, str(directory / "state.safetensors"))
 
@@ -356,9 +384,14 @@ def load(directory: str | Path) -> Detector:
     detector = create(config["name"], **config.get("params", {}))
     detector.meta_ = dict(config.get("meta", {}))
     tensors = load_file(str(directory / "state.safetensors"))
-    if config.get("fitted"):
-        detector.state_ = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
     stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
+    if config.get("fitted"):
+        state = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
+        for key, twin in config.get("state_aliases", {}).items():
+            if twin not in stats:
+                raise ValueError(f"{directory}: state {key!r} refers to a missing statistic {twin!r}; the file is damaged")
+            state[key] = stats[twin]
+        detector.state_ = state
     detector.stats_ = stats or None
     return detector
 
