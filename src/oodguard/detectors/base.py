@@ -389,7 +389,9 @@ def load(directory: str | Path) -> Detector:
         state = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
         for key, twin in config.get("state_aliases", {}).items():
             if twin not in stats:
-                raise ValueError(f"{directory}: state {key!r} refers to a missing statistic {twin!r}; the file is damaged")
+                raise ValueError(
+                    f"{directory}: state {key!r} refers to a missing statistic {twin!r}; the file is damaged"
+                )
             state[key] = stats[twin]
         detector.state_ = state
     detector.stats_ = stats or None
