@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -22,6 +23,9 @@ app = typer.Typer(
     help="oodguard: out-of-distribution detection for trained models. Scores: higher = more likely OOD.",
 )
 console = Console()
+if not console.is_terminal:  # piped or logged: no terminal width to respect, keep tables whole
+    console = Console(width=140)
+_SHORT_GROUP = {"covariate": "covar.", "synthetic": "synth."}
 errors = Console(stderr=True)
 
 DetectorsOption = Annotated[
@@ -46,12 +50,15 @@ def _show_leaderboard(results) -> None:
     protocol = "full-spectrum" if results.full_spectrum else "standard"
     table = Table(
         title=f"{results.benchmark}: ID accuracy {100 * results.id_accuracy:.2f} % ({protocol} protocol)",
-        caption="AUROC ↑ and FPR@95 ↓ in %, unweighted means over each group's OOD sets",
+        caption="AUROC ↑ and FPR@95 ↓ (% of OOD accepted at 95 % ID kept), in %; unweighted means per group",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
     table.add_column("#", justify="right")
-    table.add_column("detector")
+    table.add_column("detector", no_wrap=True)
     for column in columns:
-        table.add_column(column, justify="right")
+        group, metric = column.rsplit(" ", 1)
+        table.add_column(f"{_SHORT_GROUP.get(group, group)}\n{metric}", justify="right", no_wrap=True)
     for rank, row in enumerate(board.to_dict(orient="records"), start=1):
         if row["status"] != "ok":
             table.add_row("-", row["detector"], f"[red]failed: {row['error'][:80]}[/red]")
@@ -73,7 +80,7 @@ def _finish(results, out: Path) -> None:
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="embedded benchmark: " + ", ".join(["digits", "digits-openset"]))],
+    name: Annotated[str, typer.Argument(help="embedded benchmark: " + ", ".join(["digits", "digits-open-set"]))],
     detector_names: DetectorsOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default results/NAME)")] = None,
     full_spectrum: Annotated[bool, typer.Option(help="count covariate-shift sets as ID")] = False,

@@ -762,7 +762,8 @@ def extract(
             )
         first_pass = _ContentHash()
         label = f"{desc or 'extract'}: hashing inputs"
-        for inputs, batch_labels in tqdm(batches, total=total, desc=label, unit="batch", disable=not progress):
+        hashing = tqdm(batches, total=total, desc=label, unit="batch", disable=not progress, leave=False)
+        for inputs, batch_labels in hashing:
             if inputs.shape[0]:
                 first_pass.update(inputs, batch_labels)
         key_data = {"content": first_pass.hexdigest()}

@@ -1,4 +1,4 @@
-"""Embedded benchmarks that run on a fresh machine with no network: ``digits`` and ``digits-openset``."""
+"""Embedded benchmarks that run on a fresh machine with no network: ``digits`` and ``digits-open-set``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _digits(open_set: bool) -> Callable[..., Benchmark]:
 
 PRESETS: dict[str, Callable[..., Benchmark]] = {
     "digits": _digits(open_set=False),
-    "digits-openset": _digits(open_set=True),
+    "digits-open-set": _digits(open_set=True),
 }
 
 

@@ -1,0 +1,46 @@
+"""`oodguard bench digits` end to end: the main job of the README."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from oodguard.benchmark import presets
+from oodguard.cli import main
+
+
+@pytest.fixture(scope="module")
+def bench_run(digits_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-digits")
+    code = main(["bench", "digits", "--cache-dir", str(digits_cache), "--out", str(out), "-q", "--n-boot", "50"])
+    return code, out
+
+
+def test_bench_digits_writes_leaderboard_and_report(bench_run, capsys):
+    code, out = bench_run
+    assert code == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["id_accuracy"] >= 0.97
+    assert set(payload["groups"]) == {"near", "far", "covariate", "synthetic"}
+    ok = [row["detector"] for row in payload["status"] if row["status"] == "ok"]
+    assert len(ok) >= 20, payload["status"]
+    rows = {(r["detector"], r["ood_set"]): r for r in payload["results"]}
+    # far-away natural images and noise are easy for the energy score of a 98 %-accurate CNN
+    assert rows[("energy", "photo-crops")]["auroc"] > 0.9
+    assert rows[("energy", "uniform-noise")]["auroc"] > 0.9
+    for name in ("results.csv", "leaderboard.md", "report.html"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_outputs_are_cached_for_the_second_run(bench_run, digits_cache):
+    entries = [p for p in presets.outputs_cache_dir(digits_cache).iterdir() if (p / "complete.json").exists()]
+    assert len(entries) >= 11  # fit, validation, test and every OOD set
+
+
+def test_open_set_variant_runs(digits_cache, tmp_path):
+    code = main(["bench", "digits-open-set", "--cache-dir", str(digits_cache), "--out", str(tmp_path), "-q",
+                 "--n-boot", "20", "-d", "msp,energy,knn"])  # fmt: skip
+    assert code == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert "digits-6-9" in payload["groups"]["near"]
