@@ -5,21 +5,28 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: bench bench-imagenet test lint env clean
+.PHONY: bench speed speed-imagenet reuse test lint env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
 	touch $(STAMP)
 
 env: $(STAMP)
 
 bench: $(STAMP)
+	$(VENV)/bin/oodguard bench digits --out results/digits
+
+# Performance measurements (docs/performance.md records their output).
+speed: $(STAMP)
 	$(PY) benchmarks/detector_speed.py --scale cifar
 
-bench-imagenet: $(STAMP)
-	$(PY) benchmarks/detector_speed.py --scale imagenet --repeats 1
+speed-imagenet: $(STAMP)
+	$(PY) benchmarks/detector_speed.py --scale imagenet --repeats 2
+
+reuse: $(STAMP)
+	$(PY) benchmarks/extraction_reuse.py --benchmark digits
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

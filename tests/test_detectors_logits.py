@@ -59,7 +59,7 @@ def test_msp_huge_logits_are_finite_and_untied():
     values = logits.double().numpy()
     top = values.argmax(axis=1)
     rest = [logsumexp(np.delete(row, k)) - row[k] for row, k in zip(values, top, strict=True)]
-    np.testing.assert_allclose(scores.numpy(), rest, rtol=1e-12)
+    np.testing.assert_allclose(scores.numpy(), rest, rtol=1e-6)  # computed in the logits' float32
 
 
 def test_maxlogit_and_energy_known_answers():

@@ -26,6 +26,8 @@ from ..outputs import ModelOutputs, as_outputs
 FORMAT_VERSION = 1
 #: Peak extra memory a score call may use for intermediates, per chunk of rows.
 SCORE_MEMORY_BUDGET = 256 * 2**20
+#: Upper bound on rows per chunk (beyond it, larger chunks no longer speed anything up).
+MAX_CHUNK_ROWS = 65536
 
 _REGISTRY: dict[str, type[Detector]] = {}
 
@@ -64,7 +66,8 @@ class Detector:
     -----
     _fit(outputs) -> dict of state tensors (or implement ``_statistics`` + ``_finalize``).
     _score(outputs) -> float tensor ``[n]`` for one chunk of rows, higher = more OOD.
-    _score_row_bytes() -> estimated bytes of intermediates per scored row (sets the chunk size).
+    _score_row_bytes(outputs) -> estimated bytes of intermediates per scored row of ``outputs`` (sets the
+        chunk size).
     """
 
     name: ClassVar[str] = ""
@@ -129,7 +132,7 @@ class Detector:
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement _score")
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         return 64 * 1024
 
     # ------------------------------------------------------------------ public API
@@ -198,7 +201,8 @@ class Detector:
         if len(outputs) == 0:
             raise ValueError(f"{self.name}: score got empty outputs (N=0); pass at least one row")
         self._check_dims(outputs, "score")
-        chunk = max(1, min(len(outputs), 16384, SCORE_MEMORY_BUDGET // max(1, self._score_row_bytes())))
+        row_bytes = self._score_row_bytes(outputs)
+        chunk = max(1, min(len(outputs), MAX_CHUNK_ROWS, SCORE_MEMORY_BUDGET // max(1, row_bytes)))
         pieces = [
             self._score(outputs._replace_rows(lambda t, s=start: t[s : s + chunk]))
             for start in range(0, len(outputs), chunk)

@@ -204,7 +204,7 @@ class Mahalanobis(_ClassStatistics):
         y = torch.addmm(state["shift"], z, state["proj"], beta=-1.0)  # (z - mu) P^(1/2)
         return _nearest_center_sq(y, state["centers"], state["center_sq"])
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         state = self.state_ or {}
         width = state["proj"].shape[1] + state["centers"].shape[0] if "proj" in state else 1024
         return 16 * width
@@ -253,7 +253,7 @@ class RelativeMahalanobis(_ClassStatistics):
         class_term = _nearest_center_sq(y[:, :dim], state["centers"], state["center_sq"])
         return class_term - torch.linalg.vector_norm(y[:, dim:], dim=1).square()
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         state = self.state_ or {}
         width = state["proj"].shape[1] + state["centers"].shape[0] if "proj" in state else 2048
         return 16 * width
@@ -312,7 +312,7 @@ class SimplifiedHopfieldEnergy(_ClassStatistics):
             return -(z @ patterns.T).gather(1, predicted[:, None]).squeeze(1)
         return -torch.einsum("nd,nd->n", z, patterns.index_select(0, predicted))
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         state = self.state_ or {}
         return 16 * (state["patterns"].shape[1] if "patterns" in state else 1024)
 
@@ -452,7 +452,7 @@ class WDiscOOD(_ClassStatistics):
         disc = _nearest_center_sq(y[:, :k], state["centers"], state["center_sq"]).sqrt_()
         return disc + self.params["res_weight"] * torch.linalg.vector_norm(y[:, k:], dim=1)
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         state = self.state_ or {}
         width = state["proj"].shape[1] + state["centers"].shape[0] if "proj" in state else 2048
         return 16 * width
@@ -560,7 +560,7 @@ class KNN(Detector):
         kth = torch.topk(similarity, k, dim=1, largest=True, sorted=False).values.amin(dim=1)
         return kth.mul_(-2.0).add_(2.0).clamp_min_(0.0).sqrt_()
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         bank = (self.state_ or {}).get("bank")
         if bank is None:
             return 64 * 1024

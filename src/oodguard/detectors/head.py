@@ -173,7 +173,7 @@ class FDBD(_HeadStatistics):
         distance = torch.linalg.vector_norm(z - st["mean"], dim=1).to(_F64).clamp_min(self._EPS)
         return -(boundary / distance)
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         c, d = _dims(self)
         return 8 * (4 * c + 2 * d) + 64
 
@@ -255,7 +255,7 @@ class NNGuide(Detector):
         guidance = similarity.topk(self.params["k"], dim=1).values.to(_F64).mean(dim=1)
         return -(energy * guidance)
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         c, d = _dims(self)
         bank = self.state_["bank"].shape[0] if self.state_ is not None else 1
         return 8 * (2 * bank + c + 2 * d) + 64
@@ -305,7 +305,7 @@ class GradNorm(Detector):
         spread = (p * logits.shape[1] - 1.0).abs().sum(dim=1)
         return -(z.abs().sum(dim=1).to(_F64) * spread / t)
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         c, d = _dims(self)
         return 8 * (4 * c + d) + 64
 
@@ -436,6 +436,6 @@ class NAC(_HeadStatistics):
         flat = slots.mul_(d).add_(torch.arange(d, device=z.device, dtype=slots.dtype))
         return -exact["coverage"].reshape(-1)[flat].mean(dim=1)
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         c, d = _dims(self)
         return 8 * (3 * c + 4 * d) + 64

@@ -44,21 +44,24 @@ def _need_two_classes(logits: torch.Tensor, name: str) -> None:
         )
 
 
-def _max_and_rest(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(f_max, LSE over the other classes, argmax)`` along the last axis; O(C)."""
-    top, index = logits.max(dim=1, keepdim=True)
-    rest = logits.scatter(1, index, float("-inf"))
-    return top.squeeze(1), torch.logsumexp(rest, dim=1), index.squeeze(1)
-
-
-def neg_log_odds_msp(logits: torch.Tensor) -> torch.Tensor:
-    """``log((1 - MSP) / MSP) = LSE_{c != argmax} f_c - f_max`` in float64, strictly decreasing in MSP.
+def neg_log_odds_msp(logits: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``log((1 - MSP) / MSP) = LSE_{c != argmax}(f_c) - f_max``, strictly decreasing in MSP.
 
     Unlike ``MSP`` or ``-log MSP`` it never saturates: for any finite logits it is finite and two samples
-    tie only when their logit gaps tie. ``C >= 2`` required.
+    tie only when their logit gaps tie (``-log MSP`` is exactly 0 in float64 once the gap passes ~37). It
+    is computed in the logits' own dtype: the gaps of float32 logits carry no more precision than float32
+    holds. ``temperature`` (> 0) gives the log-odds of the MSP of ``logits / temperature``. ``C >= 2``.
+
+    The maximum is masked out by value rather than by an argmax (an index reduction costs as much as the
+    exponentials on CPU); classes tied with it are added back as runners-up with gap 0.
     """
-    top, rest, _ = _max_and_rest(logits.to(torch.float64))
-    return rest - top
+    if not (isinstance(temperature, float) and temperature == 1.0):
+        logits = logits / temperature
+    top = logits.amax(dim=1, keepdim=True)
+    at_top = logits == top
+    ties = at_top.view(torch.uint8).sum(dim=1, dtype=torch.int32) - 1  # classes tied with the maximum
+    rest = torch.logsumexp(logits.masked_fill(at_top, float("-inf")), dim=1).sub_(top.squeeze(1))
+    return torch.where(ties > 0, torch.logaddexp(rest, torch.log(ties.to(rest.dtype))), rest)
 
 
 # ---------------------------------------------------------------------- stateless scores
@@ -71,8 +74,9 @@ class _LogitDetector(Detector):
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         return {}
 
-    def _score_row_bytes(self) -> int:
-        return 8 * 4 * 1024
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
+        # a few [n, C] temporaries; chunks past ~16 MB each run slower (fresh pages, cache misses)
+        return 64 * outputs.logits.shape[1]
 
 
 @register
@@ -139,6 +143,8 @@ class Energy(_LogitDetector):
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         temperature = self.params["temperature"]
+        if temperature == 1:  # the default: no scaled copy of the logits
+            return torch.logsumexp(outputs.logits, dim=1).neg_()
         return -temperature * torch.logsumexp(outputs.logits / temperature, dim=1)
 
 
@@ -168,16 +174,18 @@ class GEN(_LogitDetector):
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         _need_two_classes(outputs.logits, self.name)
-        logits = outputs.logits.to(torch.float64)
+        logits = outputs.logits
         gamma = self.params["gamma"]
         m = min(self.params["M"], logits.shape[1])
         top_m = torch.topk(logits, m, dim=1, sorted=True).values
-        lse = torch.logsumexp(logits, dim=1, keepdim=True)
-        log_p = top_m - lse
+        # log-odds of the top class from the gaps (no saturation); LSE(f) = f_max + softplus(log-odds)
+        log_odds = neg_log_odds_msp(logits).to(torch.float64)
+        log_p = (
+            top_m.to(torch.float64) - (top_m[:, 0].to(torch.float64) + torch.nn.functional.softplus(log_odds))[:, None]
+        )
         # log(1 - p) = log(-expm1(log p)) is accurate for p <= 1/2, i.e. every rank but the first.
         log_q = torch.log(-torch.expm1(log_p.clamp_max(-1e-300)))
-        _, rest, _ = _max_and_rest(logits)
-        log_q[:, 0] = rest - lse.squeeze(1)
+        log_q[:, 0] = log_odds - torch.nn.functional.softplus(log_odds)  # log(1 - p_(1)), exact
         return torch.exp(gamma * (log_p + log_q)).sum(dim=1)
 
 
@@ -233,12 +241,14 @@ class KLMatching(Detector):
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         logits = outputs.logits
         log_templates = self.state(logits.device, logits.dtype)["log_templates"]
-        log_p = torch.log_softmax(logits, dim=1)
+        # Probabilities below e^-87 (~1e-38) change the KL by less than 1e-33; flooring them keeps exp and the
+        # product out of float32's denormal range, where they run many times slower.
+        log_p = torch.log_softmax(logits, dim=1).clamp_(min=-87.0)
         p = log_p.exp()
         kl = (p * log_p).sum(dim=1, keepdim=True) - p @ log_templates.T
         return kl.amin(dim=1)
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         return 8 * 4 * (self.meta_.get("num_classes") or 1024)
 
 
@@ -313,9 +323,13 @@ class TemperatureScaling(Detector):
         temperature = fit_temperature(outputs.logits, outputs.labels)
         return {"temperature": torch.tensor([temperature], dtype=torch.float64)}
 
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
+        # a few [n, C] temporaries; chunks past ~16 MB each run slower (fresh pages, cache misses)
+        return 64 * outputs.logits.shape[1]
+
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         temperature = self.state(outputs.logits.device)["temperature"]
-        return neg_log_odds_msp(outputs.logits.to(torch.float64) / temperature)
+        return neg_log_odds_msp(outputs.logits, temperature=temperature.to(outputs.logits.dtype))
 
     @property
     def temperature_(self) -> float:

@@ -148,7 +148,7 @@ class _HeadShapingDetector(Detector):
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         assert self.state_ is not None
         c, d = self.state_["weight"].shape
         return 8 * (4 * d + 4 * c + 16)

@@ -123,7 +123,7 @@ class _SubspaceDetector(Detector):
         state = self.state(features.device, features.dtype)
         return self._residual_norm(features, state, int(self.state_["principal_dim"]))
 
-    def _score_row_bytes(self) -> int:
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         assert self.state_ is not None
         d, m = self.state_["basis"].shape
         c = self.state_["weight"].shape[0] if "weight" in self.state_ else 0
