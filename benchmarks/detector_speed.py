@@ -49,7 +49,8 @@ def make_data(n_fit: int, dim: int, classes: int, n_test: int, seed: int = 0) ->
     weight = means - means.mean(0)
     # scale the head so logits spread like a trained classifier's (std ~4, so top gaps of ~10-20), not into
     # the hundreds, where exponentials underflow to slow denormals and timings stop meaning anything
-    probe = (means[:64] + torch.randn(64, dim, generator=generator)).clamp_min(0) @ weight.T
+    probe_labels = torch.randint(0, classes, (256,), generator=generator)
+    probe = (means[probe_labels] + torch.randn(256, dim, generator=generator)).clamp_min(0) @ weight.T
     weight = weight * (4.0 / probe.std())
     bias = torch.zeros(classes)
 

@@ -203,3 +203,16 @@ def test_unknown_parameter_is_refused(name):
 def test_unknown_detector_lists_available():
     with pytest.raises(ValueError, match="available: .*msp"):
         detectors.create("nope")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "labels" in detectors.info(n)["fit_requires"]])
+def test_a_class_with_a_single_fit_sample_is_refused_or_handled(name):
+    data = id_outputs(20, seed=1, detector=name)
+    keep = np.r_[np.flatnonzero(data.labels.numpy() != 2), np.flatnonzero(data.labels.numpy() == 2)[:1]]
+    detector = detectors.create(name, **detector_params(name))
+    try:
+        detector.fit(data[keep])
+    except ValueError as error:
+        assert "class 2" in str(error)
+    else:  # methods that need only a mean or a posterior per class may fit; their scores must then be finite
+        assert np.isfinite(detector.score(id_outputs(2, seed=2, detector=name))).all()

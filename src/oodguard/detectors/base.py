@@ -28,6 +28,9 @@ FORMAT_VERSION = 1
 SCORE_MEMORY_BUDGET = 256 * 2**20
 #: Upper bound on rows per chunk (beyond it, larger chunks no longer speed anything up).
 MAX_CHUNK_ROWS = 65536
+#: Size of one ``[rows, width]`` temporary per chunk. Larger temporaries are fresh pages on every call
+#: (the allocator returns them to the system), which costs more than the arithmetic of an element-wise pass.
+CHUNK_TEMPORARY_BYTES = 8 * 2**20
 
 _REGISTRY: dict[str, type[Detector]] = {}
 
@@ -202,7 +205,14 @@ class Detector:
             raise ValueError(f"{self.name}: score got empty outputs (N=0); pass at least one row")
         self._check_dims(outputs, "score")
         row_bytes = self._score_row_bytes(outputs)
-        chunk = max(1, min(len(outputs), MAX_CHUNK_ROWS, SCORE_MEMORY_BUDGET // max(1, row_bytes)))
+        widths = [1]
+        if "features" in self.requires:  # features, and the [n, C] products with a stored head
+            widths += [outputs.feature_dim or 1, self.meta_.get("num_classes") or 1]
+        if "logits" in self.requires:
+            widths.append(outputs.num_classes or 1)
+        width = max(widths)
+        chunk = min(len(outputs), MAX_CHUNK_ROWS, SCORE_MEMORY_BUDGET // max(1, row_bytes))
+        chunk = max(1, min(chunk, max(256, CHUNK_TEMPORARY_BYTES // (4 * width))))
         pieces = [
             self._score(outputs._replace_rows(lambda t, s=start: t[s : s + chunk]))
             for start in range(0, len(outputs), chunk)

@@ -60,7 +60,11 @@ def neg_log_odds_msp(logits: torch.Tensor, temperature: torch.Tensor | float = 1
     top = logits.amax(dim=1, keepdim=True)
     at_top = logits == top
     ties = at_top.view(torch.uint8).sum(dim=1, dtype=torch.int32) - 1  # classes tied with the maximum
-    rest = torch.logsumexp(logits.masked_fill(at_top, float("-inf")), dim=1).sub_(top.squeeze(1))
+    others = logits.masked_fill(at_top, float("-inf"))
+    # Classes more than 87 below the runner-up add under 1e-37 to its exp(0) = 1; flooring them keeps the
+    # exponentials out of the denormal range, where they run many times slower (e.g. after a small temperature).
+    others = torch.clamp(others, min=others.amax(dim=1, keepdim=True) - 87.0)
+    rest = torch.logsumexp(others, dim=1).sub_(top.squeeze(1))
     return torch.where(ties > 0, torch.logaddexp(rest, torch.log(ties.to(rest.dtype))), rest)
 
 

@@ -188,8 +188,7 @@ class MOS(Detector):
 
 # ---------------------------------------------------------------------- OpenMax
 def _distances(x: torch.Tensor, centres: torch.Tensor, kind: str, eu_weight: float) -> torch.Tensor:
-    """Distances between ``x`` and ``centres`` along the last axis (broadcast), in float64."""
-    x, centres = x.to(torch.float64), centres.to(torch.float64)
+    """Distances between ``x`` and ``centres`` along the last axis (broadcast), in their dtype."""
     euclidean = (x - centres).norm(dim=-1)
     if kind == "euclidean":
         return euclidean
@@ -346,20 +345,23 @@ class OpenMax(Detector):
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         # Only the alpha top-ranked classes have a non-zero weight, so only their MAVs are needed: O(alpha * C).
-        state = self.state(outputs.logits.device)
-        values = outputs.logits.to(torch.float64)
+        # The [n, C]-sized work runs in the logits' dtype; the Weibull CDFs of the [n, alpha] distances in float64.
+        values = outputs.logits
+        state = self.state(values.device)
         alpha = self.params["alpha"]
         ranked = torch.topk(values, alpha, dim=1).indices
-        distances = _distances(
-            values[:, None, :], state["mav"][ranked], self.params["distance"], self.params["eu_weight"]
-        )
+        mav = self.state(values.device, values.dtype)["mav"]
+        distances = _distances(values[:, None, :], mav[ranked], self.params["distance"], self.params["eu_weight"])
         w_scores = weibull_cdf(
-            distances, state["weibull_shape"][ranked], state["weibull_scale"][ranked], state["weibull_loc"][ranked]
+            distances.to(torch.float64),
+            state["weibull_shape"][ranked],
+            state["weibull_scale"][ranked],
+            state["weibull_loc"][ranked],
         )
         omega = (alpha - torch.arange(alpha, dtype=torch.float64, device=values.device)) / alpha
-        removed = values.gather(1, ranked) * omega * w_scores
-        revised = values.scatter_add(1, ranked, -removed)
-        return removed.sum(dim=1) - torch.logsumexp(revised, dim=1)
+        removed = values.gather(1, ranked).to(torch.float64) * omega * w_scores
+        revised = values.scatter_add(1, ranked, -removed.to(values.dtype))
+        return removed.sum(dim=1) - torch.logsumexp(revised, dim=1).to(torch.float64)
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         return 8 * (3 * self.params["alpha"] + 4) * (self.meta_.get("num_classes") or 1024)
