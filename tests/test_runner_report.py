@@ -77,6 +77,9 @@ def test_bad_arguments_are_refused():
         run_on_outputs("s", fit, test, [("x", "weird", far_outputs(5, seed=3))], ["msp"], progress=False)
     with pytest.raises(ValueError, match="no OOD sets"):
         run_on_outputs("s", fit, test, [], ["msp"], progress=False)
+    mixed = fit.concat([fit, far_outputs(3, seed=3)])
+    with pytest.raises(ValueError, match="3 OOD-labelled"):
+        run_on_outputs("s", mixed, test, [("x", "far", far_outputs(5, seed=3))], ["msp"], progress=False)
 
 
 def test_roc_curve_and_histograms_known_answers():

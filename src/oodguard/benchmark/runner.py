@@ -225,6 +225,11 @@ def run_on_outputs(
         raise ValueError(f"unknown detector(s) {unknown}; available: {', '.join(detector_registry.available())}")
     if not names:
         raise ValueError("no detector to run: the outputs lack what every detector needs")
+    if fit.labels is not None and bool(fit.is_ood.any()):
+        raise ValueError(
+            f"the fit outputs contain {int(fit.is_ood.sum())} OOD-labelled row(s) (label < 0); fit on "
+            "in-distribution data only"
+        )
 
     id_accuracy = _accuracy(test)
     covariate = [set_name for set_name, group, _ in ood if group == "covariate"]

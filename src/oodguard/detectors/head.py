@@ -303,7 +303,7 @@ class GradNorm(Detector):
         logits = _logits(z, st["weight"], st["bias"]).to(_F64)
         p = torch.softmax(logits / t, dim=1)
         spread = (p * logits.shape[1] - 1.0).abs().sum(dim=1)
-        return -(z.abs().sum(dim=1).to(_F64) * spread / t)
+        return -(torch.linalg.vector_norm(z, ord=1, dim=1).to(_F64) * spread / t)  # no |z| temporary
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         c, d = _dims(self)
