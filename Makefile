@@ -5,12 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: bench speed speed-imagenet reuse test lint env clean
+.PHONY: bench speed speed-imagenet reuse latency test lint env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 env: $(STAMP)
@@ -27,6 +27,9 @@ speed-imagenet: $(STAMP)
 
 reuse: $(STAMP)
 	$(PY) benchmarks/extraction_reuse.py --benchmark digits
+
+latency: $(STAMP)
+	$(PY) benchmarks/service_latency.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

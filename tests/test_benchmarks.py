@@ -26,3 +26,10 @@ def test_detector_speed_script_times_every_detector_against_a_bound():
     for row in rows:
         assert row["score_s"] > 0 and row["bound_s"] > 0, row
     assert "| knn |" in speed.table(rows, "tiny")
+
+
+def test_service_latency_script_measures_a_live_server():
+    latency = load("service_latency")
+    results = latency.run(dim=16, classes=3, requests=40, clients=2)
+    assert results and all(row["median_ms"] > 0 for row in results), results
+    assert "median" in latency.table(results, 16, 2)

@@ -3,8 +3,10 @@
 Score convention everywhere: higher = more likely out-of-distribution.
 """
 
-from . import detectors, metrics
-from .outputs import ModelOutputs
-
 __version__ = "0.1.0"
-__all__ = ["ModelOutputs", "detectors", "metrics", "__version__"]
+
+from . import detectors, metrics  # noqa: E402
+from .guard import Guard, load_guard  # noqa: E402
+from .outputs import ModelOutputs  # noqa: E402
+
+__all__ = ["Guard", "ModelOutputs", "detectors", "load_guard", "metrics", "__version__"]

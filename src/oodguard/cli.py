@@ -154,6 +154,95 @@ def list_detectors() -> None:
     console.print(table)
 
 
+_DEFAULT_LOG = "decisions.sqlite"  # inside the guard folder, where `oodguard monitor DIR` looks
+
+
+@app.command()
+def serve(
+    directory: Annotated[Path, typer.Argument(help="saved guard folder (written by Guard.save)")],
+    host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    log: Annotated[
+        str | None,
+        typer.Option("--log", help=f"decision log: SQLite file or SQLAlchemy URL (default DIR/{_DEFAULT_LOG})"),
+    ] = None,
+    no_log: Annotated[bool, typer.Option("--no-log", help="do not log decisions")] = False,
+    max_body_bytes: Annotated[int, typer.Option(help="larger request bodies are refused (413)")] = 1 << 20,
+    window: Annotated[float, typer.Option(help="rolling window of the OOD-rate alert, in seconds")] = 60.0,
+    significance: Annotated[float, typer.Option(help="level of the OOD-rate alert's binomial test")] = 0.01,
+    token_env: Annotated[str, typer.Option(help="environment variable holding the bearer token")] = "OODGUARD_TOKEN",
+) -> None:
+    """Serve a saved guard over HTTP: POST /v1/score, GET /healthz, GET /metrics, docs at /docs."""
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as error:
+        raise RuntimeError(f"serving needs FastAPI and uvicorn ({error}); pip install 'oodguard[serve]'") from error
+    import os
+
+    from .guard import load_guard
+
+    if log is not None and no_log:
+        raise ValueError("--log and --no-log exclude each other")
+    log_url = None if no_log else (log or str(directory / _DEFAULT_LOG))
+    guard = load_guard(directory)
+    service = create_app(
+        guard, token_env=token_env, max_body_bytes=max_body_bytes, log_url=log_url,
+        window_seconds=window, significance=significance,
+    )  # fmt: skip
+    if token_env not in os.environ and host not in ("127.0.0.1", "localhost", "::1"):
+        errors.print(f"warning: listening on {host} without authentication; set {token_env} to require a token")
+    console.print(f"serving {guard!r} on http://{host}:{port} (decision log: {log_url or 'off'})", highlight=False,
+                  soft_wrap=True)  # fmt: skip
+    uvicorn.run(service, host=host, port=port, log_level="warning", access_log=False)
+
+
+@app.command()
+def monitor(
+    source: Annotated[
+        str, typer.Argument(help=f"guard folder (reads DIR/{_DEFAULT_LOG}), SQLite file or database URL")
+    ],
+    window: Annotated[float, typer.Option(help="window length in seconds")] = 60.0,
+    significance: Annotated[
+        float | None, typer.Option(help="level of the binomial test (default: the service's)")
+    ] = None,
+    last: Annotated[int, typer.Option(help="show the last N windows (0: all)")] = 50,
+) -> None:
+    """Summarise a decision log: OOD rate per time window, tested against the guard's false-alarm rate."""
+    import pandas as pd
+
+    from .serve.store import summarise
+
+    location = Path(source) / _DEFAULT_LOG if Path(source).is_dir() else source
+    summary = summarise(location, window, significance=significance)
+    if summary.empty:
+        console.print(f"no decisions logged yet in {location}")
+        return
+    alpha, level = summary.attrs["alpha"], summary.attrs["significance"]
+    shown = summary.tail(last) if last > 0 else summary
+    alerts = int(summary["alert"].fillna(False).sum())
+    table = Table(
+        title=f"{location}: {int(summary['n'].sum())} decisions in {len(summary)} windows of {window:g} s, "
+        f"{alerts} alert(s)",
+        caption=(f"alert: OOD rate above the false-alarm rate {alpha:.4g} (exact binomial test, p < {level:g})"
+                 if alpha is not None else "no false-alarm rate stored with the log: no alerts")
+        + (f"; last {len(shown)} windows shown" if len(shown) < len(summary) else ""),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )  # fmt: skip
+    table.add_column("window start (UTC)", no_wrap=True)
+    for column in ("requests", "decisions", "OOD", "OOD rate", "p-value"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("alert")
+    for row in shown.itertuples(index=False):
+        alert = "" if pd.isna(row.alert) else ("[red]ALERT[/red]" if row.alert else "ok")
+        pvalue = "" if pd.isna(row.pvalue) else f"{row.pvalue:.2g}"
+        table.add_row(row.start.strftime("%Y-%m-%d %H:%M:%S"), str(row.requests), str(row.n), str(row.n_ood),
+                      f"{100 * row.ood_rate:.2f} %", pvalue, alert)  # fmt: skip
+    console.print(table)
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"oodguard {__version__}")

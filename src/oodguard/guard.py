@@ -1,0 +1,820 @@
+"""Guard a model at run time: an OOD score, a conformal p-value and a decision for every input.
+
+A :class:`Guard` is an optional torch model, a detector, and a decision rule calibrated on in-distribution
+(ID) validation data:
+
+1. ``fit(id_data)`` runs the model (if any) and fits the detector on ID training data.
+2. ``calibrate(id_validation)`` scores **other** ID data (never the fit data: a detector scores its own fit
+   data optimistically low, which breaks every guarantee below) and keeps the sorted calibration scores.
+3. ``guard(x)`` returns, per input, the model's prediction, the OOD score (higher = more OOD), the conformal
+   p-value and the decision; ``guard_batch(x, fdr=...)`` decides a batch with Benjamini-Hochberg.
+
+Decision rules
+--------------
+``"threshold"`` (default): flag when ``score > threshold_``, the smallest calibration score that keeps at
+least ``tpr`` of the calibration set accepted (the ID-TPR convention of :func:`oodguard.metrics.fpr_at_tpr`).
+On fresh ID data the expected false-alarm rate is ``false_alarm_rate_`` (slightly above ``1 - tpr``).
+
+``"pvalue"`` (``calibrate(..., alpha=a)``): flag when the conformal p-value is ``<= a``. The expected
+false-alarm rate on fresh ID data is at most ``a`` (finite-sample, distribution-free, averaged over the
+calibration draw). With ``correction="dkwm"`` or ``"simes"`` the p-values are calibration-conditional: with
+probability ``>= 1 - delta`` over the calibration draw, the false-alarm rate *given this calibration set*
+is at most ``a``. See :mod:`oodguard.conformal`.
+
+Saving
+------
+``guard.save(dir)`` writes ``guard.json`` (format, version, decision rule, detector, model spec, and a
+sha256 checksum of every other file), ``calibration.safetensors``, the detector (``detector/``, via
+:meth:`Detector.save`) and, for a model guard, ``model.safetensors`` (the state dict). :func:`load_guard`
+refuses an unknown format version or a file whose checksum does not match, and never unpickles anything:
+the model is rebuilt by calling a factory ``"module:function"`` importable in the loading environment
+(code of that environment, never code from the directory), then its weights are loaded strictly.
+
+``torch.export`` programs are not offered as a model format: ``torch.export.load`` unpickles parts of the
+archive (its documentation warns "uses pickle under the hood"; weights and constants may be stored with
+``torch.save``, and deserialisation falls back to ``torch.load(weights_only=False)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_model, save_file, save_model
+
+from .conformal import (
+    CORRECTIONS,
+    _simes_sequence,
+    benjamini_hochberg,
+    calibration_conditional,
+    minimum_calibration_size,
+)
+from .detectors import base as detector_base
+from .detectors.base import Detector, NotFittedError
+from .extract import extract
+from .outputs import ModelOutputs, as_outputs
+
+__all__ = ["Guard", "GuardResult", "load_guard", "FORMAT_VERSION"]
+
+FORMAT = "oodguard.guard"
+#: Version of the saved-guard layout; :func:`load_guard` refuses any other.
+FORMAT_VERSION = 1
+GUARD_FILE = "guard.json"
+CALIBRATION_FILE = "calibration.safetensors"
+MODEL_FILE = "model.safetensors"
+DETECTOR_DIR = "detector"
+RULES = ("threshold", "pvalue")
+_FACTORY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_FINGERPRINT_ROWS = 32
+
+
+@dataclass(frozen=True, eq=False)
+class GuardResult:
+    """Per-input results of :meth:`Guard.guard`, as numpy arrays of length ``N``.
+
+    Attributes
+    ----------
+    prediction : int64 ``[N]``
+        The model's class (argmax of the logits, or of ``features @ W.T + b`` when only features and the
+        head are known); ``-1`` when neither is available.
+    score : float64 ``[N]``
+        The detector's OOD score, higher = more likely OOD.
+    pvalue : float64 ``[N]``
+        Conformal p-value against the calibration set (calibration-conditional when a correction was set).
+        Small = unlike the ID calibration data.
+    is_ood : bool ``[N]``
+        The decision.
+    """
+
+    prediction: np.ndarray
+    score: np.ndarray
+    pvalue: np.ndarray
+    is_ood: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.score.shape[0])
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One plain-Python dict per input (JSON-serialisable).
+
+        Examples
+        --------
+        >>> r = GuardResult(np.array([2]), np.array([0.5]), np.array([0.25]), np.array([False]))
+        >>> r.to_records()
+        [{'prediction': 2, 'score': 0.5, 'pvalue': 0.25, 'is_ood': False}]
+        """
+        return [
+            {"prediction": a, "score": b, "pvalue": c, "is_ood": d}
+            for a, b, c, d in zip(
+                self.prediction.tolist(), self.score.tolist(), self.pvalue.tolist(), self.is_ood.tolist(), strict=True
+            )
+        ]
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """Everything ``guard`` needs per call, computed once by ``calibrate`` (never re-validated per call)."""
+
+    scores: np.ndarray  # sorted ascending, float64
+    tpr: float
+    threshold: float
+    rule: str
+    alpha: float | None
+    delta: float | None
+    correction: str | None
+    simes: np.ndarray | None
+    false_alarm_rate: float
+
+    @property
+    def n(self) -> int:
+        return int(self.scores.shape[0])
+
+    def pvalues(self, scores: np.ndarray) -> np.ndarray:
+        n = self.scores.shape[0]
+        at_least = n - np.searchsorted(self.scores, scores, side="left")
+        p = (1.0 + at_least) / (n + 1.0)
+        if self.correction is not None:
+            p = calibration_conditional(p, n, self.delta, self.correction, _simes=self.simes)
+        return p
+
+    def decide(self, scores: np.ndarray, pvalues: np.ndarray) -> np.ndarray:
+        if self.rule == "threshold":
+            return scores > self.threshold
+        return pvalues <= self.alpha
+
+
+def _check_fraction(value: Any, name: str, *, allow_one: bool = False) -> float:
+    upper_ok = (lambda v: v <= 1.0) if allow_one else (lambda v: v < 1.0)
+    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 < float(value) and upper_ok(float(value))):
+        interval = "(0, 1]" if allow_one else "(0, 1)"
+        raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _make_calibration(
+    scores: np.ndarray, tpr: float, alpha: float | None, delta: float | None, correction: str | None
+) -> _Calibration:
+    """Threshold, rule and expected false-alarm rate from sorted calibration scores (validated inputs)."""
+    n = scores.shape[0]
+    # Same float expression as metrics.fpr_at_tpr: the first k with k / n >= tpr; accept s <= scores[k-1].
+    first = int(np.argmax(np.arange(1, n + 1) / n >= tpr))
+    threshold = float(scores[first])
+    simes = _simes_sequence(n, delta) if correction == "simes" else None
+    calibration = _Calibration(
+        scores=scores,
+        tpr=tpr,
+        threshold=threshold,
+        rule="threshold" if alpha is None else "pvalue",
+        alpha=alpha,
+        delta=delta,
+        correction=correction,
+        simes=simes,
+        false_alarm_rate=0.0,
+    )
+    # The rank of a fresh ID score among the n + 1 is uniform: the count c = #{S_i >= s} takes each value in
+    # 0..n with probability 1/(n+1) (for continuous scores; ties only lower the rate). Count the flagged ones.
+    counts = np.arange(n + 1)
+    p = (1.0 + counts) / (n + 1.0)
+    if correction is not None:
+        p = calibration_conditional(p, n, delta, correction, _simes=simes)
+    if alpha is None:
+        accepted = int(np.searchsorted(scores, threshold, side="right"))  # K = #{S_i <= t}; flag s > t
+        flagged = n + 1 - accepted
+    else:
+        flagged = int((p <= alpha).sum())
+    return replace(calibration, false_alarm_rate=flagged / (n + 1))
+
+
+def _fingerprint(outputs: ModelOutputs) -> str:
+    """A cheap digest of the first and last rows of logits/features: enough to spot 'calibrated on the fit set'."""
+    digest = hashlib.sha256()
+    for name in ("logits", "features"):
+        tensor = getattr(outputs, name)
+        if tensor is None:
+            continue
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        for rows in (tensor[:_FINGERPRINT_ROWS], tensor[-_FINGERPRINT_ROWS:]):
+            digest.update(rows.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _factory_name(factory: str | Callable[[], torch.nn.Module]) -> str:
+    if isinstance(factory, str):
+        if not _FACTORY_PATTERN.match(factory):
+            raise ValueError(
+                f"model_factory: expected 'package.module:function', got {factory!r}; the function is called with "
+                "no arguments and returns the model (untrained weights are fine: the saved state dict replaces them)"
+            )
+        return factory
+    if callable(factory):
+        module = getattr(factory, "__module__", None)
+        qualname = getattr(factory, "__qualname__", "")
+        if not module or module == "__main__" or "<" in qualname:
+            raise ValueError(
+                f"model_factory: {factory!r} cannot be imported by name from another process (it is a lambda, a "
+                "local function or defined in __main__); define it at module level in an importable module, or "
+                "pass 'package.module:function'"
+            )
+        return f"{module}:{qualname}"
+    raise ValueError(f"model_factory: expected 'package.module:function' or a function, got {type(factory).__name__}")
+
+
+def _resolve_factory(name: str) -> Callable[[], Any]:
+    module_name, _, attribute = name.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"model_factory {name!r}: cannot import module {module_name!r} ({error}); install or put on sys.path "
+            "the package that defines the model, or pass model_factory= to load_guard"
+        ) from error
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"model_factory {name!r}: module {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"model_factory {name!r}: {attribute!r} is not callable")
+    return target
+
+
+def _build_model(name: str) -> torch.nn.Module:
+    model = _resolve_factory(name)()
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model_factory {name!r}: returned a {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def _library_version() -> str:
+    from . import __version__  # imported late: the package may import this module before defining it
+
+    return __version__
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Guard:
+    """A detector (and optionally a torch model) with a calibrated decision rule, for run-time OOD checks.
+
+    Parameters
+    ----------
+    model : torch.nn.Module, optional
+        The classifier. When given, inputs are run through it with :func:`oodguard.extract.extract`.
+        Without it the guard is model-agnostic and works from :class:`ModelOutputs` or dicts of arrays
+        (``{"logits": [N, C]}``, ``{"features": [N, D]}``, ...) produced by any framework.
+    detector : str or Detector
+        A registry name (``oodguard.detectors.available()``) or a detector instance.
+    detector_params : dict, optional
+        Hyperparameters for a detector given by name.
+    layers : sequence of str
+        Intermediate layers to extract (model mode), for detectors that read them.
+    feature_layer : str, optional
+        Name of the model's final linear layer (model mode; found automatically when omitted).
+    device : str or torch.device
+        Where the model runs; the model must already be there.
+    batch_size : int
+        Batch size for running the model.
+    model_factory : "module:function" or a module-level function, optional
+        How to rebuild the model when loading a saved guard: called with no arguments, it returns the
+        model architecture; the saved state dict is then loaded strictly. Needed to ``save`` a model guard.
+    progress : bool
+        Show a progress bar while extracting in ``fit`` and ``calibrate``.
+
+    Attributes
+    ----------
+    detector : Detector
+    head_ : (weight [C, D], bias [C]) or None
+        The final linear layer seen at fit time; gives predictions for inputs that carry only features.
+    calibration_scores_ : float64 ``[n]``, sorted ascending
+    threshold_ : float
+        Flag when ``score > threshold_`` under the threshold rule.
+    rule_ : "threshold" or "pvalue"
+    tpr_, alpha_, delta_, correction_ : the calibration settings.
+    false_alarm_rate_ : float
+        Expected fraction of fresh ID inputs flagged, averaged over calibration draws (exact for continuous
+        scores, an upper bound with ties): the baseline against which to monitor the live OOD rate.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> guard = Guard(detector="energy").fit({"logits": rng.normal(size=(100, 3))})
+    >>> guard = guard.calibrate({"logits": rng.normal(size=(200, 3))}, tpr=0.95)
+    >>> result = guard.guard({"logits": np.array([[0.1, 0.0, -0.2], [-9.0, -9.0, -9.0]])})
+    >>> result.prediction.tolist(), result.is_ood.tolist()
+    ([0, 0], [False, True])
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        detector: str | Detector = "energy",
+        *,
+        detector_params: Mapping[str, Any] | None = None,
+        layers: Sequence[str] = (),
+        feature_layer: str | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 256,
+        model_factory: str | Callable[[], torch.nn.Module] | None = None,
+        progress: bool = False,
+    ) -> None:
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"model: expected a torch.nn.Module or None (model-agnostic), got {type(model).__name__}; "
+                "pass the detector as detector=..."
+            )
+        if isinstance(detector, Detector):
+            if detector_params:
+                raise ValueError("detector_params: only for a detector given by name; configure the instance instead")
+            self.detector = detector
+        elif isinstance(detector, str):
+            self.detector = detector_base.create(detector, **dict(detector_params or {}))
+        else:
+            raise TypeError(f"detector: expected a registry name or a Detector, got {type(detector).__name__}")
+        if isinstance(layers, str):
+            layers = [layers]
+        if model is None and (layers or feature_layer is not None):
+            raise ValueError("layers/feature_layer: only used with a model; without one, pass the layers in the data")
+        if model is None and model_factory is not None:
+            raise ValueError("model_factory: only used with a model (it rebuilds the model when loading)")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        self.model = model
+        self.layers = list(layers)
+        self.feature_layer = feature_layer
+        self.device = device
+        self.batch_size = batch_size
+        self.model_factory = None if model_factory is None else _factory_name(model_factory)
+        self.progress = progress
+        self.head_: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fit_fingerprint: str | None = None
+        self._calibration: _Calibration | None = None
+        self._head_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ inputs
+    def _outputs(self, data: Any, argument: str, *, labels: Any = None, progress: bool = False) -> ModelOutputs:
+        """ModelOutputs from a ModelOutputs, a dict of output arrays, or (model mode) model inputs."""
+        if isinstance(data, ModelOutputs) or isinstance(data, Mapping) or hasattr(data, "files"):
+            outputs = as_outputs(data)
+            if labels is not None:
+                if outputs.labels is not None:
+                    raise ValueError(f"labels: {argument} already has labels; give them once")
+                outputs = outputs.with_fields(labels=labels)
+            return outputs
+        if self.model is None:
+            raise ValueError(
+                f"{argument}: this guard has no model, so it needs model outputs: a ModelOutputs or a dict such as "
+                f"{{'logits': array [N, C]}} or {{'features': array [N, D]}}; got {type(data).__name__}"
+            )
+        return extract(
+            self.model,
+            data,
+            labels=labels,
+            layers=self.layers,
+            feature_layer=self.feature_layer,
+            device=self.device,
+            batch_size=self.batch_size,
+            progress=progress,
+        )
+
+    # ------------------------------------------------------------------ fitting and calibration
+    def fit(self, id_data: Any, labels: Any = None) -> Guard:
+        """Fit the detector on in-distribution data and return ``self``.
+
+        Parameters
+        ----------
+        id_data : model inputs (model mode: array, Dataset, DataLoader, iterable of batches), or model outputs
+            (``ModelOutputs`` or a dict of ``logits``/``features``/``layers``/``head`` arrays).
+        labels : integer array ``[N]``, optional
+            Class ids, for detectors that need them (e.g. ``mahalanobis``).
+        """
+        outputs = self._outputs(id_data, "id_data", labels=labels, progress=self.progress)
+        self.detector.fit(outputs)
+        self.head_ = outputs.head
+        self._head_cache = {}
+        self._fit_fingerprint = _fingerprint(outputs) if self.detector.needs_fit else None
+        self._calibration = None  # scores changed: an old calibration no longer applies
+        return self
+
+    def calibrate(
+        self,
+        id_validation: Any,
+        tpr: float = 0.95,
+        alpha: float | None = None,
+        delta: float | None = None,
+        correction: str | None = None,
+    ) -> Guard:
+        """Score ID validation data, keep the sorted scores, and set the decision rule. Returns ``self``.
+
+        The calibration data must be in-distribution and **disjoint from the data given to** ``fit``: the
+        detector scores its own fit data optimistically, which would make the threshold too low and void the
+        false-alarm guarantee. (A warning is given when the calibration data looks identical to the fit data.)
+
+        Parameters
+        ----------
+        id_validation : ID data, in any form ``fit`` accepts.
+        tpr : float in (0, 1]
+            Target ID true-positive rate: ``threshold_`` is the smallest calibration score that keeps at
+            least this fraction of the calibration set accepted (``score <= threshold_``).
+        alpha : float in (0, 1), optional
+            When given, the decision rule is ``pvalue <= alpha`` (guaranteed false-alarm rate ``<= alpha``)
+            instead of the threshold. The calibration set must then hold at least
+            :func:`~oodguard.conformal.minimum_calibration_size` samples.
+        correction : None, "dkwm" or "simes"
+            Calibration-conditional p-values (valid given this calibration set with probability
+            ``>= 1 - delta``). Applies to the reported p-values, the ``pvalue`` rule and ``guard_batch``.
+        delta : float in (0, 1), optional
+            Confidence parameter of the correction (default 0.05).
+        """
+        if not self.detector.is_fitted:
+            raise NotFittedError(f"Guard: call fit(id_data) before calibrate(...) (detector {self.detector.name!r})")
+        tpr = _check_fraction(tpr, "tpr", allow_one=True)
+        if alpha is not None:
+            alpha = _check_fraction(alpha, "alpha")
+        if correction is not None and correction not in CORRECTIONS:
+            raise ValueError(f"correction: expected None, 'dkwm' or 'simes', got {correction!r}")
+        if correction is None and delta is not None:
+            raise ValueError("delta: the confidence of a calibration-conditional correction; pass correction= too")
+        if correction is not None:
+            delta = 0.05 if delta is None else _check_fraction(delta, "delta")
+        outputs = self._outputs(id_validation, "id_validation", progress=self.progress)
+        if outputs.labels is not None and bool(outputs.is_ood.any()):
+            raise ValueError(
+                f"id_validation: {int(outputs.is_ood.sum())} row(s) are labelled OOD (label < 0); calibrate on "
+                "in-distribution data only"
+            )
+        if self._fit_fingerprint is not None and _fingerprint(outputs) == self._fit_fingerprint:
+            warnings.warn(
+                "calibrate: the calibration data looks identical to the fit data; calibrate on held-out ID data, "
+                "otherwise the threshold is too low and the p-values are not valid",
+                stacklevel=2,
+            )
+        scores = np.sort(self._score(outputs))
+        n = scores.shape[0]
+        if correction == "simes" and n < 2:
+            raise ValueError("id_validation: correction='simes' needs at least 2 calibration samples")
+        if alpha is not None:
+            needed = minimum_calibration_size(alpha, delta, correction)
+            if n < needed:
+                how = "" if correction is None else f" with correction={correction!r} and delta={delta}"
+                raise ValueError(
+                    f"id_validation: {n} calibration samples are too few for alpha={alpha}{how}: no p-value could "
+                    f"ever be <= alpha, so nothing would be flagged. Pass at least {needed} in-distribution "
+                    "calibration samples, or a larger alpha"
+                )
+        self._calibration = _make_calibration(scores, tpr, alpha, delta, correction)
+        return self
+
+    # ------------------------------------------------------------------ attributes
+    def _require_calibration(self, method: str) -> _Calibration:
+        if self._calibration is None:
+            first = "" if self.detector.is_fitted else "fit(id_data) and then "
+            raise NotFittedError(f"Guard: call {first}calibrate(id_validation) before {method}(...)")
+        return self._calibration
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self._calibration is not None
+
+    @property
+    def calibration_scores_(self) -> np.ndarray:
+        return self._require_calibration("calibration_scores_").scores
+
+    @property
+    def threshold_(self) -> float:
+        return self._require_calibration("threshold_").threshold
+
+    @property
+    def rule_(self) -> str:
+        return self._require_calibration("rule_").rule
+
+    @property
+    def tpr_(self) -> float:
+        return self._require_calibration("tpr_").tpr
+
+    @property
+    def alpha_(self) -> float | None:
+        return self._require_calibration("alpha_").alpha
+
+    @property
+    def delta_(self) -> float | None:
+        return self._require_calibration("delta_").delta
+
+    @property
+    def correction_(self) -> str | None:
+        return self._require_calibration("correction_").correction
+
+    @property
+    def false_alarm_rate_(self) -> float:
+        return self._require_calibration("false_alarm_rate_").false_alarm_rate
+
+    # ------------------------------------------------------------------ run time
+    def _score(self, outputs: ModelOutputs) -> np.ndarray:
+        scores = self.detector.score(outputs)
+        if isinstance(scores, torch.Tensor):
+            scores = scores.cpu().numpy()
+        return scores.astype(np.float64, copy=False)
+
+    def _predict(self, outputs: ModelOutputs) -> np.ndarray:
+        logits = outputs.logits
+        if logits is None and outputs.features is not None:
+            head = outputs.head
+            if head is None and self.head_ is not None:
+                dtype = outputs.features.dtype
+                if dtype not in self._head_cache:
+                    self._head_cache[dtype] = (self.head_[0].to(dtype), self.head_[1].to(dtype))
+                head = self._head_cache[dtype]
+            if head is not None:
+                features = outputs.features
+                logits = torch.addmm(head[1].to(features.device), features, head[0].to(features.device).T)
+        if logits is None:
+            return np.full(len(outputs), -1, dtype=np.int64)
+        return logits.argmax(dim=1).cpu().numpy().astype(np.int64, copy=False)
+
+    def score(self, x: Any) -> np.ndarray:
+        """OOD scores ``[N]`` (float64, higher = more OOD) of inputs or model outputs."""
+        if not self.detector.is_fitted:
+            raise NotFittedError("Guard: call fit(id_data) before score(...)")
+        return self._score(self._outputs(x, "x"))
+
+    def pvalues(self, x: Any) -> np.ndarray:
+        """Conformal p-values ``[N]`` of inputs or model outputs (corrected when a correction was set)."""
+        calibration = self._require_calibration("pvalues")
+        return calibration.pvalues(self._score(self._outputs(x, "x")))
+
+    def guard(self, x: Any) -> GuardResult:
+        """Prediction, OOD score, p-value and decision for every input, one at a time (no multiplicity control).
+
+        Parameters
+        ----------
+        x : model inputs (model mode), or model outputs: a ``ModelOutputs`` or a dict of arrays with the fields
+            the detector needs (e.g. ``{"features": array [N, D]}``). Shapes are validated by
+            :class:`ModelOutputs` (rank 2, finite values).
+        """
+        calibration = self._require_calibration("guard")
+        outputs = self._outputs(x, "x")
+        scores = self._score(outputs)
+        pvalues = calibration.pvalues(scores)
+        return GuardResult(self._predict(outputs), scores, pvalues, calibration.decide(scores, pvalues))
+
+    def guard_batch(self, x: Any, fdr: float = 0.1) -> GuardResult:
+        """Like :meth:`guard`, but decide the whole batch with Benjamini-Hochberg at false discovery rate ``fdr``.
+
+        The expected fraction of ID inputs among the flagged ones is at most ``fdr`` (times the fraction of
+        ID inputs in the batch), because conformal p-values sharing a calibration set are PRDS.
+        """
+        calibration = self._require_calibration("guard_batch")
+        fdr = _check_fraction(fdr, "fdr")
+        outputs = self._outputs(x, "x")
+        scores = self._score(outputs)
+        pvalues = calibration.pvalues(scores)
+        return GuardResult(self._predict(outputs), scores, pvalues, benjamini_hochberg(pvalues, fdr))
+
+    __call__ = guard
+
+    # ------------------------------------------------------------------ saving
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the calibrated guard to ``directory`` (JSON + safetensors, a sha256 checksum per file).
+
+        Layout: ``guard.json``, ``calibration.safetensors``, ``detector/config.json``,
+        ``detector/state.safetensors`` and, with a model, ``model.safetensors``. The directory is written in a
+        temporary sibling and moved into place, so a reader never sees half a guard. An existing non-empty
+        directory is replaced only with ``overwrite=True`` and only if it holds a saved guard.
+        """
+        calibration = self._require_calibration("save")
+        directory = Path(directory)
+        if directory.exists():
+            if not directory.is_dir():
+                raise ValueError(f"{directory} exists and is not a directory")
+            if any(directory.iterdir()):
+                if not overwrite:
+                    raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace a saved guard")
+                if not (directory / GUARD_FILE).is_file():
+                    raise ValueError(f"{directory} is not empty and holds no saved guard; refusing to replace it")
+        model_spec = None
+        if self.model is not None:
+            if self.model_factory is None:
+                raise ValueError(
+                    "save: a guard with a model needs model_factory='package.module:function' (a function returning "
+                    "the model architecture) so that load_guard can rebuild the model without unpickling"
+                )
+            # Check now that the factory rebuilds this architecture, rather than when someone loads the guard.
+            try:
+                _build_model(self.model_factory).load_state_dict(self.model.state_dict(), strict=True)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"model_factory {self.model_factory!r} builds a model whose state dict does not match the "
+                    f"guard's model: {error}"
+                ) from error
+            model_spec = {
+                "factory": self.model_factory,
+                "state_dict": MODEL_FILE,
+                "class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "layers": self.layers,
+                "feature_layer": self.feature_layer,
+                "batch_size": self.batch_size,
+            }
+
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        temporary = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
+        temporary.mkdir()
+        try:
+            self.detector.save(temporary / DETECTOR_DIR)
+            tensors = {"scores": torch.from_numpy(calibration.scores.copy())}
+            if self.head_ is not None:
+                tensors["head.weight"] = self.head_[0].detach().cpu().contiguous()
+                tensors["head.bias"] = self.head_[1].detach().cpu().contiguous()
+            save_file(tensors, str(temporary / CALIBRATION_FILE))
+            if self.model is not None:
+                save_model(self.model, str(temporary / MODEL_FILE))
+            files = sorted(p for p in temporary.rglob("*") if p.is_file())
+            config = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "oodguard_version": _library_version(),
+                "decision": {
+                    "rule": calibration.rule,
+                    "tpr": calibration.tpr,
+                    "alpha": calibration.alpha,
+                    "delta": calibration.delta,
+                    "correction": calibration.correction,
+                    "threshold": calibration.threshold,
+                    "num_calibration": calibration.n,
+                    "false_alarm_rate": calibration.false_alarm_rate,
+                },
+                "detector": {"name": self.detector.name, "directory": DETECTOR_DIR},
+                "calibration": CALIBRATION_FILE,
+                "model": model_spec,
+                "files": {p.relative_to(temporary).as_posix(): _sha256(p) for p in files},
+            }
+            (temporary / GUARD_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(temporary, directory)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+
+    def __repr__(self) -> str:
+        mode = "model-agnostic" if self.model is None else type(self.model).__name__
+        if self._calibration is None:
+            state = "calibrated=False"
+        else:
+            c = self._calibration
+            rule = f"threshold={c.threshold:.6g}" if c.rule == "threshold" else f"alpha={c.alpha}"
+            state = f"{rule}, n_calibration={c.n}" + (f", correction={c.correction!r}" if c.correction else "")
+        return f"Guard({mode}, detector={self.detector!r}, {state})"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _entry(mapping: Mapping[str, Any], key: str, config_path: Path, kind: type) -> Any:
+    """``mapping[key]``, which must exist and be of ``kind`` (an int is accepted as a float)."""
+    value = mapping.get(key)
+    accepted = (int, float) if kind is float else kind
+    if value is None or isinstance(value, bool) or not isinstance(value, accepted):
+        raise ValueError(
+            f"{config_path}: entry {key!r} is missing or not a {kind.__name__} (got {value!r}); the file is damaged"
+        )
+    return value
+
+
+def _verified(directory: Path, files: Mapping[str, Any], relative: str) -> Path:
+    """The path of a listed file after checking it lies inside ``directory`` and matches its checksum."""
+    path = (directory / relative).resolve()
+    if not path.is_relative_to(directory.resolve()):
+        raise ValueError(f"{directory / GUARD_FILE}: file {relative!r} lies outside the guard directory; refusing")
+    expected = files.get(relative)
+    if not isinstance(expected, str):
+        raise ValueError(f"{directory / GUARD_FILE}: no checksum recorded for {relative!r}; the guard is damaged")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the saved guard")
+    actual = _sha256(path)
+    if actual != expected:
+        raise ValueError(
+            f"{path}: sha256 checksum mismatch (recorded {expected[:12]}..., file has {actual[:12]}...); the file "
+            "was modified or damaged after saving. Refusing to load it; save the guard again"
+        )
+    return path
+
+
+def load_guard(
+    directory: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    model_factory: str | Callable[[], torch.nn.Module] | None = None,
+) -> Guard:
+    """Load a guard written by :meth:`Guard.save`, without unpickling anything.
+
+    Every file's sha256 is checked against ``guard.json`` before it is read, and an unknown format or version
+    is refused. A model guard is rebuilt by importing and calling the recorded factory (``module:function``;
+    ``model_factory=`` overrides it), then loading ``model.safetensors`` strictly and moving it to ``device``.
+    Note that ``guard.json`` names the factory: load guards only from sources you trust to name code of
+    your environment (no code is ever read from the directory itself).
+    """
+    directory = Path(directory)
+    config_path = directory / GUARD_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no saved guard ({GUARD_FILE} is missing)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error})") from error
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{config_path} is not an oodguard guard config (format {FORMAT!r} expected)")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path}: guard format version {version!r} is not supported (oodguard {_library_version()} "
+            f"reads version {FORMAT_VERSION}); save the guard again with this version of oodguard"
+        )
+    files = _entry(config, "files", config_path, dict)
+    decision = _entry(config, "decision", config_path, dict)
+    detector_spec = _entry(config, "detector", config_path, dict)
+    model_spec = config.get("model")
+    if model_spec is not None and not isinstance(model_spec, dict):
+        raise ValueError(f"{config_path}: entry 'model' must be null or an object; the file is damaged")
+
+    calibration_path = _verified(directory, files, _entry(config, "calibration", config_path, str))
+    tensors = load_safetensors_bytes(calibration_path.read_bytes())
+    detector_name = _entry(detector_spec, "directory", config_path, str)
+    for name in ("config.json", "state.safetensors"):
+        _verified(directory, files, f"{detector_name}/{name}")
+    detector = detector_base.load(directory / detector_name)
+    if detector.name != detector_spec.get("name"):
+        raise ValueError(
+            f"{config_path}: records detector {detector_spec.get('name')!r} but {directory / detector_name} holds "
+            f"{detector.name!r}"
+        )
+
+    model = None
+    factory = None
+    if model_spec is not None:
+        model_path = _verified(directory, files, _entry(model_spec, "state_dict", config_path, str))
+        recorded = _entry(model_spec, "factory", config_path, str)
+        factory = _factory_name(recorded if model_factory is None else model_factory)
+        model = _build_model(factory)
+        try:
+            load_model(model, str(model_path), strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{model_path}: does not fit the model built by {factory!r} ({error}); use the factory the guard "
+                "was saved with"
+            ) from error
+        model = model.to(device).eval()
+
+    guard = Guard(
+        model,
+        detector,
+        layers=_entry(model_spec, "layers", config_path, list) if model_spec else (),
+        feature_layer=model_spec.get("feature_layer") if model_spec else None,
+        device=device,
+        batch_size=_entry(model_spec, "batch_size", config_path, int) if model_spec else 256,
+        model_factory=factory,
+    )
+    if "head.weight" in tensors and "head.bias" in tensors:
+        guard.head_ = (tensors["head.weight"], tensors["head.bias"])
+    scores = tensors.get("scores")
+    if scores is None or scores.ndim != 1 or scores.numel() == 0 or not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"{calibration_path}: expected finite calibration scores [n], n >= 1; damaged guard")
+    scores = scores.to(torch.float64).numpy()
+    if (np.diff(scores) < 0).any():
+        raise ValueError(f"{calibration_path}: calibration scores are not sorted; damaged guard")
+    rule = _entry(decision, "rule", config_path, str)
+    alpha, delta, correction = decision.get("alpha"), decision.get("delta"), decision.get("correction")
+    if rule not in RULES or (rule == "pvalue") != (alpha is not None):
+        raise ValueError(f"{config_path}: inconsistent decision rule {rule!r} with alpha={alpha!r}")
+    if (
+        correction not in (None, *CORRECTIONS)
+        or (correction is None) != (delta is None)
+        or (correction == "simes" and scores.size < 2)
+    ):
+        raise ValueError(f"{config_path}: inconsistent correction {correction!r} with delta={delta!r}")
+    guard._calibration = _make_calibration(
+        scores,
+        _check_fraction(_entry(decision, "tpr", config_path, float), "tpr", allow_one=True),
+        None if alpha is None else _check_fraction(alpha, "alpha"),
+        None if delta is None else _check_fraction(delta, "delta"),
+        correction,
+    )
+    if guard._calibration.threshold != decision.get("threshold"):
+        raise ValueError(f"{config_path}: recorded threshold disagrees with the calibration scores; damaged guard")
+    return guard

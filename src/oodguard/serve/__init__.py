@@ -1,0 +1,19 @@
+"""The HTTP service of a guard, its OOD-rate monitoring and its decision log.
+
+Needs the ``serve`` extra (FastAPI, uvicorn, SQLAlchemy): ``pip install oodguard[serve]``.
+"""
+
+from .app import create_app
+from .monitor import OODRateMonitor, ServiceMetrics, WindowStatus, ood_rate_pvalue
+from .store import DecisionLog, read_decisions, summarise
+
+__all__ = [
+    "DecisionLog",
+    "OODRateMonitor",
+    "ServiceMetrics",
+    "WindowStatus",
+    "create_app",
+    "ood_rate_pvalue",
+    "read_decisions",
+    "summarise",
+]

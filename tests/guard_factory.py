@@ -1,0 +1,17 @@
+"""Model factories that saved guards in the tests name as ``guard_factory:make_model`` (importable by name)."""
+
+from torch import nn
+
+
+def make_model() -> nn.Module:
+    """The architecture of the guarded test model; the saved state dict supplies the weights."""
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def make_other_model() -> nn.Module:
+    """A different architecture, whose state dict does not match."""
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def not_a_model():
+    return 42
