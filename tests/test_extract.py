@@ -24,15 +24,19 @@ def make_model(seed=0):
 
 
 class Counting(nn.Module):
-    """Wraps a model and counts forward calls (the counter is not part of the state or the repr)."""
+    """Wraps a model and counts forward calls (a private attribute: not part of the model's fingerprint)."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
-        self.calls = 0
+        self._calls = 0
+
+    @property
+    def calls(self):
+        return self._calls
 
     def forward(self, x):
-        self.calls += 1
+        self._calls += 1
         return self.inner(x)
 
 
@@ -412,3 +416,34 @@ def test_no_warnings_on_plain_run():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(make_model(), make_inputs(4), labels=np.zeros(4, dtype=int))
+
+
+def test_fingerprint_sees_attributes_forward_code_and_non_persistent_buffers():
+    from oodguard.extract import model_fingerprint
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+            self.scale = 1.0
+            self.register_buffer("offset", torch.zeros(2), persistent=False)
+
+        def forward(self, x):
+            return self.linear(x) * self.scale + self.offset
+
+    model = Scaled()
+    before = model_fingerprint(model)
+    model.scale = 5.0
+    assert model_fingerprint(model) != before
+    model.scale = 1.0
+    assert model_fingerprint(model) == before
+    model.offset += 1
+    assert model_fingerprint(model) != before
+
+    class Tanh(Scaled):
+        def forward(self, x):
+            return torch.tanh(self.linear(x))
+
+    twin = Tanh()
+    twin.load_state_dict(Scaled().state_dict())
+    assert model_fingerprint(twin) != model_fingerprint(Scaled())

@@ -408,3 +408,24 @@ def test_a_fitted_detector_instance_needs_no_fit():
     detector = create("knn", k=3).fit(id_outputs(20, seed=0))
     guard = Guard(detector=detector).calibrate(id_outputs(20, seed=1))
     assert guard.detector is detector and guard.guard(far_outputs(3, seed=2)).is_ood.all()
+
+
+def test_model_guard_is_safe_under_concurrent_calls(model_guard):
+    """Extraction hooks the shared model, so concurrent requests must not see each other's features."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randn(size, 4, generator=generator) for size in (1, 3, 8, 2, 5, 7, 4, 6) * 6]
+    expected = [model_guard.guard(batch).score for batch in batches]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda batch: model_guard.guard(batch).score, batches))
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(want, have)
+
+
+def test_saving_over_a_guard_keeps_other_files(tmp_path, knn_guard):
+    knn_guard.save(tmp_path / "g")
+    (tmp_path / "g" / "decisions.sqlite").write_bytes(b"log")
+    knn_guard.save(tmp_path / "g", overwrite=True)
+    assert (tmp_path / "g" / "decisions.sqlite").read_bytes() == b"log"
+    load_guard(tmp_path / "g")  # an extra file in the folder does not stop loading

@@ -123,3 +123,11 @@ def test_as_outputs_from_mapping_and_npz(tmp_path):
         as_outputs({"logit": np.zeros((3, 2))})
     with pytest.raises(ValueError, match="expected a ModelOutputs"):
         as_outputs(np.zeros(3))
+
+
+def test_numpy_and_tensor_integer_indices_keep_the_row_dimension():
+    out = make()
+    for index in (np.int64(2), torch.tensor(2), 2):
+        row = out[index]
+        assert len(row) == 1 and row.logits.shape == (1, 3)
+        assert torch.equal(row.logits, out.logits[2:3])

@@ -77,6 +77,12 @@ def test_bad_arguments_are_refused():
         run_on_outputs("s", fit, test, [("x", "weird", far_outputs(5, seed=3))], ["msp"], progress=False)
     with pytest.raises(ValueError, match="no OOD sets"):
         run_on_outputs("s", fit, test, [], ["msp"], progress=False)
+    with pytest.raises(ValueError, match="2 OOD-labelled row"):
+        run_on_outputs("s", fit, test.concat([test, far_outputs(2, seed=3)]), [("x", "far", far_outputs(5, seed=3))],
+                       ["msp"], progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="no OOD set to evaluate"):
+        run_on_outputs("s", fit, test, [("x", "covariate", id_outputs(3, seed=4))], ["msp"], full_spectrum=True,
+                       progress=False)  # fmt: skip
     mixed = fit.concat([fit, far_outputs(3, seed=3)])
     with pytest.raises(ValueError, match="3 OOD-labelled"):
         run_on_outputs("s", mixed, test, [("x", "far", far_outputs(5, seed=3))], ["msp"], progress=False)

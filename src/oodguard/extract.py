@@ -128,7 +128,11 @@ def model_fingerprint(model: nn.Module) -> str:
     """A sha256 hex digest identifying a model's class, structure and weights.
 
     Covers the class (module and qualified name), ``repr(model)`` (so two models with the same weights but
-    different activations or strides differ) and every ``state_dict`` entry: name, dtype, shape and bytes.
+    different activations or strides differ), every ``state_dict`` entry (name, dtype, shape and bytes), the
+    non-persistent buffers, and for every submodule the compiled code of its class's ``forward`` and its plain
+    public attributes (numbers, strings, booleans, tuples of them; not ``training``, names starting with ``_``
+    are private and ignored), so an edited ``forward`` or a changed ``self.scale`` also changes it. State
+    kept elsewhere (globals, closures) cannot be seen: give such models a ``dataset_key`` naming their version.
     Changing a single weight changes the fingerprint.
 
     Examples
@@ -155,7 +159,32 @@ def model_fingerprint(model: nn.Module) -> str:
             digest.update(_tensor_bytes(value))
         else:  # e.g. a module's _extra_state
             digest.update(f"value:{name}:{value!r}\n".encode())
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, buffer in model.named_buffers():
+        if name not in persistent and buffer is not None:
+            digest.update(f"buffer:{name}:{buffer.dtype}:{tuple(buffer.shape)}\n".encode())
+            digest.update(_tensor_bytes(buffer))
+    for name, module in model.named_modules():
+        digest.update(_module_behaviour(name, module))
     return digest.hexdigest()
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _module_behaviour(name: str, module: nn.Module) -> bytes:
+    """The code of a module's ``forward`` and its plain public attributes, as bytes to hash."""
+    parts = [f"module:{name}:{type(module).__module__}.{type(module).__qualname__}"]
+    code = getattr(type(module).forward, "__code__", None)
+    if code is not None:
+        parts.append(f"code:{code.co_code.hex()}:{code.co_consts!r}:{code.co_names!r}")
+    for key, value in sorted(vars(module).items()):
+        plain = isinstance(value, _PLAIN) or (
+            isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)
+        )
+        if not key.startswith("_") and key != "training" and plain:  # extraction always runs in eval mode
+            parts.append(f"attr:{key}={value!r}")
+    return ("\n".join(parts) + "\n").encode()
 
 
 class _ContentHash:

@@ -43,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -369,6 +370,7 @@ class Guard:
         self._fit_fingerprint: str | None = None
         self._calibration: _Calibration | None = None
         self._head_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._model_lock = threading.Lock()
 
     # ------------------------------------------------------------------ inputs
     def _outputs(self, data: Any, argument: str, *, labels: Any = None, progress: bool = False) -> ModelOutputs:
@@ -385,16 +387,17 @@ class Guard:
                 f"{argument}: this guard has no model, so it needs model outputs: a ModelOutputs or a dict such as "
                 f"{{'logits': array [N, C]}} or {{'features': array [N, D]}}; got {type(data).__name__}"
             )
-        return extract(
-            self.model,
-            data,
-            labels=labels,
-            layers=self.layers,
-            feature_layer=self.feature_layer,
-            device=self.device,
-            batch_size=self.batch_size,
-            progress=progress,
-        )
+        with self._model_lock:  # extraction hooks the shared model: one request at a time may run it
+            return extract(
+                self.model,
+                data,
+                labels=labels,
+                layers=self.layers,
+                feature_layer=self.feature_layer,
+                device=self.device,
+                batch_size=self.batch_size,
+                progress=progress,
+            )
 
     # ------------------------------------------------------------------ fitting and calibration
     def fit(self, id_data: Any, labels: Any = None) -> Guard:
@@ -668,6 +671,10 @@ class Guard:
             }
             (temporary / GUARD_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
             if directory.exists():
+                # keep what is not the guard's own, e.g. the service's decision log in DIR/decisions.sqlite
+                for entry in directory.iterdir():
+                    if entry.name not in (GUARD_FILE, CALIBRATION_FILE, DETECTOR_DIR, MODEL_FILE):
+                        os.replace(entry, temporary / entry.name)
                 shutil.rmtree(directory)
             os.replace(temporary, directory)
         except BaseException:

@@ -233,7 +233,10 @@ class ModelOutputs:
 
     def __getitem__(self, index: Any) -> ModelOutputs:
         """Rows selected by a slice, an integer array, or a boolean mask; the head is shared."""
-        if isinstance(index, int):
+        if isinstance(index, torch.Tensor) and index.ndim == 0 and not index.dtype.is_floating_point:
+            index = int(index)
+        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+            index = int(index)
             index = slice(index, index + 1 if index != -1 else None)
         if isinstance(index, np.ndarray):
             index = torch.from_numpy(index)

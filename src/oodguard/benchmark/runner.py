@@ -225,6 +225,11 @@ def run_on_outputs(
         raise ValueError(f"unknown detector(s) {unknown}; available: {', '.join(detector_registry.available())}")
     if not names:
         raise ValueError("no detector to run: the outputs lack what every detector needs")
+    if test.labels is not None and bool(test.is_ood.any()):
+        raise ValueError(
+            f"the ID test outputs contain {int(test.is_ood.sum())} OOD-labelled row(s) (label < 0); move them to "
+            "an OOD set"
+        )
     if fit.labels is not None and bool(fit.is_ood.any()):
         raise ValueError(
             f"the fit outputs contain {int(fit.is_ood.sum())} OOD-labelled row(s) (label < 0); fit on "
@@ -235,6 +240,8 @@ def run_on_outputs(
     covariate = [set_name for set_name, group, _ in ood if group == "covariate"]
     evaluated = [(n, g) for n, g, _ in ood if not (full_spectrum and g == "covariate")]
     groups = {g: [n for n, gg in evaluated if gg == g] for g in GROUPS if any(gg == g for _, gg in evaluated)}
+    if not evaluated:
+        raise ValueError("full-spectrum mode counts covariate sets as ID, which leaves no OOD set to evaluate")
 
     rows, status_rows, all_scores = [], [], {}
     for detector_name in tqdm(names, desc="detectors", disable=not progress):

@@ -89,6 +89,8 @@ class Detector:
         if unknown:
             valid = ", ".join(sorted(self.defaults)) or "none"
             raise TypeError(f"{self.name}: unknown parameter(s) {unknown}; valid parameters: {valid}")
+        # numpy scalars become Python numbers, so parameters stay JSON-serialisable for save()
+        params = {k: v.item() if isinstance(v, np.generic) else v for k, v in params.items()}
         self.params: dict[str, Any] = {**self.defaults, **params}
         self._check_params()
         self._stale = False
@@ -154,6 +156,7 @@ class Detector:
         """
         outputs = self._prepare_fit(outputs, drop_ood)
         self.stats_ = None
+        self.meta_ = {}  # a re-fit may come from another model: forget the old dimensions
         self._state_cache = {}
         if self.state_reductions is not None:
             self.stats_ = self._statistics(outputs)

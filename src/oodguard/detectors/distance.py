@@ -196,12 +196,12 @@ class Mahalanobis(_ClassStatistics):
         means, mean, within = self._means(stats)
         root = pinv_sqrt(within)
         centers = (means - mean) @ root
-        return {"proj": root, "shift": mean @ root, "centers": centers, "center_sq": centers.square().sum(1)}
+        return {"proj": root, "mean": mean, "centers": centers, "center_sq": centers.square().sum(1)}
 
     def _score_complete(self, outputs: ModelOutputs) -> torch.Tensor:
         z = outputs.features
         state = self.state(z.device, z.dtype)
-        y = torch.addmm(state["shift"], z, state["proj"], beta=-1.0)  # (z - mu) P^(1/2)
+        y = (z - state["mean"]) @ state["proj"]  # centred first: no float32 cancellation for offset features
         return _nearest_center_sq(y, state["centers"], state["center_sq"])
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
@@ -243,12 +243,12 @@ class RelativeMahalanobis(_ClassStatistics):
         root = pinv_sqrt(within)
         proj = torch.cat([root, pinv_sqrt(background)], dim=1)
         centers = (means - mean) @ root
-        return {"proj": proj, "shift": mean @ proj, "centers": centers, "center_sq": centers.square().sum(1)}
+        return {"proj": proj, "mean": mean, "centers": centers, "center_sq": centers.square().sum(1)}
 
     def _score_complete(self, outputs: ModelOutputs) -> torch.Tensor:
         z = outputs.features
         state = self.state(z.device, z.dtype)
-        y = torch.addmm(state["shift"], z, state["proj"], beta=-1.0)  # (z - mu) [P^(1/2) | P_0^(1/2)]
+        y = (z - state["mean"]) @ state["proj"]  # (z - mu) [P^(1/2) | P_0^(1/2)], centred first
         dim = state["centers"].shape[1]
         class_term = _nearest_center_sq(y[:, :dim], state["centers"], state["center_sq"])
         return class_term - torch.linalg.vector_norm(y[:, dim:], dim=1).square()
@@ -433,7 +433,8 @@ class WDiscOOD(_ClassStatistics):
         centers = diff @ g.T  # G (mu'_c - mu')
         return {
             "proj": fold.T.contiguous(),
-            "shift": fold @ mean,  # [G mu'; H mu']
+            "shift": fold @ mean,  # [G mu'; H mu'] (for normalised features)
+            "mean": mean,
             "centers": centers,
             "center_sq": centers.square().sum(1),
             "fisher_ratio": ratios[:k].clone(),
@@ -447,7 +448,7 @@ class WDiscOOD(_ClassStatistics):
             y.mul_(torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min_(_NORM_EPS).reciprocal_())
             y.sub_(state["shift"])
         else:
-            y = torch.addmm(state["shift"], z, state["proj"], beta=-1.0)
+            y = (z - state["mean"]) @ state["proj"]  # centred first: no float32 cancellation for offset features
         k = state["centers"].shape[1]
         disc = _nearest_center_sq(y[:, :k], state["centers"], state["center_sq"]).sqrt_()
         return disc + self.params["res_weight"] * torch.linalg.vector_norm(y[:, k:], dim=1)

@@ -286,7 +286,7 @@ class GradNorm(Detector):
     )
     code = "https://github.com/deeplearning-wisc/gradnorm_ood (test_ood.py)"
     requires = frozenset({"features"})
-    fit_requires = frozenset({"head"})
+    fit_requires = frozenset({"features", "head"})  # fit only records the head; D is checked at score
     defaults: dict[str, Any] = {"temperature": 1.0}
 
     def _check_params(self) -> None:

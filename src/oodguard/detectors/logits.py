@@ -2,7 +2,8 @@
 
 Every score here is O(C) per sample (KL-matching O(C^2)), vectorised over rows, and oriented
 **higher = more likely OOD**. Softmax-probability scores are returned as log-odds computed from the
-logits in float64, so that confident samples never saturate to the same value (ties distort FPR@95).
+logit gaps (in the logits' dtype; scores are returned as float64), so that confident samples never saturate to
+the same value (ties distort FPR@95).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class MSP(_LogitDetector):
     """Maximum softmax probability, returned as the log-odds of *not* being the top class.
 
     ``s(x) = max_c softmax(f)_c``; the OOD score is ``log((1 - s)/s) = LSE_{c != ŷ}(f_c) - f_max``, a strictly
-    decreasing transform of MSP computed in float64.
+    decreasing transform of MSP computed from the logit gaps in the logits' dtype.
 
     Deviation: the spec suggests ``-log MSP = LSE(f) - f_max``; that still saturates to exactly 0 once the gap
     between the two largest logits exceeds ~745 (``exp`` underflows), so very confident samples tie. The log-odds
@@ -306,7 +307,7 @@ class TemperatureScaling(Detector):
     Fit: ``T > 0`` minimising the NLL ``mean_i [LSE(f_i / T) - f_{i,y_i} / T]`` (float64; Newton in ``1/T`` with a
     bisection safeguard in ``log T``, see :func:`fit_temperature`; searched in ``[1e-3, 1e3]``). Use a held-out
     ID validation split, as OpenOOD does.
-    Score: like ``msp`` on ``f / T``, the log-odds ``LSE_{c != ŷ}(f_c / T) - f_max / T`` (float64, strictly
+    Score: like ``msp`` on ``f / T``, the log-odds ``LSE_{c != ŷ}(f_c / T) - f_max / T`` (from the gaps, strictly
     decreasing in the calibrated MSP, no saturation ties) rather than ``-max log_softmax(f / T)``.
 
     Paper: Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks", ICML 2017.

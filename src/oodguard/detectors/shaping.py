@@ -128,18 +128,16 @@ def _ash_parts(
 
 
 def _scaled_logits(kept: torch.Tensor, scale: torch.Tensor | None, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``scale * (kept W^T) + b`` with the product in the input dtype.
+    """``scale * (kept W^T) + b`` with the product in the input dtype and the scaling in float64.
 
-    The scale multiplies the ``[n, C]`` product rather than the features; it is applied in the input dtype
-    when ``scale * |kept W^T|`` cannot overflow it, otherwise in float64.
+    The scale multiplies the ``[n, C]`` product rather than the features (``exp(r)`` can overflow float32).
     """
     if scale is None:
         return torch.addmm(state["bias"], kept, state["weight"].T)
     products = kept @ state["weight"].T
-    largest = float(scale.abs().max()) * float(products.abs().max()) if products.numel() else 0.0
-    if largest < 1e-3 * torch.finfo(products.dtype).max:
-        return torch.addcmul(state["bias"], products, scale.to(products.dtype)[:, None])
-    return torch.addcmul(state["bias"].to(torch.float64), products.to(torch.float64), scale[:, None])
+    # the [n, C] scaling is cheap next to the product: always float64, so a row's score never depends on
+    # which other rows share its chunk
+    return torch.addcmul(state["bias"].to(torch.float64), products.to(torch.float64), scale.to(torch.float64)[:, None])
 
 
 class _HeadShapingDetector(Detector):
