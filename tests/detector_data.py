@@ -59,7 +59,9 @@ def outputs_from_features(features: np.ndarray, labels: np.ndarray | None, detec
     logits = features @ weight.T + bias
     if detector == "mos":
         return ModelOutputs(logits=grouped_logits(logits), features=features, labels=labels)
-    return ModelOutputs(logits=logits, features=features, labels=labels, head=(weight, bias))
+    # Gram reads intermediate layers: the features stand in for one ([N, D] activations)
+    layers = {"penultimate": features} if detector == "gram" else None
+    return ModelOutputs(logits=logits, features=features, labels=labels, head=(weight, bias), layers=layers)
 
 
 def id_outputs(n_per_class: int, seed: int, detector: str = "") -> ModelOutputs:
