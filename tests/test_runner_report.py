@@ -73,6 +73,8 @@ def test_bad_arguments_are_refused():
     fit, test = id_outputs(10, seed=1), id_outputs(3, seed=2)
     with pytest.raises(ValueError, match="unknown detector"):
         run_on_outputs("s", fit, test, [("x", "far", far_outputs(5, seed=3))], ["nope"], progress=False)
+    with pytest.raises(ValueError, match="odin run the model themselves"):
+        run_on_outputs("s", fit, test, [("x", "far", far_outputs(5, seed=3))], ["odin"], progress=False)
     with pytest.raises(ValueError, match="group must be one of"):
         run_on_outputs("s", fit, test, [("x", "weird", far_outputs(5, seed=3))], ["msp"], progress=False)
     with pytest.raises(ValueError, match="no OOD sets"):

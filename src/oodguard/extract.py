@@ -179,9 +179,7 @@ def _module_behaviour(name: str, module: nn.Module) -> bytes:
     if code is not None:
         parts.append(f"code:{code.co_code.hex()}:{code.co_consts!r}:{code.co_names!r}")
     for key, value in sorted(vars(module).items()):
-        plain = isinstance(value, _PLAIN) or (
-            isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)
-        )
+        plain = isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value))
         if not key.startswith("_") and key != "training" and plain:  # extraction always runs in eval mode
             parts.append(f"attr:{key}={value!r}")
     return ("\n".join(parts) + "\n").encode()

@@ -225,6 +225,12 @@ def run_on_outputs(
         raise ValueError(f"unknown detector(s) {unknown}; available: {', '.join(detector_registry.available())}")
     if not names:
         raise ValueError("no detector to run: the outputs lack what every detector needs")
+    model_based = [n for n in names if detector_registry.info(n)["needs_model"]]
+    if model_based:
+        raise ValueError(
+            f"{', '.join(model_based)} run the model themselves (gradients through it); the benchmark runner "
+            "evaluates detectors on extracted outputs only for now: use detectors.create(name).attach(model)"
+        )
     if test.labels is not None and bool(test.is_ood.any()):
         raise ValueError(
             f"the ID test outputs contain {int(test.is_ood.sum())} OOD-labelled row(s) (label < 0); move them to "
@@ -300,7 +306,7 @@ def default_detectors(outputs: ModelOutputs) -> list[str]:
     """Every registered detector whose fit requirements the outputs meet and that needs no extra parameters."""
     available = set(outputs.fields())
     chosen = []
-    for name in detector_registry.available():
+    for name in detector_registry.available(needs_model=False):
         meta = detector_registry.info(name)
         needs = set(meta["fit_requires"]) | set(meta["requires"])
         if needs <= available and not meta.get("required_params"):

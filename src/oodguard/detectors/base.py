@@ -356,9 +356,16 @@ def create(name: str, **params: Any) -> Detector:
     return _REGISTRY[name](**params)
 
 
-def available() -> list[str]:
-    """Registry names of every detector, sorted."""
-    return sorted(_REGISTRY)
+def available(needs_model: bool | None = None) -> list[str]:
+    """Registry names of the detectors, sorted.
+
+    ``needs_model=False`` lists only detectors that work from cached outputs, ``True`` only those that run
+    the model themselves (input gradients, inner-layer gradients); ``None`` lists all.
+    """
+    names = sorted(_REGISTRY)
+    if needs_model is None:
+        return names
+    return [n for n in names if bool(getattr(_REGISTRY[n], "needs_model", False)) == needs_model]
 
 
 def info(name: str) -> dict[str, Any]:
@@ -376,6 +383,7 @@ def info(name: str) -> dict[str, Any]:
         "defaults": dict(cls.defaults),
         "needs_fit": cls.needs_fit,
         "required_params": list(cls.required_params),
+        "needs_model": bool(getattr(cls, "needs_model", False)),
         "partial_fit": cls.state_reductions is not None,
     }
 
