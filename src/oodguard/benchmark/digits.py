@@ -45,6 +45,10 @@ TRAIN_EPOCHS = 16
 
 OPEN_SET_CLASSES = 6  # the open-set variant trains on digits 0..5
 
+#: Intermediate layers extracted for layer-based detectors (Gram): the two pooled conv blocks, 16x14x14 and
+#: 32x7x7 per image (the pre-pool maps would quadruple the cached outputs for little gain).
+GRAM_LAYERS = ("features.2", "features.5")
+
 _PACKAGES = ("numpy", "torch", "scipy", "pillow", "matplotlib", "scikit-learn", "scikit-image", "mlxtend")
 
 SOURCES = {
@@ -233,4 +237,5 @@ def digits_benchmark(
         validation=validation,
         description=description,
         notes=notes,
+        layers=list(GRAM_LAYERS),
     )

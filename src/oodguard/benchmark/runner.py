@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,7 @@ def extract_benchmark(
             benchmark.model,
             split.data,
             labels=split.labels,
+            layers=benchmark.layers,
             device=device,
             batch_size=batch_size,
             progress=progress,
@@ -171,31 +172,92 @@ def run(
 ) -> Results:
     """Evaluate detectors on a benchmark; a detector that fails is reported as failed and the run goes on.
 
-    Each dataset goes through the model once (cached on disk when ``cache_dir`` is set); every detector
-    is then fitted on the fit split's outputs and scores the ID test split and every OOD set.
+    Each dataset goes through the model once (cached on disk when ``cache_dir`` is set); every output-based
+    detector is then fitted on the fit split's outputs and scores the ID test split and every OOD set.
+    Detectors that run the model themselves (``detectors.info(name)["needs_model"]``: input or inner-layer
+    gradients) are attached to the benchmark's model and fitted and scored on the splits' inputs.
 
     Parameters
     ----------
     benchmark : the data and model.
-    detectors : registry names; default every detector whose requirements the outputs meet.
+    detectors : registry names; default every output-based detector whose requirements the outputs meet,
+        plus every model-based detector.
     params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``.
     full_spectrum : count covariate-shift sets as ID (full-spectrum OOD detection) instead of as OOD.
     n_boot, seed : bootstrap replicates and seed of the 95 % intervals.
     """
     outputs = extract_benchmark(benchmark, device=device, cache_dir=cache_dir, progress=progress)
+    fit = outputs[benchmark.fit.name]
+    if detectors is None:
+        names = default_detectors(fit) + detector_registry.available(needs_model=True)
+        if fit.features is not None and fit.labels is not None:
+            names.append(MOS_HEAD)
+    else:
+        names = list(detectors)
+    params = {key: dict(value) for key, value in (params or {}).items()}
+    model_jobs = {
+        name: _model_job(benchmark, name, params.get(name, {}), device)
+        for name in names
+        if name in detector_registry.available(needs_model=True)
+    }
     return run_on_outputs(
         benchmark.name,
-        outputs[benchmark.fit.name],
+        fit,
         outputs[benchmark.test.name],
         [(split.name, split.group, outputs[split.name]) for split in benchmark.ood],
-        detectors,
+        [name for name in names if name not in model_jobs],
         params=params,
         full_spectrum=full_spectrum,
         n_boot=n_boot,
         seed=seed,
         progress=progress,
         split_names=(benchmark.fit.name, benchmark.test.name),
+        extra_jobs=model_jobs,
     )
+
+
+def _model_job(benchmark: Benchmark, name: str, params: dict[str, Any], device: str) -> Callable[[], dict]:
+    """Fit a model-based detector on the fit split's inputs and score every split's inputs."""
+
+    def job() -> dict[str, np.ndarray]:
+        detector = detector_registry.create(name, **params).attach(benchmark.model, device=device)
+        detector.fit(benchmark.fit.data, labels=benchmark.fit.labels)
+        scores = {"id": np.asarray(detector.score(benchmark.test.data))}
+        for split in benchmark.ood:
+            scores[split.name] = np.asarray(detector.score(split.data))
+        return scores
+
+    return job
+
+
+#: The runner trains a group-softmax head for MOS on the frozen fit features (models seldom have one).
+MOS_HEAD = "mos"
+
+
+def _mos_job(
+    fit: ModelOutputs, test: ModelOutputs, ood: list[tuple[str, str, ModelOutputs]], params: dict[str, Any]
+) -> Callable[[], dict]:
+    """MOS needs a head trained with the group softmax: train one on the fit features, then score its logits.
+
+    Groups: ``params["group_sizes"]`` when given, else ``default_groups(C, round(sqrt(C)))`` (contiguous class
+    ids; the official ImageNet head uses the WordNet taxonomy instead).
+    """
+
+    def job() -> dict[str, np.ndarray]:
+        from ..mos_head import default_groups, train_mos_head
+
+        if fit.features is None or fit.labels is None:
+            raise ValueError("mos: the runner trains its group-softmax head on fit features and labels; extract both")
+        num_classes = fit.num_classes or int(fit.labels.max()) + 1
+        sizes = params.get("group_sizes") or default_groups(num_classes, max(2, round(num_classes**0.5)))
+        head = train_mos_head(fit, None, sizes, seed=0, progress=False)
+        detector = head.detector()
+        scores = {"id": np.asarray(detector.score(head.outputs(test.features)))}
+        for set_name, _, outputs in ood:
+            scores[set_name] = np.asarray(detector.score(head.outputs(outputs.features)))
+        return scores
+
+    return job
 
 
 def run_on_outputs(
@@ -211,25 +273,34 @@ def run_on_outputs(
     seed: int = 0,
     progress: bool = True,
     split_names: tuple[str, str] = ("fit", "test"),
+    extra_jobs: Mapping[str, Callable[[], dict]] | None = None,
 ) -> Results:
-    """The same evaluation from outputs already extracted: ``ood`` lists ``(name, group, outputs)``."""
+    """The same evaluation from outputs already extracted: ``ood`` lists ``(name, group, outputs)``.
+
+    ``mos`` is evaluated with a group-softmax head trained on the fit features (see ``_mos_job``);
+    ``extra_jobs`` maps further detector names to callables returning their scores per set (``"id"`` and
+    every OOD set name), e.g. model-based detectors.
+    """
     params = {key: dict(value) for key, value in (params or {}).items()}
+    extra_jobs = dict(extra_jobs or {})
     if not ood:
         raise ValueError("no OOD sets given; pass at least one")
     for set_name, group, _ in ood:
         if group not in GROUPS:
             raise ValueError(f"OOD set {set_name!r}: group must be one of {', '.join(GROUPS)}, got {group!r}")
     names = list(detectors) if detectors is not None else default_detectors(fit)
+    if detectors is None and fit.features is not None and fit.labels is not None:
+        names.append(MOS_HEAD)
     unknown = sorted(set(names) - set(detector_registry.available()))
     if unknown:
         raise ValueError(f"unknown detector(s) {unknown}; available: {', '.join(detector_registry.available())}")
-    if not names:
+    if not names and not extra_jobs:
         raise ValueError("no detector to run: the outputs lack what every detector needs")
     model_based = [n for n in names if detector_registry.info(n)["needs_model"]]
     if model_based:
         raise ValueError(
-            f"{', '.join(model_based)} run the model themselves (gradients through it); the benchmark runner "
-            "evaluates detectors on extracted outputs only for now: use detectors.create(name).attach(model)"
+            f"{', '.join(model_based)} run the model themselves (gradients through it); evaluate them with "
+            "oodguard.benchmark.runner.run on a Benchmark that holds the model"
         )
     if test.labels is not None and bool(test.is_ood.any()):
         raise ValueError(
@@ -242,6 +313,20 @@ def run_on_outputs(
             "in-distribution data only"
         )
 
+    def output_job(detector_name: str) -> Callable[[], dict]:
+        def job() -> dict[str, np.ndarray]:
+            detector = detector_registry.create(detector_name, **params.get(detector_name, {}))
+            detector.fit(fit)
+            scores = {"id": np.asarray(detector.score(test))}
+            for set_name, _, outputs in ood:
+                scores[set_name] = np.asarray(detector.score(outputs))
+            return scores
+
+        return job
+
+    jobs = {n: _mos_job(fit, test, ood, params.get(n, {})) if n == MOS_HEAD else output_job(n) for n in names}
+    jobs.update(extra_jobs)
+
     id_accuracy = _accuracy(test)
     covariate = [set_name for set_name, group, _ in ood if group == "covariate"]
     evaluated = [(n, g) for n, g, _ in ood if not (full_spectrum and g == "covariate")]
@@ -250,22 +335,17 @@ def run_on_outputs(
         raise ValueError("full-spectrum mode counts covariate sets as ID, which leaves no OOD set to evaluate")
 
     rows, status_rows, all_scores = [], [], {}
-    for detector_name in tqdm(names, desc="detectors", disable=not progress):
+    for detector_name, job in tqdm(list(jobs.items()), desc="detectors", disable=not progress):
         started = time.perf_counter()
         try:
-            detector = detector_registry.create(detector_name, **params.get(detector_name, {}))
-            detector.fit(fit)
-            fitted = time.perf_counter()
-            scores = {"id": np.asarray(detector.score(test))}
-            for set_name, _, outputs in ood:
-                scores[set_name] = np.asarray(detector.score(outputs))
-            scored = time.perf_counter()
+            scores = job()
         except Exception as error:  # a failing detector is reported, the run goes on
             status_rows.append(
                 {"detector": detector_name, "status": "failed", "error": f"{type(error).__name__}: {error}",
-                 "fit_s": np.nan, "score_s": np.nan, "traceback": traceback.format_exc(limit=3)}
+                 "seconds": np.nan, "traceback": traceback.format_exc(limit=3)}
             )  # fmt: skip
             continue
+        elapsed = time.perf_counter() - started
         id_scores = scores["id"]
         if full_spectrum and covariate:
             id_scores = np.concatenate([id_scores, *(scores[c] for c in covariate)])
@@ -279,9 +359,8 @@ def run_on_outputs(
             rows.append(row)
         all_scores[detector_name] = scores
         status_rows.append(
-            {"detector": detector_name, "status": "ok", "error": "", "fit_s": fitted - started,
-             "score_s": scored - fitted, "traceback": ""}
-        )  # fmt: skip
+            {"detector": detector_name, "status": "ok", "error": "", "seconds": elapsed, "traceback": ""}
+        )
     return Results(
         benchmark=name,
         table=pd.DataFrame(rows, columns=_table_columns()),

@@ -43,6 +43,8 @@ class Benchmark:
     validation: DataSplit | None = None
     description: str = ""
     notes: dict[str, str] = field(default_factory=dict)
+    #: Intermediate layers (module names) to extract too, for detectors that read them (e.g. ``gram``).
+    layers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         names = [split.name for split in self.ood]
