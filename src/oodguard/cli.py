@@ -88,6 +88,9 @@ def bench(
     cache_dir: Annotated[Path | None, typer.Option(help="cache for trained models and outputs")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or mps")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    model_detectors: Annotated[
+        bool, typer.Option(help="also run the detectors that run the model themselves (odin, adascale, ...)")
+    ] = False,
 ) -> None:
     """Run every detector on an embedded benchmark: leaderboard, tables and an HTML report."""
     from .benchmark import presets
@@ -98,7 +101,7 @@ def bench(
     outputs_cache = presets.outputs_cache_dir(cache_dir)
     results = run(
         benchmark, names, full_spectrum=full_spectrum, n_boot=n_boot, device=device,
-        cache_dir=outputs_cache, progress=not quiet,
+        cache_dir=outputs_cache, progress=not quiet, model_detectors=model_detectors,
     )  # fmt: skip
     _finish(results, out or Path("results") / name)
 

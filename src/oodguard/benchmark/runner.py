@@ -169,6 +169,7 @@ def run(
     device: str = "cpu",
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    model_detectors: bool = False,
 ) -> Results:
     """Evaluate detectors on a benchmark; a detector that fails is reported as failed and the run goes on.
 
@@ -180,8 +181,9 @@ def run(
     Parameters
     ----------
     benchmark : the data and model.
-    detectors : registry names; default every output-based detector whose requirements the outputs meet,
-        plus every model-based detector.
+    detectors : registry names; default every output-based detector whose requirements the outputs meet
+        (and MOS with a trained head), plus every model-based detector when ``model_detectors`` is true.
+        Model-based detectors run the model again on every split (their work cannot come from the cache).
     params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``.
     full_spectrum : count covariate-shift sets as ID (full-spectrum OOD detection) instead of as OOD.
     n_boot, seed : bootstrap replicates and seed of the 95 % intervals.
@@ -189,7 +191,9 @@ def run(
     outputs = extract_benchmark(benchmark, device=device, cache_dir=cache_dir, progress=progress)
     fit = outputs[benchmark.fit.name]
     if detectors is None:
-        names = default_detectors(fit) + detector_registry.available(needs_model=True)
+        names = default_detectors(fit)
+        if model_detectors:
+            names += detector_registry.available(needs_model=True)
         if fit.features is not None and fit.labels is not None:
             names.append(MOS_HEAD)
     else:
