@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from .. import detectors as detector_registry
@@ -254,7 +255,12 @@ def _mos_job(
             raise ValueError("mos: the runner trains its group-softmax head on fit features and labels; extract both")
         num_classes = fit.num_classes or int(fit.labels.max()) + 1
         sizes = params.get("group_sizes") or default_groups(num_classes, max(2, round(num_classes**0.5)))
-        head = train_mos_head(fit, None, sizes, seed=0, progress=False)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # hundreds of small steps: a thread pool's spin-waits cost more than they save
+        try:
+            head = train_mos_head(fit, None, sizes, seed=0, progress=False)
+        finally:
+            torch.set_num_threads(threads)
         detector = head.detector()
         scores = {"id": np.asarray(detector.score(head.outputs(test.features)))}
         for set_name, _, outputs in ood:
