@@ -34,3 +34,9 @@ def test_service_latency_script_measures_a_live_server():
     results = latency.run(dim=16, classes=3, requests=40, clients=2)
     assert results and all(row["median_ms"] > 0 for row in results), results
     assert "median" in latency.table(results, 16, 2)
+
+
+def test_model_cost_script_counts_forward_pass_equivalents():
+    cost = load("model_cost")
+    rows = cost.run(["odin", "cover"], digits_n=8, resnet_n=2, repeats=1)
+    assert {row["detector"] for row in rows} >= {"odin", "cover"}

@@ -6,6 +6,6 @@ Every detector returns scores where **higher = more likely out-of-distribution**
 from .base import Detector, NotFittedError, available, create, info, load, register
 
 # Importing the modules registers their detectors.
-from . import logits, openset, distance, subspace, shaping, head, gram, gradient, model_feature  # noqa: E402,F401  isort: skip
+from . import logits, openset, distance, subspace, shaping, head, gram, gradient, model_feature, cover  # noqa: E402,F401  isort: skip
 
 __all__ = ["Detector", "NotFittedError", "available", "create", "info", "load", "register"]
