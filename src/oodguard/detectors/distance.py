@@ -116,7 +116,7 @@ class _ClassStatistics(Detector):
         return self._finalize_complete(stats)
 
     def _finalize_complete(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _finalize_complete (abstract hook)")
 
     def _short_message(self, counts: torch.Tensor) -> str | None:
         return _short_classes_message(self.name, counts, self._min_per_class, self._count_what)
@@ -139,7 +139,7 @@ class _ClassStatistics(Detector):
         return self._score_complete(outputs)
 
     def _score_complete(self, outputs: ModelOutputs) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _score_complete (abstract hook)")
 
     @staticmethod
     def _means(stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
