@@ -89,8 +89,8 @@ def bench(
     device: Annotated[str, typer.Option(help="cpu, cuda or mps")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     model_detectors: Annotated[
-        bool, typer.Option(help="also run the detectors that run the model themselves (odin, adascale, ...)")
-    ] = False,
+        bool, typer.Option(help="include the detectors that run the model themselves (odin, adascale, cover, ...)")
+    ] = True,
 ) -> None:
     """Run every detector on an embedded benchmark: leaderboard, tables and an HTML report."""
     from .benchmark import presets

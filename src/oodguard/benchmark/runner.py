@@ -170,7 +170,7 @@ def run(
     device: str = "cpu",
     cache_dir: str | Path | None = None,
     progress: bool = True,
-    model_detectors: bool = False,
+    model_detectors: bool = True,
 ) -> Results:
     """Evaluate detectors on a benchmark; a detector that fails is reported as failed and the run goes on.
 
@@ -183,7 +183,7 @@ def run(
     ----------
     benchmark : the data and model.
     detectors : registry names; default every output-based detector whose requirements the outputs meet
-        (and MOS with a trained head), plus every model-based detector when ``model_detectors`` is true.
+        (and MOS with a trained head), plus every model-based detector unless ``model_detectors`` is false.
         Model-based detectors run the model again on every split (their work cannot come from the cache).
     params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``.
     full_spectrum : count covariate-shift sets as ID (full-spectrum OOD detection) instead of as OOD.
