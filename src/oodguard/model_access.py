@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -453,13 +453,8 @@ class ModelRunner:
         ``loss(logits [B, C]) -> [B]``; with ``layers`` it is called as ``loss(logits, activations)``. Exact
         per-sample gradients from batches: see the module docstring (BatchNorm must use running statistics).
         """
-        parts = [
-            batch.input_gradient.to("cpu")
-            for batch in self.gradient_batches(x, loss, layers=layers, wrt_layers=False, progress=progress)
-        ]
-        if not parts:
-            raise ValueError("data: produced no rows")
-        return torch.cat(parts)
+        batches = self.gradient_batches(x, loss, layers=layers, wrt_layers=False, progress=progress)
+        return _concat_rows(batch.input_gradient for batch in batches)
 
     def perturb(
         self,
@@ -478,13 +473,8 @@ class ModelRunner:
         ``scale_by_std=False``). No clamping to a valid pixel range, as the official code.
         """
         epsilon = self._check_epsilon(epsilon)
-        parts = [
-            self._perturbed(batch, epsilon, scale_by_std).to("cpu")
-            for batch in self.gradient_batches(x, loss, layers=layers, wrt_layers=False, progress=progress)
-        ]
-        if not parts:
-            raise ValueError("data: produced no rows")
-        return torch.cat(parts)
+        batches = self.gradient_batches(x, loss, layers=layers, wrt_layers=False, progress=progress)
+        return _concat_rows(self._perturbed(batch, epsilon, scale_by_std) for batch in batches)
 
     def perturbed_forward(
         self,
@@ -567,3 +557,11 @@ class ModelRunner:
             {name: torch.cat(parts) for name, parts in activations.items()},
             {name: torch.cat(parts) for name, parts in gradients.items()},
         )
+
+
+def _concat_rows(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per-batch results joined on the CPU; refuses data that produced no rows."""
+    parts = [part.to("cpu") for part in parts]
+    if not parts:
+        raise ValueError("data: produced no rows")
+    return torch.cat(parts)
