@@ -141,3 +141,26 @@ def test_report_renders_in_a_headless_browser_without_console_errors(results, tm
     assert '<div id="errors"></div>' in done.stdout
     assert done.stdout.count("<polyline") == 3  # one ROC curve per OOD set of the selected detector
     assert "<table>" in done.stdout and "knn" in done.stdout
+
+
+def test_benchmark_parameters_merge_under_the_users_and_enable_detectors_with_required_parameters():
+    from oodguard.benchmark.runner import default_detectors, merge_params
+
+    merged = merge_params({"knn": {"k": 5, "ratio": 1.0}, "vim": {"dim": 4}}, {"knn": {"k": 9}, "msp": {}})
+    assert merged == {"knn": {"k": 9, "ratio": 1.0}, "vim": {"dim": 4}, "msp": {}}
+    fit = id_outputs(20, seed=1)
+    assert "mos" not in default_detectors(fit)  # its group layout has no default
+    assert "mos" in default_detectors(fit, {"mos": {"group_sizes": [2, 2]}})
+
+
+def test_tensor_parameters_are_recorded_by_shape(tmp_path):
+    import torch
+
+    fit, test = id_outputs(20, seed=1), id_outputs(5, seed=2)
+    bank = torch.zeros(3, 4)
+    done = run_on_outputs("s", fit, test, [("x", "far", far_outputs(5, seed=3))], ["msp"],
+                          params={"msp": {"unused_bank": bank}}, n_boot=5, progress=False)  # fmt: skip
+    assert done.status["status"].tolist() == ["failed"]  # msp has no such parameter: reported, not hidden
+    assert done.settings["params"]["msp"]["unused_bank"] == "Tensor(shape=[3, 4], dtype=torch.float32)"
+    done.save(tmp_path)
+    assert "Tensor(shape=[3, 4]" in (tmp_path / "results.json").read_text()

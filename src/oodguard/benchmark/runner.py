@@ -185,21 +185,22 @@ def run(
     detectors : registry names; default every output-based detector whose requirements the outputs meet
         (and MOS with a trained head), plus every model-based detector unless ``model_detectors`` is false.
         Model-based detectors run the model again on every split (their work cannot come from the cache).
-    params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``.
+    params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``; merged over the benchmark's own
+        ``detector_params`` (the user's value wins per parameter).
     full_spectrum : count covariate-shift sets as ID (full-spectrum OOD detection) instead of as OOD.
     n_boot, seed : bootstrap replicates and seed of the 95 % intervals.
     """
     outputs = extract_benchmark(benchmark, device=device, cache_dir=cache_dir, progress=progress)
     fit = outputs[benchmark.fit.name]
+    params = merge_params(benchmark.detector_params, params)
     if detectors is None:
-        names = default_detectors(fit)
+        names = default_detectors(fit, params)
         if model_detectors:
             names += detector_registry.available(needs_model=True)
-        if fit.features is not None and fit.labels is not None:
+        if fit.features is not None and fit.labels is not None and MOS_HEAD not in names:
             names.append(MOS_HEAD)
     else:
         names = list(detectors)
-    params = {key: dict(value) for key, value in (params or {}).items()}
     model_jobs = {
         name: _model_job(benchmark, name, params.get(name, {}), device)
         for name in names
@@ -298,8 +299,8 @@ def run_on_outputs(
     for set_name, group, _ in ood:
         if group not in GROUPS:
             raise ValueError(f"OOD set {set_name!r}: group must be one of {', '.join(GROUPS)}, got {group!r}")
-    names = list(detectors) if detectors is not None else default_detectors(fit)
-    if detectors is None and fit.features is not None and fit.labels is not None:
+    names = list(detectors) if detectors is not None else default_detectors(fit, params)
+    if detectors is None and fit.features is not None and fit.labels is not None and MOS_HEAD not in names:
         names.append(MOS_HEAD)
     unknown = sorted(set(names) - set(detector_registry.available()))
     if unknown:
@@ -379,7 +380,7 @@ def run_on_outputs(
         groups=groups,
         id_accuracy=id_accuracy,
         full_spectrum=full_spectrum,
-        settings={"n_boot": n_boot, "seed": seed, "params": params, "fit_split": split_names[0],
+        settings={"n_boot": n_boot, "seed": seed, "params": _describe_params(params), "fit_split": split_names[0],
                   "id_split": split_names[1]},
     )  # fmt: skip
 
@@ -391,16 +392,39 @@ def _table_columns() -> list[str]:
     return columns
 
 
-def default_detectors(outputs: ModelOutputs) -> list[str]:
-    """Every registered detector whose fit requirements the outputs meet and that needs no extra parameters."""
+def default_detectors(outputs: ModelOutputs, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """Every registered detector whose fit requirements the outputs meet and whose required parameters
+    (``info(name)["required_params"]``) are all given in ``params``."""
     available = set(outputs.fields())
+    params = params or {}
     chosen = []
     for name in detector_registry.available(needs_model=False):
         meta = detector_registry.info(name)
         needs = set(meta["fit_requires"]) | set(meta["requires"])
-        if needs <= available and not meta.get("required_params"):
+        if needs <= available and set(meta.get("required_params") or ()) <= set(params.get(name, {})):
             chosen.append(name)
     return chosen
+
+
+def merge_params(
+    defaults: Mapping[str, Mapping[str, Any]] | None, overrides: Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, dict[str, Any]]:
+    """Per-detector parameters: ``overrides`` (the user's) over ``defaults`` (the benchmark's), per parameter."""
+    merged = {key: dict(value) for key, value in (defaults or {}).items()}
+    for key, value in (overrides or {}).items():
+        merged.setdefault(key, {}).update(value)
+    return merged
+
+
+def _describe_params(params: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Parameters as results record them: tensors and arrays by shape and dtype (they can be large)."""
+
+    def describe(value: Any) -> Any:
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            return f"{type(value).__name__}(shape={list(value.shape)}, dtype={value.dtype})"
+        return value
+
+    return {name: {key: describe(value) for key, value in values.items()} for name, values in params.items()}
 
 
 def _accuracy(outputs: ModelOutputs) -> float:

@@ -45,6 +45,10 @@ class Benchmark:
     notes: dict[str, str] = field(default_factory=dict)
     #: Intermediate layers (module names) to extract too, for detectors that read them (e.g. ``gram``).
     layers: list[str] = field(default_factory=list)
+    #: Default hyperparameters per detector for this benchmark (e.g. zero-shot label embeddings, layer lists).
+    #: The runner merges a user's parameters over these; a detector whose required parameters are all given
+    #: here runs by default.
+    detector_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [split.name for split in self.ood]
