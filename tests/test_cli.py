@@ -69,13 +69,15 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     write_npz(tmp_path / "near.npz", id_outputs(5, seed=4).with_fields(labels=None), with_head=False)
     code = main(["eval", "--fit", str(tmp_path / "fit.npz"), "--id", str(tmp_path / "id.npz"),
                  "--ood", f"far:cluster={tmp_path / 'far.npz'}", "--ood", f"near:copy={tmp_path / 'near.npz'}",
-                 "-d", "msp,energy", "-d", "vim", "--out", str(tmp_path / "out"), "--n-boot", "20", "-q"])  # fmt: skip
+                 "-d", "msp,energy", "-d", "vim", "--out", str(tmp_path / "out"), "--n-boot", "20", "-q",
+                 "-p", "vim.dim=3", "-p", "energy.temperature=2.5"])  # fmt: skip
     assert code == 0
     shown = capsys.readouterr().out
     assert "vim" in shown and "report:" in shown
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {row["detector"] for row in payload["leaderboard"]} == {"msp", "energy", "vim"}
     assert {row["ood_set"] for row in payload["results"]} == {"cluster", "copy"}
+    assert payload["settings"]["params"] == {"vim": {"dim": 3}, "energy": {"temperature": 2.5}}
 
 
 @pytest.mark.parametrize(
@@ -86,6 +88,9 @@ def test_eval_command_end_to_end(tmp_path, capsys):
         (["eval", "--fit", "missing.npz", "--id", "x.npz", "--ood", "a=b.npz"], "no such file"),
         (["eval", "--fit", "f.npz", "--id", "x.npz", "--ood", "nonsense"], "expected [GROUP:]NAME=FILE"),
         (["bench"], "Missing argument"),
+        (["eval", "--fit", "f.npz", "--id", "x.npz", "--ood", "a=x.npz", "-p", "knn=3"], "expected DETECTOR.NAME="),
+        (["eval", "--fit", "f.npz", "--id", "x.npz", "--ood", "a=x.npz", "-p", "nope.k=3"], "unknown detector 'no"),
+        (["eval", "--fit", "f.npz", "--id", "x.npz", "--ood", "a=x.npz", "-d", "knn", "-p", "knn.k=0"], "knn: k"),
     ],
 )
 def test_errors_are_one_line_with_nonzero_exit(argv, message, capsys, tmp_path, monkeypatch):

@@ -103,7 +103,8 @@ def test_gradnorm_autograd_equals_closed_form(cnn, images):
     outputs = extract(cnn, images, progress=False)
     for t in (1.0, 2.5):
         closed = detectors.create("gradnorm", temperature=t).fit(outputs).score(outputs)
-        auto = detectors.create("gradnorm_autograd", temperature=t).attach(ModelRunner(cnn, batch_size=4)).score(images)
+        auto = detectors.create("gradnorm", mode="autograd", temperature=t)
+        auto = auto.attach(ModelRunner(cnn, batch_size=4)).score(images)
         torch.testing.assert_close(auto, closed, rtol=1e-5, atol=1e-5)
     assert all(p.grad is None for p in cnn.parameters())
 
@@ -129,7 +130,7 @@ def test_gradnorm_autograd_is_the_true_weight_gradient():
         loss = -torch.log_softmax(model(x[i : i + 1]), dim=1).sum()
         (g,) = torch.autograd.grad(loss, model.head.weight)
         expected.append(-g.abs().sum().double())
-    got = detectors.create("gradnorm_autograd").attach(ModelRunner(model, batch_size=4)).score(x)
+    got = detectors.create("gradnorm", mode="autograd").attach(ModelRunner(model, batch_size=4)).score(x)
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-7)
     with pytest.warns(UserWarning, match="changes the logits after that layer"):
         outputs = extract(model, x, progress=False, feature_layer="head")
@@ -143,7 +144,7 @@ def test_gradnorm_autograd_direction():
     model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
     near = torch.randn(20, 2) * 0.1
     far = torch.randn(20, 2) * 0.1 + 50.0  # large features and confident logits: large gradient norm
-    det = detectors.create("gradnorm_autograd").attach(model)
+    det = detectors.create("gradnorm", mode="autograd").attach(model)
     # GradNorm is larger for confident (ID-like) inputs, so their OOD score is lower.
     assert float(det.score(far).mean()) < float(det.score(near).mean())
 
@@ -161,18 +162,24 @@ def test_score_before_attach_and_save_load_round_trip(cnn, images, tmp_path):
     with pytest.raises(RuntimeError, match="attach"):
         loaded.score(images)
     torch.testing.assert_close(loaded.attach(runner).score(images), before)
-    gn = detectors.create("gradnorm_autograd", temperature=2.0)
+    gn = detectors.create("gradnorm", mode="autograd", temperature=2.0)
     gn.save(tmp_path / "gn")
-    assert detectors.load(tmp_path / "gn").params == {"temperature": 2.0}
+    loaded_gn = detectors.load(tmp_path / "gn")
+    assert loaded_gn.params == {"temperature": 2.0, "mode": "autograd"} and loaded_gn.needs_model
 
 
 def test_numpy_inputs_give_numpy_scores_and_registry_metadata(cnn, images):
     scores = detectors.create("odin").attach(cnn).score(images.numpy())
     assert isinstance(scores, np.ndarray) and scores.shape == (10,)
-    for name in ("odin", "gradnorm_autograd"):
-        meta = detectors.info(name)
-        assert meta["requires"] == ["model"] and not meta["needs_fit"] and meta["paper"] and meta["code"]
-        assert detectors.create(name).needs_model
+    meta = detectors.info("odin")
+    assert meta["requires"] == ["model"] and not meta["needs_fit"] and meta["paper"] and meta["code"]
+    assert detectors.create("odin").needs_model
+    # one registry name, two implementations: the closed form on cached outputs by default
+    assert not detectors.info("gradnorm")["needs_model"] and detectors.info("gradnorm")["defaults"]["mode"] == (
+        "closed_form"
+    )
+    assert detectors.needs_model("gradnorm", {"mode": "autograd"}) and not detectors.needs_model("gradnorm")
+    assert detectors.create("gradnorm", mode="autograd").requires == {"model"}
 
 
 def test_bad_parameters_and_inputs(cnn):
@@ -183,14 +190,16 @@ def test_bad_parameters_and_inputs(cnn):
     with pytest.raises(ValueError, match="scale_by_std"):
         detectors.create("odin", scale_by_std="yes")
     with pytest.raises(ValueError, match="temperature"):
-        detectors.create("gradnorm_autograd", temperature=float("inf"))
+        detectors.create("gradnorm", mode="autograd", temperature=float("inf"))
+    with pytest.raises(ValueError, match="mode must be 'closed_form'"):
+        detectors.create("gradnorm", mode="backprop")
     with pytest.raises(TypeError, match="attach expects"):
         detectors.create("odin").attach("model")
     with pytest.raises(TypeError, match="partial_fit"):
         detectors.create("odin").partial_fit(torch.zeros(1, 1, 28, 28))
     with pytest.raises(ValueError, match="feature_layer"):
         headless = nn.Sequential(nn.Linear(3, 2), nn.Softmax(dim=1))
-        detectors.create("gradnorm_autograd").attach(headless).score(torch.randn(2, 3))
+        detectors.create("gradnorm", mode="autograd").attach(headless).score(torch.randn(2, 3))
     with pytest.raises(ValueError, match="output is not differentiable"):
 
         class Frozen(nn.Module):

@@ -153,14 +153,17 @@ def test_benchmark_parameters_merge_under_the_users_and_enable_detectors_with_re
     assert "mos" in default_detectors(fit, {"mos": {"group_sizes": [2, 2]}})
 
 
-def test_tensor_parameters_are_recorded_by_shape(tmp_path):
+def test_bad_parameters_are_refused_before_any_work_and_tensors_are_recorded_by_shape():
     import torch
 
+    from oodguard.benchmark.runner import _describe_params
+
     fit, test = id_outputs(20, seed=1), id_outputs(5, seed=2)
-    bank = torch.zeros(3, 4)
-    done = run_on_outputs("s", fit, test, [("x", "far", far_outputs(5, seed=3))], ["msp"],
-                          params={"msp": {"unused_bank": bank}}, n_boot=5, progress=False)  # fmt: skip
-    assert done.status["status"].tolist() == ["failed"]  # msp has no such parameter: reported, not hidden
-    assert done.settings["params"]["msp"]["unused_bank"] == "Tensor(shape=[3, 4], dtype=torch.float32)"
-    done.save(tmp_path)
-    assert "Tensor(shape=[3, 4]" in (tmp_path / "results.json").read_text()
+    with pytest.raises(TypeError, match="msp: unknown parameter"):
+        run_on_outputs("s", fit, test, [("x", "far", far_outputs(5, seed=3))], ["msp"],
+                       params={"msp": {"bank": torch.zeros(3, 4)}}, n_boot=5, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="knn: k"):
+        run_on_outputs("s", fit, test, [("x", "far", far_outputs(5, seed=3))], ["knn"], params={"knn": {"k": 0}},
+                       n_boot=5, progress=False)  # fmt: skip
+    described = _describe_params({"mcm": {"label_embeddings": torch.zeros(3, 4), "temperature": 1.0}})
+    assert described == {"mcm": {"label_embeddings": "Tensor(shape=[3, 4], dtype=torch.float32)", "temperature": 1.0}}

@@ -34,6 +34,37 @@ DetectorsOption = Annotated[
 ]
 
 
+ParamsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--param",
+        "-p",
+        help="detector hyperparameter as DETECTOR.NAME=VALUE (VALUE read as JSON when it parses, else as text), "
+        "repeated; e.g. -p knn.k=10 -p gradnorm.mode=autograd",
+    ),
+]
+
+
+def _detector_params(values: list[str] | None) -> dict[str, dict]:
+    """``DETECTOR.NAME=VALUE`` options as per-detector parameters; JSON values (numbers, lists, true) parsed."""
+    import json
+
+    params: dict[str, dict] = {}
+    for value in values or []:
+        key, sep, raw = value.partition("=")
+        detector, dot, name = key.strip().partition(".")
+        if not sep or not dot or not detector or not name:
+            raise ValueError(f"--param {value!r}: expected DETECTOR.NAME=VALUE, e.g. --param knn.k=10")
+        if detector not in detectors.available():
+            raise ValueError(f"--param {value!r}: unknown detector {detector!r}; run `oodguard detectors` to list them")
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed = raw
+        params.setdefault(detector, {})[name] = parsed
+    return params
+
+
 def _detector_names(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
@@ -80,8 +111,9 @@ def _finish(results, out: Path) -> None:
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="embedded benchmark: " + ", ".join(["digits", "digits-open-set"]))],
+    name: Annotated[str, typer.Argument(help="embedded benchmark (oodguard.benchmark.presets), e.g. digits")],
     detector_names: DetectorsOption = None,
+    param: ParamsOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default results/NAME)")] = None,
     full_spectrum: Annotated[bool, typer.Option(help="count covariate-shift sets as ID")] = False,
     n_boot: Annotated[int, typer.Option(help="bootstrap replicates for the 95 % intervals")] = 200,
@@ -97,10 +129,11 @@ def bench(
     from .benchmark.runner import run
 
     names = _detector_names(detector_names)
+    params = _detector_params(param)
     benchmark = presets.load(name, cache_dir=cache_dir, progress=not quiet)
     outputs_cache = presets.outputs_cache_dir(cache_dir)
     results = run(
-        benchmark, names, full_spectrum=full_spectrum, n_boot=n_boot, device=device,
+        benchmark, names, params=params, full_spectrum=full_spectrum, n_boot=n_boot, device=device,
         cache_dir=outputs_cache, progress=not quiet, model_detectors=model_detectors,
     )  # fmt: skip
     _finish(results, out or Path("results") / name)
@@ -117,6 +150,7 @@ def evaluate(
         ),
     ],
     detector_names: DetectorsOption = None,
+    param: ParamsOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("results/eval"),
     full_spectrum: Annotated[bool, typer.Option(help="count covariate-shift sets as ID")] = False,
     n_boot: Annotated[int, typer.Option(help="bootstrap replicates for the 95 % intervals")] = 200,
@@ -127,6 +161,7 @@ def evaluate(
     from .files import read_outputs
 
     names = _detector_names(detector_names)
+    params = _detector_params(param)
     sets = []
     for spec in ood:
         label, sep, file = spec.partition("=")
@@ -135,7 +170,7 @@ def evaluate(
         group, _, set_name = label.rpartition(":")
         sets.append((set_name, group or "far", read_outputs(file)))
     results = run_on_outputs(
-        "eval", read_outputs(fit), read_outputs(id_), sets, names,
+        "eval", read_outputs(fit), read_outputs(id_), sets, names, params=params,
         full_spectrum=full_spectrum, n_boot=n_boot, progress=not quiet,
         split_names=(str(fit), str(id_)),
     )  # fmt: skip

@@ -176,8 +176,9 @@ def run(
 
     Each dataset goes through the model once (cached on disk when ``cache_dir`` is set); every output-based
     detector is then fitted on the fit split's outputs and scores the ID test split and every OOD set.
-    Detectors that run the model themselves (``detectors.info(name)["needs_model"]``: input or inner-layer
-    gradients) are attached to the benchmark's model and fitted and scored on the splits' inputs.
+    Detectors that run the model themselves (``detectors.needs_model(name, params)``: input or inner-layer
+    gradients, e.g. ``odin`` or ``gradnorm`` with ``mode="autograd"``) are attached to the benchmark's model
+    and fitted and scored on the splits' inputs.
 
     Parameters
     ----------
@@ -201,10 +202,11 @@ def run(
             names.append(MOS_HEAD)
     else:
         names = list(detectors)
+    check_params(names, params)
     model_jobs = {
         name: _model_job(benchmark, name, params.get(name, {}), device)
         for name in names
-        if name in detector_registry.available(needs_model=True)
+        if name in detector_registry.available() and detector_registry.needs_model(name, params.get(name))
     }
     return run_on_outputs(
         benchmark.name,
@@ -307,7 +309,8 @@ def run_on_outputs(
         raise ValueError(f"unknown detector(s) {unknown}; available: {', '.join(detector_registry.available())}")
     if not names and not extra_jobs:
         raise ValueError("no detector to run: the outputs lack what every detector needs")
-    model_based = [n for n in names if detector_registry.info(n)["needs_model"]]
+    check_params(names, params)
+    model_based = [n for n in names if detector_registry.needs_model(n, params.get(n))]
     if model_based:
         raise ValueError(
             f"{', '.join(model_based)} run the model themselves (gradients through it); evaluate them with "
@@ -404,6 +407,17 @@ def default_detectors(outputs: ModelOutputs, params: Mapping[str, Mapping[str, A
         if needs <= available and set(meta.get("required_params") or ()) <= set(params.get(name, {})):
             chosen.append(name)
     return chosen
+
+
+def check_params(names: Iterable[str], params: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse bad hyperparameters before any work starts (a typo should not cost a whole run).
+
+    Each chosen detector given parameters is constructed once, which runs its own validation; MOS takes the
+    runner's head-training parameters too, which are checked where they are used.
+    """
+    for name in names:
+        if name in params and name != MOS_HEAD and name in detector_registry.available():
+            detector_registry.create(name, **params[name])
 
 
 def merge_params(

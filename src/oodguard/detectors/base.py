@@ -84,6 +84,12 @@ class Detector:
     required_params: ClassVar[tuple[str, ...]] = ()
     state_reductions: ClassVar[dict[str, str] | None] = None
 
+    @classmethod
+    def variant(cls, params: Mapping[str, Any]) -> type[Detector]:
+        """The class that implements these parameters: ``cls`` unless a parameter selects another
+        implementation under the same registry name (e.g. ``gradnorm`` with ``mode="autograd"`` runs the model)."""
+        return cls
+
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
@@ -351,9 +357,20 @@ class Detector:
 # ---------------------------------------------------------------------- registry functions
 def create(name: str, **params: Any) -> Detector:
     """A new detector by registry name, e.g. ``create("vim", dim=64)``."""
+    return implementation(name, params)(**params)
+
+
+def implementation(name: str, params: Mapping[str, Any] | None = None) -> type[Detector]:
+    """The class ``create(name, **params)`` instantiates (a parameter may select a model-based variant)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown detector {name!r}; available: {', '.join(available())}")
-    return _REGISTRY[name](**params)
+    return _REGISTRY[name].variant(params or {})
+
+
+def needs_model(name: str, params: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``create(name, **params)`` runs the model itself (gradients through it) rather than
+    scoring cached outputs."""
+    return bool(getattr(implementation(name, params), "needs_model", False))
 
 
 def available(needs_model: bool | None = None) -> list[str]:

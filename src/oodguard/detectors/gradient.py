@@ -22,8 +22,8 @@ gradient with respect to the input, or to a layer, for each scored sample), so t
 * ``save``/``load`` work as for every detector (parameters and fitted state, safetensors + JSON). The runner,
   i.e. the model, is **not** saved: attach it again after ``load``;
 * everything that does not need the model's gradients should still come from cached outputs (e.g. ``gradnorm``
-  in closed form on cached features); the ``*_autograd`` detectors exist for models where the closed form does
-  not apply and as a check of it.
+  in closed form on cached features); ``gradnorm`` with ``mode="autograd"`` exists for models where the closed
+  form does not apply and as a check of it.
 """
 
 from __future__ import annotations
@@ -213,7 +213,6 @@ class ODIN(ModelDetector):
 
 
 # ---------------------------------------------------------------------- GradNorm through the model
-@register
 class GradNormAutograd(ModelDetector):
     """GradNorm with the true gradient through the model: ``-||dL/dW||_1`` of the final linear layer's weight.
 
@@ -227,7 +226,8 @@ class GradNormAutograd(ModelDetector):
     When the logits are the head's output (the usual case), this equals the closed form of the ``gradnorm``
     detector ``(1/T)(sum_d |z_d|)(sum_c |C p_c - 1|)``, which needs only cached features: prefer ``gradnorm``
     then. This detector is exact also when the model transforms the head's output (scaling, a head applied per
-    token, ...). No fitted state.
+    token, ...). No fitted state. Created as ``create("gradnorm", mode="autograd")``: it shares the registry name
+    ``gradnorm``, and saved detectors load back as this class from that parameter.
 
     Paper: Huang, Geng & Li, "On the Importance of Gradients for Detecting Distributional Shifts in the Wild",
     NeurIPS 2021. Official code: deeplearning-wisc/gradnorm_ood ``test_ood.py`` (``iterate_data_gradnorm``,
@@ -235,17 +235,22 @@ class GradNormAutograd(ModelDetector):
     mode, see :mod:`oodguard.model_access`). Default ``temperature=1`` (official).
     """
 
-    name = "gradnorm_autograd"
+    name = "gradnorm"
     summary = "L1 norm of the final linear layer's weight gradient of the KL to uniform, by autograd through the model"
     paper = (
         "Huang, Geng & Li, On the Importance of Gradients for Detecting Distributional Shifts in the Wild, NeurIPS 2021"
     )
     code = "https://github.com/deeplearning-wisc/gradnorm_ood (test_ood.py)"
-    defaults: dict[str, Any] = {"temperature": 1.0}
+    defaults: dict[str, Any] = {"temperature": 1.0, "mode": "autograd"}
     needs_fit = False
 
     def _check_params(self) -> None:
         _positive(self.name, self.params, "temperature")
+        if self.params["mode"] != "autograd":
+            raise ValueError(
+                f"{self.name}: this class implements mode='autograd'; create other modes with "
+                f"detectors.create('gradnorm', mode=...), got {self.params['mode']!r}"
+            )
 
     def _score_model(self, runner: ModelRunner, data: Any, labels: Any, progress: bool | None) -> torch.Tensor:
         if runner.head is None:

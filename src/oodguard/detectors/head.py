@@ -7,6 +7,7 @@ recomputed as ``z @ W.T + b`` (the logits field, if present, is not read).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -274,6 +275,11 @@ class GradNorm(Detector):
     ``fit`` only records the head ``(W, b)`` (so scoring needs only features); it uses no statistics of
     the fit data. Default ``temperature=1`` (official ``--temperature_gradnorm``).
 
+    ``mode="autograd"`` (``create("gradnorm", mode="autograd")``) computes the true gradient through the
+    model instead (:class:`oodguard.detectors.gradient.GradNormAutograd`, which needs the model attached); it
+    equals this closed form whenever the logits are the final linear layer's output, and is exact also when
+    the model transforms them. The default ``mode="closed_form"`` needs only cached features.
+
     Paper: Huang, Geng & Li, "On the Importance of Gradients for Detecting Distributional Shifts in the
     Wild", NeurIPS 2021. Official code: deeplearning-wisc/gradnorm_ood ``test_ood.py``
     (``iterate_data_gradnorm``, 18d5d33); OpenOOD ``gradnorm_postprocessor.py`` is equivalent.
@@ -287,10 +293,23 @@ class GradNorm(Detector):
     code = "https://github.com/deeplearning-wisc/gradnorm_ood (test_ood.py)"
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})  # fit only records the head; D is checked at score
-    defaults: dict[str, Any] = {"temperature": 1.0}
+    defaults: dict[str, Any] = {"temperature": 1.0, "mode": "closed_form"}
+
+    @classmethod
+    def variant(cls, params: Mapping[str, Any]) -> type[Detector]:
+        if params.get("mode") == "autograd":
+            from .gradient import GradNormAutograd
+
+            return GradNormAutograd
+        return cls
 
     def _check_params(self) -> None:
         _check_positive(self.name, self.params, "temperature")
+        if self.params["mode"] != "closed_form":
+            raise ValueError(
+                f"{self.name}: mode must be 'closed_form' (cached features) or 'autograd' (gradients through the "
+                f"model, created with detectors.create('gradnorm', mode='autograd')), got {self.params['mode']!r}"
+            )
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         weight, bias = outputs.head
