@@ -283,4 +283,4 @@ def test_registry_metadata():
         assert meta["requires"] == ["features"] and "head" in meta["fit_requires"] and meta["needs_fit"]
     assert detectors.info("fdbd")["partial_fit"] and detectors.info("nac")["partial_fit"]
     assert not detectors.info("nnguide")["partial_fit"] and not detectors.info("gradnorm")["partial_fit"]
-    assert detectors.info("nac")["defaults"] == {"alpha": 100.0, "M": 50, "O": 50}
+    assert detectors.info("nac")["defaults"] == {"alpha": 100.0, "M": 50, "O": 50, "layers": None}

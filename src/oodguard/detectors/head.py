@@ -370,8 +370,9 @@ class NAC(_HeadStatistics):
     and Generalization", ICLR 2024. Official code: BierOne/ood_coverage
     ``openood/postprocessors/nac/{coverage,instr_state,utils}.py`` (``KMNC``, ``Estimator``, ``logspace``,
     ``kl_grad``, ``sigmoid``; b002780).
-    Deviations: only the penultimate layer (the official best results average it with layer1-3, which
-    need intermediate-layer gradients through the network); the reference's ``[B, M, D]`` comparison with
+    ``create("nac", layers=[...])`` runs NAC on inner layers instead, with gradients through the model
+    (:class:`oodguard.detectors.nac_layers.NACLayers`; the official best results average the penultimate
+    layer with layer1-3). Deviations of this closed form: the reference's ``[B, M, D]`` comparison with
     every edge is replaced by ``searchsorted`` (same bins); the gradient is the closed form of the
     official autograd ``kl_grad`` (equal up to rounding).
     """
@@ -385,12 +386,24 @@ class NAC(_HeadStatistics):
     code = "https://github.com/BierOne/ood_coverage (openood/postprocessors/nac/coverage.py)"
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})
-    defaults: dict[str, Any] = {"alpha": 100.0, "M": 50, "O": 50}
+    defaults: dict[str, Any] = {"alpha": 100.0, "M": 50, "O": 50, "layers": None}
     state_reductions = {"counts": "sum", **_HeadStatistics.head_reductions}
 
     _FIT_CHUNK = 16384
 
+    @classmethod
+    def variant(cls, params: Mapping[str, Any]) -> type[Detector]:
+        if params.get("layers") is not None:
+            from .nac_layers import NACLayers
+
+            return NACLayers
+        return cls
+
     def _check_params(self) -> None:
+        if self.params["layers"] is not None:
+            raise ValueError(
+                f"{self.name}: NAC on named layers runs the model; create it with detectors.create('nac', layers=[...])"
+            )
         _check_positive(self.name, self.params, "alpha")
         _check_positive(self.name, self.params, "O")
         m = self.params["M"]
