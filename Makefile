@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: bench speed speed-imagenet reuse latency test lint env clean
+.PHONY: bench bench-text speed speed-imagenet reuse latency test lint env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ env: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/oodguard bench digits --out results/digits
+
+bench-text: $(STAMP)
+	$(VENV)/bin/oodguard bench text --out results/text
 
 # Performance measurements (docs/performance.md records their output).
 speed: $(STAMP)

