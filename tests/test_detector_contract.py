@@ -11,14 +11,39 @@ import torch
 from oodguard import ModelOutputs, detectors
 from oodguard.detectors import NotFittedError
 
-from detector_data import SMALL_DATA_PARAMS, detector_params, far_outputs, id_outputs
+from detector_data import FEATURE_DIM, NUM_CLASSES, SMALL_DATA_PARAMS, far_outputs, id_outputs
+from detector_data import detector_params as shared_detector_params
 
 NAMES = detectors.available(needs_model=False)  # model-based detectors have their own tests
 EXPECTED = {
     "msp", "maxlogit", "energy", "gen", "klm", "tempscale", "mahalanobis", "rmds", "knn", "she", "vim",
     "residual", "wdiscood", "react", "dice", "ash", "scale", "fdbd", "nnguide", "gradnorm", "nac", "mos",
-    "openmax", "gram",
+    "openmax", "gram", "mcm", "neglabel", "clipn", "lapt",
 }  # fmt: skip
+
+
+def zero_shot_params(name: str) -> dict:
+    """Text-side embeddings for the zero-shot detectors on detector_data's clusters: labels at the class means,
+    negatives and "no" prompts on the units no class uses (where the far-away cluster lies)."""
+    block = FEATURE_DIM // NUM_CLASSES
+    labels = np.full((NUM_CLASSES, FEATURE_DIM), 0.3, dtype=np.float32)
+    for c in range(NUM_CLASSES):
+        labels[c, c * block : (c + 1) * block] = 2.0
+    unused = np.zeros(FEATURE_DIM, dtype=np.float32)
+    unused[NUM_CLASSES * block :] = 3.0
+    negatives = np.abs(np.random.default_rng(7).normal(size=(40, FEATURE_DIM))).astype(np.float32) + unused
+    no_labels = 0.3 + np.tile(unused, (NUM_CLASSES, 1))
+    params = {
+        "mcm": {},
+        "neglabel": {"negative_embeddings": negatives, "groups": 10},
+        "clipn": {"no_label_embeddings": no_labels},
+        "lapt": {"negative_embeddings": negatives, "groups": 10},
+    }
+    return {"label_embeddings": labels, **params[name]} if name in params else {}
+
+
+def detector_params(name: str) -> dict:
+    return {**shared_detector_params(name), **zero_shot_params(name)}
 
 
 def fitted(name: str, **extra) -> detectors.Detector:

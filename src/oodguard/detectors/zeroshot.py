@@ -76,6 +76,18 @@ def neglabel_ood_score(
     return torch.sigmoid(torch.logsumexp(grouped, dim=2) - id_lse[:, None]).mean(dim=1)
 
 
+def _sgd_step(
+    param: torch.Tensor, grad: torch.Tensor, velocity: torch.Tensor, lr: float, momentum: float, weight_decay: float
+) -> None:
+    """One step of ``torch.optim.SGD`` with Nesterov momentum (dampening 0), in place. Written out because
+    constructing a torch optimiser costs seconds on its first use (it imports the compiler stack)."""
+    grad = grad.add(param, alpha=weight_decay) if weight_decay else grad
+    if momentum > 0:
+        velocity.mul_(momentum).add_(grad)
+        grad = grad.add_(velocity, alpha=momentum) if weight_decay else grad.add(velocity, alpha=momentum)
+    param.add_(grad, alpha=-lr)
+
+
 class _ZeroShot(Detector):
     """Shared validation and storage of the tensor (text-side) parameters."""
 
@@ -144,8 +156,8 @@ class MCM(_ZeroShot):
     """Maximum Concept Matching: the largest softmax of the cosine similarities to the ID label embeddings.
 
     ``s_k = v . t_k`` and ``S_MCM = max_k softmax_k(s / T)``; the OOD score is ``1 - S_MCM`` (the official
-    code stores ``-S_MCM``: same ranking), computed as ``-expm1(-LSE_k((s_k - s_max) / T))`` so that it keeps
-    its precision when ``S_MCM`` is close to 1.
+    code stores ``-S_MCM``: same ranking), computed as ``r / (1 + r)`` with ``r = sum_{j != max} e^{(s_j - s_max)/T}``
+    so that it keeps its precision when ``S_MCM`` is close to 1.
 
     Parameters: ``label_embeddings`` ``[K, D]`` (required; official prompt ``"a photo of a {}."``, one template),
     ``temperature`` ``T`` (default 1, the official ``--T``: the softmax is then nearly uniform but the ranking is
@@ -170,8 +182,10 @@ class MCM(_ZeroShot):
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         v = self._features(outputs, "score")
         logits = (v @ self._text_state()["label_embeddings"].T).to(torch.float64) / self.params["temperature"]
-        lse = torch.logsumexp(logits - logits.amax(dim=1, keepdim=True), dim=1)  # log(1 / S_MCM) >= 0
-        return -torch.expm1(-lse)
+        top = logits.argmax(dim=1, keepdim=True)
+        shifted = (logits - logits.gather(1, top)).scatter_(1, top, -math.inf)
+        others = torch.exp(shifted).sum(dim=1)  # sum_{j != max} e^{(s_j - s_max)/T} = (1 - S) / S
+        return others / (1 + others)
 
 
 @register
@@ -374,15 +388,9 @@ class LAPT(NegLabel):
         anchors = torch.cat([labels, negatives])  # frozen label embeddings: starting point and wccm partners
         targets = torch.cat([y, labels.shape[0] + torch.arange(negatives.shape[0])])
         delta = torch.zeros_like(anchors, requires_grad=True)
-        optimizer = torch.optim.SGD(
-            [delta], lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"], nesterov=p["momentum"] > 0
-        )
-        steps_per_epoch = math.ceil(len(targets) / p["batch_size"])
-        total = p["epochs"] * steps_per_epoch
-        # the official cosine_annealing(step, total, 1, 1e-8) factor
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 1e-8 + (1 - 1e-8) * 0.5 * (1 + math.cos(step / total * math.pi))
-        )
+        velocity = torch.zeros_like(anchors)
+        total = p["epochs"] * math.ceil(len(targets) / p["batch_size"])
+        step = 0
         generator = torch.Generator().manual_seed(p["seed"])
         mixing = np.random.default_rng(p["seed"])
         along = (v * labels[y]).sum(dim=1, keepdim=True)  # each ID input's component along its own label
@@ -397,11 +405,12 @@ class LAPT(NegLabel):
                     lam = float(mixing.beta(p["alpha"], p["alpha"]))
                     x = F.normalize(lam * x + (1 - lam) * anchors[target], dim=1, eps=_NORM_EPS)
                 tuned = F.normalize(anchors + delta, dim=1, eps=_NORM_EPS)
-                loss = F.cross_entropy(p["scale"] * x @ tuned.T, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
+                (grad,) = torch.autograd.grad(F.cross_entropy(p["scale"] * x @ tuned.T, target), delta)
+                # the official cosine_annealing(step, total, 1, 1e-8) factor on the learning rate
+                lr = p["lr"] * (1e-8 + (1 - 1e-8) * 0.5 * (1 + math.cos(step / total * math.pi)))
+                with torch.no_grad():
+                    _sgd_step(delta, grad, velocity, lr, p["momentum"], p["weight_decay"])
+                step += 1
         with torch.no_grad():
             tuned = F.normalize(anchors + delta, dim=1, eps=_NORM_EPS)
         if not bool(torch.isfinite(tuned).all()):
