@@ -132,7 +132,7 @@ def _one_thread() -> Iterator[None]:
 
 
 def zero_shot_params(
-    encoder: Any, cache_dir: str | os.PathLike | None = None, progress: bool = True
+    encoder: Any, cache_dir: str | os.PathLike | None = None, progress: bool = True, max_words: int | None = None
 ) -> dict[str, dict[str, Any]]:
     """Parameters of ``mcm``, ``neglabel``, ``clipn`` and ``lapt`` for this benchmark, embedded by ``encoder``.
 
@@ -140,11 +140,13 @@ def zero_shot_params(
     ``oodguard.zeroshot.mine_negative_labels`` (per kind: nouns, adjectives) from the shipped WordNet lemmas;
     ``groups = max(1, M // ZERO_SHOT["group_size"])`` so that each group holds about as many negatives as the
     official 10,000-in-100 setting; "no" prompts ``ZERO_SHOT["no_template"]`` per class for ``clipn``.
+    ``max_words`` keeps only the first that many nouns and adjectives (for quick checks); ``cache_dir`` caches the
+    candidates' embeddings (:func:`oodguard.text.embed_texts`).
     """
     from ..text.encoders import embed_texts
     from ..zeroshot import class_embeddings, mine_negative_labels
 
-    words = text_data.load_text_data()["words"]
+    words = {kind: values[:max_words] for kind, values in text_data.load_text_data()["words"].items()}
     labels = class_embeddings(encoder, list(CLASS_NAMES), (ZERO_SHOT["label_template"],))
     no_labels = class_embeddings(encoder, list(CLASS_NAMES), (ZERO_SHOT["no_template"],))
     prompts = [ZERO_SHOT["noun_template"].format(w) for w in words["noun"]]
@@ -183,7 +185,7 @@ def text_benchmark(
         Default :func:`oodguard.text.default_text_encoder`. Another encoder gives another benchmark (its
         identity keys the caches).
     subset : int, optional
-        At most this many texts per set, for quick checks (see :func:`text_texts`).
+        At most this many texts per set and candidate words per kind, for quick checks (see :func:`text_texts`).
 
     Returns
     -------
@@ -209,7 +211,7 @@ def text_benchmark(
             encoder = default_text_encoder()
         everything = [text for texts, _ in sets.values() for text in texts]
         embeddings = embed_texts(encoder, everything, progress=progress, cache_dir=root, desc="embed text benchmark")
-        params = zero_shot_params(encoder, cache_dir=root, progress=progress)
+        params = zero_shot_params(encoder, cache_dir=root, progress=progress, max_words=subset)
     splits: dict[str, DataSplit] = {}
     start = 0
     for name, (texts, labels) in sets.items():

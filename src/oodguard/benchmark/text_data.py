@@ -23,6 +23,7 @@ import importlib
 import inspect
 import json
 import re
+import warnings
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -105,6 +106,8 @@ def parse_wordnet(path: str | Path) -> tuple[list[WordNetEntry], str]:
             if not separator or len(fields) < 6:
                 raise ValueError(f"{path}: not a WordNet data line: {line[:80]!r}")
             count = int(fields[3], 16)
+            if len(fields) < 4 + 2 * count:
+                raise ValueError(f"{path}: not a WordNet data line (fewer words than w_cnt): {line[:80]!r}")
             words = tuple(_MARKER.sub("", fields[4 + 2 * i]).replace("_", " ") for i in range(count))
             definition = " ".join(gloss.split(";")[0].split())
             entries.append(WordNetEntry(fields[0], LEXNAMES[int(fields[1])], words, definition))
@@ -240,9 +243,9 @@ def python_docstrings(n: int = 400, seed: int = SEED) -> list[str]:
     """``n`` docstring summaries of public functions, classes and methods of :data:`DOCSTRING_MODULES`.
 
     Real English text of another kind (software documentation) that ships with every Python. Each module's
-    public names (no leading ``_``, defined in that module) and their public methods are visited in sorted
-    order; the first paragraph of each docstring with 5-60 words is kept once; ``n`` are chosen in seeded hash
-    order. The texts depend on the Python version (the cache keys include them).
+    public functions and classes (no leading ``_``, defined in that module) and the classes' public functions
+    are visited in sorted order; the first paragraph of each docstring with 5-60 words is kept once; ``n`` are
+    chosen in seeded hash order. The texts depend on the Python version (the embedding cache is keyed by them).
     """
     found: dict[str, None] = {}
     for module_name in DOCSTRING_MODULES:
@@ -250,18 +253,19 @@ def python_docstrings(n: int = 400, seed: int = SEED) -> list[str]:
             module = importlib.import_module(module_name)
         except ImportError:  # a trimmed Python without e.g. multiprocessing: use the other modules
             continue
-        for name in sorted(dir(module)):
-            value = getattr(module, name, None)
-            if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
-                continue
-            members = [value]
-            if inspect.isclass(value):
-                members += [v for k, v in sorted(vars(value).items()) if not k.startswith("_") and callable(v)]
-            for member in members:
-                doc = getattr(member, "__doc__", None)
-                summary = _summary(doc) if isinstance(doc, str) else None
-                if summary is not None:
-                    found.setdefault(summary)
+        with warnings.catch_warnings():  # e.g. typing's deprecated io/re namespaces warn when touched
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for name, value in sorted(vars(module).items()):
+                defined_here = (inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == module_name
+                if name.startswith("_") or not defined_here:
+                    continue
+                members = [value]
+                if inspect.isclass(value):
+                    members += [v for k, v in sorted(vars(value).items()) if k[0] != "_" and inspect.isfunction(v)]
+                for member in members:
+                    summary = _summary(member.__doc__) if isinstance(member.__doc__, str) else None
+                    if summary is not None:
+                        found.setdefault(summary)
     texts = list(found)
     if len(texts) < n:
         raise ValueError(f"python_docstrings: only {len(texts)} docstrings found, {n} requested")

@@ -236,10 +236,19 @@ class HuggingFaceEncoder(TextEncoder):
     def _fingerprint(self) -> str:
         from ..extract import model_fingerprint
 
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        vocabulary = backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
-        tokenizer = hashlib.sha256(vocabulary.encode()).hexdigest()
+        tokenizer = hashlib.sha256(_tokenizer_description(self.tokenizer).encode()).hexdigest()
         return f"huggingface:{model_fingerprint(self.model)}:tokenizer={tokenizer}:max_length={self.max_length}"
+
+
+def _tokenizer_description(tokenizer: Any) -> str:
+    """The tokenizer's full definition where it has one (fast tokenizers: vocabulary, rules), else its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.to_str()
+    if callable(getattr(tokenizer, "get_vocab", None)):
+        return json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    cls = type(tokenizer)
+    return f"{cls.__module__}.{cls.__qualname__}:{getattr(tokenizer, 'name_or_path', '')}"
 
 
 # ---------------------------------------------------------------------------------------------- default encoder
