@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .outputs import ModelOutputs
 
-__all__ = ["extract", "find_head", "model_fingerprint", "CACHE_FORMAT_VERSION"]
+__all__ = ["extract", "find_head", "model_fingerprint", "content_hash", "CACHE_FORMAT_VERSION"]
 
 #: Version of the on-disk cache layout; part of every cache key, so a layout change never reads old entries.
 CACHE_FORMAT_VERSION = 1
@@ -212,6 +212,19 @@ class _ContentHash:
         final.update(self._inputs.digest())
         final.update(self._labels.digest())
         return final.hexdigest()
+
+
+def content_hash(data: Any, labels: Any = None, batch_size: int = 256) -> str:
+    """sha256 (hex) of the inputs and labels ``data`` yields, as the extraction cache keys them.
+
+    The same for any split of the rows into batches; ``data`` takes every form :func:`extract` accepts (it must be
+    re-iterable to be extracted afterwards).
+    """
+    digest = _ContentHash()
+    for inputs, batch_labels in _Batches(data, labels, batch_size):
+        if inputs.shape[0]:
+            digest.update(inputs, batch_labels)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- devices

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -131,6 +132,9 @@ class ModelRunner:
         Name of the final linear layer; found by :func:`oodguard.extract.find_head` when omitted.
     progress : bool
         Default for the ``progress`` argument of every method (a tqdm bar per pass).
+    cache_dir : path, optional
+        Where :meth:`forward_views` caches the outputs of test-time views (see :mod:`oodguard.view_outputs`);
+        gradient passes are never cached (they depend on the detector's loss).
 
     Attributes
     ----------
@@ -163,6 +167,7 @@ class ModelRunner:
         batch_size: int = 128,
         feature_layer: str | None = None,
         progress: bool = False,
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -176,6 +181,7 @@ class ModelRunner:
         self.head = find_head(model, feature_layer)
         self.input_std = _as_std(input_std)
         self.progress = bool(progress)
+        self.cache_dir = cache_dir
         mixing = [
             name
             for name, module in model.named_modules()
@@ -438,6 +444,34 @@ class ModelRunner:
             batch_size=self.batch_size,
             progress=self.progress if progress is None else bool(progress),
             desc=desc,
+        )
+
+    def forward_views(
+        self,
+        x: Any,
+        views: Sequence[Any],
+        *,
+        labels: Any = None,
+        progress: bool | None = None,
+        desc: str = "view",
+    ) -> Iterator[tuple[Any, ModelOutputs]]:
+        """``(view, outputs)`` per test-time view of the images ``x`` (cached under ``cache_dir`` when set).
+
+        See :func:`oodguard.view_outputs.iter_view_outputs`.
+        """
+        from .view_outputs import iter_view_outputs
+
+        return iter_view_outputs(
+            self.model,
+            x,
+            views,
+            labels=labels,
+            cache_dir=self.cache_dir,
+            progress=self.progress if progress is None else bool(progress),
+            desc=desc,
+            feature_layer=self.feature_layer,
+            device=self.device,
+            batch_size=self.batch_size,
         )
 
     def input_gradients(

@@ -49,6 +49,19 @@ OPEN_SET_CLASSES = 6  # the open-set variant trains on digits 0..5
 #: 32x7x7 per image (the pre-pool maps would quadruple the cached outputs for little gain).
 GRAM_LAYERS = ("features.2", "features.5")
 
+#: Layer settings of the multi-layer detectors, fixed from the fit split alone (no OOD data): the two pooled conv
+#: blocks and the features (the input of the head).
+#: NAC's alpha per layer is about 1 / median |pool(o) * pool(dL/do)| over 1,000 fit images (68, 6.7 and 0.011 with sum
+#: pooling), rounded to a power of ten, so that the states spread over the bins instead of saturating at 0 or 1; the
+#: features keep the official penultimate alpha 100. The official runs tune (O, M, alpha) per layer on OOD data.
+#: Mahalanobis: the official feature ensemble over the same layers with equal weights and no input step (one
+#: forward pass; the official code picks the step per OOD set from {0, 0.0005, ..., 0.01}, which needs OOD data,
+#: and each step costs 3 passes per layer: try it with ``-p mahalanobis_ensemble.epsilon=0.0014``).
+DETECTOR_PARAMS = {
+    "nac": {"layers": [*GRAM_LAYERS, "<features>"], "alpha": [0.01, 0.1, 100.0]},
+    "mahalanobis_ensemble": {"layers": [*GRAM_LAYERS, "<features>"], "epsilon": 0.0},
+}
+
 _PACKAGES = ("numpy", "torch", "scipy", "pillow", "matplotlib", "scikit-learn", "scikit-image", "mlxtend")
 
 SOURCES = {
@@ -238,4 +251,5 @@ def digits_benchmark(
         description=description,
         notes=notes,
         layers=list(GRAM_LAYERS),
+        detector_params={name: dict(values) for name, values in DETECTOR_PARAMS.items()},
     )

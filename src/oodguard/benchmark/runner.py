@@ -204,7 +204,7 @@ def run(
         names = list(detectors)
     check_params(names, params)
     model_jobs = {
-        name: _model_job(benchmark, name, params.get(name, {}), device)
+        name: _model_job(benchmark, name, params.get(name, {}), device, cache_dir)
         for name in names
         if name in detector_registry.available() and detector_registry.needs_model(name, params.get(name))
     }
@@ -224,11 +224,19 @@ def run(
     )
 
 
-def _model_job(benchmark: Benchmark, name: str, params: dict[str, Any], device: str) -> Callable[[], dict]:
-    """Fit a model-based detector on the fit split's inputs and score every split's inputs."""
+def _model_job(
+    benchmark: Benchmark, name: str, params: dict[str, Any], device: str, cache_dir: str | Path | None
+) -> Callable[[], dict]:
+    """Fit a model-based detector on the fit split's inputs and score every split's inputs.
+
+    The model runner shares the outputs cache: the outputs of test-time views (CoVer) are cached like datasets.
+    """
 
     def job() -> dict[str, np.ndarray]:
-        detector = detector_registry.create(name, **params).attach(benchmark.model, device=device)
+        from ..model_access import ModelRunner
+
+        runner = ModelRunner(benchmark.model, device=device, cache_dir=cache_dir)
+        detector = detector_registry.create(name, **params).attach(runner)
         detector.fit(benchmark.fit.data, labels=benchmark.fit.labels)
         scores = {"id": np.asarray(detector.score(benchmark.test.data))}
         for split in benchmark.ood:

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..model_access import ModelRunner
+from ..view_outputs import average_over_views
 from ..views import CORRUPTIONS, SEVERITIES, View, ViewDataset, all_views, recommended_views
 from .base import _REGISTRY, Detector, create, register
 from .gradient import ModelDetector
@@ -92,7 +93,7 @@ class CoVer(ModelDetector):
     fog, saturate, motion_blur, defocus_blur, gaussian_blur at severities 1 and 2 (13 views, the official
     "recommended corruption types from validation set"); ``views="all"`` is the identity plus every available
     corruption at severities 1-5 (what the official ``eval_ood_detection.py`` enables at HEAD: 18 types, 91
-    views; here ``spatter`` is missing, see :mod:`oodguard.views`); or a list such as ``["identity", "fog-1",
+    views, as here, see :mod:`oodguard.views`); or a list such as ``["identity", "fog-1",
     "gaussian_blur-s2-seed3"]``.
 
     Parameters
@@ -221,17 +222,16 @@ class CoVer(ModelDetector):
 
     # ------------------------------------------------------------------ hooks
     def _fit_model(self, runner: ModelRunner, data: Any, labels: Any) -> dict[str, torch.Tensor]:
-        outputs = runner.forward(self._view_data(data, View("identity")), labels=labels, desc="cover fit")
+        self._view_data(data, View("identity"))  # refuses loaders and iterators with CoVer's message
+        ((_, outputs),) = runner.forward_views(data, [View("identity")], labels=labels, desc="cover fit")
         base = create(self.params["base"], **self.params["base_params"]).fit(outputs)
         self.meta_ = {"base_meta": dict(base.meta_)}
         return {BASE_PREFIX + k: v.detach().clone() for k, v in (base.state_ or {}).items()}
 
     def _score_model(self, runner: ModelRunner, data: Any, labels: Any, progress: bool | None) -> torch.Tensor:
         base = self.base_detector()
-        total: torch.Tensor | None = None
-        for view in self.views_:  # a loop over views (|V| forward passes), each vectorised over the inputs
-            outputs = runner.forward(self._view_data(data, view), progress=progress, desc=f"cover {view.name}")
-            scores = torch.as_tensor(base.score(outputs)).to("cpu", torch.float64)
-            total = scores if total is None else total + scores
-        assert total is not None
-        return total / len(self.views_)
+        self._view_data(data, View("identity"))  # refuses loaders and iterators with CoVer's message
+        # One forward pass per view, each vectorised over the inputs; a runner with a cache_dir reuses the cached
+        # outputs of every view it has seen (oodguard.view_outputs), so a second call runs no model at all.
+        views = runner.forward_views(data, self.views_, progress=progress, desc="cover")
+        return average_over_views(base, (outputs for _, outputs in views))
