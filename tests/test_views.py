@@ -22,7 +22,7 @@ from oodguard.views import (
 )
 
 RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "motion_blur", "fog", "snow")
-RANDOM += ("elastic_transform",)
+RANDOM += ("elastic_transform", "spatter")
 
 
 def _picture(channels: int, h: int, w: int) -> torch.Tensor:
@@ -271,3 +271,171 @@ def test_view_dataset_bad_input():
         ViewDataset((torch.rand(2, 1, 4, 4), [0]), View("identity"))
     with pytest.raises(ValueError, match="data"):
         ViewDataset("images", View("identity"))
+
+
+# ------------------------------------------------------------------------------------------------ spatter
+# Building blocks of the water branch, each against an independent computation; the generic tests above cover
+# spatter's shape, range, determinism and seed dependence through CORRUPTIONS.
+from oodguard import views as _views  # noqa: E402  (private building blocks)
+
+
+def _step_image(left: float, right: float, size: int = 16) -> torch.Tensor:
+    image = torch.full((1, size, size), left, dtype=torch.float64)
+    image[..., size // 2 :] = right
+    return image
+
+
+def test_canny_finds_a_step_on_its_dark_side():
+    # Sobel |gx| is 4 * 200 on columns 7 and 8; OpenCV keeps the first of two equal maxima (m > left, m >= right)
+    edges = _views._canny(_step_image(0, 200), 50, 150)
+    expected = torch.zeros(1, 16, 16, dtype=torch.bool)
+    expected[..., 7] = True
+    assert torch.equal(edges, expected)
+    # the transposed step gives the transposed edge
+    assert torch.equal(_views._canny(_step_image(0, 200).transpose(1, 2), 50, 150), expected.transpose(1, 2))
+
+
+def test_canny_hysteresis_keeps_weak_edges_only_when_connected_to_strong_ones():
+    weak_only = _step_image(0, 20)  # |gradient| 80: above low (50), below high (150)
+    assert not _views._canny(weak_only, 50, 150).any()
+    mixed = _step_image(0, 20)
+    mixed[:, :4, 8:] = 200  # a strong top part, connected to the weak rest of the same edge
+    edges = _views._canny(mixed, 50, 150)
+    expected = torch.zeros(1, 16, 16, dtype=torch.bool)  # OpenCV 5.0's cv2.Canny(mixed, 50, 150) on this image
+    expected[0, [0, 1, 2, *range(5, 16)], 7] = True
+    expected[0, 3, 8:] = True  # the horizontal strong-to-weak step on the right
+    expected[0, 4, 8] = True
+    assert torch.equal(edges, expected)  # rows 9-15 are weak (|gradient| 80) and kept through the chain
+    assert not _views._canny(mixed, 50, 1700).any()  # no strong pixel (|gx| + |gy| <= 1600): nothing survives
+
+
+def _chamfer_brute_force(zeros: np.ndarray, cap: float) -> np.ndarray:
+    # closed form of the 5 x 5 chamfer length (a=1, b=1.4, c=2.1969) of an offset, minimised over zero pixels
+    points = np.argwhere(zeros)
+    out = np.full(zeros.shape, cap)
+    for i, j in np.ndindex(zeros.shape):
+        for pi, pj in points:
+            big, small = max(abs(i - pi), abs(j - pj)), min(abs(i - pi), abs(j - pj))
+            if big >= 2 * small:
+                length = 2.1969 * small + (big - 2 * small)
+            else:
+                length = 2.1969 * (big - small) + 1.4 * (2 * small - big)
+            out[i, j] = min(out[i, j], length)
+    return out
+
+
+def test_chamfer_distance_known_answers_and_brute_force():
+    from scipy.ndimage import distance_transform_edt
+
+    single = torch.zeros(1, 9, 9, dtype=torch.bool)
+    single[0, 4, 4] = True
+    distance = _views._chamfer_distance(single, 20.0)[0]
+    # OpenCV's DIST_L2 mask-5 values for offsets (0,1), (1,1), (1,2), (2,2), (3,4), (4,4)
+    for (dy, dx), value in {(0, 1): 1.0, (1, 1): 1.4, (1, 2): 2.1969, (2, 2): 2.8, (3, 4): 4.9969}.items():
+        assert float(distance[4 + dy, 4 + dx]) == pytest.approx(value, abs=1e-9)
+    assert float(distance[0, 0]) == pytest.approx(5.6, abs=1e-9)
+    zeros = np.random.default_rng(0).random((2, 13, 17)) < 0.04
+    zeros[1] = False  # an image without zero pixels: everything at the cap, as after cv2's truncation
+    ours = _views._chamfer_distance(torch.from_numpy(zeros), 6.0).numpy()
+    np.testing.assert_allclose(ours[0], _chamfer_brute_force(zeros[0], 6.0), atol=1e-9)
+    assert (ours[1] == 6.0).all()
+    # and within the chamfer mask's known error (about 2 %) of the Euclidean distance
+    euclid = np.minimum(distance_transform_edt(~zeros[0]), 6.0)
+    assert np.all(np.abs(ours[0] - euclid) <= 0.025 * euclid + 1e-9)
+
+
+def _equalize_hist_reference(image: np.ndarray) -> np.ndarray:
+    # OpenCV's equalizeHist, written out per image with numpy float32 arithmetic
+    hist = np.bincount(image.ravel(), minlength=256)
+    lowest = int(np.flatnonzero(hist)[0])
+    if hist[lowest] == image.size:
+        return np.full_like(image, lowest)
+    scale = np.float32(255.0) / np.float32(image.size - hist[lowest])
+    lut = np.zeros(256, dtype=np.int64)
+    total = 0
+    for level in range(lowest + 1, 256):
+        total += hist[level]
+        lut[level] = min(255, int(np.rint(np.float32(total) * scale)))
+    return lut[image]
+
+
+def test_equalize_hist_matches_opencvs_formula():
+    rng = np.random.default_rng(1)
+    images = np.stack(
+        [
+            rng.integers(0, 21, (10, 12)),  # the water branch's range (0-20)
+            rng.integers(40, 256, (10, 12)),
+            np.full((10, 12), 7),  # a single level is kept
+            np.where(rng.random((10, 12)) < 0.5, 3, 200),
+        ]
+    )
+    ours = _views._equalize_hist(torch.from_numpy(images)).numpy()
+    for image, result in zip(images, ours, strict=True):
+        np.testing.assert_array_equal(result, _equalize_hist_reference(image))
+
+
+def test_spatter_water_matches_opencv_on_a_constructed_liquid_layer():
+    # numbers produced once with OpenCV 5.0 running the official water steps on this layer (intensity 0.6)
+    ys, xs = np.mgrid[0:48, 0:48].astype(np.float64)
+    liquid = 0.7 + 0.05 * np.sin(xs / 3.0) * np.cos(ys / 4.0)
+    inside = ((ys - 16) ** 2 + (xs - 15) ** 2 <= 81) | ((ys - 31) ** 2 + (xs - 33) ** 2 <= 49) | ((ys > 36) & (xs < 10))
+    liquid = torch.from_numpy(np.where(inside, liquid, 0.0))[None]
+    m = _views._spatter_water(liquid, 0.6, 1.0)[0]
+    assert int((m > 0).sum()) == 441
+    assert float(m.sum()) == pytest.approx(101.76058959960938, abs=1e-4)
+    opencv = {(16, 15): 0.40327689, (8, 15): 0.22994764, (16, 7): 0.21612567, (31, 33): 0.29436404}
+    opencv |= {(40, 5): 0.28390515, (25, 25): 0.0, (10, 20): 0.07287958}
+    for (i, j), value in opencv.items():
+        assert float(m[i, j]) == pytest.approx(value, abs=1e-6)
+    assert not _views._spatter_water(torch.zeros(1, 8, 8, dtype=torch.float64), 0.6, 1.0).any()  # no NaN
+
+
+def test_spatter_mud_mask_on_a_constructed_liquid_layer():
+    from scipy.ndimage import gaussian_filter
+
+    liquid = torch.zeros(1, 30, 30, dtype=torch.float64)
+    liquid[0, 8:20, 10:22] = 0.7
+    liquid[0, 25, 25] = 0.7  # a single drop is blurred below 0.8 and dropped
+    m = _views._mud_mask(liquid, 0.65, 1.5)[0].numpy()
+    expected = gaussian_filter((liquid[0].numpy() > 0.65).astype(np.float64), 1.5, mode="nearest", truncate=4.0)
+    expected[expected < 0.8] = 0
+    np.testing.assert_allclose(m, expected, atol=1e-12)
+    assert m[14, 16] == pytest.approx(1.0, abs=1e-3) and m[25, 25] == 0 and m[0, 0] == 0
+
+
+@pytest.mark.parametrize("severity", [1, 4])
+def test_spatter_adds_water_or_blends_mud_with_one_mask_for_all_channels(severity):
+    images = _picture(3, 48, 48).double() * 0.5
+    out = corrupt(images, "spatter", severity, seed=2, pixel_scale=1.0).double()
+    x = images.double()
+    if severity == 1:  # out = x + m * pale turquoise, m in [0, 0.6]
+        colour = torch.tensor([175, 238, 238], dtype=torch.float64).view(1, 3, 1, 1) / 255
+        m = (out - x) / colour
+        assert float(m.max()) <= 0.6 + 1e-6 and float(m.max()) > 0.1
+    else:  # out = x (1 - m) + m * mud brown, m in {0} or [0.8, 1]
+        colour = torch.tensor([63, 42, 20], dtype=torch.float64).view(1, 3, 1, 1) / 255
+        m = (out - x) / (colour - x)
+        covered = m[:, 0] > 1e-6
+        assert covered.any() and bool((m[:, 0][covered] >= 0.8 - 1e-5).all())
+    torch.testing.assert_close(m[:, 1], m[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(m[:, 2], m[:, 0], atol=1e-5, rtol=0)
+    gray = corrupt(_views._gray(images), "spatter", severity, seed=2, pixel_scale=1.0)
+    assert gray.shape == (1, 1, 48, 48) and not torch.equal(gray, _views._gray(images))
+    with pytest.raises(ValueError, match="channels"):
+        corrupt(torch.rand(1, 2, 8, 8), "spatter", severity)
+
+
+def test_spatter_amount_of_liquid_does_not_depend_on_the_image_size():
+    # the share of the smoothed noise above the threshold is the 224-pixel one at any pixel_scale
+    loc, spread, sigma, threshold = _views._SPATTER[0][:4]
+    weights = torch.exp(-0.5 * (torch.arange(-16, 17, dtype=torch.float64) / sigma) ** 2)
+    std = spread * float(((weights / weights.sum()) ** 2).sum())
+    expected = 0.5 * math.erfc((threshold - loc) / (std * math.sqrt(2)))
+    for size, n in ((224, 2), (28, 128)):
+        generator = torch.Generator().manual_seed(0)
+        liquid = _views._liquid_layer(n, size, size, 0, generator, size / 224)
+        assert float((liquid > 0).double().mean()) == pytest.approx(expected, abs=0.01)
+    # and the mud covers about as much of a 28-pixel image as of a 224-pixel one
+    mud = [float(_views._spatter_mud(n, size, size, 3, torch.Generator().manual_seed(0), size / 224).mean())
+           for size, n in ((224, 2), (28, 32))]
+    assert mud[1] == pytest.approx(mud[0], rel=0.1)

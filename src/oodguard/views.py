@@ -30,11 +30,12 @@ Differences from the official code, all deliberate (they apply to every corrupti
 * **Gray images** (``C = 1``) are treated as gray: ``brightness`` adds to the value (the HSV ``V`` of a
   gray pixel is its intensity) and ``saturate`` is the **identity** (a gray image has saturation 0; the
   official additive offset at severities 4-5 would tint gray pixels red, hue 0, which one channel cannot
-  show). ``snow`` uses the image itself as its gray version. Other channel counts are accepted by every
-  corruption except ``brightness``/``saturate``/``jpeg_compression``, which need ``C`` in {1, 3}.
+  show). ``snow`` uses the image itself as its gray version; ``spatter`` adds or blends the luma of its
+  water and mud colours. Other channel counts are accepted by every corruption except
+  ``brightness``/``saturate``/``jpeg_compression``/``spatter``, which need ``C`` in {1, 3}.
 
-Per corruption (``CORRUPTIONS`` lists what is available; ``spatter`` is not implemented: its water branch
-needs Canny edges, a distance transform and histogram equalisation):
+Per corruption (``CORRUPTIONS`` lists what is available: the 18 types CoVer uses; ``frost``, which overlays
+the official frost photographs, is not implemented):
 
 * ``gaussian_noise``, ``shot_noise`` (Poisson), ``impulse_noise`` (salt and pepper, each value flipped with
   probability ``amount``, half to 0 and half to 1, as ``skimage.util.random_noise`` does per element),
@@ -62,7 +63,25 @@ needs Canny edges, a distance transform and histogram equalisation):
 * ``pixelate``: PIL ``BOX`` resampling down to ``int(size * c)`` and back, reproduced exactly as a pair of
   resampling matrices.
 * ``jpeg_compression``: PIL encode/decode at the official quality, one image at a time, after rounding to
-  uint8 (the only corruption that loops over images and quantises).
+  uint8 (the only corruption that loops over images).
+* ``spatter``: the official steps, vectorised. The liquid layer (Gaussian noise smoothed with sigma ``c2``,
+  zero below ``c3``) is smoothed with sigma ``c2 * pixel_scale`` and then rescaled to the spread it has at 224
+  pixels, so the amount of liquid does not depend on the image size (identical at ``pixel_scale=1``).
+  Water (severities 1-3) keeps the official uint8 steps in exact integer arithmetic: ``cv2.Canny`` (50, 150;
+  3 x 3 Sobel, L1 magnitude, OpenCV's direction test and tie rules, hysteresis by max-pooling until stable),
+  ``cv2.distanceTransform`` (``DIST_L2``, mask 5: the chamfer distance with steps 1, 1.4, 2.1969, by parallel
+  relaxation), truncation at 20, ``cv2.blur`` 3 x 3, ``cv2.equalizeHist`` (OpenCV's look-up table), the
+  official emboss kernel with ``filter2D``, ``cv2.blur``; on 224-pixel layers this matches OpenCV's output
+  to float rounding. Distances are measured in pixels of a 224 image (divided by ``pixel_scale``) before the
+  truncation at 20 and the uint8 cast, so the halo keeps its 21 levels at any size; the 3 x 3 blurs and
+  emboss stay 3 x 3 in the image's own pixels (the smallest grid operations; nothing to scale). Liquid
+  values above 1 are clamped before the uint8 cast (the official cast would wrap them; only possible when
+  ``pixel_scale != 1``), and an image without liquid gets no spatter (the official ``m / max(m)`` is NaN).
+  The colour is pale turquoise (175, 238, 238) in RGB: the official ``BGR2BGRA`` only appends an alpha
+  channel, so the values land on the image's channels in the order written. Mud (severities 4-5): the blobs
+  above the threshold blurred with sigma ``c4`` and kept where at least 0.8, blended with mud brown
+  (63, 42, 20); below 224 pixels the mud mask is made on the 224-pixel grid with the official parameters and
+  area-averaged to the image (PIL ``BOX``), since the trimming blur shrinks below a pixel on a small grid.
 
 Examples
 --------
@@ -127,6 +146,14 @@ _SNOW = (
     (0.55, 0.3, 4.0, 0.9, 12, 8, 0.7),
     (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
     (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55),
+)
+# loc, scale, liquid smoothing sigma, threshold, water intensity (severities 1-3) or mud smoothing sigma, mud
+_SPATTER = (
+    (0.65, 0.3, 4.0, 0.69, 0.6, 0),
+    (0.65, 0.3, 3.0, 0.68, 0.6, 0),
+    (0.65, 0.3, 2.0, 0.68, 0.5, 0),
+    (0.65, 0.3, 1.0, 0.65, 1.5, 1),
+    (0.67, 0.4, 1.0, 0.65, 1.5, 1),
 )
 _CONTRAST = (0.4, 0.3, 0.2, 0.1, 0.05)
 _BRIGHTNESS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -452,6 +479,211 @@ def _snow(x, s, g, scale):
     return x + layer + torch.rot90(layer, 2, dims=(2, 3))
 
 
+# spatter: the water branch (severities 1-3) draws pale-turquoise highlights along the rims of random blobs, found
+# with Canny edges, a distance transform, histogram equalisation and an emboss filter; the mud branch (4-5)
+# covers the blobs with brown.
+_SPATTER_CANNY_THRESHOLDS = (50, 150)  # on the uint8 liquid layer (cv2.Canny, 3 x 3 Sobel, L1 gradient)
+_SPATTER_DISTANCE_CAP = 20.0  # cv2.threshold(dist, 20, 20, THRESH_TRUNC), in pixels of a 224 image
+_SPATTER_EMBOSS = ((-2.0, -1.0, 0.0), (-1.0, 1.0, 1.0), (0.0, 1.0, 2.0))
+_WATER_RGB = (175 / 255, 238 / 255, 238 / 255)  # pale turquoise, in the image's (RGB) channel order
+_MUD_RGB = (63 / 255, 42 / 255, 20 / 255)  # mud brown
+_CANNY_TG22 = 13573  # OpenCV's round(tan(22.5 deg) * 2^15), for its integer direction test
+# cv2.distanceTransform(DIST_L2, mask 5): chamfer step costs a = 1, b = 1.4, c = 2.1969 and their steps (dy, dx)
+_CHAMFER_STEPS = (
+    (1.0, ((0, -1), (0, 1), (-1, 0), (1, 0))),
+    (1.4, ((-1, -1), (-1, 1), (1, -1), (1, 1))),
+    (2.1969, ((-1, -2), (-1, 2), (1, -2), (1, 2), (-2, -1), (-2, 1), (2, -1), (2, 1))),
+)
+
+
+def _shift(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
+    """``out[..., i, j] = x[..., i + dy, j + dx]``, with ``fill`` outside the image (|dy|, |dx| <= 2)."""
+    padded = F.pad(x, (2, 2, 2, 2), value=fill)
+    h, w = x.shape[-2:]
+    return padded[..., 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
+
+
+def _canny(image: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``cv2.Canny(image, low, high)`` (aperture 3, L1 gradient) on integer-valued ``[N, H, W]`` floats; bool edges.
+
+    As OpenCV: 3 x 3 Sobel gradients with replicated borders, magnitude ``|gx| + |gy|``; non-maximum suppression
+    along the gradient direction quantised to 0/45/90/135 degrees by OpenCV's integer tangent test, with
+    magnitudes outside the image taken as 0 (its ``>`` / ``>=`` tie rules); then hysteresis: a candidate
+    (magnitude ``> low``) is an edge when 8-connected through candidates to a strong one (``> high``). The
+    hysteresis grows the strong set by 3 x 3 max-pooling until nothing changes (at most ``H * W`` rounds).
+    """
+    n, h, w = image.shape
+    padded = _pad(image.to(torch.float64), 1, "nearest")
+
+    def window(dy: int, dx: int) -> torch.Tensor:
+        return padded[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+    gx = (window(-1, 1) - window(-1, -1)) + 2 * (window(0, 1) - window(0, -1)) + (window(1, 1) - window(1, -1))
+    gy = (window(1, -1) - window(-1, -1)) + 2 * (window(1, 0) - window(-1, 0)) + (window(1, 1) - window(-1, 1))
+    gx, gy = gx.round().long(), gy.round().long()
+    magnitude = gx.abs() + gy.abs()
+
+    def neighbour(dy: int, dx: int) -> torch.Tensor:
+        return _shift(magnitude, dy, dx, 0)
+
+    ax, ay = gx.abs(), gy.abs() << 15
+    tg22x = ax * _CANNY_TG22
+    near_horizontal = ay < tg22x  # gradient within 22.5 degrees of the x axis: compare left and right
+    near_vertical = ay > tg22x + (ax << 16)  # within 22.5 degrees of the y axis: compare up and down
+    same_sign = (gx * gy) > 0  # diagonal down-right (compare up-left and down-right), else up-right
+    diagonal_a = torch.where(same_sign, neighbour(-1, -1), neighbour(-1, 1))
+    diagonal_b = torch.where(same_sign, neighbour(1, 1), neighbour(1, -1))
+    is_max = torch.where(
+        near_horizontal,
+        (magnitude > neighbour(0, -1)) & (magnitude >= neighbour(0, 1)),
+        torch.where(
+            near_vertical,
+            (magnitude > neighbour(-1, 0)) & (magnitude >= neighbour(1, 0)),
+            (magnitude > diagonal_a) & (magnitude > diagonal_b),
+        ),
+    )
+    candidate = is_max & (magnitude > int(math.floor(low)))
+    edges = candidate & (magnitude > int(math.floor(high)))
+    for _ in range(h * w):  # bounded; stops as soon as the edge set is stable
+        grown = candidate & (F.max_pool2d(edges.unsqueeze(1).to(torch.float32), 3, 1, 1).squeeze(1) > 0)
+        if torch.equal(grown, edges):
+            break
+        edges = grown
+    return edges
+
+
+def _chamfer_distance(zeros: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cv2.distanceTransform(DIST_L2, 5)`` of the pixels that are not ``zeros`` ([N, H, W] bool), capped at ``cap``.
+
+    The 5 x 5 chamfer distance: the cheapest path to a zero pixel in steps of cost 1 (axial), 1.4 (diagonal) and
+    2.1969 (knight's move), which OpenCV computes in two raster passes. Here every pixel relaxes over its 16 steps
+    in parallel, ``ceil(cap) + 1`` times (enough: a path of cost <= cap has at most cap steps); distances beyond
+    ``cap`` (and images without zero pixels) come out as ``cap``, as after the official truncation.
+    """
+    far = float(cap) + 8.0  # larger than any value kept below
+    h, w = zeros.shape[-2:]
+    distance = torch.where(zeros, 0.0, far).to(torch.float64)
+    for _ in range(int(math.ceil(cap)) + 1):
+        padded = F.pad(distance, (2, 2, 2, 2), value=far)
+        relaxed = distance.clone()
+        for cost, steps in _CHAMFER_STEPS:
+            nearest = padded[..., 2 + steps[0][0] : 2 + steps[0][0] + h, 2 + steps[0][1] : 2 + steps[0][1] + w].clone()
+            for dy, dx in steps[1:]:
+                torch.minimum(nearest, padded[..., 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w], out=nearest)
+            torch.minimum(relaxed, nearest.add_(cost), out=relaxed)
+        if torch.equal(relaxed, distance):
+            break
+        distance = relaxed
+    return distance.clamp_max(cap)
+
+
+def _equalize_hist(levels: torch.Tensor) -> torch.Tensor:
+    """``cv2.equalizeHist`` per image of integer levels ``[N, H, W]`` (0-255), vectorised; returns float levels.
+
+    OpenCV's look-up table: with ``lo`` the smallest level present and ``cdf`` the cumulative histogram,
+    ``lut[v] = round((cdf[v] - cdf[lo]) * (255 / (H W - cdf[lo])))`` in float32, round half to even; an image
+    with a single level keeps it.
+    """
+    n, h, w = levels.shape
+    flat = levels.reshape(n, h * w).long()
+    offsets = torch.arange(n, device=levels.device).view(n, 1) * 256
+    histogram = torch.bincount((flat + offsets).reshape(-1), minlength=n * 256).view(n, 256)
+    lowest = (histogram > 0).to(torch.int8).argmax(1, keepdim=True)
+    lowest_count = histogram.gather(1, lowest)
+    above = histogram.cumsum(1) - lowest_count  # pixels at levels in (lowest, v]
+    total = h * w
+    constant = lowest_count == total
+    scale = torch.tensor(255.0, dtype=torch.float32) / (total - lowest_count).clamp_min(1).to(torch.float32)
+    table = torch.round(above.to(torch.float32) * scale).clamp(0, 255)
+    table = torch.where(constant, lowest.to(torch.float32), table)
+    return table.gather(1, flat).view(n, h, w).to(torch.float64)
+
+
+def _box3(x: torch.Tensor) -> torch.Tensor:
+    """``cv2.blur(x, (3, 3))`` on ``[N, H, W]``: the 3 x 3 mean with the reflect-101 border."""
+    return F.avg_pool2d(_pad(x, 1, "mirror").unsqueeze(1), 3, 1).squeeze(1)
+
+
+def _emboss(x: torch.Tensor) -> torch.Tensor:
+    """``cv2.filter2D(x, CV_8U, ker)`` with the official spatter kernel: correlation, reflect-101, saturated."""
+    kernel = torch.tensor(_SPATTER_EMBOSS, dtype=x.dtype, device=x.device).view(1, 1, 3, 3)
+    return F.conv2d(_pad(x, 1, "mirror").unsqueeze(1), kernel).squeeze(1).clamp(0, 255)
+
+
+def _smoothed_noise_std(sigma: float) -> float:
+    """Standard deviation of unit white noise after the 2-D separable Gaussian filter (``sum of w_i^2``, 1-D)."""
+    weights = _gaussian_weights(sigma, 4.0, torch.float64, torch.device("cpu"))
+    return float((weights**2).sum())
+
+
+def _spatter_water(liquid: torch.Tensor, intensity: float, scale: float) -> torch.Tensor:
+    """The water mask ``m`` ``[N, H, W]`` in [0, intensity] from a thresholded liquid layer (official steps)."""
+    liquid8 = torch.floor(liquid.clamp(0, 1) * 255)  # the official uint8 cast (values above 1 would wrap there)
+    edges = _canny(liquid8, *_SPATTER_CANNY_THRESHOLDS)
+    # distances in pixels of a 224 image, truncated at 20, blurred and cast to uint8 (floor) as official
+    distance = _chamfer_distance(edges, _SPATTER_DISTANCE_CAP * scale) / scale
+    distance = torch.floor(_box3(distance.clamp_max(_SPATTER_DISTANCE_CAP)))
+    distance = _equalize_hist(distance)
+    distance = torch.round(_box3(_emboss(distance)))  # cv2.blur of uint8 rounds
+    m = liquid8 * distance
+    peak = m.amax((1, 2), keepdim=True)
+    # official: m / max(m), NaN when there is no liquid (max 0); no spatter then
+    return torch.where(peak > 0, m / torch.where(peak > 0, peak, torch.ones_like(peak)), 0.0) * intensity
+
+
+def _liquid_layer(n: int, h: int, w: int, s: int, g: torch.Generator, scale: float) -> torch.Tensor:
+    """The official thresholded liquid layer ``[N, H, W]`` (float64): smoothed Gaussian noise, zero below threshold.
+
+    The smoothing sigma is in pixels of a 224 image; the smoothed noise is rescaled to its 224-pixel spread, so
+    that the share of the image above the threshold (the amount of liquid) does not depend on the image size.
+    """
+    loc, spread, sigma, threshold = _SPATTER[s][:4]
+    noise = torch.randn((n, h, w), generator=g, dtype=torch.float64)
+    spread = spread * _smoothed_noise_std(sigma) / _smoothed_noise_std(sigma * scale)  # exactly spread at scale 1
+    liquid = loc + spread * _gaussian_filter(noise, sigma * scale)
+    return torch.where(liquid < threshold, torch.zeros_like(liquid), liquid)
+
+
+def _mud_mask(liquid: torch.Tensor, threshold: float, sigma: float) -> torch.Tensor:
+    """Official mud mask of a liquid layer ``[N, H, W]``: ``gaussian(liquid > threshold, sigma)``, 0 below 0.8."""
+    m = _gaussian_filter((liquid > threshold).to(torch.float64), sigma)
+    return torch.where(m < 0.8, torch.zeros_like(m), m)
+
+
+def _spatter_mud(n: int, h: int, w: int, s: int, g: torch.Generator, scale: float) -> torch.Tensor:
+    """The mud mask ``m`` ``[N, H, W]``: the liquid blobs, blurred, kept where at least 0.8 (official steps).
+
+    Below the reference size (``scale < 1``) the mask is made on the 224-pixel grid with the official parameters
+    and area-averaged down (PIL ``BOX``), as if the corrupted 224-pixel picture were resized: made on the small
+    grid itself, the blur that trims the blobs would shrink below a pixel and the mud would cover far more.
+    """
+    threshold, blur = _SPATTER[s][3], _SPATTER[s][4]
+    grid_h, grid_w, grid_scale = h, w, scale
+    if scale < 1:
+        grid_h, grid_w, grid_scale = max(h, round(h / scale)), max(w, round(w / scale)), 1.0
+    m = _mud_mask(_liquid_layer(n, grid_h, grid_w, s, g, grid_scale), threshold, blur * grid_scale)
+    if (grid_h, grid_w) != (h, w):
+        m = _box_resample_matrix(grid_h, h, m.dtype) @ m @ _box_resample_matrix(grid_w, w, m.dtype).T
+    return m
+
+
+def _spatter(x, s, g, scale):
+    _need_gray_or_rgb(x, "spatter")
+    n, c, h, w = x.shape
+    if not _SPATTER[s][5]:
+        liquid = _liquid_layer(n, h, w, s, g, scale)
+        m = _spatter_water(liquid, _SPATTER[s][4], scale).unsqueeze(1).to(x.dtype)
+        return x + m * _colour(_WATER_RGB, c, x)
+    m = _spatter_mud(n, h, w, s, g, scale).unsqueeze(1).to(x.dtype)
+    return x * (1 - m) + _colour(_MUD_RGB, c, x) * m
+
+
+def _colour(rgb: tuple[float, float, float], channels: int, like: torch.Tensor) -> torch.Tensor:
+    """An RGB colour as a ``[1, C, 1, 1]`` tensor; its luma for gray images."""
+    values = rgb if channels == 3 else (sum(v * k for v, k in zip(rgb, _LUMA, strict=True)),)
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, channels, 1, 1)
+
+
 def _fog(x, s, g, scale):
     strength, decay = _FOG[s]
     n, _, h, w = x.shape
@@ -554,6 +786,7 @@ _IMPLEMENTATIONS: dict[str, Callable[[torch.Tensor, int, torch.Generator, float]
     "zoom_blur": _zoom_blur,
     "fog": _fog,
     "snow": _snow,
+    "spatter": _spatter,
     "contrast": _contrast,
     "brightness": _brightness,
     "saturate": _saturate,
@@ -562,7 +795,7 @@ _IMPLEMENTATIONS: dict[str, Callable[[torch.Tensor, int, torch.Generator, float]
     "elastic_transform": _elastic_transform,
 }
 
-#: Names of the available corruptions (the ImageNet-C family without ``spatter`` and ``frost``).
+#: Names of the available corruptions (the ImageNet-C family without ``frost``).
 CORRUPTIONS: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
 
 
@@ -741,8 +974,8 @@ def recommended_views(seed: int = 0, *, pixel_scale: float | None = None) -> lis
 
 
 def all_views(seed: int = 0, *, pixel_scale: float | None = None) -> list[View]:
-    """The identity plus every available corruption at severities 1-5 (CoVer's default at HEAD uses all 18
-    types, 91 views; ``spatter`` is missing here, so this gives ``1 + 5 * len(CORRUPTIONS)`` views)."""
+    """The identity plus every available corruption at severities 1-5: ``1 + 5 * len(CORRUPTIONS)`` = 91 views,
+    CoVer's default at HEAD (all 18 types)."""
     return _views(CORRUPTIONS, SEVERITIES, seed, pixel_scale)
 
 
