@@ -1,13 +1,13 @@
 """Cost of the detectors that run the model, in forward-pass equivalents.
 
-For every registered detector with ``needs_model=True`` (ODIN, GradNorm through autograd, CoVer, and the
-inner-layer detectors when their module is present), the time to score N inputs divided by the time of one
-plain forward pass (:meth:`ModelRunner.forward`, i.e. :func:`oodguard.extract.extract`) over the same inputs, in
-the same process, on (a) the digits CNN (28 x 28 gray) and (b) a ResNet-18-sized network (BasicBlock x
-[2, 2, 2, 2], 64-512 channels, CIFAR-style 3 x 32 x 32 input). Random weights: only the time matters. Detectors
-with fitted state are fitted first on separate inputs (not timed). Each time is the best of ``--repeats`` runs
-after a warm-up; each detector's runs alternate with
-forward-pass runs, and its ratio uses the best forward time measured beside it (robust to other load).
+For every registered detector with ``needs_model=True`` (ODIN, AdaSCALE, CoVer, the Mahalanobis ensemble) and the
+model-based variants of ``gradnorm`` (``mode="autograd"``) and ``nac`` (``layers=[...]``), the time to score N inputs
+divided by the time of one plain forward pass (:meth:`ModelRunner.forward`, i.e. :func:`oodguard.extract.extract`)
+over the same inputs, in the same process, on (a) the digits CNN (28 x 28 gray) and (b) a ResNet-18-sized network
+(BasicBlock x [2, 2, 2, 2], 64-512 channels, CIFAR-style 3 x 32 x 32 input). Random weights: only the time matters.
+Detectors with fitted state are fitted first on separate inputs (not timed). Each time is the best of ``--repeats``
+runs after a warm-up; each detector's runs alternate with forward-pass runs, and its ratio uses the best forward time
+measured beside it (robust to other load).
 
     python benchmarks/model_cost.py
     python benchmarks/model_cost.py --digits-n 2048 --resnet-n 128 --repeats 3 --threads 1
@@ -30,6 +30,19 @@ from oodguard.model_access import ModelRunner
 
 # Modules registering model-based detectors; those that do not exist (yet) are skipped.
 DETECTOR_MODULES = ("oodguard.detectors.gradient", "oodguard.detectors.cover", "oodguard.detectors.model_feature")
+
+DIGITS, RESNET = "digits CNN 28x28", "ResNet-18 32x32"
+#: Registry names whose parameters select a model-based variant: label -> (name, parameters per model).
+VARIANTS = {
+    "gradnorm(mode=autograd)": ("gradnorm", {DIGITS: {"mode": "autograd"}, RESNET: {"mode": "autograd"}}),
+    "nac(layers)": (
+        "nac",
+        {
+            DIGITS: {"layers": ["features.2", "features.5", "<features>"]},
+            RESNET: {"layers": ["layer1", "layer2", "layer3", "<features>"]},  # the official ResNet-18 layers
+        },
+    ),
+}
 
 
 # ------------------------------------------------------------------------------------------------ ResNet-18
@@ -112,7 +125,7 @@ def run(
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Rows ``{detector, model, n, seconds, forward_s, forward_passes}``, or ``skipped`` with the reason."""
-    registered = model_detectors()  # imports the modules that register model-based detectors
+    registered = model_detectors() + list(VARIANTS)  # imports the modules that register model-based detectors
     names = registered if names is None else list(names)
     unknown = [name for name in names if name not in registered]
     if unknown:
@@ -120,8 +133,8 @@ def run(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     setups = [
-        ("digits CNN 28x28", DigitsCNN(num_classes=10), (1, 28, 28), digits_n),
-        ("ResNet-18 32x32", ResNet18(num_classes=10), (3, 32, 32), resnet_n),
+        (DIGITS, DigitsCNN(num_classes=10), (1, 28, 28), digits_n),
+        (RESNET, ResNet18(num_classes=10), (3, 32, 32), resnet_n),
     ]
     rows: list[dict[str, Any]] = []
     for model_name, model, shape, n in setups:
@@ -138,8 +151,12 @@ def run(
         for name in names:
             row: dict[str, Any] = {"detector": name, "model": model_name, "n": n}
             try:
-                det = detectors.create(name).attach(runner)
-                if detectors.info(name)["needs_fit"]:
+                registry_name, params = (VARIANTS[name][0], VARIANTS[name][1][model_name]) if name in VARIANTS else (
+                    name,
+                    {},
+                )
+                det = detectors.create(registry_name, **params).attach(runner)
+                if det.needs_fit:
                     det.fit(fit_x, labels=fit_labels)
                 det.score(x[:2])  # fails fast when the detector cannot run on this model
                 forward_s, seconds = _interleaved(forward, lambda det=det, x=x: det.score(x), repeats)
