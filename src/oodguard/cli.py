@@ -177,6 +177,29 @@ def evaluate(
     _finish(results, out)
 
 
+@app.command("train-bench")
+def train_bench(
+    name: Annotated[str, typer.Argument(help="embedded benchmark: digits or digits-open-set")],
+    methods: Annotated[
+        str | None,
+        typer.Option(help="comma-separated: oe, energy, mixoe-mixup, mixoe-cutmix, dos, logitnorm, abet (default all)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default results/NAME-train)")] = None,
+    n_boot: Annotated[int, typer.Option(help="bootstrap replicates for the 95 % intervals")] = 200,
+    cache_dir: Annotated[Path | None, typer.Option(help="cache for trained models and outputs")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Fine-tune the benchmark's model with each training-time OOD method; evaluate each beside the baseline."""
+    from .benchmark.training import digits_training_benchmark
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    trained = digits_training_benchmark(name, chosen, n_boot=n_boot, cache_dir=cache_dir, progress=not quiet)
+    paths = trained.save(out or Path("results") / f"{name}-train")
+    console.print(trained.to_markdown(), highlight=False, soft_wrap=True)
+    console.print(f"report: {paths['html']}")
+    console.print(f"tables: {paths['csv']}, {paths['markdown']}, {paths['training']}")
+
+
 @app.command("detectors")
 def list_detectors() -> None:
     """List the detectors with what they need and their papers."""

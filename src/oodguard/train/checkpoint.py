@@ -1,0 +1,130 @@
+"""Training checkpoints as safetensors: model weights, optimizer state as tensors, and JSON metadata (no pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "oodguard.train.checkpoint"
+FORMAT_VERSION = 1
+
+
+def _encode(value: Any) -> Any:
+    """JSON keeps no tuples (Adam's ``betas``): mark them so that loading gives back exactly what was saved."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v) for v in value["__tuple__"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model``'s state, ``optimizer``'s state and ``meta`` (JSON-serialisable) to one safetensors file.
+
+    Tensors are stored under ``model.<name>``, ``optimizer.<param index>.<key>`` and ``extra.<name>`` (for
+    ``tensors``, e.g. random-generator states); the optimizer's non-tensor state and parameter groups, and
+    ``meta``, go into the file's JSON metadata. The write is atomic (temporary file + rename).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    stored: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        stored[f"model.{name}"] = tensor.detach().cpu().clone().contiguous()  # clone: tied weights share memory
+    optimizer_json: dict[str, Any] | None = None
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, entry in state["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    stored[f"optimizer.{index}.{key}"] = value.detach().cpu().clone().contiguous()
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        optimizer_json = {"type": type(optimizer).__name__, "param_groups": _encode(state["param_groups"]),
+                          "scalars": _encode(scalars)}  # fmt: skip
+    for name, tensor in (tensors or {}).items():
+        stored[f"extra.{name}"] = tensor.detach().cpu().clone().contiguous()
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizer": optimizer_json, "meta": dict(meta or {})}
+    try:
+        text = json.dumps(header, sort_keys=True)
+    except TypeError as error:
+        raise TypeError(f"meta must be JSON-serialisable (numbers, strings, lists, dicts): {error}") from error
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(stored, tmp, metadata={"oodguard": text})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load what ``save_checkpoint`` wrote into ``model`` and ``optimizer`` (each optional; strict keys).
+
+    Returns
+    -------
+    ``(meta, extra_tensors)``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads((handle.metadata() or {}).get("oodguard", "{}"))
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an oodguard training checkpoint (format {header.get('format')!r})")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    if model is not None:
+        weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        model.load_state_dict(weights, strict=True)
+    if optimizer is not None:
+        saved = header.get("optimizer")
+        if saved is None:
+            raise ValueError(f"{path} holds no optimizer state; pass optimizer=None")
+        if saved["type"] != type(optimizer).__name__:
+            raise ValueError(f"{path} holds {saved['type']} state, not {type(optimizer).__name__}")
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for index, entry in _decode(saved["scalars"]).items():
+            state.setdefault(int(index), {}).update(entry)
+        optimizer.load_state_dict({"state": state, "param_groups": _decode(saved["param_groups"])})
+    extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+    return header["meta"], extra

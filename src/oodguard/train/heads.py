@@ -1,0 +1,100 @@
+"""Architecture changes made before training: AbeT's learned-temperature head and DOS's absent-class output.
+
+Both replace the model's final linear layer (found like ``oodguard.extract.find_head``: the last module when it
+is an ``nn.Linear``, or the one named by ``head_name``) in place, so they work on any ``torch.nn.Module`` whose
+logits come from such a layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..extract import find_head
+
+
+def _replace_head(model: nn.Module, head_name: str | None, make: callable) -> nn.Module:
+    found = find_head(model, head_name)
+    if found is None:
+        raise ValueError(
+            "the model's last module is not an nn.Linear, so its final layer cannot be found automatically; pass "
+            "head_name= naming the linear layer that produces the logits"
+        )
+    name, linear = found
+    replacement = make(linear)
+    if name == "":  # the model is the linear layer itself
+        return replacement
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, replacement)
+    return model
+
+
+class LearnedTemperatureHead(nn.Module):
+    """AbeT's head: cosine logits divided by a learned, input-dependent temperature in (0, 1).
+
+    ``c_k(h) = <h/||h||, w_k/||w_k||>`` (no bias; computed in float64), ``T(h) = sigmoid(BN1d(a^T h + b)) + 1e-12``
+    and the logits are ``c_k(h) / T(h)``, returned in the input's dtype. The cosine weights use Kaiming-normal
+    initialisation. The test score is the ablated energy ``-LSE(logits)`` (the energy without the leading T(x)),
+    which is the registered ``energy`` detector applied to this head's logits.
+
+    Paper: LeVine, Pikus, Phillips, Norman, Amat Gil & Hendryx, AbeT (Ablated Learned Temperature Energy),
+    arXiv 2401.12129, 2024. Code: anonymousoodauthor/abet ``nets.py``
+    (``LearnedTemperatureClassificationNet``, ``CosineClassificationHead``).
+
+    Parameters
+    ----------
+    in_features : feature dimension D.
+    num_classes : number of outputs K.
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.cosine = nn.Linear(in_features, num_classes, bias=False)
+        nn.init.kaiming_normal_(self.cosine.weight, nonlinearity="relu")
+        # Registered last: the head's last module is not an nn.Linear, so feature extraction does not mistake
+        # the temperature's linear layer for the classifier.
+        self.temperature_net = nn.Sequential(nn.Linear(in_features, 1), nn.BatchNorm1d(1), nn.Sigmoid())
+
+    def temperature(self, features: torch.Tensor) -> torch.Tensor:
+        """``T(h) [N]`` in (0, 1]."""
+        return self.temperature_net(features).squeeze(1) + 1e-12
+
+    def cosine_similarity(self, features: torch.Tensor) -> torch.Tensor:
+        """``c_k(h) [N, K]`` in float64."""
+        weight = F.normalize(self.cosine.weight.to(torch.float64), dim=1)
+        return F.normalize(features.to(torch.float64), dim=1) @ weight.T
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.cosine_similarity(features) / self.temperature(features).to(torch.float64)[:, None]
+        return logits.to(features.dtype)
+
+
+def install_abet_head(model: nn.Module, head_name: str | None = None) -> nn.Module:
+    """Replace the final linear layer by a ``LearnedTemperatureHead`` of the same shape (in place; returns the model).
+
+    AbeT's head must be installed before training: it is not a post-hoc method (spec, Appendix pitfall 4).
+    """
+    return _replace_head(model, head_name, lambda linear: LearnedTemperatureHead(linear.in_features,
+                                                                                 linear.out_features))  # fmt: skip
+
+
+def add_absent_class(model: nn.Module, head_name: str | None = None) -> nn.Module:
+    """Give the final linear layer a (K+1)-th output, DOS's absent category (in place; returns the model).
+
+    The K existing rows keep their weights and biases, so a pretrained classifier keeps its predictions; the new
+    row starts at zero weight and bias (the official DOS trains from scratch and has no such choice to make).
+    """
+
+    def widen(linear: nn.Linear) -> nn.Linear:
+        wider = nn.Linear(linear.in_features, linear.out_features + 1, bias=True)
+        wider = wider.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            wider.weight.zero_()
+            wider.bias.zero_()
+            wider.weight[: linear.out_features] = linear.weight
+            if linear.bias is not None:
+                wider.bias[: linear.out_features] = linear.bias
+        return wider
+
+    return _replace_head(model, head_name, widen)

@@ -1,0 +1,381 @@
+"""Training methods as compositions of parts: an architecture change, an outlier sampler and a loss.
+
+A ``Method`` says whether it needs auxiliary outliers, how it changes the model before training (``prepare``),
+which sampler picks the outliers of a step, how a step's loss is computed from the model and the batches, and
+which registered detector is its own test score. ``Recipe`` holds the optimiser settings; each method's
+``official_recipe()`` gives the values of its official code (spec, part A).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import heads
+from .losses import AbsentCategoryLoss, EnergyMarginLoss, LogitNormLoss, MixOELoss, OutlierExposureLoss, free_energy
+from .mixing import MIX_OPS, mix_outliers, sample_lambda
+from .samplers import DiverseOutlierSampler, TakeAll
+
+SCHEDULES = ("cosine", "multistep", "constant")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimiser settings: SGD with momentum, and a learning-rate schedule.
+
+    ``cosine`` anneals per step from ``lr`` to ``lr_min`` (the official OE / energy / DOS code anneals the
+    multiplier to ``1e-6 / lr``, i.e. to an absolute 1e-6); ``multistep`` multiplies by ``gamma`` after each
+    fraction of the epochs in ``milestones``; ``constant`` keeps ``lr``. ``id_batch`` and ``outlier_batch`` are the
+    official batch sizes, for the caller's loaders (the loop takes the loaders as given).
+    """
+
+    epochs: int = 10
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    lr_min: float = 1e-6
+    milestones: tuple[float, ...] = (0.5, 0.75, 0.9)
+    gamma: float = 0.1
+    id_batch: int = 128
+    outlier_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    def learning_rate(self, step: int, epoch: int, total_steps: int) -> float:
+        """The learning rate of a step (0-based ``step`` of ``total_steps``, 0-based ``epoch``)."""
+        if self.schedule == "cosine":
+            cosine = 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / max(1, total_steps), dtype=torch.float64)))
+            return float(self.lr_min + (self.lr - self.lr_min) * cosine)
+        if self.schedule == "multistep":
+            passed = sum(epoch >= int(self.epochs * fraction) for fraction in self.milestones)
+            return self.lr * self.gamma**passed
+        return self.lr
+
+
+class Method:
+    """A training method: ``prepare`` the model, pick outliers with ``sampler``, compute ``loss`` per step.
+
+    Class attributes: ``name``; ``needs_outliers``; ``score`` (registry name of the method's own test score,
+    higher = more OOD); ``paper``; ``code``.
+    """
+
+    name: ClassVar[str] = ""
+    needs_outliers: ClassVar[bool] = True
+    score: ClassVar[str] = "msp"
+    paper: ClassVar[str] = ""
+    code: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self.sampler: Any = TakeAll()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Change the architecture before training (default: none). May return a new module."""
+        return model
+
+    def loss(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        outliers: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement loss(model, inputs, labels, outliers, ...)")
+
+    def config(self) -> dict[str, Any]:
+        """The hyperparameters (JSON-serialisable), for cache keys and checkpoints."""
+        return {"name": self.name}
+
+    @staticmethod
+    def official_recipe() -> Recipe:
+        return Recipe()
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({params})"
+
+
+def _joint_logits(model: nn.Module, inputs: torch.Tensor, outliers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over the concatenated ID and outlier batches (as the official OE/energy/DOS code)."""
+    logits = model(torch.cat([inputs, outliers.to(inputs.dtype)]))
+    return logits[: inputs.shape[0]], logits[inputs.shape[0] :]
+
+
+def _require_outliers(method: Method, outliers: torch.Tensor | None) -> torch.Tensor:
+    if outliers is None or outliers.shape[0] == 0:
+        raise ValueError(f"{method.name} trains with auxiliary outliers; pass an outlier_loader")
+    return outliers
+
+
+class OutlierExposure(Method):
+    """Outlier Exposure (``OutlierExposureLoss``, weight 0.5); test score MSP. Fine-tuning recipe of
+    ``oe_tune.py``: 10 epochs, lr 1e-3, SGD Nesterov, weight decay 5e-4, cosine, ID batch 128, OE batch 256.
+
+    Paper: Hendrycks, Mazeika & Dietterich, ICLR 2019. Code: hendrycks/outlier-exposure ``CIFAR/oe_tune.py``.
+    """
+
+    name = "oe"
+    score = "msp"
+    paper = "Hendrycks, Mazeika & Dietterich, ICLR 2019"
+    code = "hendrycks/outlier-exposure CIFAR/oe_tune.py"
+
+    def __init__(self, weight: float = 0.5) -> None:
+        super().__init__()
+        self.criterion = OutlierExposureLoss(weight)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.criterion.weight}
+
+    def loss(self, model, inputs, labels, outliers, generator):
+        logits_in, logits_out = _joint_logits(model, inputs, _require_outliers(self, outliers))
+        return self.criterion(logits_in, labels, logits_out)
+
+
+class EnergyFineTune(Method):
+    """Energy-bounded fine-tuning (``EnergyMarginLoss``: margins ``m_in``, ``m_out``, weight 0.1); test score energy.
+
+    Defaults: the CIFAR-10 margins of the official ``run.sh`` (-23, -5); they depend on the model, so use
+    ``auto_margins`` for another one. Recipe as OE's fine-tuning (10 epochs, lr 1e-3, batches 128 + 256).
+
+    Paper: Liu, Wang, Owens & Li, NeurIPS 2020. Code: wetliu/energy_ood ``CIFAR/train.py``, ``CIFAR/run.sh``.
+    """
+
+    name = "energy"
+    score = "energy"
+    paper = "Liu, Wang, Owens & Li, NeurIPS 2020"
+    code = "wetliu/energy_ood CIFAR/train.py, CIFAR/run.sh"
+
+    def __init__(self, m_in: float = -23.0, m_out: float = -5.0, weight: float = 0.1) -> None:
+        super().__init__()
+        self.criterion = EnergyMarginLoss(m_in, m_out, weight)
+
+    def config(self) -> dict[str, Any]:
+        c = self.criterion
+        return {"name": self.name, "m_in": c.m_in, "m_out": c.m_out, "weight": c.weight}
+
+    def loss(self, model, inputs, labels, outliers, generator):
+        logits_in, logits_out = _joint_logits(model, inputs, _require_outliers(self, outliers))
+        return self.criterion(logits_in, labels, logits_out)
+
+
+@torch.no_grad()
+def auto_margins(
+    model: nn.Module, id_batches: Any, outlier_batches: Any, device: str | torch.device = "cpu"
+) -> tuple[float, float]:
+    """Energy margins from a pretrained model: ``(mean ID energy, mean outlier energy)``.
+
+    The authors' advice for a new model (energy_ood issue #21: set ``m_in`` and ``m_out`` near the average ID
+    and outlier energies; "Average is fine"). ``id_batches`` / ``outlier_batches``: iterables of input tensors or
+    of ``(inputs, ...)`` tuples. The model's train/eval mode is restored.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        means = []
+        for batches, what in ((id_batches, "id_batches"), (outlier_batches, "outlier_batches")):
+            total, count = 0.0, 0
+            for batch in batches:
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                energies = free_energy(model(inputs.to(device)).to(torch.float64))
+                total, count = total + float(energies.sum()), count + energies.numel()
+            if count == 0:
+                raise ValueError(f"{what} is empty; pass at least one batch")
+            means.append(total / count)
+    finally:
+        for module, training in modes:
+            module.training = training
+    m_in, m_out = means
+    if not m_in < m_out:
+        raise ValueError(
+            f"the model's mean ID energy ({m_in:.3f}) is not below its mean outlier energy ({m_out:.3f}); energy "
+            "fine-tuning needs m_in < m_out, so pass margins by hand"
+        )
+    return m_in, m_out
+
+
+class MixOE(Method):
+    """Mixture Outlier Exposure: ID CE plus a soft CE on ID/outlier mixtures whose targets decay to uniform.
+
+    ``mix_op``: ``"mixup"`` or ``"cutmix"`` (outlier patch pasted into the ID image). ``lam ~ Beta(mix_alpha,
+    mix_beta)`` per batch; ``mix_beta`` defaults to ``mix_alpha`` (official ``Beta(alpha, alpha)``). Defaults per
+    variant from the paper's ``scripts/train.sh``: mixup ``mix_alpha = 1``, cutmix ``mix_alpha = 2``, both with
+    ``oe_weight = 5`` (the argparse defaults 1/1 and OpenOOD's ``Beta(0.1, 1)`` with weight 1 are alternatives).
+    Test score MSP. Two forward passes per step (ID, mixed); an outlier batch shorter than the ID batch is
+    extended by repeating its rows. Recipe: 10 epochs, lr 1e-3, weight decay 1e-5, SGD
+    Nesterov, cosine, batches 32 + 32.
+
+    Paper: Zhang, Inkawhich, Linderman, Chen & Li, WACV 2023. Code: zjysteven/MixOE ``train/train_mixoe.py``.
+    """
+
+    name = "mixoe"
+    score = "msp"
+    paper = "Zhang, Inkawhich, Linderman, Chen & Li, WACV 2023"
+    code = "zjysteven/MixOE train/train_mixoe.py, scripts/train.sh"
+    PAPER_ALPHA = {"mixup": 1.0, "cutmix": 2.0}
+
+    def __init__(
+        self, mix_op: str = "mixup", mix_alpha: float | None = None, mix_beta: float | None = None,
+        oe_weight: float = 5.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if mix_op not in MIX_OPS:
+            raise ValueError(f"mix_op must be one of {MIX_OPS}, got {mix_op!r}")
+        self.mix_op = mix_op
+        self.mix_alpha = float(self.PAPER_ALPHA[mix_op] if mix_alpha is None else mix_alpha)
+        self.mix_beta = float(self.mix_alpha if mix_beta is None else mix_beta)
+        if self.mix_alpha <= 0 or self.mix_beta <= 0:
+            raise ValueError(f"mix_alpha and mix_beta must be > 0, got {self.mix_alpha} and {self.mix_beta}")
+        self.criterion = MixOELoss(oe_weight)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "mix_op": self.mix_op, "mix_alpha": self.mix_alpha, "mix_beta": self.mix_beta,
+                "oe_weight": self.criterion.oe_weight}  # fmt: skip
+
+    def loss(self, model, inputs, labels, outliers, generator):
+        outliers = _require_outliers(self, outliers).to(inputs.dtype)
+        if outliers.shape[0] < inputs.shape[0]:  # a short last batch: repeat it (OpenOOD refreshes the loader)
+            outliers = outliers.repeat_interleave(-(-inputs.shape[0] // outliers.shape[0]), dim=0)
+        lam = sample_lambda(self.mix_alpha, self.mix_beta, generator)
+        mixed, lam = mix_outliers(inputs, outliers, self.mix_op, lam, generator)
+        return self.criterion(model(inputs), labels, model(mixed), lam)
+
+    @staticmethod
+    def official_recipe() -> Recipe:
+        return Recipe(weight_decay=1e-5, id_batch=32, outlier_batch=32)
+
+
+class DOS(Method):
+    """Diverse Outlier Sampling: a (K+1)-way model, per-step ``DiverseOutlierSampler``, ``AbsentCategoryLoss``.
+
+    ``prepare`` adds the absent-class output (``heads.add_absent_class``). Test score: the absent-class
+    probability (registered detector ``absent-class``; the spec's ``1 - p_{K+1}`` with the OOD direction).
+    Official recipe: from scratch, 100 epochs, lr 0.1, weight decay 1e-4, SGD Nesterov, multistep at
+    [0.5, 0.75, 0.9] of the epochs, batch 64, candidates 384, k = 64, n_init = 5, beta = 1.
+
+    Paper: Jiang, Cheng, Chen, Wang & Wei, ICLR 2024. Code: lygjwy/DOS ``train_diverse.py``, ``detect.py``.
+    """
+
+    name = "dos"
+    score = "absent-class"
+    paper = "Jiang, Cheng, Chen, Wang & Wei, ICLR 2024"
+    code = "lygjwy/DOS train_diverse.py, detect.py"
+
+    def __init__(
+        self, weight: float = 1.0, num_keep: int = 64, num_clusters: int = 64, n_init: int = 5,
+        head_name: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.criterion = AbsentCategoryLoss(weight)
+        self.head_name = head_name
+        self.sampler = DiverseOutlierSampler(num_keep, num_clusters, n_init, head_name=head_name)
+
+    def config(self) -> dict[str, Any]:
+        s = self.sampler
+        return {"name": self.name, "weight": self.criterion.weight, "num_keep": s.num_keep,
+                "num_clusters": s.num_clusters, "n_init": s.n_init}  # fmt: skip
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return heads.add_absent_class(model, self.head_name)
+
+    def loss(self, model, inputs, labels, outliers, generator):
+        logits_in, logits_out = _joint_logits(model, inputs, _require_outliers(self, outliers))
+        return self.criterion(logits_in, labels, logits_out)
+
+    @staticmethod
+    def official_recipe() -> Recipe:
+        return Recipe(epochs=100, lr=0.1, weight_decay=1e-4, schedule="multistep", id_batch=64, outlier_batch=384)
+
+
+class LogitNorm(Method):
+    """LogitNorm: ``LogitNormLoss`` (tau 0.04) instead of CE, no outliers; test score MSP on the raw logits.
+
+    Official recipe (OpenOOD ``train_logitnorm.yml``): 100 epochs from scratch, lr 0.1, SGD Nesterov, weight
+    decay 5e-4, cosine to 1e-6, batch 128.
+
+    Paper: Wei, Xie, Cheng, Feng, An & Li, ICML 2022. Code: hongxin001/logitnorm_ood ``common/loss_function.py``.
+    """
+
+    name = "logitnorm"
+    needs_outliers = False
+    score = "msp"
+    paper = "Wei, Xie, Cheng, Feng, An & Li, ICML 2022"
+    code = "hongxin001/logitnorm_ood common/loss_function.py"
+
+    def __init__(self, tau: float = 0.04) -> None:
+        super().__init__()
+        self.criterion = LogitNormLoss(tau)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "tau": self.criterion.tau}
+
+    def loss(self, model, inputs, labels, outliers, generator):
+        return self.criterion(model(inputs), labels)
+
+    @staticmethod
+    def official_recipe() -> Recipe:
+        return Recipe(epochs=100, lr=0.1, weight_decay=5e-4, outlier_batch=0)
+
+
+class AbeT(Method):
+    """AbeT: a learned-temperature cosine head (``heads.LearnedTemperatureHead``) trained with plain CE, no outliers.
+
+    Test score: the ablated energy ``-LSE(c(x) / T(x))``, i.e. the registered ``energy`` detector on this model's
+    logits. Official recipe (``main.py``): SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 64, 200 epochs,
+    multistep at [100, 150, 180] (= [0.5, 0.75, 0.9] of the epochs), gamma 0.1.
+
+    Paper: LeVine et al., arXiv 2401.12129, 2024. Code: anonymousoodauthor/abet ``nets.py``, ``main.py``.
+    """
+
+    name = "abet"
+    needs_outliers = False
+    score = "energy"
+    paper = "LeVine, Pikus, Phillips, Norman, Amat Gil & Hendryx, arXiv 2401.12129"
+    code = "anonymousoodauthor/abet nets.py, main.py"
+
+    def __init__(self, head_name: str | None = None) -> None:
+        super().__init__()
+        self.head_name = head_name
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return heads.install_abet_head(model, self.head_name)
+
+    def loss(self, model, inputs, labels, outliers, generator):
+        return F.cross_entropy(model(inputs), labels)
+
+    @staticmethod
+    def official_recipe() -> Recipe:
+        return Recipe(epochs=200, lr=0.1, nesterov=False, weight_decay=1e-4, schedule="multistep", id_batch=64,
+                      outlier_batch=0)  # fmt: skip
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (OutlierExposure, EnergyFineTune, MixOE, DOS,
+                                                               LogitNorm, AbeT)}  # fmt: skip
+
+
+def create_method(name: str, **params: Any) -> Method:
+    """A method by name (``oe``, ``energy``, ``mixoe``, ``dos``, ``logitnorm``, ``abet``) with its parameters."""
+    if name not in METHODS:
+        raise ValueError(f"unknown training method {name!r}; available: {', '.join(METHODS)}")
+    try:
+        return METHODS[name](**params)
+    except TypeError as error:
+        raise TypeError(f"{name}: {error}") from error
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """``Recipe`` as a JSON-ready dict."""
+    values = asdict(recipe)
+    values["milestones"] = list(values["milestones"])
+    return values

@@ -1,0 +1,174 @@
+"""The training loop: toy runs lower the loss, seeding, checkpoints round-trip and resume exactly, every method runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from oodguard.train import (
+    METHODS,
+    Recipe,
+    add_absent_class,
+    auto_margins,
+    create_method,
+    install_abet_head,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+
+
+def toy_data(seed: int = 0):
+    """Two Gaussian classes in 1x4x4 'images' (means +-1 on every pixel) and outliers spread around 0 and far out."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(64) % 2
+    inputs = torch.randn(64, 1, 4, 4, generator=g) * 0.7 + (2.0 * labels - 1.0)[:, None, None, None]
+    outliers = torch.randn(96, 1, 4, 4, generator=g) * 3.0
+    return inputs, labels, outliers
+
+
+def toy_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def loaders(batch: int = 16, outlier_batch: int = 24, seed: int = 0):
+    inputs, labels, outliers = toy_data()
+    id_loader = DataLoader(TensorDataset(inputs, labels), batch_size=batch, shuffle=True,
+                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    outlier_loader = DataLoader(TensorDataset(outliers), batch_size=outlier_batch, shuffle=True,
+                                generator=torch.Generator().manual_seed(seed + 1))  # fmt: skip
+    return id_loader, outlier_loader
+
+
+def full_loss(model, method):
+    inputs, labels, outliers = toy_data()
+    model.eval()
+    with torch.no_grad():
+        return float(method.loss(model, inputs, labels, outliers[:64], torch.Generator().manual_seed(0)))
+
+
+def test_outlier_exposure_on_a_toy_problem_lowers_the_loss():
+    method = create_method("oe")
+    model = toy_model()
+    before = full_loss(model, method)
+    id_loader, outlier_loader = loaders()
+    result = train(model, id_loader, method, outlier_loader, recipe=Recipe(epochs=15, lr=0.05), progress=False)
+    after = full_loss(result.model, method)
+    assert after < 0.6 * before
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    assert result.steps == 15 * len(id_loader)
+    assert not result.model.training
+
+
+def test_same_seed_gives_the_same_weights_and_another_seed_differs():
+    def weights(seed):
+        id_loader, outlier_loader = loaders()
+        model = train(toy_model(), id_loader, create_method("mixoe", mix_op="cutmix"), outlier_loader,
+                      recipe=Recipe(epochs=2, lr=0.05), seed=seed, progress=False).model  # fmt: skip
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(weights(3), weights(3))
+    assert not torch.equal(weights(3), weights(4))
+
+
+@pytest.mark.parametrize("optimizer_type", [torch.optim.SGD, torch.optim.Adam])
+def test_checkpoint_round_trips_model_optimizer_and_meta(tmp_path, optimizer_type):
+    model = toy_model()
+    kwargs = {"momentum": 0.9} if optimizer_type is torch.optim.SGD else {}
+    optimizer = optimizer_type(model.parameters(), lr=0.1, **kwargs)
+    inputs, labels, _ = toy_data()
+    for _ in range(2):  # build some optimizer state (momentum buffers / Adam moments and step counts)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), labels).backward()
+        optimizer.step()
+    rng = torch.get_rng_state()
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", model, optimizer, meta={"epoch": 2, "note": "x"},
+                           tensors={"rng": rng})  # fmt: skip
+    assert path.read_bytes()[:8]  # a safetensors file: 8-byte header length first, no pickle
+    other = toy_model(seed=9)
+    other_optimizer = optimizer_type(other.parameters(), lr=0.5, **kwargs)
+    meta, extra = load_checkpoint(path, other, other_optimizer)
+    assert meta == {"epoch": 2, "note": "x"}
+    assert torch.equal(extra["rng"], rng)
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    saved, loaded = optimizer.state_dict(), other_optimizer.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    for index, entry in saved["state"].items():
+        for key, value in entry.items():
+            got = loaded["state"][index][key]
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(got)), key
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    recipe = Recipe(epochs=3, lr=0.05)
+    method = create_method("oe")
+    id_loader, outlier_loader = loaders()
+    straight = train(toy_model(), id_loader, method, outlier_loader, recipe=recipe, progress=False,
+                     checkpoint_dir=tmp_path, checkpoint_every=1)  # fmt: skip
+    assert [p.name for p in straight.checkpoints] == ["epoch-0001.safetensors", "epoch-0002.safetensors",
+                                                      "epoch-0003.safetensors"]  # fmt: skip
+    id_loader, outlier_loader = loaders()
+    resumed = train(toy_model(seed=5), id_loader, method, outlier_loader, recipe=recipe, progress=False,
+                    resume_from=tmp_path / "epoch-0001.safetensors")  # fmt: skip
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed.epoch_losses == straight.epoch_losses
+    with pytest.raises(ValueError, match="resume with the same method"):
+        train(toy_model(), id_loader, method, outlier_loader, recipe=Recipe(epochs=4, lr=0.05), progress=False,
+              resume_from=tmp_path / "epoch-0001.safetensors")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_trains_one_epoch_with_finite_losses(name):
+    id_loader, outlier_loader = loaders()
+    params = {"num_keep": 8, "num_clusters": 4, "n_init": 2} if name == "dos" else {}
+    method = create_method(name, **params)
+    result = train(toy_model(), id_loader, method, outlier_loader if method.needs_outliers else None,
+                   recipe=Recipe(epochs=1, lr=0.01), progress=False)  # fmt: skip
+    logits = result.model(toy_data()[0])
+    assert torch.isfinite(logits).all()
+    assert logits.shape[1] == (3 if name == "dos" else 2)  # DOS adds the absent class
+
+
+def test_heads_keep_or_replace_the_classifier():
+    model = toy_model()
+    x = toy_data()[0]
+    before = model(x)
+    add_absent_class(model)
+    after = model(x)
+    torch.testing.assert_close(after[:, :2], before)  # the K known logits are unchanged
+    assert torch.equal(after[:, 2], torch.zeros(len(x)))  # the absent row starts at zero
+    abet = install_abet_head(toy_model()).eval()
+    assert type(abet[3]).__name__ == "LearnedTemperatureHead"
+    with pytest.raises(ValueError, match="head_name"):
+        install_abet_head(nn.Sequential(nn.Linear(4, 2), nn.Softmax(dim=1)))
+
+
+def test_auto_margins_are_mean_energies():
+    model = toy_model()
+    inputs, _, _ = toy_data()
+    outliers = 0.01 * inputs  # near-zero inputs: small logits, so higher energy than the ID inputs
+    m_in, m_out = auto_margins(model, [inputs[:32], inputs[32:]], [(outliers,)])
+    with torch.no_grad():
+        assert m_in == pytest.approx(float(-torch.logsumexp(model(inputs), 1).mean()), rel=1e-6)
+        assert m_out == pytest.approx(float(-torch.logsumexp(model(outliers), 1).mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="pass margins by hand"):
+        auto_margins(model, [outliers], [inputs])
+
+
+def test_loop_refuses_bad_setups():
+    id_loader, outlier_loader = loaders()
+    with pytest.raises(ValueError, match="pass outlier_loader"):
+        train(toy_model(), id_loader, create_method("oe"), None, progress=False)
+    with pytest.raises(TypeError, match="Method"):
+        train(toy_model(), id_loader, "oe", outlier_loader, progress=False)
+    with pytest.raises(ValueError, match="unknown training method"):
+        create_method("vos")
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        train(toy_model(), id_loader, create_method("logitnorm"), checkpoint_every=1, progress=False)
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        train(toy_model(), id_loader, create_method("logitnorm"), recipe=Recipe(epochs=1, lr=1e30), progress=False)
