@@ -18,6 +18,11 @@ env: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/oodguard bench digits --out results/digits
 
+# Training-time OOD methods fine-tuned on the digits model, beside the baseline (docs/training.md).
+.PHONY: train-bench
+train-bench: $(STAMP)
+	$(VENV)/bin/oodguard train-bench digits --out results/digits-train
+
 bench-text: $(STAMP)
 	$(VENV)/bin/oodguard bench text --out results/text
 

@@ -53,7 +53,7 @@ def tiny_benchmark():
 def tiny_run(tmp_path_factory):
     benchmark, outliers = tiny_benchmark()
     cache = tmp_path_factory.mktemp("train-cache")
-    runs = demonstration_runs(epochs=1)
+    runs = demonstration_runs(epochs=1, retrain_epochs=1)
     trained = run_training_benchmark(benchmark, outliers, runs=runs, n_boot=20, cache_dir=cache, progress=False)
     return benchmark, outliers, cache, runs, trained
 

@@ -7,7 +7,6 @@ from .base import Detector, NotFittedError, available, create, implementation, i
 
 # Importing the modules registers their detectors.
 from . import logits, openset, distance, subspace, shaping, head, gram, gradient, nac_layers, model_feature, cover  # noqa: E402,F401  isort: skip
-from . import trained  # noqa: E402,F401  isort: skip
 from . import zeroshot  # noqa: E402,F401  isort: skip
 
 __all__ = [

@@ -49,9 +49,11 @@ from .methods import (
 )
 from .mixing import mix_outliers, rand_bbox, sample_lambda
 from .samplers import DiverseOutlierSampler, TakeAll, dos_candidate_size, kmeans
+from .scores import absent_class_score
 
 __all__ = [
     "AbeT", "AbsentCategoryLoss", "DOS", "DiverseOutlierSampler", "EnergyFineTune", "EnergyMarginLoss",
+    "absent_class_score",
     "LearnedTemperatureHead", "LogitNorm", "LogitNormLoss", "METHODS", "Method", "MixOE", "MixOELoss",
     "OutlierExposure", "OutlierExposureLoss", "Recipe", "TakeAll", "TrainResult", "add_absent_class", "auto_margins",
     "create_method", "dos_candidate_size", "free_energy", "install_abet_head", "kmeans", "load_checkpoint",

@@ -67,8 +67,8 @@ class Recipe:
 class Method:
     """A training method: ``prepare`` the model, pick outliers with ``sampler``, compute ``loss`` per step.
 
-    Class attributes: ``name``; ``needs_outliers``; ``score`` (registry name of the method's own test score,
-    higher = more OOD); ``paper``; ``code``.
+    Class attributes: ``name``; ``needs_outliers``; ``score`` (the method's own test score, higher = more OOD: a
+    registered detector's name, or ``"absent-class"`` for ``scores.absent_class_score``); ``paper``; ``code``.
     """
 
     name: ClassVar[str] = ""
@@ -260,7 +260,7 @@ class DOS(Method):
     """Diverse Outlier Sampling: a (K+1)-way model, per-step ``DiverseOutlierSampler``, ``AbsentCategoryLoss``.
 
     ``prepare`` adds the absent-class output (``heads.add_absent_class``). Test score: the absent-class
-    probability (registered detector ``absent-class``; the spec's ``1 - p_{K+1}`` with the OOD direction).
+    probability (``scores.absent_class_score``; the spec's ``1 - p_{K+1}`` in the OOD direction).
     Official recipe: from scratch, 100 epochs, lr 0.1, weight decay 1e-4, SGD Nesterov, multistep at
     [0.5, 0.75, 0.9] of the epochs, batch 64, candidates 384, k = 64, n_init = 5, beta = 1.
 
