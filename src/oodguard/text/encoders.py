@@ -335,7 +335,7 @@ def embedding_cache_path(encoder: TextEncoder, texts: list[str], cache_dir: str 
     digest = hashlib.sha256()
     digest.update(f"oodguard-text-embeddings-1\n{encoder.identity}\n".encode())
     digest.update(json.dumps(texts, ensure_ascii=False).encode())
-    return Path(cache_dir) / "text-embeddings" / f"{digest.hexdigest()[:32]}.safetensors"
+    return Path(cache_dir).expanduser() / "text-embeddings" / f"{digest.hexdigest()[:32]}.safetensors"
 
 
 def embed_texts(
