@@ -100,14 +100,17 @@ class TextEncoder:
         """For a text encoder the inputs are texts: the same as :meth:`encode_texts`."""
         return self._encode(_check_texts(inputs, "inputs"), progress=None)
 
-    def _encode(self, texts: list[str], progress: Callable[[int], Any] | None) -> torch.Tensor:
+    def _encode(
+        self, texts: list[str], progress: Callable[[int], Any] | None, batch_size: int | None = None
+    ) -> torch.Tensor:
         if not texts:
             return torch.zeros(0, self.dim, dtype=torch.float32)
+        batch_size = batch_size or self.batch_size
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = torch.empty(len(texts), self.dim, dtype=torch.float32)
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start : start + self.batch_size]
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
                 batch = self._encode_batch([texts[i] for i in rows])
                 if batch.ndim != 2 or batch.shape[0] != len(rows) or batch.shape[1] != self.dim:
                     raise ValueError(
@@ -371,20 +374,16 @@ def embed_texts(
     if not isinstance(encoder, TextEncoder):
         raise TypeError(f"encoder: expected a TextEncoder (e.g. default_text_encoder()), got {type(encoder).__name__}")
     texts = _check_texts(texts)
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    size = None if batch_size is None else int(batch_size)
     path = embedding_cache_path(encoder, texts, cache_dir) if cache_dir is not None else None
     if path is not None and path.is_file():
         cached = _read_cache(path, (len(texts), encoder.dim))
         if cached is not None:
             return cached
-    if batch_size is not None and int(batch_size) < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    saved = encoder.batch_size
-    encoder.batch_size = int(batch_size) if batch_size is not None else saved
-    try:
-        with tqdm(total=len(texts), desc=desc, disable=not progress, unit="text") as bar:
-            embeddings = encoder._encode(texts, progress=bar.update)
-    finally:
-        encoder.batch_size = saved
+    with tqdm(total=len(texts), desc=desc, disable=not progress, unit="text") as bar:
+        embeddings = encoder._encode(texts, progress=bar.update, batch_size=size)
     if path is not None:
         _write_cache(path, embeddings)
     return embeddings
