@@ -25,10 +25,12 @@ import torch
 from oodguard import ModelOutputs, detectors
 
 SCALES = {
-    "cifar": {"n_fit": 50_000, "dim": 512, "classes": 10, "n_test": 20_000},
-    "imagenet": {"n_fit": 100_000, "dim": 2048, "classes": 1000, "n_test": 10_000},
-    "tiny": {"n_fit": 2_000, "dim": 64, "classes": 10, "n_test": 1_000},
+    "cifar": {"n_fit": 50_000, "dim": 512, "classes": 10, "n_test": 20_000, "negatives": 2_000},
+    "imagenet": {"n_fit": 100_000, "dim": 2048, "classes": 1000, "n_test": 10_000, "negatives": 10_000},
+    "tiny": {"n_fit": 2_000, "dim": 64, "classes": 10, "n_test": 1_000, "negatives": 500},
 }
+#: Zero-shot detectors score the features as input embeddings against text embeddings (labels, negatives, "no").
+ZERO_SHOT = ("mcm", "neglabel", "clipn", "lapt")
 MOS_GROUPS = 8
 CHUNK = 4096  # row chunk of the lower-bound loops, so they too stay in bounded memory
 
@@ -40,9 +42,19 @@ class Data:
     mos_fit: ModelOutputs
     mos_test: ModelOutputs
     weight: torch.Tensor
+    text: dict[str, torch.Tensor]
 
 
-def make_data(n_fit: int, dim: int, classes: int, n_test: int, seed: int = 0) -> Data:
+def text_embeddings(classes: int, dim: int, negatives: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Unit label, negative-label and "no" embeddings for the zero-shot detectors."""
+
+    def unit(rows: int) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.randn(rows, dim, generator=generator), dim=1)
+
+    return {"labels": unit(classes), "negatives": unit(negatives), "no_labels": unit(classes)}
+
+
+def make_data(n_fit: int, dim: int, classes: int, n_test: int, negatives: int = 500, seed: int = 0) -> Data:
     """Non-negative class-clustered features, a linear head, logits; MOS-layout logits too."""
     generator = torch.Generator().manual_seed(seed)
     means = torch.rand(classes, dim, generator=generator) * 2.0
@@ -68,7 +80,7 @@ def make_data(n_fit: int, dim: int, classes: int, n_test: int, seed: int = 0) ->
     mos_weight = torch.randn(width, dim, generator=generator) / dim**0.5
     mos_fit = ModelOutputs(logits=fit_features[:1000] @ mos_weight.T)
     mos_test = ModelOutputs(logits=test_features @ mos_weight.T)
-    return Data(fit, test, mos_fit, mos_test, weight)
+    return Data(fit, test, mos_fit, mos_test, weight, text_embeddings(classes, dim, negatives, generator))
 
 
 def group_sizes(classes: int) -> list[int]:
@@ -135,6 +147,13 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         distances = (x[:, None, :] - cc[ranked]).norm(dim=2)
         return torch.logsumexp(x, dim=1) + distances.sum(dim=1)
 
+    def similarities(text: torch.Tensor) -> Callable[[torch.Tensor], object]:
+        # unit input embeddings against every text embedding, then one exponential per similarity
+        return lambda x: torch.logsumexp(torch.nn.functional.normalize(x, dim=1) @ text.T, dim=1)
+
+    labels, no_labels = data.text["labels"], data.text["no_labels"]
+    with_negatives = torch.cat([labels, data.text["negatives"]])
+
     def topk_head(percent: float) -> Callable[[torch.Tensor], object]:
         keep = dim - round(dim * percent / 100)
         return lambda x: (torch.topk(x, keep, dim=1), x @ w.T)
@@ -166,6 +185,22 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "nac": op(nac_bound),
         "ash": op(topk_head(90)),
         "scale": op(topk_head(85)),
+        "mcm": op(similarities(labels)),
+        "neglabel": op(similarities(with_negatives)),
+        "lapt": op(similarities(with_negatives)),
+        "clipn": op(similarities(torch.cat([labels, no_labels]))),
+    }
+
+
+def zero_shot_params(data: Data) -> dict[str, dict]:
+    """Text-side parameters of the zero-shot detectors (LAPT trains 1 epoch: this script times scoring)."""
+    text = data.text
+    negative = {"label_embeddings": text["labels"], "negative_embeddings": text["negatives"]}
+    return {
+        "mcm": {"label_embeddings": text["labels"]},
+        "neglabel": dict(negative),
+        "lapt": {**negative, "epochs": 1},
+        "clipn": {"label_embeddings": text["labels"], "no_label_embeddings": text["no_labels"]},
     }
 
 
@@ -206,8 +241,8 @@ def peak_extra_mib(fn: Callable[[], object]) -> float:
 def run(scale: str, names: list[str], repeats: int) -> list[dict]:
     config = SCALES[scale]
     print(f"generating {scale}-like outputs: {config}", file=sys.stderr)
-    data = make_data(config["n_fit"], config["dim"], config["classes"], config["n_test"])
-    params = {"mos": {"group_sizes": group_sizes(config["classes"])}}
+    data = make_data(config["n_fit"], config["dim"], config["classes"], config["n_test"], config["negatives"])
+    params = {"mos": {"group_sizes": group_sizes(config["classes"])}, **zero_shot_params(data)}
     bounds = lower_bounds(data, params)
     skipped = [name for name in names if name not in bounds]
     if skipped:  # e.g. detectors on intermediate layers: these synthetic outputs have none
