@@ -387,7 +387,10 @@ def _combine(
         id_accuracy=baseline.id_accuracy,
         settings={**baseline.settings, "id_accuracy_per_model": accuracy},
     )
-    ok = [row for row in scores]
+    # rows per model in run order, each model's own score first
+    order = {label: i for i, label in enumerate(evaluations)}
+    ok = sorted(scores, key=lambda row: (order[row.partition(": ")[0]],
+                                         row.partition(": ")[2] != own_scores[row.partition(": ")[0]]))  # fmt: skip
     boot = group_auroc_bootstrap({row: scores[row] for row in ok}, groups, n_boot=n_boot, seed=seed)
     group_names = list(groups)
     semantic = [group_names.index(g) for g in VERDICT_GROUPS if g in group_names] or list(range(len(group_names)))
