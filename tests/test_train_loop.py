@@ -172,3 +172,14 @@ def test_loop_refuses_bad_setups():
         train(toy_model(), id_loader, create_method("logitnorm"), checkpoint_every=1, progress=False)
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         train(toy_model(), id_loader, create_method("logitnorm"), recipe=Recipe(epochs=1, lr=1e30), progress=False)
+
+
+def test_recipe_schedules():
+    cosine = Recipe(epochs=2, lr=0.1, lr_min=1e-6)
+    assert cosine.learning_rate(0, 0, 10) == pytest.approx(0.1)
+    assert cosine.learning_rate(5, 0, 10) == pytest.approx((0.1 + 1e-6) / 2)
+    assert cosine.learning_rate(10, 1, 10) == pytest.approx(1e-6)
+    steps = Recipe(epochs=10, lr=0.1, schedule="multistep", milestones=(0.5, 0.75, 0.9), gamma=0.1)
+    assert [round(steps.learning_rate(0, e, 100), 8) for e in (0, 4, 5, 7, 9)] == [0.1, 0.1, 0.01, 0.001, 0.0001]
+    with pytest.raises(ValueError, match="schedule"):
+        Recipe(schedule="linear")

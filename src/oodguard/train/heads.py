@@ -7,6 +7,8 @@ logits come from such a layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -14,7 +16,7 @@ from torch.nn import functional as F
 from ..extract import find_head
 
 
-def _replace_head(model: nn.Module, head_name: str | None, make: callable) -> nn.Module:
+def _replace_head(model: nn.Module, head_name: str | None, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
     found = find_head(model, head_name)
     if found is None:
         raise ValueError(

@@ -8,6 +8,7 @@ which registered detector is its own test score. ``Recipe`` holds the optimiser 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -56,8 +57,8 @@ class Recipe:
     def learning_rate(self, step: int, epoch: int, total_steps: int) -> float:
         """The learning rate of a step (0-based ``step`` of ``total_steps``, 0-based ``epoch``)."""
         if self.schedule == "cosine":
-            cosine = 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / max(1, total_steps), dtype=torch.float64)))
-            return float(self.lr_min + (self.lr - self.lr_min) * cosine)
+            cosine = 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))
+            return self.lr_min + (self.lr - self.lr_min) * cosine
         if self.schedule == "multistep":
             passed = sum(epoch >= int(self.epochs * fraction) for fraction in self.milestones)
             return self.lr * self.gamma**passed
