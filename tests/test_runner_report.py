@@ -167,3 +167,15 @@ def test_bad_parameters_are_refused_before_any_work_and_tensors_are_recorded_by_
                        n_boot=5, progress=False)  # fmt: skip
     described = _describe_params({"mcm": {"label_embeddings": torch.zeros(3, 4), "temperature": 1.0}})
     assert described == {"mcm": {"label_embeddings": "Tensor(shape=[3, 4], dtype=torch.float32)", "temperature": 1.0}}
+
+
+def test_model_detectors_that_need_images_are_left_out_for_other_inputs():
+    import torch
+
+    from oodguard import detectors
+    from oodguard.benchmark.runner import _model_detectors_for
+
+    every = set(detectors.available(needs_model=True))
+    assert set(_model_detectors_for(torch.zeros(3, 1, 8, 8))) == every
+    assert set(_model_detectors_for(torch.zeros(3, 384))) == every - {"cover"}
+    assert set(_model_detectors_for(object())) == every  # not inspectable: kept, a failure is reported per detector

@@ -184,7 +184,8 @@ def run(
     ----------
     benchmark : the data and model.
     detectors : registry names; default every output-based detector whose requirements the outputs meet
-        (and MOS with a trained head), plus every model-based detector unless ``model_detectors`` is false.
+        (and MOS with a trained head), plus every model-based detector that takes the benchmark's inputs (CoVer
+        needs images) unless ``model_detectors`` is false.
         Model-based detectors run the model again on every split (their work cannot come from the cache).
     params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``; merged over the benchmark's own
         ``detector_params`` (the user's value wins per parameter).
@@ -197,7 +198,7 @@ def run(
     if detectors is None:
         names = default_detectors(fit, params)
         if model_detectors:
-            names += detector_registry.available(needs_model=True)
+            names += _model_detectors_for(benchmark.fit.data)
         if fit.features is not None and fit.labels is not None and MOS_HEAD not in names:
             names.append(MOS_HEAD)
     else:
@@ -222,6 +223,17 @@ def run(
         split_names=(benchmark.fit.name, benchmark.test.name),
         extra_jobs=model_jobs,
     )
+
+
+def _model_detectors_for(data: Any) -> list[str]:
+    """Model-based detectors that can take these inputs (CoVer's corruptions need images ``[N, C, H, W]``)."""
+    ndim = getattr(data, "ndim", None)  # tensors and arrays; datasets and loaders are not inspected
+    chosen = []
+    for name in detector_registry.available(needs_model=True):
+        wanted = getattr(detector_registry.implementation(name), "input_ndim", None)
+        if wanted is None or ndim is None or ndim == wanted:
+            chosen.append(name)
+    return chosen
 
 
 def _model_job(

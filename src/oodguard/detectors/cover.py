@@ -143,6 +143,7 @@ class CoVer(ModelDetector):
     summary = "a base detector's score averaged over corrupted test-time views (identity + ImageNet-C corruptions)"
     paper = "Zhang, Zhu et al., What If the Input is Expanded in OOD Detection?, NeurIPS 2024"
     code = "https://github.com/tmlr-group/CoVer (eval_ood_detection.py, utils/detection_util.py)"
+    input_ndim = 4  # corruptions act on images [N, C, H, W]
     defaults: dict[str, Any] = {
         "base": "msp",
         "base_params": {},

@@ -59,6 +59,8 @@ class ModelDetector(Detector):
     needs_model: ClassVar[bool] = True
     requires = frozenset({"model"})
     fit_requires = frozenset({"model"})
+    #: Dimensions of the inputs with the batch axis (4 for images ``[N, C, H, W]``), or None for any inputs.
+    input_ndim: ClassVar[int | None] = None
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
