@@ -292,7 +292,7 @@ def run_training_benchmark(
 
     Parameters
     ----------
-    benchmark : its ``fit`` split (inputs and labels) is the ID training data; its model the starting point.
+    benchmark : its ``fit`` split (an input tensor and labels) is the ID training data; its model the starting point.
     outliers : auxiliary outliers ``[N, ...]`` (same input shape as the benchmark's), disjoint from its OOD sets.
     methods : labels of ``runs`` (default: all of them).
     runs : the fine-tuning runs (default ``demonstration_runs()``).
