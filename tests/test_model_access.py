@@ -290,3 +290,17 @@ def test_batchnorm_without_running_statistics_warns():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2))
     with pytest.warns(UserWarning, match="batch statistics even in eval mode"):
         ModelRunner(model)
+
+
+def test_channels_last_gradient_passes_give_the_same_values():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    loss = lambda logits: logits.logsumexp(dim=1)  # noqa: E731
+    seen = []
+    handle = model[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    fast = ModelRunner(model).input_gradients(x, loss)
+    plain = ModelRunner(model, channels_last=False).input_gradients(x, loss)
+    handle.remove()
+    assert seen == [False, True]  # the default lays the batch out channels-last; the option keeps NCHW
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-7)
