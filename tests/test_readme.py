@@ -26,7 +26,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, digits_cache, capsys)
 
 def test_readme_make_targets_exist():
     makefile = (README.parent / "Makefile").read_text()
-    for target in re.findall(r"^make (\w+)", README.read_text(), flags=re.M):
+    for target in re.findall(r"^make ([\w-]+)", README.read_text(), flags=re.M):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
 
 
