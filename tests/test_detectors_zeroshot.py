@@ -207,6 +207,35 @@ def test_lapt_one_step_is_sgd_on_the_multi_class_cross_entropy(space):
     np.testing.assert_allclose(lapt.state_["tuned_negatives"].numpy(), expected[4:].numpy(), atol=2e-5)
 
 
+def test_lapt_default_pseudo_inputs_transplant_the_label_component_by_hand():
+    # One ID input v = a e1 + b e2 of label t_0 = e1 (so every donor is v), negatives e3 and e4:
+    # normalize(v - (v . t_y)(t_y - e_j)) = normalize(a e_j + b e2), i.e. (a e3 + b e2) / sqrt(a^2 + b^2) for e3.
+    a, b = 0.6, 0.8
+    lr, scale = 0.5, 4.0
+    eye = np.eye(4, dtype=np.float32)
+    v = a * eye[0] + b * eye[1]
+    lapt = detectors.create(
+        "lapt", label_embeddings=eye[:1], negative_embeddings=eye[2:], groups=1, epochs=1, batch_size=8, lr=lr,
+        momentum=0.0, weight_decay=0.0, alpha=0.0, scale=scale,
+    )  # fmt: skip
+    assert lapt.params["negative_samples"] == "transplant"  # the default
+    lapt.fit({"features": v[None], "labels": np.array([0])})
+
+    def one_step(inputs):  # normalize(t - lr * grad) of the mean CE over labels [e1, e3, e4], targets 0, 1, 2
+        anchors = torch.tensor(np.concatenate([eye[:1], eye[2:]]), dtype=torch.float64)
+        delta = torch.zeros_like(anchors, requires_grad=True)
+        logits = scale * torch.tensor(inputs, dtype=torch.float64) @ F.normalize(anchors + delta, dim=1).T
+        F.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+        return F.normalize(anchors - lr * delta.grad, dim=1).numpy()
+
+    pseudo = np.stack([a * eye[2] + b * eye[1], a * eye[3] + b * eye[1]])  # already unit length: a^2 + b^2 = 1
+    expected = one_step(np.concatenate([v[None], pseudo]))
+    tuned = np.concatenate([lapt.state_["tuned_labels"].numpy(), lapt.state_["tuned_negatives"].numpy()])
+    np.testing.assert_allclose(tuned, expected, atol=1e-6)
+    # the test tells the formulas apart: with the negatives themselves as inputs ("label") the step differs
+    assert np.abs(one_step(np.concatenate([v[None], eye[2:]])) - expected).max() > 1e-2
+
+
 def test_lapt_moves_labels_towards_their_inputs_across_a_modality_gap():
     rng = np.random.default_rng(5)
     labels = unit_rows(rng.normal(size=(3, D)))
@@ -279,6 +308,33 @@ def test_feature_width_must_match_the_embeddings(space, name):
     detector = make(name, space)
     with pytest.raises(ValueError, match="D=17"):
         detector.score({"features": np.ones((2, D + 1), dtype=np.float32)})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_all_zero_feature_rows_are_refused(space, name):
+    detector = make(name, space)
+    features = space["id"][:3].copy()
+    features[1] = 0.0  # no direction: normalising leaves it at 0 and its score would be arbitrary
+    with pytest.raises(ValueError, match=rf"{name}: features at score has 1 all-zero row.*row 1.*drop them"):
+        detector.score({"features": features})
+    if name == "lapt":
+        with pytest.raises(ValueError, match=r"lapt: features at fit has 1 all-zero row"):
+            detector.fit({"features": features, "labels": space["y"][:3]})
+
+
+def test_mcm_refuses_a_single_label_but_neglabel_clipn_and_lapt_take_one(space):
+    one = space["labels"][:1]
+    with pytest.raises(ValueError, match="mcm: label_embeddings has 1 row.*at least 2"):
+        detectors.create("mcm", label_embeddings=one)
+    x = {"features": np.concatenate([space["id"], space["ood"]])}
+    # with one label the others still rank inputs: NegLabel against the negatives, CLIPN against the no prompt
+    neglabel = detectors.create("neglabel", label_embeddings=one, negative_embeddings=space["negatives"])
+    clipn = detectors.create("clipn", label_embeddings=one, no_label_embeddings=space["no"][:1])
+    for scores in (neglabel.score(x), clipn.score(x)):
+        assert np.isfinite(scores).all() and np.ptp(scores) > 0.1
+    lapt = detectors.create("lapt", label_embeddings=one, negative_embeddings=space["negatives"], epochs=1)
+    lapt.fit({"features": space["id"][space["y"] == 0], "labels": np.zeros(20, dtype=np.int64)})
+    assert np.ptp(lapt.score(x)) > 0.1
 
 
 @pytest.mark.parametrize(

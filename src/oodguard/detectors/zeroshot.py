@@ -1,9 +1,10 @@
 """Zero-shot detectors on dual-encoder embeddings: MCM, NegLabel, CLIPN and LAPT (spec part B, sections 7-10).
 
-Every detector here reads ``features`` = the input embeddings ``v`` (L2-normalised again here, defensively) and
-takes the text side as constructor parameters: ``[K, D]`` ID label embeddings ``t_k`` and, per method, negative
-label or "no" embeddings (tensors or numpy arrays; see :mod:`oodguard.zeroshot` for making them). Those are
-``required_params``, so the benchmark runner runs these detectors only where a benchmark supplies them.
+Every detector here reads ``features`` = the input embeddings ``v`` (L2-normalised again here, defensively;
+all-zero rows, which have no direction, are refused) and takes the text side as constructor parameters: ``[K, D]``
+ID label embeddings ``t_k`` and, per method, negative label or "no" embeddings (tensors or numpy arrays; see
+:mod:`oodguard.zeroshot` for making them). Those are ``required_params``, so the benchmark runner runs these
+detectors only where a benchmark supplies them.
 
 Tensor parameters live in the detector's state (``state_``, saved to ``state.safetensors``); ``params`` records
 them as ``None`` so that the saved ``config.json`` stays plain JSON, and :func:`oodguard.detectors.load` restores
@@ -140,7 +141,8 @@ class _ZeroShot(Detector):
                 f"{self.name}: features have D={z.shape[1]} columns at {stage} but the label embeddings have "
                 f"D={dim}; embed inputs and labels with the same dual encoder"
             )
-        return F.normalize(z.to(torch.float32), dim=1, eps=_NORM_EPS)
+        # all-zero rows have no direction: normalising would leave them at 0 and give them an arbitrary score
+        return check_embeddings(z, f"{self.name}: features at {stage}")
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         self._features(outputs, "fit")  # no fitting: only the width is checked
@@ -159,7 +161,8 @@ class MCM(_ZeroShot):
     code stores ``-S_MCM``: same ranking), computed as ``r / (1 + r)`` with ``r = sum_{j != max} e^{(s_j - s_max)/T}``
     so that it keeps its precision when ``S_MCM`` is close to 1.
 
-    Parameters: ``label_embeddings`` ``[K, D]`` (required; official prompt ``"a photo of a {}."``, one template),
+    Parameters: ``label_embeddings`` ``[K, D]`` with ``K >= 2`` (required; with one label the score would be a
+    constant; official prompt ``"a photo of a {}."``, one template),
     ``temperature`` ``T`` (default 1, the official ``--T``: the softmax is then nearly uniform but the ranking is
     what matters; the spec says not to change it to 0.01). No fit.
 
@@ -178,6 +181,14 @@ class MCM(_ZeroShot):
 
     def _check_params(self) -> None:
         self.params["temperature"] = _positive_number(self.params["temperature"], "mcm: temperature")
+
+    def _check_text(self, text: dict[str, torch.Tensor]) -> None:
+        # with one label the softmax is 1 for every input: the score would be a constant 0
+        if "label_embeddings" in text and text["label_embeddings"].shape[0] < 2:
+            raise ValueError(
+                "mcm: label_embeddings has 1 row, but MCM's maximum softmax over one label is 1 for every input "
+                "(a constant score); give at least 2 ID label embeddings (or use neglabel, which also works with one)"
+            )
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         v = self._features(outputs, "score")
