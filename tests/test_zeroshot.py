@@ -207,6 +207,23 @@ def test_mining_refuses_bad_arguments(kwargs, match):
         mine_negative_labels(torch.eye(3)[:2], torch.eye(3), **kwargs)
 
 
+def test_mining_accepts_numpy_scalars_as_python_numbers():
+    rng = np.random.default_rng(4)
+    labels, candidates = rng.normal(size=(3, 6)), rng.normal(size=(40, 6))
+    expected = mine_negative_labels(labels, candidates, fraction=0.25, percentile=0.5).tolist()
+    for fraction, percentile in [(np.float32(0.25), np.float32(0.5)), (np.float64(0.25), np.float16(0.5))]:
+        got = mine_negative_labels(labels, candidates, fraction=fraction, percentile=percentile)
+        assert got.tolist() == expected
+    assert mine_negative_labels(labels, candidates, fraction=np.int64(1)).tolist() == (
+        mine_negative_labels(labels, candidates, fraction=1).tolist()
+    )
+    # numpy scalars out of range get the same messages as Python numbers
+    with pytest.raises(ValueError, match="pass 0.95"):
+        mine_negative_labels(labels, candidates, percentile=np.float32(95))
+    with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\]"):
+        mine_negative_labels(labels, candidates, fraction=np.bool_(True))
+
+
 def test_mining_refuses_mismatched_widths():
     with pytest.raises(ValueError, match="candidate_embeddings has D=4"):
         mine_negative_labels(torch.eye(3), torch.ones(2, 4))

@@ -224,6 +224,15 @@ def _percentile_similarity(labels: torch.Tensor, candidates: torch.Tensor, perce
     return torch.cat(pieces)
 
 
+def _plain_number(value: Any) -> Any:
+    """A numpy real scalar (``np.float32(0.15)``, ``np.int64(1)``) as the Python number it holds; anything else
+    unchanged (and left for the caller's checks to refuse)."""
+    if isinstance(value, np.generic) and np.issubdtype(value.dtype, np.number):
+        if not np.issubdtype(value.dtype, np.complexfloating):
+            return value.item()
+    return value
+
+
 def mine_negative_labels(
     label_embeddings: Any,
     candidate_embeddings: Any,
@@ -242,8 +251,9 @@ def mine_negative_labels(
     label_embeddings : ``[K, D]`` ID label embeddings (normalised here).
     candidate_embeddings : ``[M_all, D]`` embeddings of the candidate words' prompts (normalised here), e.g.
         WordNet nouns as ``"the nice {}"`` and adjectives as ``"This is a {} photo"`` (deduplicated beforehand).
-    fraction : share kept (official ``neg_topk = 0.15``), in ``(0, 1]``.
-    percentile : quantile level in ``[0, 1]`` (official ``pencentile = 0.95``; the paper's ``eta = 0.05``).
+    fraction : share kept (official ``neg_topk = 0.15``), in ``(0, 1]``; a Python or numpy real number.
+    percentile : quantile level in ``[0, 1]`` (official ``pencentile = 0.95``; the paper's ``eta = 0.05``); a Python
+        or numpy real number.
     kinds : optional kind per candidate (e.g. ``"noun"``/``"adj"``). When given, the selection is made
         **separately within each kind**, as the official code does for nouns and adjectives, and the result lists
         the kinds in the order they first appear in ``kinds``. When omitted, all candidates form one kind (call it
@@ -260,6 +270,7 @@ def mine_negative_labels(
     candidates = check_embeddings(
         candidate_embeddings, "mine_negative_labels: candidate_embeddings", dim=labels.shape[1]
     )
+    fraction, percentile = _plain_number(fraction), _plain_number(percentile)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"mine_negative_labels: fraction must lie in (0, 1] (official 0.15), got {fraction!r}")
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 1:
