@@ -15,7 +15,15 @@ import torch
 from oodguard import metrics
 from oodguard.benchmark import presets, text_data
 from oodguard.benchmark.runner import default_detectors, extract_benchmark, run
-from oodguard.benchmark.text import CLASS_NAMES, SPLIT_SIZES, ZERO_SHOT, text_benchmark, text_texts
+from oodguard.benchmark.text import (
+    CLASS_NAMES,
+    MIN_CANDIDATE_WORDS,
+    SPLIT_SIZES,
+    ZERO_SHOT,
+    text_benchmark,
+    text_texts,
+    zero_shot_params,
+)
 from oodguard.text.encoders import TextEncoder
 
 ZERO_SHOT_DETECTORS = ("mcm", "neglabel", "clipn", "lapt")
@@ -64,6 +72,23 @@ def test_subset_keeps_the_split_proportions():
     assert len(sets["body"][0]) == 50 and len(sets["python-docstrings"][0]) == 50
     with pytest.raises(ValueError, match="subset"):
         text_texts(subset=2)
+
+
+@pytest.mark.parametrize("subset", [3, 6])
+def test_subset_too_small_for_negative_mining_is_refused_by_name(subset, tmp_path):
+    # subset also caps the candidate words per kind; floor(6 * 0.15) = 0 would mine no negative
+    with pytest.raises(ValueError, match=rf"subset must be None or an integer >= 7, got {subset}"):
+        text_benchmark(cache_dir=tmp_path, progress=False, encoder=HashingEncoder(), subset=subset)
+    assert not any(tmp_path.iterdir())  # refused before any work
+    with pytest.raises(ValueError, match=r"max_words must be None or an integer >= 7, got 6"):
+        zero_shot_params(HashingEncoder(), progress=False, max_words=6)
+
+
+def test_the_smallest_allowed_subset_mines_one_negative_per_kind():
+    assert MIN_CANDIDATE_WORDS == 7 and int(7 * ZERO_SHOT["fraction"]) == 1 and int(6 * ZERO_SHOT["fraction"]) == 0
+    params = zero_shot_params(HashingEncoder(), progress=False, max_words=MIN_CANDIDATE_WORDS)
+    assert params["neglabel"]["negative_embeddings"].shape == (2, HashingEncoder.dim)  # one noun, one adjective
+    assert params["neglabel"]["groups"] == 1
 
 
 def test_registered_as_a_preset():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from oodguard.benchmark import text_data
+from oodguard.benchmark.text import SOURCES
 from oodguard.benchmark.text_data import (
     ID_TOPICS,
     NEAR_TOPICS,
@@ -37,6 +38,19 @@ def test_shipped_data_file_matches_its_regeneration_script(tmp_path):
     regenerated = json.loads(gzip.decompress((tmp_path / text_data.DATA_FILE).read_bytes()))
     assert regenerated == load_text_data()
     assert (tmp_path / text_data.LICENSE_FILE).read_text(encoding="utf-8") == license_notice()
+
+
+@pytest.mark.skipif(not (WORDNET / "data.noun").is_file(), reason="needs WordNet: apt-get install wordnet-base")
+def test_quoted_lemma_counts_are_the_parsers_unique_lemmas():
+    # the benchmark's notes and docs/text.md quote the sizes of the corpora the candidate words are drawn from
+    counts = {pos: len({word for entry in parse_wordnet(WORDNET / f"data.{pos}")[0] for word in entry.words})
+              for pos in ("noun", "adj")}  # fmt: skip
+    assert counts == {"noun": 119_034, "adj": 21_538}  # adjectives after (a)/(p)/(ip) are stripped
+    quoted = f"seeded subsets of {counts['noun']:,} and {counts['adj']:,}"
+    assert quoted in SOURCES["negatives"]
+    docs = ROOT / "docs" / "text.md"
+    if docs.is_file():
+        assert " ".join(docs.read_text(encoding="utf-8").split()).count(f"{counts['adj']:,} unique lemmas") == 1
 
 
 # Lines end in two spaces, as in the real files.

