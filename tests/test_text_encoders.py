@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
+import re
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +174,20 @@ def test_wrong_weights_hash_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(encoders, "default_model_path", lambda: tmp_path)
     with pytest.raises(ValueError, match="not the official all-MiniLM-L6-v2 weights"):
         default_text_encoder()
+
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+@pytest.mark.skipif(not PYPROJECT.is_file(), reason="needs the source checkout's pyproject.toml")
+def test_text_extra_requires_a_sentence_transformers_that_takes_local_files_only():
+    # default_text_encoder(backend="sentence-transformers") passes local_files_only=True to SentenceTransformer;
+    # the constructor takes it from sentence-transformers 3.0.0 on (2.7.0, the release before, raises TypeError).
+    floor = re.search(r'"sentence-transformers>=([0-9.]+)"', PYPROJECT.read_text(encoding="utf-8"))
+    assert floor is not None, "the text extra must pin a floor for sentence-transformers"
+    assert tuple(int(part) for part in floor.group(1).split(".")) >= (3, 0)
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    assert "local_files_only" in inspect.signature(sentence_transformers.SentenceTransformer.__init__).parameters
 
 
 # ---------------------------------------------------------------------------------------------- real model
