@@ -183,3 +183,108 @@ def test_recipe_schedules():
     assert [round(steps.learning_rate(0, e, 100), 8) for e in (0, 4, 5, 7, 9)] == [0.1, 0.1, 0.01, 0.001, 0.0001]
     with pytest.raises(ValueError, match="schedule"):
         Recipe(schedule="linear")
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"epochs": 0}, "epochs must be an integer >= 1"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": float("inf")}, "lr must be a finite number"),
+        ({"momentum": 1.0}, "momentum must lie in \\[0, 1\\)"),
+        ({"momentum": -0.1}, "momentum must lie in"),
+        ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
+        ({"lr": 1e-3, "lr_min": 1e-2}, "lr_min .* must be <= lr"),
+        ({"lr_min": -1.0}, "lr_min must be >= 0"),
+        ({"gamma": 0.0}, "gamma must be > 0"),
+        ({"milestones": (0.5, 0.5)}, "milestones must be strictly increasing"),
+        ({"milestones": (0.5, 1.0)}, "milestones must be strictly increasing fractions of the epochs in \\(0, 1\\)"),
+        ({"milestones": (0.75, 0.5)}, "milestones"),
+        ({"id_batch": 0}, "id_batch must be an integer >= 1"),
+        ({"outlier_batch": -1}, "outlier_batch must be an integer >= 0"),
+        ({"nesterov": "yes"}, "nesterov must be True or False"),
+    ],
+)
+def test_recipe_refuses_out_of_range_settings_naming_them(params, message):
+    with pytest.raises(ValueError, match=message):
+        Recipe(**params)
+
+
+def test_recipe_accepts_the_official_recipes_and_normalises_milestones():
+    for cls in METHODS.values():
+        cls.official_recipe()  # no error
+    assert Recipe(lr=1e-7, schedule="constant").lr == 1e-7  # lr_min is only read by the cosine schedule
+    assert Recipe(milestones=[0.5, 0.8]).milestones == (0.5, 0.8)
+    assert Recipe(momentum=0.0).momentum == 0.0
+
+
+def test_abet_head_takes_the_replaced_layers_dtype():
+    model = install_abet_head(toy_model().double())
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    logits = model.train()(toy_data()[0].double())  # a float32 head would fail on float64 features here
+    assert logits.dtype == torch.float64
+
+
+def test_abet_with_a_last_batch_of_one_says_drop_last():
+    inputs, labels, _ = toy_data()
+    id_loader = DataLoader(TensorDataset(inputs[:17], labels[:17]), batch_size=16)  # batches of 16 and 1
+    with pytest.raises(ValueError, match="drop_last=True"):
+        train(toy_model(), id_loader, create_method("abet"), recipe=Recipe(epochs=1, lr=0.01), progress=False)
+    dropped = DataLoader(TensorDataset(inputs[:17], labels[:17]), batch_size=16, drop_last=True)
+    result = train(toy_model(), dropped, create_method("abet"), recipe=Recipe(epochs=1, lr=0.01), progress=False)
+    assert result.steps == 1
+    assert torch.isfinite(result.model(inputs[:1])).all()  # eval mode: one row is fine
+
+
+def test_truncated_or_foreign_checkpoints_raise_value_errors_naming_the_file(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", toy_model(), meta={"epoch": 1})
+    data = path.read_bytes()
+    for name, content in (("half", data[: len(data) // 2]), ("tiny", data[:5]), ("text", b"not a checkpoint")):
+        broken = tmp_path / f"{name}.safetensors"
+        broken.write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name}.safetensors is not a readable safetensors checkpoint"):
+            load_checkpoint(broken, toy_model())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_dos_and_cutmix_train_on_cuda():
+    id_loader, outlier_loader = loaders()
+    for method in (create_method("dos", num_keep=8, num_clusters=4, n_init=2), create_method("mixoe", mix_op="cutmix")):
+        result = train(toy_model(), id_loader, method, outlier_loader, recipe=Recipe(epochs=1, lr=0.01),
+                       device="cuda", progress=False)  # fmt: skip
+        assert next(result.model.parameters()).is_cuda
+    model = install_abet_head(toy_model().cuda())
+    assert all(p.is_cuda for p in model.parameters())
+
+
+@needs_cuda
+def test_a_resumed_cuda_run_with_dropout_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _compare_resumed_cuda_run(tmp_path)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _compare_resumed_cuda_run(tmp_path):
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+
+    recipe = Recipe(epochs=2, lr=0.05)
+    method = create_method("oe")
+    id_loader, outlier_loader = loaders()
+    straight = train(model(), id_loader, method, outlier_loader, recipe=recipe, progress=False, device="cuda",
+                     checkpoint_dir=tmp_path, checkpoint_every=1)  # fmt: skip
+    _, extra = load_checkpoint(tmp_path / "epoch-0001.safetensors")
+    assert "rng_cuda" in extra  # dropout draws from the CUDA generator: without its state the masks would differ
+    id_loader, outlier_loader = loaders()
+    resumed = train(model(), id_loader, method, outlier_loader, recipe=recipe, progress=False, device="cuda",
+                    resume_from=tmp_path / "epoch-0001.safetensors")  # fmt: skip
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -99,7 +99,7 @@ def test_mixoe_loss_known_answer():
     soft_ce = float(-(soft * np_log_softmax(logits_mix)).sum(axis=1).mean())
     expected = np_ce(LOGITS_IN, LABELS) + 5.0 * soft_ce
     got = MixOELoss(oe_weight=5.0)(t(LOGITS_IN), torch.tensor(LABELS), t(logits_mix), lam)
-    assert float(got) == pytest.approx(expected, rel=1e-6)
+    assert float(got.detach()) == pytest.approx(expected, rel=1e-6)
 
 
 def test_mixup_variant_mixes_pixels_by_lambda():
@@ -158,7 +158,7 @@ def test_logitnorm_loss_known_answer():
     norms = np.sqrt((LOGITS_IN**2).sum(axis=1, keepdims=True)) + 1e-7
     expected = np_ce(LOGITS_IN / (norms * tau), LABELS)
     got = LogitNormLoss(tau)(t(LOGITS_IN), torch.tensor(LABELS))
-    assert float(got) == pytest.approx(expected, rel=1e-10)
+    assert float(got.detach()) == pytest.approx(expected, rel=1e-10)
     # scale invariance: multiplying the logits by 10 changes nothing (up to the 1e-7)
     assert float(LogitNormLoss(tau)(t(10 * LOGITS_IN), torch.tensor(LABELS))) == pytest.approx(expected, rel=1e-5)
 
@@ -205,3 +205,95 @@ def test_abet_head_logits_and_ablated_energy_known_answer():
 def test_bad_input_is_refused_with_a_message(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: OutlierExposureLoss(weight=-0.5), "weight must be >= 0"),
+        (lambda: EnergyMarginLoss(weight=-0.1), "weight must be >= 0"),
+        (lambda: MixOELoss(oe_weight=-5.0), "oe_weight must be >= 0"),
+        (lambda: AbsentCategoryLoss(weight=-1.0), "weight must be >= 0"),
+        (lambda: OutlierExposureLoss(weight=float("nan")), "weight must be a finite number"),
+        (lambda: MixOELoss.soft_targets(torch.tensor([0]), 1.5, 3), "lam .* must lie in \\[0, 1\\]"),
+        (lambda: MixOELoss.soft_targets(torch.tensor([0, 1]), torch.tensor([0.5, -0.1]), 3), "must lie in \\[0, 1\\]"),
+        (lambda: MixOELoss()(torch.zeros(2, 3), torch.tensor([0, 1]), torch.zeros(2, 3), -0.2), "must lie in"),
+        (lambda: rand_bbox(8, 8, 1.2), "must lie in \\[0, 1\\]"),
+        (lambda: rand_bbox(0, 8, 0.5), "height must be a positive integer"),
+        (lambda: mix_outliers(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), "mixup", float("nan")), "lam"),
+        (lambda: sample_lambda(float("nan"), 1.0), "mix_alpha and mix_beta must be > 0"),
+    ],
+)
+def test_hyperparameters_out_of_range_are_refused_naming_the_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_zero_weights_switch_the_outlier_term_off():
+    ce = np_ce(LOGITS_IN, LABELS)
+    assert float(OutlierExposureLoss(0)(t(LOGITS_IN), torch.tensor(LABELS), t(LOGITS_OUT))) == pytest.approx(ce)
+    assert MixOELoss.soft_targets(torch.tensor([1]), 0, 2).tolist() == [[0.5, 0.5]]  # lam = 0: uniform target
+
+
+# Method-level losses: what a training step minimises, rebuilt in numpy from the same random draws.
+
+
+def tiny_image_model(classes: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, classes)).double()
+
+
+def logits_of(model, x) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(x)).numpy()
+
+
+def np_soft_ce(z, targets) -> float:
+    return float(-(targets * np_log_softmax(z)).sum(axis=1).mean())
+
+
+@pytest.mark.parametrize("mix_op, n_out", [("mixup", 8), ("cutmix", 8), ("mixup", 3), ("cutmix", 3)])
+def test_mixoe_step_loss_is_ce_plus_weighted_soft_ce_on_the_mixed_batch(mix_op, n_out):
+    from oodguard.train import create_method
+
+    rng = np.random.default_rng(5)
+    x_in = rng.normal(size=(8, 1, 4, 4))
+    labels = np.arange(8) % 3
+    x_out = rng.normal(3.0, 1.0, size=(n_out, 1, 4, 4))
+    model = tiny_image_model()
+    method = create_method("mixoe", mix_op=mix_op)
+    got = method.loss(model, torch.tensor(x_in), torch.tensor(labels), torch.tensor(x_out),
+                      torch.Generator().manual_seed(7))  # fmt: skip
+    # the same draws in the same order: lam ~ Beta(alpha, alpha) first, then (cutmix) the box
+    g = torch.Generator().manual_seed(7)
+    lam = sample_lambda(method.mix_alpha, method.mix_beta, g)
+    # a short outlier batch is extended by repeating each row (row order 0,0,0,1,1,1,2,2 for 3 rows and 8 IDs)
+    partners = x_out[np.repeat(np.arange(n_out), -(-8 // n_out))[:8]]
+    if mix_op == "mixup":
+        mixed, share = lam * x_in + (1 - lam) * partners, lam
+    else:
+        top, left, bottom, right = rand_bbox(4, 4, lam, g)
+        mixed = x_in.copy()
+        mixed[..., top:bottom, left:right] = partners[..., top:bottom, left:right]
+        share = 1 - (bottom - top) * (right - left) / 16  # lambda reset to the ID share of the pixels
+        assert share != pytest.approx(lam)  # else the test could not tell the reset from the drawn lambda
+    soft = np.full((8, 3), (1 - share) / 3)
+    soft[np.arange(8), labels] += share
+    expected = np_ce(logits_of(model, x_in), labels) + 5.0 * np_soft_ce(logits_of(model, mixed), soft)
+    assert float(got.detach()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_dos_and_abet_step_losses():
+    from oodguard.train import create_method
+
+    rng = np.random.default_rng(6)
+    x_in, labels, x_out = rng.normal(size=(6, 1, 4, 4)), np.arange(6) % 2, rng.normal(size=(5, 1, 4, 4))
+    dos = create_method("dos", weight=0.7, num_keep=2, num_clusters=2)
+    model = dos.prepare(tiny_image_model(classes=2))  # 2 known classes + the absent one
+    got = dos.loss(model, torch.tensor(x_in), torch.tensor(labels), torch.tensor(x_out), torch.Generator())
+    expected = np_ce(logits_of(model, x_in), labels) + 0.7 * np_ce(logits_of(model, x_out), np.full(5, 2))
+    assert float(got.detach()) == pytest.approx(expected, rel=1e-10)
+    abet = create_method("abet")
+    model = abet.prepare(tiny_image_model(classes=2)).eval()
+    got = abet.loss(model, torch.tensor(x_in), torch.tensor(labels), None, torch.Generator())
+    assert float(got.detach()) == pytest.approx(np_ce(logits_of(model, x_in), labels), rel=1e-10)

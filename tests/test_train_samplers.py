@@ -109,3 +109,28 @@ def test_bad_sampler_parameters_are_refused():
         DiverseOutlierSampler(num_clusters=0)
     with pytest.raises(ValueError, match="absent_probability"):
         DiverseOutlierSampler(num_keep=1).select(torch.zeros(3, 2), torch.zeros(2))
+
+
+def test_candidate_size_and_choice_refuse_bad_arguments():
+    with pytest.raises(ValueError, match="id_train_size must be a positive integer"):
+        dos_candidate_size(300, 0, 64)
+    with pytest.raises(ValueError, match="absent_probability must have shape"):
+        choose_per_cluster(torch.tensor([0, 1, 1]), torch.zeros(2), num_clusters=2, num_keep=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dos_sampler_on_cuda_draws_with_the_cpu_generator_and_chooses_as_on_cpu():
+    labels = torch.tensor([0, 1, 1, 1, 1, 1])
+    absent = torch.tensor([0.5, 0.4, 0.1, 0.3, 0.2, 0.6])
+    on_cpu = choose_per_cluster(labels, absent, 2, 5, torch.Generator().manual_seed(1))
+    on_cuda = choose_per_cluster(labels.cuda(), absent.cuda(), 2, 5, torch.Generator().manual_seed(1))
+    assert on_cuda.is_cuda and torch.equal(on_cuda.cpu(), on_cpu)  # the random fill drew the same permutation
+    features, _ = four_direction_pool(per_cluster=6)
+    chosen = DiverseOutlierSampler(num_keep=8, num_clusters=4, n_init=2).select(
+        features.cuda(), torch.rand(24).cuda(), torch.Generator().manual_seed(0)
+    )
+    assert chosen.is_cuda and len(set(chosen.tolist())) == 8
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).cuda()
+    picked = DiverseOutlierSampler(num_keep=8, num_clusters=4, n_init=2)(model, features.float().cuda(),
+                                                                         torch.Generator().manual_seed(0))  # fmt: skip
+    assert picked.shape == (8, 4) and picked.is_cuda

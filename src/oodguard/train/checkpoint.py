@@ -98,17 +98,27 @@ def load_checkpoint(
     Returns
     -------
     ``(meta, extra_tensors)``.
+
+    Raises
+    ------
+    FileNotFoundError when ``path`` is missing; ValueError when it is truncated, not safetensors, or not written
+    by ``save_checkpoint``.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as handle:
-        header = json.loads((handle.metadata() or {}).get("oodguard", "{}"))
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an oodguard training checkpoint (format {header.get('format')!r})")
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = json.loads((handle.metadata() or {}).get("oodguard", "{}"))
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, json.JSONDecodeError) as error:  # a truncated or overwritten file
+        raise ValueError(f"{path} is not a readable safetensors checkpoint ({error}); delete it or write it "
+                         "again") from error  # fmt: skip
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise ValueError(f"{path} is not an oodguard training checkpoint (format {found!r})")
     if model is not None:
         weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(weights, strict=True)

@@ -60,6 +60,13 @@ class LearnedTemperatureHead(nn.Module):
 
     def temperature(self, features: torch.Tensor) -> torch.Tensor:
         """``T(h) [N]`` in (0, 1]."""
+        if self.training and features.shape[0] < 2:
+            # BatchNorm's batch statistics need two rows; torch's own error does not say where the one row came from
+            raise ValueError(
+                f"AbeT's temperature has a BatchNorm, which cannot train on a batch of {features.shape[0]} row(s); "
+                "a loader whose size leaves a last batch of one needs DataLoader(..., drop_last=True) (or another "
+                "batch size)"
+            )
         return self.temperature_net(features).squeeze(1) + 1e-12
 
     def cosine_similarity(self, features: torch.Tensor) -> torch.Tensor:
@@ -75,10 +82,16 @@ class LearnedTemperatureHead(nn.Module):
 def install_abet_head(model: nn.Module, head_name: str | None = None) -> nn.Module:
     """Replace the final linear layer by a ``LearnedTemperatureHead`` of the same shape (in place; returns the model).
 
-    AbeT's head must be installed before training: it is not a post-hoc method (spec, Appendix pitfall 4).
+    AbeT's head must be installed before training: it is not a post-hoc method (spec, Appendix pitfall 4). The
+    head takes the replaced layer's device and dtype (its weights are drawn on the CPU first, so a seed gives the
+    same initial head on every device).
     """
-    return _replace_head(model, head_name, lambda linear: LearnedTemperatureHead(linear.in_features,
-                                                                                 linear.out_features))  # fmt: skip
+
+    def make(linear: nn.Linear) -> LearnedTemperatureHead:
+        head = LearnedTemperatureHead(linear.in_features, linear.out_features)
+        return head.to(device=linear.weight.device, dtype=linear.weight.dtype)
+
+    return _replace_head(model, head_name, make)
 
 
 def add_absent_class(model: nn.Module, head_name: str | None = None) -> nn.Module:

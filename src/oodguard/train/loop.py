@@ -3,7 +3,8 @@
 Per step: the method's sampler picks outliers from the outlier batch, the method computes the loss, SGD takes a
 step at the recipe's learning rate. The outlier loader restarts at every epoch (the official OE code starts each
 epoch at a random offset) and cycles within an epoch when it runs out. Checkpoints (safetensors) every N epochs
-hold the model, the optimizer and the random states, so a resumed run continues exactly where it stopped.
+hold the model, the optimizer and the random states (CPU, and CUDA when training there), so a resumed run
+continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -72,6 +73,22 @@ def _loader_generators(id_loader: Any, outlier_loader: Any) -> dict[str, torch.G
     return found
 
 
+def _cuda_index(device: torch.device) -> int | None:
+    """The CUDA device whose generator the run draws from (dropout, random layers), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _random_states(generator: torch.Generator, device: torch.device, id_loader: Any, outlier_loader: Any) -> dict:
+    states = {"rng_global": torch.get_rng_state(), "rng_method": generator.get_state()}
+    cuda = _cuda_index(device)
+    if cuda is not None:
+        states["rng_cuda"] = torch.cuda.get_rng_state(cuda)
+    states.update({k: g.get_state() for k, g in _loader_generators(id_loader, outlier_loader).items()})
+    return states
+
+
 def train(
     model: nn.Module,
     id_loader: Iterable,
@@ -103,8 +120,11 @@ def train(
     checkpoint_dir, checkpoint_every : write ``epoch-NNNN.safetensors`` to ``checkpoint_dir`` every
         ``checkpoint_every`` epochs (and after the last); see ``checkpoint.save_checkpoint``.
     resume_from : a checkpoint written by this loop with the same method and recipe; training continues after its
-        epoch, with its optimizer and random states (torch's global generator, the method's, and the loaders' own
-        ``generator`` where they have one), so the result equals an uninterrupted run.
+        epoch, with its optimizer and random states (torch's global generator, the CUDA generator of ``device``
+        when training on CUDA, the method's, and the loaders' own ``generator`` where they have one), so the result
+        equals an uninterrupted run on the same device type. On CUDA this also needs deterministic kernels
+        (``torch.use_deterministic_algorithms(True)``); a CPU checkpoint resumed on CUDA, or the reverse, continues
+        with the CUDA generator as seeded.
 
     Returns
     -------
@@ -147,6 +167,9 @@ def train(
         start_epoch = int(meta["epoch"])
         result.epoch_losses = list(meta.get("epoch_losses", []))
         torch.set_rng_state(extra["rng_global"])
+        cuda = _cuda_index(device)
+        if cuda is not None and "rng_cuda" in extra:
+            torch.cuda.set_rng_state(extra["rng_cuda"], cuda)
         generator.set_state(extra["rng_method"])
         for name, loader_generator in _loader_generators(id_loader, outlier_loader).items():
             if name in extra:
@@ -187,8 +210,7 @@ def train(
             if checkpoint_every is not None and ((epoch + 1) % checkpoint_every == 0 or last):
                 meta = {**identity, "epoch": epoch + 1, "epoch_losses": result.epoch_losses}
                 path = Path(checkpoint_dir) / f"epoch-{epoch + 1:04d}.safetensors"
-                states = {"rng_global": torch.get_rng_state(), "rng_method": generator.get_state()}
-                states.update({k: g.get_state() for k, g in _loader_generators(id_loader, outlier_loader).items()})
+                states = _random_states(generator, device, id_loader, outlier_loader)
                 save_checkpoint(path, model, optimizer, meta=meta, tensors=states)
                 result.checkpoints.append(path)
     result.steps = step

@@ -34,12 +34,23 @@ def _check_labels(labels: torch.Tensor, logits: torch.Tensor, classes: int) -> N
                          f"{int(labels.max())}]")  # fmt: skip
 
 
-def _finite_number(name: str, value: float, positive: bool = False) -> float:
+def _finite_number(name: str, value: float, positive: bool = False, non_negative: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+    if non_negative and value < 0:
+        # a negative weight would reward confident outliers: the opposite of the method
+        raise ValueError(f"{name} must be >= 0 (0 switches the term off), got {value!r}")
     return float(value)
+
+
+def check_mixing_share(lam: float | torch.Tensor, name: str = "lam") -> None:
+    """``lam`` (a number or a tensor of them) is the ID share of a mixed sample: it must lie in [0, 1]."""
+    values = torch.as_tensor(lam, dtype=torch.float64)
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()) or bool((values > 1).any()):
+        shown = values.item() if values.numel() == 1 else f"values in [{float(values.min())}, {float(values.max())}]"
+        raise ValueError(f"{name} is the ID share of the mixed sample and must lie in [0, 1], got {shown}")
 
 
 def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -72,7 +83,7 @@ class OutlierExposureLoss(nn.Module):
 
     def __init__(self, weight: float = 0.5) -> None:
         super().__init__()
-        self.weight = _finite_number("weight", weight)
+        self.weight = _finite_number("weight", weight, non_negative=True)
 
     def forward(self, logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch.Tensor) -> torch.Tensor:
         _check_logits(logits_in, "logits_in")
@@ -98,7 +109,7 @@ class EnergyMarginLoss(nn.Module):
         super().__init__()
         self.m_in = _finite_number("m_in", m_in)
         self.m_out = _finite_number("m_out", m_out)
-        self.weight = _finite_number("weight", weight)
+        self.weight = _finite_number("weight", weight, non_negative=True)
         if not self.m_in < self.m_out:
             raise ValueError(f"m_in must be below m_out (ID energies are pushed lower), got {m_in} >= {m_out}")
 
@@ -125,13 +136,14 @@ class MixOELoss(nn.Module):
 
     def __init__(self, oe_weight: float = 1.0) -> None:
         super().__init__()
-        self.oe_weight = _finite_number("oe_weight", oe_weight)
+        self.oe_weight = _finite_number("oe_weight", oe_weight, non_negative=True)
 
     @staticmethod
     def soft_targets(labels: torch.Tensor, lam: float | torch.Tensor, num_classes: int) -> torch.Tensor:
         """``lam * onehot(labels) + (1 - lam) / num_classes``: the target decays linearly to uniform."""
+        check_mixing_share(lam)
         onehot = F.one_hot(labels, num_classes).to(torch.float32)
-        lam = torch.as_tensor(lam, dtype=torch.float32)
+        lam = torch.as_tensor(lam, dtype=torch.float32, device=labels.device)
         if lam.ndim == 1:
             lam = lam[:, None]
         return lam * onehot + (1 - lam) / num_classes
@@ -160,7 +172,7 @@ class AbsentCategoryLoss(nn.Module):
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
-        self.weight = _finite_number("weight", weight)
+        self.weight = _finite_number("weight", weight, non_negative=True)
 
     def forward(self, logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch.Tensor) -> torch.Tensor:
         _check_logits(logits_in, "logits_in", min_classes=3)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 import torch
+
+from .losses import check_mixing_share
 
 MIX_OPS = ("mixup", "cutmix")
 
@@ -11,7 +16,7 @@ MIX_OPS = ("mixup", "cutmix")
 def sample_lambda(alpha: float, beta: float, generator: torch.Generator | None = None) -> float:
     """One mixing coefficient ``lam ~ Beta(alpha, beta)`` per batch (official: ``Beta(alpha, alpha)``)."""
     # torch.distributions.Beta has no generator argument: seed numpy's Beta from the torch generator instead.
-    if alpha <= 0 or beta <= 0:
+    if not all(isinstance(v, numbers.Real) and math.isfinite(v) and v > 0 for v in (alpha, beta)):
         raise ValueError(f"mix_alpha and mix_beta must be > 0, got {alpha} and {beta}")
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     return float(np.random.default_rng(seed).beta(alpha, beta))
@@ -21,6 +26,10 @@ def rand_bbox(height: int, width: int, lam: float, generator: torch.Generator | 
     """CutMix's box for mixing coefficient ``lam``: side ``int(size * sqrt(1 - lam))`` around a uniform centre,
     clipped to the image, as ``(top, left, bottom, right)`` (the official ``rand_bbox``, which names the
     first spatial axis W)."""
+    check_mixing_share(lam)
+    for name, size in (("height", height), ("width", width)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be a positive integer, got {size!r}")
     cut = (1.0 - lam) ** 0.5
     cut_h, cut_w = int(height * cut), int(width * cut)
     centre = torch.randint(0, height, (1,), generator=generator).item(), torch.randint(
@@ -48,6 +57,7 @@ def mix_outliers(
     """
     if mix_op not in MIX_OPS:
         raise ValueError(f"mix_op must be one of {MIX_OPS}, got {mix_op!r}")
+    check_mixing_share(lam)
     if outliers.shape[0] < inputs.shape[0] or outliers.shape[1:] != inputs.shape[1:]:
         raise ValueError(
             f"outliers {tuple(outliers.shape)} must hold at least as many images as the ID batch "

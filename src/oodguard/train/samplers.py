@@ -69,16 +69,23 @@ def kmeans(
     return best
 
 
+def _random_device(generator: torch.Generator | None) -> torch.device:
+    """Where random draws happen: on the generator's device (the training loop's is on the CPU), whatever device
+    the data is on, so the draws (and the chosen outliers) do not depend on where the model runs."""
+    return torch.device("cpu") if generator is None else generator.device
+
+
 def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    first = torch.randint(0, x.shape[0], (1,), generator=generator)
-    centres = [x[first[0]]]
+    draw_on = _random_device(generator)
+    first = int(torch.randint(0, x.shape[0], (1,), generator=generator, device=draw_on))
+    centres = [x[first]]
     closest = (x - centres[0]).pow(2).sum(dim=1)
     for _ in range(1, k):
         total = float(closest.sum())
         if total > 0:
-            pick = torch.multinomial(closest / total, 1, generator=generator)[0]
+            pick = int(torch.multinomial((closest / total).to(draw_on), 1, generator=generator)[0])
         else:  # every point sits on a centre already: any point will do
-            pick = torch.randint(0, x.shape[0], (1,), generator=generator)[0]
+            pick = int(torch.randint(0, x.shape[0], (1,), generator=generator, device=draw_on)[0])
         centres.append(x[pick])
         closest = torch.minimum(closest, (x - x[pick]).pow(2).sum(dim=1))
     return torch.stack(centres)
@@ -159,22 +166,29 @@ def choose_per_cluster(
     with the smallest absent-class probability (``q = 1`` if ``k > num_keep`` else ``num_keep // k``; all members of
     a smaller cluster), then random unchosen candidates up to ``num_keep``. Ties in ``w`` keep index order."""
     n = labels.shape[0]
+    if absent_probability.shape != (n,):
+        raise ValueError(f"absent_probability must have shape [{n}] like labels, got {tuple(absent_probability.shape)}")
+    absent_probability = absent_probability.to(labels.device)
     quota = 1 if num_clusters > num_keep else num_keep // num_clusters
     # sort by (cluster, w) with stable sorts, the secondary key first
     order = torch.argsort(absent_probability, stable=True)
     order = order[torch.argsort(labels[order], stable=True)]
     sorted_labels = labels[order]
-    rank = torch.arange(n) - torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    rank = torch.arange(n, device=labels.device) - torch.searchsorted(sorted_labels, sorted_labels, right=False)
     chosen = order[(rank < quota) & (sorted_labels < min(num_clusters, num_keep))]
     shortfall = min(num_keep, n) - chosen.numel()
     if shortfall > 0:
-        free = torch.ones(n, dtype=torch.bool)
+        free = torch.ones(n, dtype=torch.bool, device=labels.device)
         free[chosen] = False
         rest = torch.nonzero(free).squeeze(1)
-        chosen = torch.cat([chosen, rest[torch.randperm(rest.numel(), generator=generator)[:shortfall]]])
+        permutation = torch.randperm(rest.numel(), generator=generator, device=_random_device(generator))
+        chosen = torch.cat([chosen, rest[permutation[:shortfall].to(labels.device)]])
     return chosen
 
 
 def dos_candidate_size(pool_size: int, id_train_size: int, batch_size: int) -> int:
     """DOS's candidate batch ``floor(pool_size / id_train_size * batch_size)`` (official: 300000/50000*64 = 384)."""
+    for name, value in (("pool_size", pool_size), ("id_train_size", id_train_size), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return max(1, math.floor(pool_size / id_train_size * batch_size))
