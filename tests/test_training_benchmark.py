@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from oodguard import metrics
 from oodguard.benchmark.spec import Benchmark, DataSplit
 from oodguard.benchmark.training import (
+    _digest,
     demonstration_runs,
     group_auroc_bootstrap,
     run_training_benchmark,
@@ -109,9 +112,75 @@ def test_paired_bootstrap_and_verdicts():
     assert boot["strong"].shape == (101, 1)
     assert boot["strong"][0, 0] == pytest.approx(metrics.auroc(strong["id"], strong["a"]), abs=1e-12)
     interval = lambda v: (v[0], *np.percentile(v[1:], [2.5, 97.5]))  # noqa: E731
-    assert verdict(interval(boot["strong"][:, 0]), interval(boot["weak"][:, 0])) == "helped"
-    assert verdict(interval(boot["weak"][:, 0]), interval(boot["strong"][:, 0])) == "hurt"
-    assert verdict((0.9, 0.85, 0.95), (0.91, 0.88, 0.97)) == "no significant difference"
+    assert verdict(interval(boot["strong"][:, 0] - boot["weak"][:, 0])) == "helped"
+    assert verdict(interval(boot["weak"][:, 0] - boot["strong"][:, 0])) == "hurt"
+    assert verdict((0.01, -0.002, 0.02)) == "no significant difference"
+
+
+def test_verdict_uses_the_paired_difference_not_the_overlap_of_marginal_intervals():
+    # "better" scores the same OOD rows a little higher in EVERY replicate (a consistent, small gain), but the
+    # spread from resampling the shared rows is larger than the gain: the marginal intervals overlap while the
+    # paired difference excludes zero.
+    rng = np.random.default_rng(3)
+    ids = rng.normal(0, 1, 300)
+    ood = rng.normal(1.0, 1, 300)
+    rows = {"reference": {"id": ids, "a": ood}, "better": {"id": ids, "a": ood + 0.05}}
+    boot = group_auroc_bootstrap(rows, {"near": ["a"]}, n_boot=200, seed=0)
+    interval = lambda v: (v[0], *np.percentile(v[1:], [2.5, 97.5]))  # noqa: E731
+    better, reference = interval(boot["better"][:, 0]), interval(boot["reference"][:, 0])
+    assert better[1] < reference[2]  # the marginal intervals overlap: the old rule said "no significant difference"
+    difference = interval(boot["better"][:, 0] - boot["reference"][:, 0])
+    assert difference[1] > 0
+    assert verdict(difference) == "helped"
+
+
+def test_summary_verdicts_follow_the_paired_difference_columns(tiny_run):
+    _, _, _, _, trained = tiny_run
+    own = trained.summary[trained.summary["own score"] & (trained.summary["method"] != "baseline")]
+    for row in own.to_dict(orient="records"):
+        expected = [verdict((row[f"{g} delta"], row[f"{g} delta low"], row[f"{g} delta high"]))
+                    for g in ("near", "far")]  # fmt: skip
+        assert row["verdict"] == " / ".join(expected)
+
+
+def test_a_truncated_cache_file_is_trained_again(tiny_run, tmp_path):
+    benchmark, outliers, cache, runs, trained = tiny_run
+    (cached,) = cache.glob("*-oe-*.safetensors")
+    copy = tmp_path / cached.name
+    copy.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])  # an interrupted write
+    again = run_training_benchmark(benchmark, outliers, ["oe"], runs=runs, n_boot=20, cache_dir=tmp_path,
+                                   progress=False)  # fmt: skip
+    assert not again.runs["oe"]["cached"]
+    rewritten, original = load_file(copy), load_file(cached)  # retrained to the same weights (timings differ)
+    assert rewritten.keys() == original.keys() and all(torch.equal(rewritten[k], original[k]) for k in original)
+    np.testing.assert_array_equal(again.results.scores["oe: msp"]["noise"], trained.results.scores["oe: msp"]["noise"])
+
+
+def test_cache_keys_cover_array_content_shape_dtype_and_part_boundaries():
+    a = np.zeros(5000, dtype=np.float32)
+    b = a.copy()
+    b[2500] = 1.0  # numpy prints both as [0. 0. 0. ... 0. 0. 0.]: a key built from str() would collide
+    assert str(a) == str(b)
+    assert _digest(a) != _digest(b)
+    assert _digest(a) == _digest(torch.from_numpy(a.copy()))  # numpy and torch give the same key
+    assert _digest(a) != _digest(a.reshape(50, 100))
+    assert _digest(a) != _digest(a.view(np.int32))  # same bytes, other dtype
+    assert _digest("ab", "c") != _digest("a", "bc")
+    assert _digest({"x": 1}, 2) == _digest({"x": 1}, 2)
+    with pytest.raises(TypeError, match="neither an array nor a JSON value"):
+        _digest(object())
+
+
+def test_a_fit_split_that_is_not_a_tensor_with_labels_is_refused(tiny_run):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    benchmark, outliers, _, runs, _ = tiny_run
+    fit = benchmark.fit
+    for data, labels in ((TensorDataset(fit.data, fit.labels), None), (DataLoader(TensorDataset(fit.data)), None),
+                         (fit.data, None), (fit.data, fit.labels[:-1])):  # fmt: skip
+        bad = dataclasses.replace(benchmark, fit=DataSplit("fit", data, labels))
+        with pytest.raises(ValueError, match="fit split as an input tensor .* with labels"):
+            run_training_benchmark(bad, outliers, ["oe"], runs=runs, progress=False)
 
 
 def test_bad_requests_are_refused(tiny_run):

@@ -5,7 +5,8 @@ outliers from a pool disjoint from every test OOD set (for ``digits``: ``digits_
 the ordinary runner, with the method's own score and with MSP and energy, next to the unchanged model
 ("baseline"). Every row carries bootstrap intervals; group-mean AUROC intervals come from one paired bootstrap
 (the same resampled ID and OOD rows for every model), and each method gets a verdict against the baseline's
-better score: *helped* / *hurt* when the two intervals do not overlap, *no significant difference* when they do.
+better score: *helped* / *hurt* when the 95 % interval of the paired difference (method minus reference, the
+same resampled rows for both) excludes 0 from below / above, *no significant difference* when it contains 0.
 
 Fine-tuned weights are cached as safetensors, keyed by the method, its parameters, the recipe, the seed, the
 baseline model's fingerprint and the exact fit and outlier data, so a rerun only evaluates.
@@ -102,17 +103,51 @@ def demonstration_runs(epochs: int = FINE_TUNE_EPOCHS, retrain_epochs: int = RET
 
 
 def _digest(*parts: Any) -> str:
+    """A cache key over settings (JSON values) and arrays (tensors or numpy arrays: dtype, shape and bytes).
+
+    Every part is framed by its kind and length, so neither adjacent parts nor arrays of other shapes that hold
+    the same bytes collide. Anything else is refused: ``str`` of an object (numpy abbreviates long arrays with
+    ``...``) does not identify its content.
+    """
     digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+    for index, part in enumerate(parts):
+        if isinstance(part, (torch.Tensor, np.ndarray)):
+            array = torch.as_tensor(part).detach().cpu().contiguous()
+            head = f"array {array.dtype} {tuple(array.shape)}".encode()
+            body = array.flatten().view(torch.uint8).numpy().tobytes() if array.numel() else b""
         else:
-            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+            try:
+                head, body = b"json", json.dumps(part, sort_keys=True, allow_nan=False).encode()
+            except (TypeError, ValueError) as error:
+                raise TypeError(
+                    f"cache key part {index} ({type(part).__name__}) is neither an array nor a JSON value ({error}); "
+                    "pass tensors, numpy arrays, numbers, strings, lists or dicts"
+                ) from error
+        for piece in (head, body):
+            digest.update(len(piece).to_bytes(8, "little"))
+            digest.update(piece)
     return digest.hexdigest()[:16]
 
 
+def _fit_arrays(fit: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fit split as ``(inputs [N, ...], integer labels [N])``: the fine-tuning loaders and the cache key need
+    the data itself, not a Dataset or DataLoader (whose content cannot be hashed or reshuffled here)."""
+    fix = ("run_training_benchmark needs the benchmark's fit split as an input tensor (or numpy array) [N, ...] "
+           "with labels [N]: DataSplit(name, inputs, labels)")  # fmt: skip
+    if not isinstance(fit.data, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"{fix}; its data is a {type(fit.data).__name__}")
+    if fit.labels is None:
+        raise ValueError(f"{fix}; its labels are missing")
+    data, labels = torch.as_tensor(fit.data), torch.as_tensor(fit.labels)
+    if data.ndim < 2 or data.shape[0] == 0:
+        raise ValueError(f"{fix}; its data has shape {tuple(data.shape)}, not a non-empty batch")
+    if labels.shape != (data.shape[0],) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"{fix}; its labels are {labels.dtype} {tuple(labels.shape)}, not {data.shape[0]} integers")
+    return data, labels
+
+
 def _loaders(benchmark: Benchmark, outliers: torch.Tensor, recipe: Recipe, seed: int) -> tuple[DataLoader, DataLoader]:
-    id_set = TensorDataset(torch.as_tensor(benchmark.fit.data), torch.as_tensor(benchmark.fit.labels))
+    id_set = TensorDataset(*_fit_arrays(benchmark.fit))
     id_loader = DataLoader(id_set, batch_size=recipe.id_batch, shuffle=True,
                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
     outlier_loader = DataLoader(TensorDataset(outliers), batch_size=max(1, recipe.outlier_batch), shuffle=True,
@@ -208,12 +243,18 @@ def _interval(values: np.ndarray) -> tuple[float, float, float]:
     return float(values[0]), float(low), float(high)
 
 
-def verdict(method: tuple[float, float, float], reference: tuple[float, float, float]) -> str:
-    """``helped`` / ``hurt`` when the two 95 % intervals ``(estimate, low, high)`` do not overlap, else
-    ``no significant difference``."""
-    if method[1] > reference[2]:
+def verdict(difference: tuple[float, float, float]) -> str:
+    """``helped`` / ``hurt`` when the 95 % paired-bootstrap interval ``(estimate, low, high)`` of the method's
+    AUROC minus the reference's lies wholly above / below 0, else ``no significant difference``.
+
+    The paired interval is the right test: both rows score the same resampled test inputs, so the variation they
+    share (which ID rows were drawn) cancels in the difference. Asking whether the two marginal intervals overlap
+    ignores that pairing and misses real differences smaller than the shared variation.
+    """
+    _, low, high = difference
+    if low > 0:
         return "helped"
-    if method[2] < reference[1]:
+    if high < 0:
         return "hurt"
     return "no significant difference"
 
@@ -235,7 +276,8 @@ class TrainingResults:
             f"Benchmark `{self.results.benchmark}`. AUROC in % with paired-bootstrap 95 % intervals "
             f"({self.results.settings['n_boot']} replicates) of the group mean; FPR@95 in % (ID-TPR convention); "
             "train s = CPU seconds of the fine-tuning. Verdict: the method's own score against the baseline's better "
-            f"score (`{self.reference}`), helped / hurt when the intervals do not overlap, per group (near / far).",
+            f"score (`{self.reference}`), helped / hurt when the paired-bootstrap 95 % interval of the AUROC "
+            "difference (below) lies above / below 0, per group (near / far).",
             "",
             "| method | score | ID acc. | " + " | ".join(f"{g} AUROC" for g in groups)
             + " | near FPR@95 | far FPR@95 | train s | verdict (near / far) |",
@@ -305,20 +347,24 @@ def run_training_benchmark(
     unknown = [label for label in labels if label not in runs]
     if unknown:
         raise ValueError(f"unknown training method(s) {unknown}; available: {', '.join(runs)}")
-    outliers = torch.as_tensor(outliers)
     fit = benchmark.fit
-    if outliers.ndim < 2 or outliers.shape[0] == 0 or tuple(outliers.shape[1:]) != tuple(fit.data.shape[1:]):
+    fit_data, fit_labels = _fit_arrays(fit)
+    if not isinstance(outliers, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"outliers must be a tensor (or numpy array) of inputs [N, ...], got "
+                         f"{type(outliers).__name__}")  # fmt: skip
+    outliers = torch.as_tensor(outliers)
+    if outliers.ndim < 2 or outliers.shape[0] == 0 or tuple(outliers.shape[1:]) != tuple(fit_data.shape[1:]):
         raise ValueError(f"outliers must be a non-empty batch of inputs shaped like the fit split's "
-                         f"{tuple(fit.data.shape[1:])}, got {tuple(outliers.shape)}")  # fmt: skip
+                         f"{tuple(fit_data.shape[1:])}, got {tuple(outliers.shape)}")  # fmt: skip
     context: dict[str, Any] = {
         "baseline_key": model_fingerprint(benchmark.model),
-        "data_key": _digest(fit.data, fit.labels, outliers),
+        "data_key": _digest(fit_data, fit_labels, outliers),
     }
     margins: list[tuple[float, float]] = []
 
     def compute_margins() -> tuple[float, float]:
         if not margins:
-            margins.append(auto_margins(benchmark.model, DataLoader(torch.as_tensor(fit.data), batch_size=512),
+            margins.append(auto_margins(benchmark.model, DataLoader(fit_data, batch_size=512),
                                         DataLoader(outliers, batch_size=512)))  # fmt: skip
         return margins[0]
 
@@ -415,8 +461,7 @@ def _combine(
         if label == BASELINE:
             entry["verdict"] = "reference" if row == reference else ""
         elif entry["own score"]:
-            parts = [verdict(_interval(boot[row][:, group_names.index(g)]),
-                             _interval(boot[reference][:, group_names.index(g)]))
+            parts = [verdict((entry[f"{g} delta"], entry[f"{g} delta low"], entry[f"{g} delta high"]))
                      for g in VERDICT_GROUPS if g in group_names]  # fmt: skip
             entry["verdict"] = " / ".join(parts)
         else:
