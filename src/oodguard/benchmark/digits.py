@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from ..atomic import save_cache_file
 from . import digits_data as data
 from .digits_model import DigitsCNN, default_cache_dir, load_or_train, train_digits_cnn
 from .spec import Benchmark, DataSplit
@@ -135,7 +135,7 @@ def digits_arrays(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> 
     from scratch takes a few seconds, loading the cache a fraction of one.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{DATA_VERSION}-{_data_key(seed)}"
     path = path.with_suffix(".safetensors")
@@ -145,18 +145,7 @@ def digits_arrays(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> 
         except (SafetensorError, RuntimeError, OSError, ValueError):
             pass  # truncated or foreign file: rebuild it
     arrays = _build_arrays(seed)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({k: v.contiguous() for k, v in arrays.items()}, tmp, metadata={"version": DATA_VERSION})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    except OSError:
-        pass  # a read-only cache directory only costs the rebuild next time
+    save_cache_file(arrays, path, metadata={"version": DATA_VERSION})  # unwritable cache: rebuilt next time
     return arrays
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..atomic import save_safetensors_atomic
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -223,7 +224,7 @@ def load_or_train(
     DigitsCNN in eval mode.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     config = TrainConfig(num_classes=num_classes, seed=seed, epochs=epochs, **options)
     path = weights_path(cache_dir, training_key(images, labels, config))
@@ -235,15 +236,6 @@ def load_or_train(
         except (SafetensorError, RuntimeError, OSError, ValueError):
             pass  # truncated or foreign file: retrain and overwrite it below
     model = _train(images, labels, config, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     metadata = {"version": MODEL_VERSION, "config": json.dumps(asdict(config), sort_keys=True)}
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_safetensors_atomic(model.state_dict(), path, metadata=metadata)
     return model

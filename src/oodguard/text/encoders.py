@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -407,17 +406,6 @@ def _read_cache(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
 
 
 def _write_cache(path: Path, embeddings: torch.Tensor) -> None:
-    from safetensors.torch import save_file
+    from ..atomic import save_cache_file
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({"embeddings": embeddings.contiguous()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    except OSError:
-        pass  # a read-only cache directory only costs the recomputation next time
+    save_cache_file({"embeddings": embeddings}, path)  # an unwritable cache only costs recomputing next time

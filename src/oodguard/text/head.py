@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from scipy import optimize
 from torch import nn
+
+from ..atomic import save_cache_file
 
 __all__ = ["LinearHead", "HeadConfig", "train_linear_head", "load_or_train_head"]
 
@@ -190,7 +191,7 @@ def load_or_train_head(
     unreadable file is replaced; the write is atomic.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     config = HeadConfig(
         num_classes=int(num_classes), weight_decay=float(weight_decay), seed=int(seed), max_iter=int(max_iter)
@@ -206,17 +207,6 @@ def load_or_train_head(
         except (SafetensorError, RuntimeError, OSError, ValueError):
             pass  # truncated or foreign file: retrain and overwrite it below
     head = _train(embeddings, labels, config)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(handle)
-        try:
-            state = {name: tensor.detach().contiguous() for name, tensor in head.state_dict().items()}
-            save_file(state, tmp, metadata={"version": HEAD_VERSION, "config": json.dumps(asdict(config))})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    except OSError:
-        pass  # a read-only cache directory only costs the retraining next time
+    # an unwritable cache directory only costs the retraining next time
+    save_cache_file(head.state_dict(), path, metadata={"version": HEAD_VERSION, "config": json.dumps(asdict(config))})
     return head

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..atomic import save_safetensors_atomic
 
 FORMAT = "oodguard.train.checkpoint"
 FORMAT_VERSION = 1
@@ -51,7 +52,6 @@ def save_checkpoint(
     ``tensors``, e.g. random-generator states); the optimizer's non-tensor state and parameter groups, and
     ``meta``, go into the file's JSON metadata. The write is atomic (temporary file + rename).
     """
-    from safetensors.torch import save_file
 
     path = Path(path)
     stored: dict[str, torch.Tensor] = {}
@@ -76,16 +76,7 @@ def save_checkpoint(
         text = json.dumps(header, sort_keys=True)
     except TypeError as error:
         raise TypeError(f"meta must be JSON-serialisable (numbers, strings, lists, dicts): {error}") from error
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(stored, tmp, metadata={"oodguard": text})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_safetensors_atomic(stored, path, metadata={"oodguard": text})
 
 
 def load_checkpoint(
