@@ -97,3 +97,24 @@ def test_cover_reuses_cached_views_through_the_runner(model, images, tmp_path):
     model.rows_seen = 0
     torch.testing.assert_close(cover.score(images), plain)
     assert model.rows_seen == 0
+
+
+def test_views_of_a_dataset_and_of_a_labelled_pair_are_cached_by_their_source(model, images, tmp_path):
+    from torch.utils.data import TensorDataset
+
+    dataset = TensorDataset(images)
+
+    class Images(torch.utils.data.Dataset):  # items are bare images, as ViewDataset accepts
+        def __len__(self):
+            return len(dataset)
+
+        def __getitem__(self, i):
+            return dataset[i][0]
+
+    first = extract_views(model, Images(), VIEWS[1:2], cache_dir=tmp_path, progress=False)
+    model.rows_seen = 0
+    again = extract_views(model, Images(), VIEWS[1:2], cache_dir=tmp_path, progress=False)
+    assert model.rows_seen == 0 and torch.equal(first[VIEWS[1].key].logits, again[VIEWS[1].key].logits)
+    labels = torch.arange(20) % 3
+    pair = extract_views(model, (images, labels), VIEWS[1:2], cache_dir=tmp_path, progress=False)
+    assert torch.equal(pair[VIEWS[1].key].labels, labels) and model.rows_seen == 20  # labels are part of the key

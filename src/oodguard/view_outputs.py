@@ -95,9 +95,10 @@ def iter_view_outputs(
 
 def _source_hash(dataset: ViewDataset) -> str:
     """Content hash of the images (and labels) a view dataset corrupts, before any corruption."""
-    if dataset._images is not None:  # a tensor: hashed in slices, no per-item collation
-        return content_hash(dataset._images, dataset._labels)
-    return content_hash(ViewDataset(dataset._dataset, View("identity")))
+    data, labels = dataset.source()
+    if labels is not None or not isinstance(data, torch.utils.data.Dataset):
+        return content_hash(data, labels)  # a tensor: hashed in slices, no per-item collation
+    return content_hash(ViewDataset(data, View("identity")))  # the identity view yields the items as images
 
 
 def extract_views(model: nn.Module, data: Any, views: Sequence[View], **options: Any) -> dict[str, ModelOutputs]:

@@ -1050,6 +1050,13 @@ class ViewDataset(Dataset):
             raise ValueError(f"data: expected images of shape [N, C, H, W], got {type(value).__name__} {shape}")
         return images
 
+    def source(self) -> tuple[Any, torch.Tensor | None]:
+        """``(data, labels)`` before any corruption: the image tensor and its labels, or the wrapped Dataset and
+        None. What a cache keys a view's outputs by, with the view itself."""
+        if self._images is not None:
+            return self._images, self._labels
+        return self._dataset, None
+
     def __len__(self) -> int:
         if self._images is not None:
             return self._images.shape[0]
