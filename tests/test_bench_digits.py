@@ -74,3 +74,20 @@ def test_model_based_detectors_join_the_leaderboard_on_request(digits_cache, tmp
     autograd = {r["ood_set"]: r["auroc"] for r in payload["results"] if r["detector"] == "gradnorm"}
     for row in closed["results"]:
         assert abs(row["auroc"] - autograd[row["ood_set"]]) < 1e-6
+
+
+def test_no_model_detectors_runs_everything_from_the_cached_outputs(digits_cache, tmp_path, monkeypatch):
+    from oodguard.model_access import ModelRunner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model-based detector ran")
+
+    monkeypatch.setattr(ModelRunner, "gradient_batches", refuse)
+    monkeypatch.setattr(ModelRunner, "forward_views", refuse)
+    code = main(["bench", "digits", "--cache-dir", str(digits_cache), "--out", str(tmp_path), "-q", "--n-boot", "10",
+                 "--no-model-detectors"])  # fmt: skip
+    assert code == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    ran = {row["detector"] for row in payload["status"] if row["status"] == "ok"}
+    assert not ran & set(detectors.available(needs_model=True))
+    assert "nac" in ran and "layers" not in payload["settings"]["params"].get("nac", {})  # closed form on outputs

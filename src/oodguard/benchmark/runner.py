@@ -185,7 +185,8 @@ def run(
     benchmark : the data and model.
     detectors : registry names; default every output-based detector whose requirements the outputs meet
         (and MOS with a trained head), plus every model-based detector that takes the benchmark's inputs (CoVer
-        needs images) unless ``model_detectors`` is false.
+        needs images) unless ``model_detectors`` is false; then a benchmark default that would make an
+        output-based detector run the model (``nac`` on layers) is dropped, and it runs on the cached outputs.
         Model-based detectors run the model again on every split (their work cannot come from the cache).
     params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``; merged over the benchmark's own
         ``detector_params`` (the user's value wins per parameter).
@@ -194,7 +195,10 @@ def run(
     """
     outputs = extract_benchmark(benchmark, device=device, cache_dir=cache_dir, progress=progress)
     fit = outputs[benchmark.fit.name]
-    params = merge_params(benchmark.detector_params, params)
+    defaults = dict(benchmark.detector_params)
+    if not model_detectors:  # a benchmark's default that selects a model-based variant (nac on layers) is dropped
+        defaults = {n: p for n, p in defaults.items() if not _selects_model_variant(n, p, (params or {}).get(n, {}))}
+    params = merge_params(defaults, params)
     if detectors is None:
         names = default_detectors(fit, params)
         if model_detectors:
@@ -223,6 +227,13 @@ def run(
         split_names=(benchmark.fit.name, benchmark.test.name),
         extra_jobs=model_jobs,
     )
+
+
+def _selects_model_variant(name: str, defaults: Mapping[str, Any], user: Mapping[str, Any]) -> bool:
+    """Whether a benchmark's defaults turn an output-based detector into its model-based variant."""
+    if name not in detector_registry.available() or detector_registry.info(name)["needs_model"]:
+        return False
+    return detector_registry.needs_model(name, {**defaults, **user}) and not detector_registry.needs_model(name, user)
 
 
 def _model_detectors_for(data: Any) -> list[str]:
