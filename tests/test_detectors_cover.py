@@ -15,17 +15,6 @@ from oodguard.model_access import ModelRunner
 from oodguard.views import CORRUPTIONS, corrupt
 
 
-@pytest.fixture(scope="module")
-def cnn():
-    torch.manual_seed(0)
-    return DigitsCNN(num_classes=10)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-
-
 def _msp_log_odds_by_hand(logits):
     p = torch.softmax(logits.double(), dim=1).amax(dim=1)
     return torch.log((1 - p) / p)

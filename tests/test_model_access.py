@@ -15,17 +15,6 @@ def _ce_to_prediction(logits):
     return torch.logsumexp(logits, dim=1) - logits.amax(dim=1)
 
 
-@pytest.fixture(scope="module")
-def cnn():
-    torch.manual_seed(0)
-    return DigitsCNN(num_classes=10)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-
-
 def _no_grads(model):
     return all(p.grad is None for p in model.parameters())
 
