@@ -1,7 +1,10 @@
-"""Reading model outputs written by other frameworks: safetensors or npz files of named arrays."""
+"""Files: reading model outputs written by other frameworks (safetensors or npz files of named arrays), and
+the sha256 of a file."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,15 @@ from .outputs import ModelOutputs
 
 #: Array names a feature file may hold; the head may be stored as head.weight/head.bias or head_weight/head_bias.
 KNOWN_ARRAYS = ("logits", "features", "labels", "head.weight", "head.bias", "head_weight", "head_bias")
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_outputs(path: str | Path) -> ModelOutputs:

@@ -67,6 +67,7 @@ from .conformal import (
 from .detectors import base as detector_base
 from .detectors.base import Detector, NotFittedError
 from .extract import extract
+from .files import sha256_of_file
 from .outputs import ModelOutputs, as_outputs
 
 __all__ = ["Guard", "GuardResult", "load_guard", "FORMAT_VERSION"]
@@ -263,14 +264,6 @@ def _library_version() -> str:
     from . import __version__  # imported late: the package may import this module before defining it
 
     return __version__
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Guard:
@@ -667,7 +660,7 @@ class Guard:
                 "detector": {"name": self.detector.name, "directory": DETECTOR_DIR},
                 "calibration": CALIBRATION_FILE,
                 "model": model_spec,
-                "files": {p.relative_to(temporary).as_posix(): _sha256(p) for p in files},
+                "files": {p.relative_to(temporary).as_posix(): sha256_of_file(p) for p in files},
             }
             (temporary / GUARD_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
             if directory.exists():
@@ -714,7 +707,7 @@ def _verified(directory: Path, files: Mapping[str, Any], relative: str) -> Path:
         raise ValueError(f"{directory / GUARD_FILE}: no checksum recorded for {relative!r}; the guard is damaged")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing from the saved guard")
-    actual = _sha256(path)
+    actual = sha256_of_file(path)
     if actual != expected:
         raise ValueError(
             f"{path}: sha256 checksum mismatch (recorded {expected[:12]}..., file has {actual[:12]}...); the file "

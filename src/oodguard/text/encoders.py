@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import sha256_of_file
+
 __all__ = [
     "DEFAULT_MODEL_SHA256",
     "HuggingFaceEncoder",
@@ -256,11 +258,7 @@ def _tokenizer_description(tokenizer: Any) -> str:
 # ---------------------------------------------------------------------------------------------- default encoder
 @functools.lru_cache(maxsize=8)
 def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of_file(path)  # size and mtime only key the cache
 
 
 def file_sha256(path: str | os.PathLike) -> str:
