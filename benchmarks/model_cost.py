@@ -2,7 +2,7 @@
 
 For every registered detector with ``needs_model=True`` (ODIN, AdaSCALE, CoVer, the Mahalanobis ensemble) and the
 model-based variants of ``gradnorm`` (``mode="autograd"``) and ``nac`` (``layers=[...]``), the time to score N inputs
-divided by the time of one plain forward pass (:meth:`ModelRunner.forward`, i.e. :func:`oodguard.extract.extract`)
+divided by the time of one plain forward pass (:meth:`ModelRunner.forward`, i.e. :func:`oodguard.extraction.extract`)
 over the same inputs, in the same process, on (a) the digits CNN (28 x 28 gray) and (b) a ResNet-18-sized network
 (BasicBlock x [2, 2, 2, 2], 64-512 channels, CIFAR-style 3 x 32 x 32 input). Random weights: only the time matters.
 Detectors with fitted state are fitted first on separate inputs (not timed). Each time is the best of ``--repeats``
@@ -26,10 +26,10 @@ from torch import nn
 
 from oodguard import detectors
 from oodguard.benchmark.digits_model import DigitsCNN
-from oodguard.model_access import ModelRunner
+from oodguard.extraction.model_runner import ModelRunner
 
 # Modules registering model-based detectors; those that do not exist (yet) are skipped.
-DETECTOR_MODULES = ("oodguard.detectors.gradient", "oodguard.detectors.cover", "oodguard.detectors.model_feature")
+DETECTOR_MODULES = ("oodguard.detectors.model",)
 
 DIGITS, RESNET = "digits CNN 28x28", "ResNet-18 32x32"
 #: Registry names whose parameters select a model-based variant: label -> (name, parameters per model).

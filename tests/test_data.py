@@ -8,8 +8,17 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from oodguard.data import CIFAR, ArrayDataset, ImageFolder, ImageList, Normalize, Resize, load_cifar, load_image
-from oodguard.extract import extract
+from oodguard.extraction.data import (
+    CIFAR,
+    ArrayDataset,
+    ImageFolder,
+    ImageList,
+    Normalize,
+    Resize,
+    load_cifar,
+    load_image,
+)
+from oodguard.extraction.extract import extract
 
 
 def write_png(path, array, mode=None):

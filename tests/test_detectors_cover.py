@@ -9,9 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from oodguard import detectors
 from oodguard.benchmark.digits_model import DigitsCNN
 from oodguard.detectors import NotFittedError
-from oodguard.detectors.cover import CoVer, parse_views
-from oodguard.extract import extract
-from oodguard.model_access import ModelRunner
+from oodguard.detectors.model.cover import CoVer, parse_views
+from oodguard.extraction.extract import extract
+from oodguard.extraction.model_runner import ModelRunner
 from oodguard.views import CORRUPTIONS, corrupt
 
 

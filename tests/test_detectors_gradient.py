@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from oodguard import detectors
-from oodguard.detectors import gradient  # noqa: F401  registers the model-based detectors
-from oodguard.extract import extract
-from oodguard.model_access import ModelRunner
+from oodguard.detectors.model import gradient  # noqa: F401  registers the model-based detectors
+from oodguard.extraction.extract import extract
+from oodguard.extraction.model_runner import ModelRunner
 
 
 @pytest.fixture(scope="module")

@@ -258,7 +258,7 @@ def test_float64_overflow_is_refused():
 @pytest.mark.filterwarnings("ignore:.*have no fit row:RuntimeWarning")
 def test_end_to_end_on_digits_cnn(tmp_path):
     from oodguard.benchmark.digits_model import DigitsCNN
-    from oodguard.extract import extract
+    from oodguard.extraction.extract import extract
 
     torch.manual_seed(0)
     model = DigitsCNN(num_classes=10)

@@ -7,8 +7,8 @@ from torch import nn
 
 from oodguard import detectors
 from oodguard.benchmark.digits_model import DigitsCNN
-from oodguard.detectors import model_feature
-from oodguard.model_access import FEATURES, ModelRunner
+from oodguard.detectors.model import features as model_feature
+from oodguard.extraction.model_runner import FEATURES, ModelRunner
 
 
 class _Tiny(nn.Module):

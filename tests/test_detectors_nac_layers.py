@@ -8,9 +8,9 @@ from torch import nn
 from oodguard import detectors
 from oodguard.benchmark.digits_model import DigitsCNN
 from oodguard.detectors.head import nac_bin_edges
-from oodguard.detectors.nac_layers import NACLayers, pool_layer
-from oodguard.extract import extract
-from oodguard.model_access import FEATURES, ModelRunner
+from oodguard.detectors.model.nac_layers import NACLayers, pool_layer
+from oodguard.extraction.extract import extract
+from oodguard.extraction.model_runner import FEATURES, ModelRunner
 
 
 class _ConvNet(nn.Module):

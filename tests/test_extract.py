@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from oodguard import ModelOutputs
-from oodguard.extract import extract, find_head, model_fingerprint
+from oodguard.extraction.extract import extract, find_head, model_fingerprint
 
 
 def make_model(seed=0):
@@ -306,7 +306,7 @@ def test_cache_misses_when_one_pixel_or_label_changes(tmp_path):
     out = run(model, x, labels=y2, cache_dir=tmp_path)
     assert model.calls == 3 and int(out.labels[5]) == -1
     # the hash covers the transformed inputs a Dataset produces, not only its raw storage
-    from oodguard.data import ArrayDataset
+    from oodguard.extraction.data import ArrayDataset
 
     run(model, ArrayDataset(x, transform=lambda t: t * 2), cache_dir=tmp_path)
     calls = model.calls
@@ -391,7 +391,7 @@ def test_chunked_streaming_matches_in_memory(tmp_path):
 
 
 def test_random_transform_is_extracted_but_not_cached(tmp_path):
-    from oodguard.data import ArrayDataset
+    from oodguard.extraction.data import ArrayDataset
 
     model, x = make_model(), make_inputs(6)
     noisy = ArrayDataset(x, transform=lambda t: t + torch.rand(()))
@@ -419,7 +419,7 @@ def test_no_warnings_on_plain_run():
 
 
 def test_fingerprint_sees_attributes_forward_code_and_non_persistent_buffers():
-    from oodguard.extract import model_fingerprint
+    from oodguard.extraction.extract import model_fingerprint
 
     class Scaled(torch.nn.Module):
         def __init__(self):

@@ -255,7 +255,7 @@ def test_model_mode_runs_the_model(model_guard):
         np.testing.assert_array_equal(result.prediction, model(test).argmax(1).numpy())
     assert result.is_ood[6:].all()
     assert model_guard.false_alarm_rate_ <= 0.1
-    from oodguard.extract import extract
+    from oodguard.extraction.extract import extract
 
     outputs = extract(model_guard.model, test, progress=False)
     np.testing.assert_array_equal(model_guard.guard(outputs).score, result.score)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from oodguard.benchmark.digits_model import DigitsCNN
-from oodguard.extract import extract
-from oodguard.model_access import FEATURES, ModelRunner
+from oodguard.extraction.extract import extract
+from oodguard.extraction.model_runner import FEATURES, ModelRunner
 
 
 def _ce_to_prediction(logits):

@@ -10,8 +10,8 @@ from oodguard import ModelOutputs
 from oodguard.benchmark.digits_model import DigitsCNN
 from oodguard.detectors import create
 from oodguard.detectors.openset import mos_predict
-from oodguard.extract import extract
-from oodguard.mos_head import MOSHead, default_groups, mos_loss, official_schedule, train_mos_head
+from oodguard.extraction.extract import extract
+from oodguard.heads.mos import MOSHead, default_groups, mos_loss, official_schedule, train_mos_head
 
 GROUPS = [2, 1, 3]  # 6 classes -> 9 logits: [o, c0, c1 | o, c2 | o, c3, c4, c5]
 
@@ -168,7 +168,7 @@ def test_official_schedule_shape():
     assert official_schedule(19_999) == (100, 200, 300, 400, 500)
     assert official_schedule(20_000) == (500, 3_000, 6_000, 9_000, 10_000)
     assert official_schedule(1_281_167) == (500, 6_000, 12_000, 18_000, 20_000)
-    from oodguard.mos_head import _lr_factor
+    from oodguard.heads.mos import _lr_factor
 
     supports = official_schedule(100)
     # official get_lr: base * step / warmup during warm-up, then base / 10 per support strictly passed

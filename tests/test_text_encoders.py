@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from oodguard.text import encoders
-from oodguard.text.encoders import (
+from oodguard.encoders import text as encoders
+from oodguard.encoders.dual import DualEncoder
+from oodguard.encoders.text import (
     DEFAULT_MODEL_SHA256,
     HuggingFaceEncoder,
     SentenceTransformerEncoder,
@@ -21,7 +22,6 @@ from oodguard.text.encoders import (
     default_text_encoder,
     embed_texts,
 )
-from oodguard.zeroshot import DualEncoder
 
 
 # ---------------------------------------------------------------------------------------------- tiny fakes

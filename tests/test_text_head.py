@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from oodguard.extract import extract, find_head
-from oodguard.text.head import LinearHead, load_or_train_head, train_linear_head
+from oodguard.extraction.extract import extract, find_head
+from oodguard.heads.text import LinearHead, load_or_train_head, train_linear_head
 
 
 def blobs(n_per_class: int = 40, dim: int = 6, classes: int = 3, seed: int = 0):

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from oodguard import detectors
-from oodguard.extract import extract
-from oodguard.model_access import ModelRunner
-from oodguard.view_outputs import average_over_views, extract_views, view_dataset_key
+from oodguard.extraction.extract import extract
+from oodguard.extraction.model_runner import ModelRunner
 from oodguard.views import View, ViewDataset
+from oodguard.views.outputs import average_over_views, extract_views, view_dataset_key
 
 
 class _Counting(nn.Module):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from oodguard.extract import extract
+from oodguard.extraction.extract import extract
 from oodguard.views import (
     CORRUPTIONS,
     RECOMMENDED_CORRUPTIONS,
@@ -276,7 +276,7 @@ def test_view_dataset_bad_input():
 # ------------------------------------------------------------------------------------------------ spatter
 # Building blocks of the water branch, each against an independent computation; the generic tests above cover
 # spatter's shape, range, determinism and seed dependence through CORRUPTIONS.
-from oodguard import views as _views  # noqa: E402  (private building blocks)
+from oodguard.views import corruptions as _views  # noqa: E402  (private building blocks)
 
 
 def _step_image(left: float, right: float, size: int = 16) -> torch.Tensor:

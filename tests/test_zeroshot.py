@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from oodguard import zeroshot
-from oodguard.zeroshot import DualEncoder, OpenClipEncoder, check_embeddings, class_embeddings, mine_negative_labels
+from oodguard.encoders import dual as zeroshot
+from oodguard.encoders.dual import (
+    DualEncoder,
+    OpenClipEncoder,
+    check_embeddings,
+    class_embeddings,
+    mine_negative_labels,
+)
 
 
 class FakeClip(torch.nn.Module):

@@ -14,7 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, detectors
+from oodguard import __version__, detectors
 
 app = typer.Typer(
     add_completion=False,
@@ -125,8 +125,8 @@ def bench(
     ] = True,
 ) -> None:
     """Run every detector on an embedded benchmark: leaderboard, tables and an HTML report."""
-    from .benchmark import presets
-    from .benchmark.runner import run
+    from oodguard.benchmark import presets
+    from oodguard.benchmark.runner import run
 
     names = _detector_names(detector_names)
     params = _detector_params(param)
@@ -157,8 +157,8 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Evaluate detectors on outputs from any framework (arrays logits/features/labels, optional head)."""
-    from .benchmark.runner import run_on_outputs
-    from .files import read_outputs
+    from oodguard.benchmark.runner import run_on_outputs
+    from oodguard.files import read_outputs
 
     names = _detector_names(detector_names)
     params = _detector_params(param)
@@ -190,7 +190,7 @@ def train_bench(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Fine-tune the benchmark's model with each training-time OOD method; evaluate each beside the baseline."""
-    from .benchmark.training import digits_training_benchmark
+    from oodguard.benchmark.training import digits_training_benchmark
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     trained = digits_training_benchmark(name, chosen, n_boot=n_boot, cache_dir=cache_dir, progress=not quiet)
@@ -237,12 +237,12 @@ def serve(
     try:
         import uvicorn
 
-        from .serve.app import create_app
+        from oodguard.serve.app import create_app
     except ImportError as error:
         raise RuntimeError(f"serving needs FastAPI and uvicorn ({error}); pip install 'oodguard[serve]'") from error
     import os
 
-    from .guard import load_guard
+    from oodguard.guard import load_guard
 
     if log is not None and no_log:
         raise ValueError("--log and --no-log exclude each other")
@@ -273,7 +273,7 @@ def monitor(
     """Summarise a decision log: OOD rate per time window, tested against the guard's false-alarm rate."""
     import pandas as pd
 
-    from .serve.store import summarise
+    from oodguard.serve.store import summarise
 
     location = Path(source) / _DEFAULT_LOG if Path(source).is_dir() else source
     summary = summarise(location, window, significance=significance)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .outputs import ModelOutputs
+from oodguard.outputs import ModelOutputs
 
 #: Array names a feature file may hold; the head may be stored as head.weight/head.bias or head_weight/head_bias.
 KNOWN_ARRAYS = ("logits", "features", "labels", "head.weight", "head.bias", "head_weight", "head_bias")

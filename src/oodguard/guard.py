@@ -57,18 +57,18 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_model, save_file, save_model
 
-from .conformal import (
+from oodguard.conformal import (
     CORRECTIONS,
     _simes_sequence,
     benjamini_hochberg,
     calibration_conditional,
     minimum_calibration_size,
 )
-from .detectors import base as detector_base
-from .detectors.base import Detector, NotFittedError
-from .extract import extract
-from .files import sha256_of_file
-from .outputs import ModelOutputs, as_outputs
+from oodguard.detectors import base as detector_base
+from oodguard.detectors.base import Detector, NotFittedError
+from oodguard.extraction.extract import extract
+from oodguard.files import sha256_of_file
+from oodguard.outputs import ModelOutputs, as_outputs
 
 __all__ = ["Guard", "GuardResult", "load_guard", "FORMAT_VERSION"]
 
@@ -261,7 +261,7 @@ def _build_model(name: str) -> torch.nn.Module:
 
 
 def _library_version() -> str:
-    from . import __version__  # imported late: the package may import this module before defining it
+    from oodguard import __version__  # imported late: the package may import this module before defining it
 
     return __version__
 
@@ -272,7 +272,7 @@ class Guard:
     Parameters
     ----------
     model : torch.nn.Module, optional
-        The classifier. When given, inputs are run through it with :func:`oodguard.extract.extract`.
+        The classifier. When given, inputs are run through it with :func:`oodguard.extraction.extract`.
         Without it the guard is model-agnostic and works from :class:`ModelOutputs` or dicts of arrays
         (``{"logits": [N, C]}``, ``{"features": [N, D]}``, ...) produced by any framework.
     detector : str or Detector

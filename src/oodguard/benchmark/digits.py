@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import save_cache_file
-from . import digits_data as data
-from .digits_model import DigitsCNN, default_cache_dir, load_or_train, train_digits_cnn
-from .spec import Benchmark, DataSplit
+from oodguard.atomic import save_cache_file
+from oodguard.benchmark import digits_data as data
+from oodguard.benchmark.digits_model import DigitsCNN, default_cache_dir, load_or_train, train_digits_cnn
+from oodguard.benchmark.spec import Benchmark, DataSplit
 
 __all__ = ["digits_benchmark", "digits_arrays", "DigitsCNN", "train_digits_cnn", "load_or_train", "SOURCES"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..atomic import save_safetensors_atomic
+from oodguard.atomic import save_safetensors_atomic
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .digits_data import SIZE, _gray, _resize
+from oodguard.benchmark.digits_data import SIZE, _gray, _resize
 
 #: skimage images used for the pool (all bundled in the wheel).
 SKIMAGE_SOURCES = (

@@ -6,12 +6,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .spec import Benchmark
+from oodguard.benchmark.spec import Benchmark
 
 
 def _digits(open_set: bool) -> Callable[..., Benchmark]:
     def build(cache_dir: Path | None = None, progress: bool = True) -> Benchmark:
-        from .digits import digits_benchmark
+        from oodguard.benchmark.digits import digits_benchmark
 
         return digits_benchmark(open_set=open_set, cache_dir=cache_dir, progress=progress)
 
@@ -19,7 +19,7 @@ def _digits(open_set: bool) -> Callable[..., Benchmark]:
 
 
 def _text(cache_dir: Path | None = None, progress: bool = True) -> Benchmark:
-    from .text import text_benchmark
+    from oodguard.benchmark.text import text_benchmark
 
     return text_benchmark(cache_dir=cache_dir, progress=progress)
 

@@ -14,10 +14,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .. import detectors as detector_registry
-from .. import metrics
-from ..outputs import ModelOutputs
-from .spec import GROUPS, Benchmark, DataSplit
+from oodguard import detectors as detector_registry
+from oodguard import metrics
+from oodguard.benchmark.spec import GROUPS, Benchmark, DataSplit
+from oodguard.outputs import ModelOutputs
 
 #: Metrics reported per detector and OOD set, each with a bootstrap interval.
 REPORTED = {
@@ -67,7 +67,7 @@ class Results:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write CSV, JSON, Markdown and the HTML report; return their paths."""
-        from .report import write_report
+        from oodguard.benchmark.report import write_report
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def extract_benchmark(
     batch_size: int = 256,
 ) -> dict[str, ModelOutputs]:
     """Run the model once over every dataset of the benchmark (cached on disk when ``cache_dir`` is set)."""
-    from ..extract import extract
+    from oodguard.extraction.extract import extract
 
     splits: list[DataSplit] = [benchmark.fit, benchmark.test, *benchmark.ood]
     if benchmark.validation is not None:
@@ -256,7 +256,7 @@ def _model_job(
     """
 
     def job() -> dict[str, np.ndarray]:
-        from ..model_access import ModelRunner
+        from oodguard.extraction.model_runner import ModelRunner
 
         runner = ModelRunner(benchmark.model, device=device, cache_dir=cache_dir)
         detector = detector_registry.create(name, **params).attach(runner)
@@ -283,7 +283,7 @@ def _mos_job(
     """
 
     def job() -> dict[str, np.ndarray]:
-        from ..mos_head import default_groups, train_mos_head
+        from oodguard.heads.mos import default_groups, train_mos_head
 
         if fit.features is None or fit.labels is None:
             raise ValueError("mos: the runner trains its group-softmax head on fit features and labels; extract both")

@@ -13,7 +13,7 @@ GROUPS = ("near", "far", "covariate", "synthetic")
 
 @dataclass
 class DataSplit:
-    """Inputs the model can run on (anything ``oodguard.extract`` accepts) and optional labels.
+    """Inputs the model can run on (anything ``oodguard.extraction.extract`` accepts) and optional labels.
 
     ``data`` is a tensor/array of inputs ``[N, ...]``, a torch Dataset, a DataLoader or an iterable
     of batches. ``labels`` (``[N]``, integers) is given when ``data`` holds inputs only; OOD sets of a

@@ -1,7 +1,7 @@
 """The embedded ``text`` benchmark: topic classification of WordNet definitions with real sentence embeddings.
 
-Texts are embedded once by all-MiniLM-L6-v2 (``oodguard.text.default_text_encoder``, offline, weights checked
-by sha256) and cached; the benchmark's model is a linear head (``oodguard.text.LinearHead``) trained on the fit
+Texts are embedded once by all-MiniLM-L6-v2 (``oodguard.encoders.default_text_encoder``, offline, weights checked
+by sha256) and cached; the benchmark's model is a linear head (``oodguard.heads.LinearHead``) trained on the fit
 embeddings, so its inputs are embedding tensors ``[N, 384]``, ``features`` are the embeddings, and every
 output-based detector applies. *ID* = WordNet 3.0 noun definitions of five lexicographer topics (animal,
 plant, food, artifact, person), 300 fit / 60 validation / 140 test per topic; *near* = noun definitions of four
@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from . import text_data
-from .spec import Benchmark, DataSplit
+from oodguard.benchmark import text_data
+from oodguard.benchmark.spec import Benchmark, DataSplit
 
 __all__ = ["text_benchmark", "text_texts", "zero_shot_params", "SOURCES", "ZERO_SHOT", "SPLIT_SIZES"]
 
@@ -154,15 +154,15 @@ def zero_shot_params(
     """Parameters of ``mcm``, ``neglabel``, ``clipn`` and ``lapt`` for this benchmark, embedded by ``encoder``.
 
     Label prompts ``ZERO_SHOT["label_template"]`` per class; negatives mined with
-    ``oodguard.zeroshot.mine_negative_labels`` (per kind: nouns, adjectives) from the shipped WordNet lemmas;
+    ``oodguard.encoders.dual.mine_negative_labels`` (per kind: nouns, adjectives) from the shipped WordNet lemmas;
     ``groups = max(1, M // ZERO_SHOT["group_size"])`` so that each group holds about as many negatives as the
     official 10,000-in-100 setting; "no" prompts ``ZERO_SHOT["no_template"]`` per class for ``clipn``.
     ``max_words`` keeps only the first that many nouns and adjectives (for quick checks; at least
     :data:`MIN_CANDIDATE_WORDS`); ``cache_dir`` caches the candidates' embeddings
-    (:func:`oodguard.text.embed_texts`).
+    (:func:`oodguard.encoders.embed_texts`).
     """
-    from ..text.encoders import embed_texts
-    from ..zeroshot import class_embeddings, mine_negative_labels
+    from oodguard.encoders.dual import class_embeddings, mine_negative_labels
+    from oodguard.encoders.text import embed_texts
 
     _check_word_count(max_words, "max_words")
     words = {kind: values[:max_words] for kind, values in text_data.load_text_data()["words"].items()}
@@ -200,8 +200,8 @@ def text_benchmark(
         A fresh cache embeds about 10,000 short texts (about a minute on one CPU core); later runs load them.
     progress : bool
         Progress bars while embedding.
-    encoder : oodguard.text.TextEncoder, optional
-        Default :func:`oodguard.text.default_text_encoder`. Another encoder gives another benchmark (its
+    encoder : oodguard.encoders.TextEncoder, optional
+        Default :func:`oodguard.encoders.default_text_encoder`. Another encoder gives another benchmark (its
         identity keys the caches).
     subset : int, optional
         At most this many texts per set and candidate words per kind, for quick checks (see :func:`text_texts`);
@@ -210,7 +210,7 @@ def text_benchmark(
     Returns
     -------
     Benchmark
-        ``model`` = a trained :class:`oodguard.text.LinearHead` (eval mode); every split's ``data`` is ``float32
+        ``model`` = a trained :class:`oodguard.heads.LinearHead` (eval mode); every split's ``data`` is ``float32
         [N, D]`` embeddings with ``labels`` ``int64 [N]`` (0-4 for ID, -1 for OOD); ``detector_params`` hold
         the zero-shot detectors' text side (:func:`zero_shot_params`).
 
@@ -220,9 +220,9 @@ def text_benchmark(
     >>> bench.groups()["far"]  # doctest: +SKIP
     ['verb-glosses', 'adjective-glosses', 'python-docstrings']
     """
-    from ..text.encoders import default_text_encoder, embed_texts
-    from ..text.head import load_or_train_head
-    from .digits_model import default_cache_dir
+    from oodguard.benchmark.digits_model import default_cache_dir
+    from oodguard.encoders.text import default_text_encoder, embed_texts
+    from oodguard.heads.text import load_or_train_head
 
     _check_word_count(subset, "subset")  # subset also caps the candidate words per kind
     root = Path(cache_dir if cache_dir is not None else default_cache_dir())

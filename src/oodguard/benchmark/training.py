@@ -29,8 +29,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..extract import model_fingerprint
-from ..train import (
+from oodguard.benchmark.runner import Results, extract_benchmark, run_on_outputs
+from oodguard.benchmark.spec import Benchmark
+from oodguard.extraction.extract import model_fingerprint
+from oodguard.train import (
     METHODS,
     Method,
     Recipe,
@@ -41,9 +43,7 @@ from ..train import (
     save_checkpoint,
     train,
 )
-from ..train.methods import recipe_dict
-from .runner import Results, extract_benchmark, run_on_outputs
-from .spec import Benchmark
+from oodguard.train.methods import recipe_dict
 
 #: Bump when the fine-tuning procedure changes, so that cached fine-tuned weights are not reused.
 TRAINING_VERSION = "train-bench-1"
@@ -482,8 +482,8 @@ def digits_training_benchmark(
     pool_size: int | None = None,
 ) -> TrainingResults:
     """The demonstration on an embedded digits benchmark with the ``digits_outliers`` pool (cached runs)."""
-    from . import presets
-    from .digits_outliers import DEFAULT_POOL_SIZE, outlier_pool
+    from oodguard.benchmark import presets
+    from oodguard.benchmark.digits_outliers import DEFAULT_POOL_SIZE, outlier_pool
 
     if name not in ("digits", "digits-open-set"):
         raise ValueError(f"train-bench runs on the digits benchmarks (digits, digits-open-set), got {name!r}")

@@ -3,11 +3,21 @@
 Every detector returns scores where **higher = more likely out-of-distribution**.
 """
 
-from .base import Detector, NotFittedError, available, create, implementation, info, load, needs_model, register
+from oodguard.detectors.base import (
+    Detector,
+    NotFittedError,
+    available,
+    create,
+    implementation,
+    info,
+    load,
+    needs_model,
+    register,
+)
 
 # Importing the modules registers their detectors.
-from . import logits, openset, distance, subspace, shaping, head, gram, gradient, nac_layers, model_feature, cover  # noqa: E402,F401  isort: skip
-from . import zeroshot  # noqa: E402,F401  isort: skip
+from oodguard.detectors import logits, openset, distance, subspace, shaping, head, gram, zeroshot  # noqa: E402,F401  isort: skip
+from oodguard.detectors import model  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Detector",

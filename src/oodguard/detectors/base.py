@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..outputs import ModelOutputs, as_outputs
+from oodguard.outputs import ModelOutputs, as_outputs
 
 FORMAT_VERSION = 1
 #: Peak extra memory a score call may use for intermediates, per chunk of rows.

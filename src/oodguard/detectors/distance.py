@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..outputs import ModelOutputs
-from .base import Detector, class_counts, infer_num_classes, register
+from oodguard.detectors.base import Detector, class_counts, infer_num_classes, register
+from oodguard.outputs import ModelOutputs
 
 #: Features are divided by ``max(||z||, _NORM_EPS)`` wherever a method L2-normalises them.
 _NORM_EPS = 1e-10

@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..outputs import ModelOutputs
-from .base import SCORE_MEMORY_BUDGET, Detector, class_counts, register
+from oodguard.detectors.base import SCORE_MEMORY_BUDGET, Detector, class_counts, register
+from oodguard.outputs import ModelOutputs
 
 #: Added to ``|min|`` and ``|max|`` before dividing, as in the official code (``torch.abs(mins + 10**-6)``).
 _TABLE_EPS = 1e-6

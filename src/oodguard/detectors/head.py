@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..outputs import ModelOutputs
-from .base import Detector, percentile, register
+from oodguard.detectors.base import Detector, percentile, register
+from oodguard.outputs import ModelOutputs
 
 _F64 = torch.float64
 
@@ -276,7 +276,7 @@ class GradNorm(Detector):
     the fit data. Default ``temperature=1`` (official ``--temperature_gradnorm``).
 
     ``mode="autograd"`` (``create("gradnorm", mode="autograd")``) computes the true gradient through the
-    model instead (:class:`oodguard.detectors.gradient.GradNormAutograd`, which needs the model attached); it
+    model instead (:class:`oodguard.detectors.model.gradient.GradNormAutograd`, which needs the model attached); it
     equals this closed form whenever the logits are the final linear layer's output, and is exact also when
     the model transforms them. The default ``mode="closed_form"`` needs only cached features.
 
@@ -298,7 +298,7 @@ class GradNorm(Detector):
     @classmethod
     def variant(cls, params: Mapping[str, Any]) -> type[Detector]:
         if params.get("mode") == "autograd":
-            from .gradient import GradNormAutograd
+            from oodguard.detectors.model.gradient import GradNormAutograd
 
             return GradNormAutograd
         return cls
@@ -371,7 +371,7 @@ class NAC(_HeadStatistics):
     ``openood/postprocessors/nac/{coverage,instr_state,utils}.py`` (``KMNC``, ``Estimator``, ``logspace``,
     ``kl_grad``, ``sigmoid``; b002780).
     ``create("nac", layers=[...])`` runs NAC on inner layers instead, with gradients through the model
-    (:class:`oodguard.detectors.nac_layers.NACLayers`; the official best results average the penultimate
+    (:class:`oodguard.detectors.model.nac_layers.NACLayers`; the official best results average the penultimate
     layer with layer1-3). Deviations of this closed form: the reference's ``[B, M, D]`` comparison with
     every edge is replaced by ``searchsorted`` (same bins); the gradient is the closed form of the
     official autograd ``kl_grad`` (equal up to rounding).
@@ -394,7 +394,7 @@ class NAC(_HeadStatistics):
     @classmethod
     def variant(cls, params: Mapping[str, Any]) -> type[Detector]:
         if params.get("layers") is not None:
-            from .nac_layers import NACLayers
+            from oodguard.detectors.model.nac_layers import NACLayers
 
             return NACLayers
         return cls

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..outputs import ModelOutputs
-from .base import Detector, class_counts, register
+from oodguard.detectors.base import Detector, class_counts, register
+from oodguard.outputs import ModelOutputs
 
 #: Templates of KL-matching are clamped here before the log (spec section 2.2).
 KLM_TEMPLATE_FLOOR = 1e-12

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..outputs import ArrayLike, ModelOutputs, _as_tensor
-from .base import Detector, class_counts, register
-from .logits import _positive_int, _positive_number
+from oodguard.detectors.base import Detector, class_counts, register
+from oodguard.detectors.logits import _positive_int, _positive_number
+from oodguard.outputs import ArrayLike, ModelOutputs, _as_tensor
 
 #: libMR's default ``translate_amount`` (``MetaRecognition(..., translate_amount=10000)``), used by OpenOOD and OSDN.
 WEIBULL_TRANSLATE = 10000.0

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ..outputs import ModelOutputs
-from .base import Detector, percentile, register
+from oodguard.detectors.base import Detector, percentile, register
+from oodguard.outputs import ModelOutputs
 
 #: exp overflows float64 above ~709.78; refuse scales that would reach it.
 _MAX_LOG_SCALE = 700.0

@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 import torch
 
-from ..outputs import ModelOutputs
-from .base import Detector, register
+from oodguard.detectors.base import Detector, register
+from oodguard.outputs import ModelOutputs
 
 #: Rows per block when fitting, so that a float64 copy of one block stays around 64 MB.
 _FIT_BLOCK_BYTES = 64 * 2**20

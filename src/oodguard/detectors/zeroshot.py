@@ -3,7 +3,7 @@
 Every detector here reads ``features`` = the input embeddings ``v`` (L2-normalised again here, defensively;
 all-zero rows, which have no direction, are refused) and takes the text side as constructor parameters: ``[K, D]``
 ID label embeddings ``t_k`` and, per method, negative label or "no" embeddings (tensors or numpy arrays; see
-:mod:`oodguard.zeroshot` for making them). Those are ``required_params``, so the benchmark runner runs these
+:mod:`oodguard.encoders.dual` for making them). Those are ``required_params``, so the benchmark runner runs these
 detectors only where a benchmark supplies them.
 
 Tensor parameters live in the detector's state (``state_``, saved to ``state.safetensors``); ``params`` records
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..outputs import ModelOutputs
-from ..zeroshot import check_embeddings
-from .base import Detector, NotFittedError, register
+from oodguard.detectors.base import Detector, NotFittedError, register
+from oodguard.encoders.dual import check_embeddings
+from oodguard.outputs import ModelOutputs
 
 _NORM_EPS = 1e-12
 
@@ -128,7 +128,7 @@ class _ZeroShot(Detector):
         if missing:
             raise ValueError(
                 f"{self.name}: {', '.join(missing)} not given; create the detector with "
-                f"{', '.join(f'{key}=<[rows, D] embeddings>' for key in missing)} (see oodguard.zeroshot)"
+                f"{', '.join(f'{key}=<[rows, D] embeddings>' for key in missing)} (see oodguard.encoders.dual)"
             )
         return state
 
@@ -211,7 +211,7 @@ class NegLabel(_ZeroShot):
     negatives than groups, ``G = M`` groups of one negative each are used.
 
     Parameters: ``label_embeddings`` ``[K, D]`` and ``negative_embeddings`` ``[M, D]`` (required; mine the
-    negatives with :func:`oodguard.zeroshot.mine_negative_labels`), ``scale`` 100 (CLIP's logit scale, the official
+    negatives with :func:`oodguard.encoders.dual.mine_negative_labels`), ``scale`` 100 (CLIP's logit scale, the official
     ``100 *`` with ``t = 1``), ``groups`` 100 (``ngroup``), ``seed`` 0 (the official fixed seed). No fit.
 
     Paper: Jiang, Liu, Fang, Chen, Liu, Zheng & Han, "Negative Label Guided OOD Detection with Pretrained

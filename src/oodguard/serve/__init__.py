@@ -3,9 +3,9 @@
 Needs the ``serve`` extra (FastAPI, uvicorn, SQLAlchemy): ``pip install oodguard[serve]``.
 """
 
-from .app import create_app
-from .monitor import OODRateMonitor, ServiceMetrics, WindowStatus, ood_rate_pvalue
-from .store import DecisionLog, read_decisions, summarise
+from oodguard.serve.app import create_app
+from oodguard.serve.monitor import OODRateMonitor, ServiceMetrics, WindowStatus, ood_rate_pvalue
+from oodguard.serve.store import DecisionLog, read_decisions, summarise
 
 __all__ = [
     "DecisionLog",

@@ -30,8 +30,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypeAliasType
 
-from .monitor import OODRateMonitor, ServiceMetrics
-from .store import DecisionLog
+from oodguard.serve.monitor import OODRateMonitor, ServiceMetrics
+from oodguard.serve.store import DecisionLog
 
 __all__ = ["ScoreRequest", "ScoreResponse", "create_app"]
 
@@ -418,6 +418,6 @@ def create_app(
 
 
 def _version() -> str:
-    from .. import __version__
+    from oodguard import __version__
 
     return __version__

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from .monitor import ood_rate_pvalue
+from oodguard.serve.monitor import ood_rate_pvalue
 
 __all__ = ["DecisionLog", "database_url", "read_decisions", "read_info", "summarise"]
 

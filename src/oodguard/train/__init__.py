@@ -21,10 +21,10 @@ Examples
 2
 """
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .heads import LearnedTemperatureHead, add_absent_class, install_abet_head
-from .loop import TrainResult, train
-from .losses import (
+from oodguard.train.checkpoint import load_checkpoint, save_checkpoint
+from oodguard.train.heads import LearnedTemperatureHead, add_absent_class, install_abet_head
+from oodguard.train.loop import TrainResult, train
+from oodguard.train.losses import (
     AbsentCategoryLoss,
     EnergyMarginLoss,
     LogitNormLoss,
@@ -34,7 +34,7 @@ from .losses import (
     soft_cross_entropy,
     uniform_cross_entropy,
 )
-from .methods import (
+from oodguard.train.methods import (
     DOS,
     METHODS,
     AbeT,
@@ -47,9 +47,9 @@ from .methods import (
     auto_margins,
     create_method,
 )
-from .mixing import mix_outliers, rand_bbox, sample_lambda
-from .samplers import DiverseOutlierSampler, TakeAll, dos_candidate_size, kmeans
-from .scores import absent_class_score
+from oodguard.train.mixing import mix_outliers, rand_bbox, sample_lambda
+from oodguard.train.samplers import DiverseOutlierSampler, TakeAll, dos_candidate_size, kmeans
+from oodguard.train.scores import absent_class_score
 
 __all__ = [
     "AbeT", "AbsentCategoryLoss", "DOS", "DiverseOutlierSampler", "EnergyFineTune", "EnergyMarginLoss",

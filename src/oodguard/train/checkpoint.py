@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import save_safetensors_atomic
+from oodguard.atomic import save_safetensors_atomic
 
 FORMAT = "oodguard.train.checkpoint"
 FORMAT_VERSION = 1

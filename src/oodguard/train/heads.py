@@ -1,6 +1,6 @@
 """Architecture changes made before training: AbeT's learned-temperature head and DOS's absent-class output.
 
-Both replace the model's final linear layer (found like ``oodguard.extract.find_head``: the last module when it
+Both replace the model's final linear layer (found like ``oodguard.extraction.find_head``: the last module when it
 is an ``nn.Linear``, or the one named by ``head_name``) in place, so they work on any ``torch.nn.Module`` whose
 logits come from such a layer.
 """
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..extract import find_head
+from oodguard.extraction.extract import find_head
 
 
 def _replace_head(model: nn.Module, head_name: str | None, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:

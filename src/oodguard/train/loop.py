@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .methods import Method, Recipe, recipe_dict
+from oodguard.train.checkpoint import load_checkpoint, save_checkpoint
+from oodguard.train.methods import Method, Recipe, recipe_dict
 
 
 @dataclass

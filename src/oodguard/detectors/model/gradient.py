@@ -7,7 +7,7 @@ gradient with respect to the input, or to a layer, for each scored sample), so t
 :class:`ModelDetector` subclasses, declared by the class attribute ``needs_model = True`` (and
 ``requires = {"model"}``):
 
-* they are created like any detector, then given a :class:`~oodguard.model_access.ModelRunner`, the one object
+* they are created like any detector, then given a :class:`~oodguard.extraction.ModelRunner`, the one object
   that runs the model with autograd (device, batch size, input normalisation, final linear layer)::
 
       runner = ModelRunner(model, input_std=(0.247, 0.243, 0.261), device="cuda")
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model_access import FEATURES, ModelRunner
-from .base import Detector, NotFittedError, register
-from .logits import neg_log_odds_msp
+from oodguard.detectors.base import Detector, NotFittedError, register
+from oodguard.detectors.logits import neg_log_odds_msp
+from oodguard.extraction.model_runner import FEATURES, ModelRunner
 
 __all__ = ["ModelDetector", "ODIN", "GradNormAutograd", "odin_loss", "uniform_kl_loss"]
 
@@ -234,7 +234,7 @@ class GradNormAutograd(ModelDetector):
     Paper: Huang, Geng & Li, "On the Importance of Gradients for Detecting Distributional Shifts in the Wild",
     NeurIPS 2021. Official code: deeplearning-wisc/gradnorm_ood ``test_ood.py`` (``iterate_data_gradnorm``,
     18d5d33), batch size 1 and ``loss.backward()``; here per-sample gradients come from one batch (exact in eval
-    mode, see :mod:`oodguard.model_access`). Default ``temperature=1`` (official).
+    mode, see :mod:`oodguard.extraction.model_runner`). Default ``temperature=1`` (official).
     """
 
     name = "gradnorm"

@@ -1,7 +1,7 @@
 """Datasets for data users already have on disk; nothing is ever downloaded.
 
 Every dataset here yields ``(image, label)`` (or ``image`` alone for unlabelled arrays) where ``image`` is a
-float tensor ``[C, H, W]`` in ``[0, 1]`` before the optional ``transform``; :func:`oodguard.extract.extract`
+float tensor ``[C, H, W]`` in ``[0, 1]`` before the optional ``transform``; :func:`oodguard.extraction.extract`
 accepts all of them directly. A transform is any callable on that tensor, e.g. :class:`Normalize`.
 
 CIFAR batch files are pickles. They are read with a restricted unpickler that only rebuilds numpy arrays,

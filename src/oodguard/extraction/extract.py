@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 from tqdm.auto import tqdm
 
-from .outputs import ModelOutputs
+from oodguard.outputs import ModelOutputs
 
 __all__ = ["extract", "find_head", "model_fingerprint", "content_hash", "CACHE_FORMAT_VERSION"]
 
@@ -633,7 +633,7 @@ def _head_tensors(head: tuple[str, nn.Linear]) -> tuple[torch.Tensor, torch.Tens
 # ---------------------------------------------------------------------------------------------- cache
 def _load_entry(entry: Path, key: str) -> ModelOutputs:
     meta = json.loads((entry / _COMPLETE).read_text())
-    if meta.get("format") != "oodguard.extract-cache" or meta.get("format_version") != CACHE_FORMAT_VERSION:
+    if meta.get("format") != "oodguard.extraction.extract-cache" or meta.get("format_version") != CACHE_FORMAT_VERSION:
         raise ValueError(f"unsupported cache format {meta.get('format')!r} version {meta.get('format_version')!r}")
     if meta.get("key") != key:
         raise ValueError(f"the entry records key {meta.get('key')!r}")
@@ -850,7 +850,7 @@ def extract(
             shutil.rmtree(temporary, ignore_errors=True)
             return outputs
         meta = {
-            "format": "oodguard.extract-cache",
+            "format": "oodguard.extraction.extract-cache",
             "format_version": CACHE_FORMAT_VERSION,
             "key": key,
             "key_payload": key_payload,

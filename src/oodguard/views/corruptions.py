@@ -8,7 +8,7 @@ official ``make_imagenet_c.py`` (``hendrycks/robustness``, ``ImageNet-C/create_c
 CoVer vendors it as ``utils/imagenet_c/make_imagenet_c.py``).
 
 Use :func:`corrupt` on a batch, :class:`View` for a named, seeded transform with a stable ``key``, and
-:class:`ViewDataset` to feed a view to :func:`oodguard.extract.extract`; extract hashes the inputs it
+:class:`ViewDataset` to feed a view to :func:`oodguard.extraction.extract`; extract hashes the inputs it
 feeds the model, so every view's outputs are cached like any other dataset.
 
 Differences from the official code, all deliberate (they apply to every corruption unless stated):
@@ -987,7 +987,7 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 
 
 class ViewDataset(Dataset):
-    """A dataset of the view of another dataset, for :func:`oodguard.extract.extract`.
+    """A dataset of the view of another dataset, for :func:`oodguard.extraction.extract`.
 
     Rows are corrupted in fixed chunks of ``chunk_rows`` consecutive rows (chunk ``k`` with a seed derived from
     ``(view.seed, k)``; chunk 0 with ``view.seed`` itself), so row ``i`` of the view is the same whatever the

@@ -1,6 +1,6 @@
 """Model-based detectors on feature statistics: the multi-layer Mahalanobis ensemble and AdaSCALE.
 
-Both run the model themselves (:class:`~oodguard.detectors.gradient.ModelDetector`): the Mahalanobis ensemble
+Both run the model themselves (:class:`~oodguard.detectors.model.gradient.ModelDetector`): the Mahalanobis ensemble
 perturbs each input once per layer against the gradient of its Mahalanobis distance (Lee et al., 2018), and
 AdaSCALE perturbs the least-sensitive input elements to estimate how OOD a sample looks before scaling its
 features (Regmi, 2025). Data are read once, batch by batch, so one-shot iterables work and activations are
@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..extract import _Batches, _get_module
-from ..model_access import FEATURES, ModelRunner
-from .base import register
-from .distance import _ClassStatistics, _short_classes_message, pinv_sqrt
-from .gradient import ModelDetector
+from oodguard.detectors.base import register
+from oodguard.detectors.distance import _ClassStatistics, _short_classes_message, pinv_sqrt
+from oodguard.detectors.model.gradient import ModelDetector
+from oodguard.extraction.extract import _Batches, _get_module
+from oodguard.extraction.model_runner import FEATURES, ModelRunner
 
 __all__ = ["MahalanobisEnsemble", "AdaSCALE", "fit_ensemble_weights", "spatial_mean"]
 
@@ -74,7 +74,7 @@ class MahalanobisEnsemble(ModelDetector):
     Parameters
     ----------
     layers : list of str, optional
-        Module names (as in ``model.named_modules()``) and/or :data:`~oodguard.model_access.FEATURES` (the input
+        Module names (as in ``model.named_modules()``) and/or :data:`~oodguard.extraction.FEATURES` (the input
         of the final linear layer). Default: ``[FEATURES]`` only, i.e. single-layer Mahalanobis with input
         pre-processing. The official ResNet-34 uses the stem and the four stages (``relu(bn1(conv1))``,
         ``layer1`` .. ``layer4``).

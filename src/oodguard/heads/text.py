@@ -1,6 +1,6 @@
 """A linear classification head trained on frozen embeddings, so every output-based detector applies to text.
 
-``LinearHead`` is one ``nn.Linear``: ``oodguard.extract`` finds it as the model's final linear layer, so the
+``LinearHead`` is one ``nn.Linear``: ``oodguard.extraction.extract`` finds it as the model's final linear layer, so the
 extracted ``features`` are the embeddings themselves and ``logits = features @ W.T + b``. It is trained by
 multinomial logistic regression (mean cross-entropy + ``weight_decay / 2 * ||W||^2``, the bias unpenalised)
 with full-batch L-BFGS (scipy's L-BFGS-B, exact gradients) in float64: the problem is strictly convex, so the
@@ -20,7 +20,7 @@ import torch
 from scipy import optimize
 from torch import nn
 
-from ..atomic import save_cache_file
+from oodguard.atomic import save_cache_file
 
 __all__ = ["LinearHead", "HeadConfig", "train_linear_head", "load_or_train_head"]
 

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .detectors.openset import _check_group_sizes, _GroupLayout, mos_group_labels, mos_predict
-from .outputs import ArrayLike, ModelOutputs
+from oodguard.detectors.openset import _check_group_sizes, _GroupLayout, mos_group_labels, mos_predict
+from oodguard.outputs import ArrayLike, ModelOutputs
 
 __all__ = ["MOSHead", "train_mos_head", "mos_loss", "default_groups", "official_schedule", "OPTIMIZERS"]
 
@@ -246,7 +246,7 @@ class MOSHead:
 
     def detector(self):
         """A ``mos`` detector for this head's group sizes (it needs no fit)."""
-        from .detectors import create
+        from oodguard.detectors import create
 
         return create("mos", group_sizes=self.group_sizes)
 

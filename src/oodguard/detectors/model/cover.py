@@ -1,7 +1,7 @@
 """CoVer: a base detector's score averaged over test-time corrupted views of the input.
 
 The views come from :mod:`oodguard.views` (seeded ImageNet-C corruptions in torch); each view costs one forward
-pass of the model through the attached :class:`~oodguard.model_access.ModelRunner`, and any output-based
+pass of the model through the attached :class:`~oodguard.extraction.ModelRunner`, and any output-based
 detector (one that needs logits, features and/or the final linear layer) can be the base.
 """
 
@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..model_access import ModelRunner
-from ..view_outputs import average_over_views
-from ..views import CORRUPTIONS, SEVERITIES, View, ViewDataset, all_views, recommended_views
-from .base import _REGISTRY, Detector, create, register
-from .gradient import ModelDetector
+from oodguard.detectors.base import _REGISTRY, Detector, create, register
+from oodguard.detectors.model.gradient import ModelDetector
+from oodguard.extraction.model_runner import ModelRunner
+from oodguard.views.corruptions import CORRUPTIONS, SEVERITIES, View, ViewDataset, all_views, recommended_views
+from oodguard.views.outputs import average_over_views
 
 __all__ = ["CoVer", "parse_views"]
 
@@ -233,6 +233,6 @@ class CoVer(ModelDetector):
         base = self.base_detector()
         self._view_data(data, View("identity"))  # refuses loaders and iterators with CoVer's message
         # One forward pass per view, each vectorised over the inputs; a runner with a cache_dir reuses the cached
-        # outputs of every view it has seen (oodguard.view_outputs), so a second call runs no model at all.
+        # outputs of every view it has seen (oodguard.views.outputs), so a second call runs no model at all.
         views = runner.forward_views(data, self.views_, progress=progress, desc="cover")
         return average_over_views(base, (outputs for _, outputs in views))

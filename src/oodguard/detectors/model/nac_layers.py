@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from ..model_access import FEATURES, ModelRunner
-from .gradient import ModelDetector
-from .head import NAC, nac_bin_edges
+from oodguard.detectors.head import NAC, nac_bin_edges
+from oodguard.detectors.model.gradient import ModelDetector
+from oodguard.extraction.model_runner import FEATURES, ModelRunner
 
 __all__ = ["NACLayers", "pool_layer", "uniform_cross_entropy"]
 

@@ -1,7 +1,7 @@
 """Model outputs of test-time views, extracted and cached like any dataset, so any detector can be averaged over views.
 
 A view (:class:`oodguard.views.View`) is a named, seeded input transform. :func:`extract_views` runs the model once
-per view through :func:`oodguard.extract.extract`; with ``cache_dir`` each view's outputs are stored under a key made
+per view through :func:`oodguard.extraction.extract`; with ``cache_dir`` each view's outputs are stored under a key made
 of the model's fingerprint, the view's key (corruption, severity, seed, pixel scale), the version of the corruption
 code, the chunking of the random draws and the content hash of the *source* data. The corrupted images are therefore
 never hashed (a hashing pass would cost a second corruption of every image), and a cached view costs no corruption and
@@ -13,7 +13,7 @@ Examples
 >>> import torch
 >>> from torch import nn
 >>> from oodguard import detectors
->>> from oodguard.views import View
+>>> from oodguard.views.corruptions import View
 >>> _ = torch.manual_seed(0)
 >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
 >>> images = torch.rand(6, 1, 4, 4)
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .extract import content_hash, extract
-from .outputs import ModelOutputs
-from .views import VIEWS_VERSION, View, ViewDataset
+from oodguard.extraction.extract import content_hash, extract
+from oodguard.outputs import ModelOutputs
+from oodguard.views.corruptions import VIEWS_VERSION, View, ViewDataset
 
 __all__ = ["average_over_views", "extract_views", "iter_view_outputs", "view_dataset_key"]
 
@@ -77,7 +77,7 @@ def iter_view_outputs(
 
     ``data`` holds images ``[N, C, H, W]`` in [0, 1] (tensor, array, ``(images, labels)`` pair or map-style
     Dataset, as :class:`~oodguard.views.ViewDataset` takes them); ``extract_options`` go to
-    :func:`oodguard.extract.extract` (``layers``, ``feature_layer``, ``device``, ``batch_size``).
+    :func:`oodguard.extraction.extract` (``layers``, ``feature_layer``, ``device``, ``batch_size``).
     """
     views = _check_views(views)
     source = None
