@@ -2,25 +2,38 @@
 
 Score convention, for every detector: **higher = more likely out-of-distribution.**
 
-A detector is a small class that declares what it needs (``requires`` at score time, ``fit_requires``
-at fit time), its hyperparameters with the official defaults, and its paper. ``fit`` turns outputs
-into named state tensors; ``score`` is a pure function of that state and the outputs. Detectors whose
-fit statistics are additive implement ``_statistics``/``_finalize`` and get exact ``partial_fit`` and
-``merge`` for free.
+Two protocols share one base class (:class:`Detector`: declared parameters, fitted state as named tensors, save and
+load, registry metadata):
+
+* :class:`OutputDetector` fits and scores :class:`~oodguard.outputs.ModelOutputs` (the model ran once; the
+  detector reuses its outputs). Detectors whose fit statistics are additive implement ``_statistics`` /
+  ``_finalize`` and get exact ``partial_fit`` and ``merge`` for free.
+* :class:`~oodguard.detectors.model.base.ModelDetector` fits and scores model *inputs* through a
+  :class:`~oodguard.extraction.ModelRunner` (input perturbations, gradients through inner layers, test-time views).
+
+Consumers (benchmark runner, Guard, CLI) treat both alike through :meth:`Detector.fit_from` and
+:meth:`Detector.score_from`, which take a :class:`Source`: a dataset's outputs and the inputs behind them.
+
+Parameters follow scikit-learn: the constructor names every parameter with its default and stores it as given
+(``get_params``, ``set_params``, :func:`clone`); the rules they obey are declared once per class in
+``_parameter_constraints`` and checked by :func:`oodguard.detectors.params.validate_params`.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from oodguard.detectors.params import validate_params
 from oodguard.outputs import ModelOutputs, as_outputs
 
 FORMAT_VERSION = 1
@@ -31,9 +44,10 @@ MAX_CHUNK_ROWS = 65536
 #: Size of one ``[rows, width]`` temporary per chunk. Larger temporaries are fresh pages on every call
 #: (the allocator returns them to the system), which costs more than the arithmetic of an element-wise pass.
 CHUNK_TEMPORARY_BYTES = 8 * 2**20
+#: The two detector protocols, as the registry records them.
+PROTOCOLS = ("outputs", "model")
 
 _REGISTRY: dict[str, type[Detector]] = {}
-
 
 class NotFittedError(RuntimeError):
     """Raised when a detector that needs fitting is used before ``fit``."""
@@ -43,75 +57,154 @@ def register(cls: type[Detector]) -> type[Detector]:
     """Class decorator adding a detector to the registry under ``cls.name``."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} has no registry name")
+    if cls.protocol not in PROTOCOLS:
+        raise TypeError(f"{cls.__name__}: protocol must be one of {PROTOCOLS}, got {cls.protocol!r}")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise TypeError(f"detector name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
     _REGISTRY[cls.name] = cls
     return cls
 
 
+class Source:
+    """What a consumer hands a detector to fit on or to score: one dataset's model outputs and the inputs behind them.
+
+    Output detectors read ``outputs``; model detectors run ``runner`` (a :class:`~oodguard.extraction.ModelRunner`)
+    on ``data`` (with ``labels`` where they need them). ``outputs`` may be a zero-argument callable, called once on
+    first use, so that a source built for a model detector never runs the extraction.
+    """
+
+    def __init__(
+        self,
+        outputs: ModelOutputs | Mapping[str, Any] | Callable[[], ModelOutputs] | None = None,
+        *,
+        data: Any = None,
+        labels: Any = None,
+        runner: Any = None,
+    ) -> None:
+        self._outputs = outputs
+        self.data = data
+        self.labels = labels
+        self.runner = runner
+
+    @property
+    def outputs(self) -> ModelOutputs:
+        if self._outputs is None:
+            raise ValueError("this source has no model outputs; extract them from the model first")
+        if callable(self._outputs) and not isinstance(self._outputs, ModelOutputs):
+            self._outputs = self._outputs()
+        return as_outputs(self._outputs)  # type: ignore[arg-type]
+
+
 class Detector:
-    """Base class of every detector. Subclasses set the class attributes and implement the hooks.
+    """Base of every detector: declared parameters, fitted state, saving, registry metadata.
 
     Class attributes
     ----------------
     name : registry name.
+    protocol : ``"outputs"`` (:class:`OutputDetector`) or ``"model"`` (``ModelDetector``).
     summary : one line saying what the score is.
     paper, code : citation and official code location.
-    requires : fields needed by ``score`` (subset of logits, features, layers).
-    fit_requires : fields needed by ``fit`` (may add labels, head).
-    defaults : hyperparameters and their official defaults; the constructor accepts exactly these.
+    requires : what ``score`` needs (fields of the outputs, or ``"model"``).
+    fit_requires : what ``fit`` needs (may add labels, head).
     required_params : parameters with no usable default that the caller must give (e.g. MOS's group layout).
     needs_fit : False for detectors with no fitted state (``fit`` is then optional).
-    state_reductions : for detectors with additive fit statistics, how each statistic combines
-        (``"sum"`` or ``"cat"``); declaring it enables exact ``partial_fit`` and ``merge``.
+    _parameter_constraints : for every constructor parameter, the list of rules one of which its value must meet
+        (see :mod:`oodguard.detectors.params`).
 
-    Hooks
-    -----
-    _fit(outputs) -> dict of state tensors (or implement ``_statistics`` + ``_finalize``).
-    _score(outputs) -> float tensor ``[n]`` for one chunk of rows, higher = more OOD.
-    _score_row_bytes(outputs) -> estimated bytes of intermediates per scored row of ``outputs`` (sets the
-        chunk size).
+    Subclasses name their parameters in ``__init__`` (keyword-only, with the official defaults), store each one
+    unchanged as an attribute of the same name, then call ``super().__init__()``, which validates them.
     """
 
     name: ClassVar[str] = ""
+    protocol: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     code: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
     fit_requires: ClassVar[frozenset[str]] = frozenset()
-    defaults: ClassVar[dict[str, Any]] = {}
     needs_fit: ClassVar[bool] = True
     required_params: ClassVar[tuple[str, ...]] = ()
     state_reductions: ClassVar[dict[str, str] | None] = None
+    _parameter_constraints: ClassVar[dict[str, list]] = {}
 
-    @classmethod
-    def variant(cls, params: Mapping[str, Any]) -> type[Detector]:
-        """The class that implements these parameters: ``cls`` unless a parameter selects another
-        implementation under the same registry name (e.g. ``gradnorm`` with ``mode="autograd"`` runs the model)."""
-        return cls
-
-    def __init__(self, **params: Any) -> None:
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            valid = ", ".join(sorted(self.defaults)) or "none"
-            raise TypeError(f"{self.name}: unknown parameter(s) {unknown}; valid parameters: {valid}")
-        # numpy scalars become Python numbers, so parameters stay JSON-serialisable for save()
-        params = {k: v.item() if isinstance(v, np.generic) else v for k, v in params.items()}
-        self.params: dict[str, Any] = {**self.defaults, **params}
-        self._check_params()
+    def __init__(self) -> None:
+        self._validate_params()
         self._stale = False
         self._state_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.state_: dict[str, torch.Tensor] | None = None
         self.stats_: dict[str, torch.Tensor] | None = None
         self.meta_: dict[str, Any] = {}
 
+    # ------------------------------------------------------------------ parameters
+    @classmethod
+    def param_names(cls) -> tuple[str, ...]:
+        """The constructor's parameter names, in signature order."""
+        cached = cls.__dict__.get("_param_names_cache")
+        if cached is None:
+            signature = inspect.signature(cls.__init__)
+            cached = tuple(
+                p.name
+                for p in signature.parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            )
+            cls._param_names_cache = cached  # type: ignore[attr-defined]
+        return cached
+
+    @classmethod
+    def default_params(cls) -> dict[str, Any]:
+        """The constructor's defaults (the official ones)."""
+        signature = inspect.signature(cls.__init__)
+        return {name: signature.parameters[name].default for name in cls.param_names()}
+
+    def get_params(self) -> dict[str, Any]:
+        """The parameters as given to the constructor (or to :meth:`set_params`)."""
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Same as :meth:`get_params`."""
+        return self.get_params()
+
+    def set_params(self, **params: Any) -> Detector:
+        """Change parameters (validated as in the constructor); returns self. Refit afterwards."""
+        unknown = sorted(set(params) - set(self.param_names()))
+        if unknown:
+            raise TypeError(self._unknown_params_message(unknown))
+        previous = self.get_params()
+        for key, value in params.items():
+            setattr(self, key, value)
+        try:
+            self._validate_params()
+        except (TypeError, ValueError):
+            for key, value in previous.items():
+                setattr(self, key, value)
+            raise
+        return self
+
+    def _validate_params(self) -> None:
+        validate_params(self.name or type(self).__name__, self._parameter_constraints, self.get_params())
+        self._check_param_combination()
+
+    def _check_param_combination(self) -> None:
+        """Rules that tie several parameters together; raise ValueError via :meth:`_param_error`."""
+
+    def _param_error(self, param: str, must: str) -> ValueError:
+        """The one error format of parameter validation."""
+        return ValueError(f"{self.name}: parameter {param!r} must be {must}; got {getattr(self, param)!r}")
+
+    @classmethod
+    def _unknown_params_message(cls, unknown: list[str]) -> str:
+        valid = ", ".join(cls.param_names()) or "none"
+        return f"{cls.name}: unknown parameter(s) {unknown}; valid parameters: {valid}"
+
+    # ------------------------------------------------------------------ state
     @property
     def state_(self) -> dict[str, torch.Tensor] | None:
         """Fitted state tensors. After ``partial_fit``/``merge`` they are finalised on first use, so adding
         many chunks costs only the statistics, not one finalisation (e.g. an eigendecomposition) per chunk."""
         if self._stale:
             self._stale = False
-            self._state = self._finalize(self.stats_)
+            self._state = self._finalize(self.stats_)  # type: ignore[arg-type]
         return self._state
 
     @state_.setter
@@ -125,19 +218,101 @@ class Detector:
         self._stale = True
         self._state_cache = {}
 
-    # ------------------------------------------------------------------ hooks
-    def _check_params(self) -> None:
-        """Validate ``self.params``; raise ValueError naming the parameter."""
+    def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no additive fit statistics")
 
+    @property
+    def is_fitted(self) -> bool:
+        return self._state is not None or self._stale or not self.needs_fit
+
+    @property
+    def supports_partial_fit(self) -> bool:
+        return self.state_reductions is not None
+
+    def state(self, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The fitted state on ``device``; floating tensors cast to ``dtype`` when given (cached)."""
+        key = (str(device), dtype)
+        if key not in self._state_cache:
+            state = self.state_
+            if state is None:
+                raise NotFittedError(f"{self.name}: call fit(...) first")
+            self._state_cache[key] = {
+                k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
+                for k, v in state.items()
+            }
+        return self._state_cache[key]
+
+    # ------------------------------------------------------------------ the consumers' protocol
+    def fit_from(self, source: Source) -> Detector:
+        """Fit on a :class:`Source` (outputs or inputs, whichever this detector's protocol takes); returns self."""
+        raise NotImplementedError(f"{type(self).__name__} must implement fit_from")
+
+    def score_from(self, source: Source) -> np.ndarray | torch.Tensor:
+        """OOD scores of a :class:`Source`, higher = more likely OOD."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score_from")
+
+    # ------------------------------------------------------------------ saving
+    def save(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``state.safetensors`` to ``directory`` (no pickle)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self.state_
+        tensors: dict[str, torch.Tensor] = {}
+        for key, value in (self.stats_ or {}).items():
+            tensors[f"stats.{key}"] = value.detach().contiguous().cpu()
+        # A state tensor that *is* a statistic (e.g. the KNN bank) is written once: safetensors refuses
+        # shared memory, and a second copy of a large bank would double the file.
+        aliases = {}
+        for key, value in (state or {}).items():
+            twin = next((k for k, v in (self.stats_ or {}).items() if v is value), None)
+            if twin is not None:
+                aliases[key] = twin
+            else:
+                tensors[f"state.{key}"] = value.detach().contiguous().cpu()
+        config = {
+            "format": "oodguard.detector",
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "params": _jsonable(self.get_params(), self.name),
+            "meta": self.meta_,
+            "fitted": state is not None,
+            "state_aliases": aliases,
+        }
+        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(tensors, str(directory / "state.safetensors"))
+
+    def __repr__(self) -> str:
+        defaults = self.default_params()
+        shown = []
+        for key, value in self.get_params().items():
+            default = defaults.get(key, inspect.Parameter.empty)
+            if default is inspect.Parameter.empty or not _same(value, default):
+                shown.append(f"{key}={_short_repr(value)}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+class OutputDetector(Detector):
+    """A detector that fits and scores :class:`~oodguard.outputs.ModelOutputs`.
+
+    Hooks
+    -----
+    _fit(outputs) -> dict of state tensors (or implement ``_statistics`` + ``_finalize``).
+    _score(outputs) -> float tensor ``[n]`` for one chunk of rows, higher = more OOD.
+    _score_row_bytes(outputs) -> estimated bytes of intermediates per scored row of ``outputs`` (sets the
+        chunk size).
+    """
+
+    protocol: ClassVar[str] = "outputs"
+
+    # ------------------------------------------------------------------ hooks
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         if self.state_reductions is not None:
             return self._finalize(self._statistics(outputs))
         raise NotImplementedError(f"{type(self).__name__} must implement _fit or _statistics/_finalize")
 
     def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} has no additive fit statistics")
-
-    def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no additive fit statistics")
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
@@ -147,15 +322,7 @@ class Detector:
         return 64 * 1024
 
     # ------------------------------------------------------------------ public API
-    @property
-    def is_fitted(self) -> bool:
-        return self._state is not None or self._stale or not self.needs_fit
-
-    @property
-    def supports_partial_fit(self) -> bool:
-        return self.state_reductions is not None
-
-    def fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> Detector:
+    def fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> OutputDetector:
         """Fit on in-distribution outputs and return ``self``.
 
         Rows labelled OOD (label < 0) are refused unless ``drop_ood=True``, which drops them.
@@ -172,7 +339,7 @@ class Detector:
         self._record_dims(outputs)
         return self
 
-    def partial_fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> Detector:
+    def partial_fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> OutputDetector:
         """Add one chunk of fit data; after any number of chunks, equal to ``fit`` on all of them."""
         self._require_partial_fit("partial_fit")
         outputs = self._prepare_fit(outputs, drop_ood)
@@ -184,10 +351,10 @@ class Detector:
         self._record_dims(outputs)
         return self
 
-    def merge(self, other: Detector) -> Detector:
+    def merge(self, other: Detector) -> OutputDetector:
         """Combine with another detector of the same kind fitted on other data (in place; returns self)."""
         self._require_partial_fit("merge")
-        if type(other) is not type(self) or other.params != self.params:
+        if type(other) is not type(self) or not _same(other.get_params(), self.get_params()):
             raise ValueError(f"{self.name}: can only merge with a {self.name} detector with the same parameters")
         if other.stats_ is None:
             raise NotFittedError(f"{self.name}: the detector to merge has not been fitted")
@@ -227,60 +394,20 @@ class Detector:
             for start in range(0, len(outputs), chunk)
         ]
         scores = torch.cat(pieces).to(torch.float64) if len(pieces) > 1 else pieces[0].to(torch.float64)
-        if not bool(torch.isfinite(scores).all()):
-            bad = int((~torch.isfinite(scores)).sum())
-            raise FloatingPointError(
-                f"{self.name}: produced {bad} non-finite score(s); the inputs are outside what this detector "
-                "can handle (see its documentation for the valid range)"
-            )
+        _refuse_non_finite(self.name, scores)
         if outputs.array_type == "numpy":
             return scores.cpu().numpy()
         return scores
 
     __call__ = score
 
-    # ------------------------------------------------------------------ saving
-    def save(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``state.safetensors`` to ``directory`` (no pickle)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = self.state_
-        tensors: dict[str, torch.Tensor] = {}
-        for key, value in (self.stats_ or {}).items():
-            tensors[f"stats.{key}"] = value.detach().contiguous().cpu()
-        # A state tensor that *is* a statistic (e.g. the KNN bank) is written once: safetensors refuses
-        # shared memory, and a second copy of a large bank would double the file.
-        aliases = {}
-        for key, value in (state or {}).items():
-            twin = next((k for k, v in (self.stats_ or {}).items() if v is value), None)
-            if twin is not None:
-                aliases[key] = twin
-            else:
-                tensors[f"state.{key}"] = value.detach().contiguous().cpu()
-        config = {
-            "format": "oodguard.detector",
-            "format_version": FORMAT_VERSION,
-            "name": self.name,
-            "params": self.params,
-            "meta": self.meta_,
-            "fitted": state is not None,
-            "state_aliases": aliases,
-        }
-        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        save_file(tensors, str(directory / "state.safetensors"))
+    def fit_from(self, source: Source) -> OutputDetector:
+        return self.fit(source.outputs)
+
+    def score_from(self, source: Source) -> np.ndarray | torch.Tensor:
+        return self.score(source.outputs)
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def state(self, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The fitted state on ``device``; floating tensors cast to ``dtype`` when given (cached)."""
-        key = (str(device), dtype)
-        if key not in self._state_cache:
-            assert self.state_ is not None
-            self._state_cache[key] = {
-                k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
-                for k, v in self.state_.items()
-            }
-        return self._state_cache[key]
-
     def _prepare_fit(self, outputs: ModelOutputs | Mapping[str, Any], drop_ood: bool) -> ModelOutputs:
         outputs = as_outputs(outputs)
         if outputs.labels is not None and bool(outputs.is_ood.any()):
@@ -349,64 +476,149 @@ class Detector:
                 raise ValueError(f"unknown reduction {how!r}")
         return combined
 
-    def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{type(self).__name__}({params})"
+
+def _refuse_non_finite(name: str, scores: torch.Tensor) -> None:
+    if not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise FloatingPointError(
+            f"{name}: produced {bad} non-finite score(s); the inputs are outside what this detector "
+            "can handle (see its documentation for the valid range)"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of parameter values that may hold tensors or arrays."""
+    if isinstance(a, (torch.Tensor, np.ndarray)) or isinstance(b, (torch.Tensor, np.ndarray)):
+        if type(a) is not type(b) or tuple(a.shape) != tuple(b.shape):
+            return False
+        return bool((torch.as_tensor(a) == torch.as_tensor(b)).all())
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _short_repr(value: Any) -> str:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"<{type(value).__name__} {tuple(value.shape)}>"
+    return repr(value)
+
+
+def _jsonable(value: Any, owner: str) -> Any:
+    """Parameters as JSON: numpy scalars become numbers, tensors and arrays nested lists."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return {"__tensor__": np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value).tolist()}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, owner) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, owner) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{owner}: parameter value {value!r} of type {type(value).__name__} cannot be saved")
+
+
+def clone(detector: Detector) -> Detector:
+    """A new, unfitted detector of the same class with (deep copies of) the same parameters."""
+    return type(detector)(**copy.deepcopy(detector.get_params()))
 
 
 # ---------------------------------------------------------------------- registry functions
+#: Spellings of earlier releases: (name, parameter) -> what to create instead, and how to translate.
+def _renamed(name: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if name == "gradnorm" and "mode" in params:
+        params = dict(params)
+        mode = params.pop("mode")
+        if mode == "autograd":
+            warnings.warn(
+                "create('gradnorm', mode='autograd') is deprecated: the model detector is now "
+                "create('gradnorm_autograd')",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            return "gradnorm_autograd", params
+        if mode != "closed_form":
+            raise ValueError(f"gradnorm: parameter 'mode' must be 'closed_form' or 'autograd'; got {mode!r}")
+        warnings.warn(
+            "gradnorm's mode parameter is deprecated: 'gradnorm' is the closed form, 'gradnorm_autograd' the "
+            "model detector",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return "gradnorm", params
+    if name == "nac" and "layers" in params:
+        params = dict(params)
+        if params["layers"] is None:
+            params.pop("layers")
+            return "nac", params
+        warnings.warn(
+            "create('nac', layers=[...]) is deprecated: NAC on inner layers is now create('nac_layers', layers=[...])",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return "nac_layers", params
+    return name, params
+
+
 def create(name: str, **params: Any) -> Detector:
     """A new detector by registry name, e.g. ``create("vim", dim=64)``."""
-    return implementation(name, params)(**params)
+    name, params = _renamed(name, params)
+    cls = implementation(name)
+    unknown = sorted(set(params) - set(cls.param_names()))
+    if unknown:
+        raise TypeError(cls._unknown_params_message(unknown))
+    return cls(**params)
 
 
-def implementation(name: str, params: Mapping[str, Any] | None = None) -> type[Detector]:
-    """The class ``create(name, **params)`` instantiates (a parameter may select a model-based variant)."""
+def implementation(name: str) -> type[Detector]:
+    """The class registered under ``name``."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown detector {name!r}; available: {', '.join(available())}")
-    return _REGISTRY[name].variant(params or {})
+    return _REGISTRY[name]
 
 
-def needs_model(name: str, params: Mapping[str, Any] | None = None) -> bool:
-    """Whether ``create(name, **params)`` runs the model itself (gradients through it) rather than
-    scoring cached outputs."""
-    return bool(getattr(implementation(name, params), "needs_model", False))
+def protocol(name: str) -> str:
+    """``"outputs"`` for detectors that score cached model outputs, ``"model"`` for those that run the model."""
+    return implementation(name).protocol
 
 
-def available(needs_model: bool | None = None) -> list[str]:
-    """Registry names of the detectors, sorted.
+def needs_model(name: str) -> bool:
+    """Whether the detector runs the model itself (the ``"model"`` protocol)."""
+    return protocol(name) == "model"
 
-    ``needs_model=False`` lists only detectors that work from cached outputs, ``True`` only those that run
-    the model themselves (input gradients, inner-layer gradients); ``None`` lists all.
-    """
-    names = sorted(_REGISTRY)
-    if needs_model is None:
-        return names
-    return [n for n in names if bool(getattr(_REGISTRY[n], "needs_model", False)) == needs_model]
+
+def available(protocol: str | None = None) -> list[str]:
+    """Registry names of the detectors, sorted; ``protocol="outputs"`` or ``"model"`` lists only that protocol."""
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    return sorted(n for n, cls in _REGISTRY.items() if protocol is None or cls.protocol == protocol)
 
 
 def info(name: str) -> dict[str, Any]:
-    """Paper, official code, requirements and defaults of a detector."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown detector {name!r}; available: {', '.join(available())}")
-    cls = _REGISTRY[name]
+    """Paper, official code, protocol, requirements and defaults of a detector."""
+    cls = implementation(name)
     return {
         "name": cls.name,
+        "protocol": cls.protocol,
         "summary": cls.summary,
         "paper": cls.paper,
         "code": cls.code,
         "requires": sorted(cls.requires),
         "fit_requires": sorted(cls.fit_requires),
-        "defaults": dict(cls.defaults),
+        "defaults": cls.default_params(),
         "needs_fit": cls.needs_fit,
         "required_params": list(cls.required_params),
-        "needs_model": bool(getattr(cls, "needs_model", False)),
+        "needs_model": cls.protocol == "model",
         "partial_fit": cls.state_reductions is not None,
     }
 
 
 def load(directory: str | Path) -> Detector:
     """Load a detector written by :meth:`Detector.save`. Refuses unknown formats and versions."""
+    from safetensors.torch import load_file
+
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -423,7 +635,7 @@ def load(directory: str | Path) -> Detector:
             f"{directory}: detector format version {version!r} is not supported (this oodguard reads "
             f"version {FORMAT_VERSION}); re-fit and save with this version of oodguard"
         )
-    detector = create(config["name"], **config.get("params", {}))
+    detector = create(config["name"], **_from_json(config.get("params", {})))
     detector.meta_ = dict(config.get("meta", {}))
     tensors = load_file(str(directory / "state.safetensors"))
     stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
@@ -438,6 +650,16 @@ def load(directory: str | Path) -> Detector:
         detector.state_ = state
     detector.stats_ = stats or None
     return detector
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return torch.tensor(value["__tensor__"])
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------- shared numerics

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from oodguard.detectors.base import Detector, class_counts, infer_num_classes, register
+from oodguard.detectors.base import Detector, OutputDetector, class_counts, infer_num_classes, register
 from oodguard.outputs import ModelOutputs
 
 #: Features are divided by ``max(||z||, _NORM_EPS)`` wherever a method L2-normalises them.
@@ -68,7 +68,7 @@ def _nearest_center_sq(y: torch.Tensor, centers: torch.Tensor, center_sq: torch.
 
 
 # ---------------------------------------------------------------------- class-conditional statistics
-class _ClassStatistics(Detector):
+class _ClassStatistics(OutputDetector):
     """Additive fit statistics per class: counts, sums and (optionally) the total sum of outer products.
 
     Subclasses implement ``_finalize_complete``; ``_finalize`` first checks that every class has
@@ -190,7 +190,6 @@ class Mahalanobis(_ClassStatistics):
     )
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "labels"})
-    defaults: ClassVar[dict[str, Any]] = {}
 
     def _finalize_complete(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         means, mean, within = self._means(stats)
@@ -234,7 +233,6 @@ class RelativeMahalanobis(_ClassStatistics):
     code = "OpenOOD openood/postprocessors/rmds_postprocessor.py (no official code released)"
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "labels"})
-    defaults: ClassVar[dict[str, Any]] = {}
 
     def _finalize_complete(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         means, mean, within = self._means(stats)
@@ -285,7 +283,6 @@ class SimplifiedHopfieldEnergy(_ClassStatistics):
     )
     requires = frozenset({"features", "logits"})
     fit_requires = frozenset({"features", "labels", "logits"})
-    defaults: ClassVar[dict[str, Any]] = {}
     state_reductions: ClassVar[dict[str, str] | None] = {"counts": "sum", "sums": "sum"}
     _min_per_class = 1
     _count_what = "correctly classified fit sample(s)"
@@ -371,9 +368,23 @@ class WDiscOOD(_ClassStatistics):
     code = "https://github.com/ivalab/WDiscOOD (ood_scores/scorer_dist.py::WDiscOOD)"
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "labels"})
-    defaults: ClassVar[dict[str, Any]] = {"feat_norm": False, "alpha": 1e-5, "num_disc": None, "res_weight": 5.0}
 
-    def _check_params(self) -> None:
+    def __init__(
+        self,
+        *,
+        feat_norm: bool = False,
+        alpha: float = 1e-05,
+        num_disc: Any = None,
+        res_weight: float = 5.0,
+    ) -> None:
+        self.feat_norm = feat_norm
+        self.alpha = alpha
+        self.num_disc = num_disc
+        self.res_weight = res_weight
+        super().__init__()
+
+
+    def _check_param_combination(self) -> None:
         if not isinstance(self.params["feat_norm"], bool):
             raise ValueError(f"{self.name}: feat_norm must be True or False, got {self.params['feat_norm']!r}")
         alpha = self.params["alpha"]
@@ -460,7 +471,7 @@ class WDiscOOD(_ClassStatistics):
 
 
 @register
-class KNN(Detector):
+class KNN(OutputDetector):
     """Deep nearest neighbours: distance from the normalised feature to its k-th nearest ID neighbour.
 
     Fit: the bank ``{z_i / max(||z_i||, eps)}`` of ID features (no labels needed), optionally a uniformly
@@ -490,10 +501,16 @@ class KNN(Detector):
     code = "https://github.com/deeplearning-wisc/knn-ood (run_cifar.py, run_imagenet.py)"
     requires = frozenset({"features"})
     fit_requires = frozenset({"features"})
-    defaults: ClassVar[dict[str, Any]] = {"k": 50, "ratio": 1.0, "seed": 0}
+
+    def __init__(self, *, k: int = 50, ratio: float = 1.0, seed: int = 0) -> None:
+        self.k = k
+        self.ratio = ratio
+        self.seed = seed
+        super().__init__()
+
     state_reductions: ClassVar[dict[str, str] | None] = {"bank": "cat"}
 
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         k = self.params["k"]
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"{self.name}: k must be an integer >= 1 (official: 50 CIFAR, 1000 ImageNet), got {k!r}")

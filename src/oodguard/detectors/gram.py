@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from oodguard.detectors.base import SCORE_MEMORY_BUDGET, Detector, class_counts, register
+from oodguard.detectors.base import SCORE_MEMORY_BUDGET, OutputDetector, class_counts, register
 from oodguard.outputs import ModelOutputs
 
 #: Added to ``|min|`` and ``|max|`` before dividing, as in the official code (``torch.abs(mins + 10**-6)``).
@@ -70,7 +70,7 @@ def _msp_and_prediction(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 @register
-class Gram(Detector):
+class Gram(OutputDetector):
     """Gram-matrix deviations: how far a sample's feature correlations fall outside the ID range of its class.
 
     For every used layer ``l`` (feature map ``F_l``, ``C_l x S_l``) and power ``p = 1..P``:
@@ -135,16 +135,26 @@ class Gram(Detector):
     )
     requires = frozenset({"layers", "logits"})
     fit_requires = frozenset({"layers", "logits"})
-    defaults: ClassVar[dict[str, Any]] = {
-        "powers": 10,
-        "layers": None,
-        "grouping": "predicted",
-        "normalizer_fraction": 0.1,
-        "seed": 0,
-    }
+
+    def __init__(
+        self,
+        *,
+        powers: int = 10,
+        layers: Any = None,
+        grouping: str = 'predicted',
+        normalizer_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        self.powers = powers
+        self.layers = layers
+        self.grouping = grouping
+        self.normalizer_fraction = normalizer_fraction
+        self.seed = seed
+        super().__init__()
+
 
     # ------------------------------------------------------------------ parameters
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         powers = self.params["powers"]
         if isinstance(powers, bool) or not isinstance(powers, int) or powers < 1:
             raise ValueError(f"{self.name}: powers must be an integer >= 1 (official 10), got {powers!r}")

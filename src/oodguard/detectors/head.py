@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oodguard.detectors.base import Detector, percentile, register
+from oodguard.detectors.base import Detector, OutputDetector, percentile, register
 from oodguard.outputs import ModelOutputs
 
 _F64 = torch.float64
@@ -57,7 +57,7 @@ def _row_distances(weight: torch.Tensor, close: float = 1e-6, pairs_per_step: in
     return squared.sqrt_()
 
 
-class _HeadStatistics(Detector):
+class _HeadStatistics(OutputDetector):
     """Additive fit statistics that also carry the head, so ``partial_fit`` and ``merge`` stay exact.
 
     The head is not a sum over samples, so it is summed once per fitted chunk (float64) together with
@@ -122,7 +122,6 @@ class FDBD(_HeadStatistics):
     code = "https://github.com/litianliu/fDBD-OOD (run_imagenet.py)"
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})
-    defaults: dict[str, Any] = {}
     state_reductions = {"feature_sum": "sum", "count": "sum", **_HeadStatistics.head_reductions}
 
     _EPS = 1e-12
@@ -181,7 +180,7 @@ class FDBD(_HeadStatistics):
 
 # ---------------------------------------------------------------------- NNGuide
 @register
-class NNGuide(Detector):
+class NNGuide(OutputDetector):
     """NNGuide: energy guided by inner-product nearest neighbours in a confidence-scaled bank.
 
     Fit: a random bank of ``floor(bank_ratio * N)`` fit samples (``numpy.random.RandomState(seed)``
@@ -209,9 +208,16 @@ class NNGuide(Detector):
     code = "https://github.com/roomo7time/nnguide (ood_detectors/nnguide.py)"
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})
-    defaults: dict[str, Any] = {"bank_ratio": 0.01, "k": 10, "seed": 0, "react_percentile": None}
 
-    def _check_params(self) -> None:
+    def __init__(self, *, bank_ratio: float = 0.01, k: int = 10, seed: int = 0, react_percentile: Any = None) -> None:
+        self.bank_ratio = bank_ratio
+        self.k = k
+        self.seed = seed
+        self.react_percentile = react_percentile
+        super().__init__()
+
+
+    def _check_param_combination(self) -> None:
         ratio = self.params["bank_ratio"]
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ValueError(f"{self.name}: bank_ratio must be a number in (0, 1], got {ratio!r}")
@@ -264,7 +270,7 @@ class NNGuide(Detector):
 
 # ---------------------------------------------------------------------- GradNorm
 @register
-class GradNorm(Detector):
+class GradNorm(OutputDetector):
     """GradNorm: L1 norm of the gradient of the KL to the uniform distribution w.r.t. the last-layer weight.
 
     ``L = sum_c -log softmax(f / T)_c`` (all-ones target). The gradient ``dL/dW = (1/T)(C p - 1) z^T`` with
@@ -293,7 +299,12 @@ class GradNorm(Detector):
     code = "https://github.com/deeplearning-wisc/gradnorm_ood (test_ood.py)"
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})  # fit only records the head; D is checked at score
-    defaults: dict[str, Any] = {"temperature": 1.0, "mode": "closed_form"}
+
+    def __init__(self, *, temperature: float = 1.0, mode: str = 'closed_form') -> None:
+        self.temperature = temperature
+        self.mode = mode
+        super().__init__()
+
 
     @classmethod
     def variant(cls, params: Mapping[str, Any]) -> type[Detector]:
@@ -303,7 +314,7 @@ class GradNorm(Detector):
             return GradNormAutograd
         return cls
 
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         _check_positive(self.name, self.params, "temperature")
         if self.params["mode"] != "closed_form":
             raise ValueError(
@@ -386,7 +397,14 @@ class NAC(_HeadStatistics):
     code = "https://github.com/BierOne/ood_coverage (openood/postprocessors/nac/coverage.py)"
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})
-    defaults: dict[str, Any] = {"alpha": 100.0, "M": 50, "O": 50, "layers": None}
+
+    def __init__(self, *, alpha: float = 100.0, M: int = 50, O: int = 50, layers: Any = None) -> None:  # noqa: N803
+        self.alpha = alpha
+        self.M = M
+        self.O = O
+        self.layers = layers
+        super().__init__()
+
     state_reductions = {"counts": "sum", **_HeadStatistics.head_reductions}
 
     _FIT_CHUNK = 16384
@@ -399,7 +417,7 @@ class NAC(_HeadStatistics):
             return NACLayers
         return cls
 
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         if self.params["layers"] is not None:
             raise ValueError(
                 f"{self.name}: NAC on named layers runs the model; create it with detectors.create('nac', layers=[...])"

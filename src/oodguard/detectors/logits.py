@@ -9,11 +9,11 @@ the same value (ties distort FPR@95).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
-from oodguard.detectors.base import Detector, class_counts, register
+from oodguard.detectors.base import OutputDetector, class_counts, register
+from oodguard.detectors.params import Integral, Interval, Real
 from oodguard.outputs import ModelOutputs
 
 #: Templates of KL-matching are clamped here before the log (spec section 2.2).
@@ -23,18 +23,17 @@ TEMPERATURE_BOUND = 1e3
 
 
 # ---------------------------------------------------------------------- shared helpers
-def _positive_number(name: str, params: dict[str, Any], key: str) -> None:
+# TRANSITION: removed once every module declares _parameter_constraints
+def _positive_number(name: str, params: dict, key: str) -> None:
     value = params[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: {key} must be a finite number > 0, got {value!r}")
-    params[key] = float(value)
 
 
-def _positive_int(name: str, params: dict[str, Any], key: str, minimum: int = 1) -> None:
+def _positive_int(name: str, params: dict, key: str, minimum: int = 1) -> None:
     value = params[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: {key} must be an integer >= {minimum}, got {value!r}")
-    params[key] = int(value)
 
 
 def _need_two_classes(logits: torch.Tensor, name: str) -> None:
@@ -70,7 +69,7 @@ def neg_log_odds_msp(logits: torch.Tensor, temperature: torch.Tensor | float = 1
 
 
 # ---------------------------------------------------------------------- stateless scores
-class _LogitDetector(Detector):
+class _LogitDetector(OutputDetector):
     """Logit-only detector without fitted state."""
 
     requires = frozenset({"logits"})
@@ -141,13 +140,14 @@ class Energy(_LogitDetector):
     summary = "free energy -T*logsumexp(f/T)"
     paper = "Liu et al., NeurIPS 2020"
     code = "wetliu/energy_ood CIFAR/test.py; Jingkang50/OpenOOD openood/postprocessors/ebo_postprocessor.py"
-    defaults = {"temperature": 1.0}
+    _parameter_constraints = {"temperature": [Interval(Real, 0, None, closed="neither")]}
 
-    def _check_params(self) -> None:
-        _positive_number(self.name, self.params, "temperature")
+    def __init__(self, *, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+        super().__init__()
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
-        temperature = self.params["temperature"]
+        temperature = float(self.temperature)
         if temperature == 1:  # the default: no scaled copy of the logits
             return torch.logsumexp(outputs.logits, dim=1).neg_()
         return -temperature * torch.logsumexp(outputs.logits / temperature, dim=1)
@@ -171,17 +171,21 @@ class GEN(_LogitDetector):
     summary = "generalized entropy sum_j p_j^gamma (1-p_j)^gamma over the top-M probabilities"
     paper = "Liu, Lochman & Zach, CVPR 2023"
     code = "XixiLiu95/GEN benchmark.py; Jingkang50/OpenOOD openood/postprocessors/gen_postprocessor.py"
-    defaults = {"gamma": 0.1, "M": 100}
+    _parameter_constraints = {
+        "gamma": [Interval(Real, 0, None, closed="neither")],
+        "M": [Interval(Integral, 1, None, closed="left")],
+    }
 
-    def _check_params(self) -> None:
-        _positive_number(self.name, self.params, "gamma")
-        _positive_int(self.name, self.params, "M")
+    def __init__(self, *, gamma: float = 0.1, M: int = 100) -> None:  # noqa: N803  (the paper's name)
+        self.gamma = gamma
+        self.M = M
+        super().__init__()
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         _need_two_classes(outputs.logits, self.name)
         logits = outputs.logits
-        gamma = self.params["gamma"]
-        m = min(self.params["M"], logits.shape[1])
+        gamma = float(self.gamma)
+        m = min(int(self.M), logits.shape[1])
         top_m = torch.topk(logits, m, dim=1, sorted=True).values
         # log-odds of the top class from the gaps (no saturation); LSE(f) = f_max + softplus(log-odds)
         log_odds = neg_log_odds_msp(logits).to(torch.float64)
@@ -196,7 +200,7 @@ class GEN(_LogitDetector):
 
 # ---------------------------------------------------------------------- KL-matching
 @register
-class KLMatching(Detector):
+class KLMatching(OutputDetector):
     """KL-matching: distance of the posterior to the typical posterior of each predicted class.
 
     Fit (unlabelled ID data, ideally a held-out validation split): ``d_k = mean{softmax(f_i) : argmax f_i = k}``.
@@ -301,7 +305,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
 
 @register
-class TemperatureScaling(Detector):
+class TemperatureScaling(OutputDetector):
     """MSP after temperature scaling: ``s(x) = max_c softmax(f / T)_c`` with ``T`` fitted on labelled ID logits.
 
     Fit: ``T > 0`` minimising the NLL ``mean_i [LSE(f_i / T) - f_{i,y_i} / T]`` (float64; Newton in ``1/T`` with a

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oodguard.detectors.base import Detector, class_counts, register
+from oodguard.detectors.base import OutputDetector, class_counts, register
 from oodguard.detectors.logits import _positive_int, _positive_number
 from oodguard.outputs import ArrayLike, ModelOutputs, _as_tensor
 
@@ -125,7 +125,7 @@ def mos_group_labels(labels: ArrayLike, group_sizes: Sequence[int]) -> ArrayLike
 
 
 @register
-class MOS(Detector):
+class MOS(OutputDetector):
     """MOS: minimum over groups of the "others" probability of a group-softmax head.
 
     The head has ``K`` groups; group ``k`` has ``|G_k| + 1`` logits, index 0 being "others", stored contiguously
@@ -148,11 +148,15 @@ class MOS(Detector):
     code = "deeplearning-wisc/large_scale_ood test_mos.py"
     requires = frozenset({"logits"})
     fit_requires = frozenset({"logits"})
-    defaults = {"group_sizes": None}
+
+    def __init__(self, *, group_sizes: Any = None) -> None:
+        self.group_sizes = group_sizes
+        super().__init__()
+
     required_params = ("group_sizes",)
     needs_fit = False
 
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         self.params["group_sizes"] = _check_group_sizes(self.params["group_sizes"], self.name)
 
     def _layout(self, device: torch.device) -> _GroupLayout:
@@ -261,7 +265,7 @@ def weibull_cdf(values: torch.Tensor, shape: torch.Tensor, scale: torch.Tensor, 
 
 
 @register
-class OpenMax(Detector):
+class OpenMax(OutputDetector):
     """OpenMax: Weibull-recalibrated logits with an extra "unknown" class; the score is P(unknown) as log-odds.
 
     Fit (logits + labels, ID training data; only correctly classified samples are used): per class ``c`` the
@@ -295,9 +299,23 @@ class OpenMax(Detector):
     code = "Jingkang50/OpenOOD openood/postprocessors/openmax_postprocessor.py; abhijitbendale/OSDN"
     requires = frozenset({"logits"})
     fit_requires = frozenset({"logits", "labels"})
-    defaults = {"tailsize": 20, "alpha": 3, "distance": "euclidean", "eu_weight": 0.5}
 
-    def _check_params(self) -> None:
+    def __init__(
+        self,
+        *,
+        tailsize: int = 20,
+        alpha: int = 3,
+        distance: str = 'euclidean',
+        eu_weight: float = 0.5,
+    ) -> None:
+        self.tailsize = tailsize
+        self.alpha = alpha
+        self.distance = distance
+        self.eu_weight = eu_weight
+        super().__init__()
+
+
+    def _check_param_combination(self) -> None:
         _positive_int(self.name, self.params, "tailsize", minimum=2)
         _positive_int(self.name, self.params, "alpha")
         _positive_number(self.name, self.params, "eu_weight")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from oodguard.detectors.base import Detector, percentile, register
+from oodguard.detectors.base import OutputDetector, percentile, register
 from oodguard.outputs import ModelOutputs
 
 #: exp overflows float64 above ~709.78; refuse scales that would reach it.
@@ -140,7 +140,7 @@ def _scaled_logits(kept: torch.Tensor, scale: torch.Tensor | None, state: dict[s
     return torch.addcmul(state["bias"].to(torch.float64), products.to(torch.float64), scale.to(torch.float64)[:, None])
 
 
-class _HeadShapingDetector(Detector):
+class _HeadShapingDetector(OutputDetector):
     """Shared declarations: features + head at fit, features at score, energy of the modified logits."""
 
     requires = frozenset({"features"})
@@ -177,9 +177,13 @@ class ReAct(_HeadShapingDetector):
     summary = "energy of the logits recomputed from features clipped at a fit percentile"
     paper = "Sun, Guo & Li, ReAct: Out-of-distribution Detection With Rectified Activations, NeurIPS 2021"
     code = "https://github.com/deeplearning-wisc/react (compute_threshold.py, models/resnet.py forward_threshold)"
-    defaults = {"percentile": 90}
 
-    def _check_params(self) -> None:
+    def __init__(self, *, percentile: int = 90) -> None:
+        self.percentile = percentile
+        super().__init__()
+
+
+    def _check_param_combination(self) -> None:
         _check_percentile(
             self.name,
             self.params["percentile"],
@@ -229,10 +233,14 @@ class DICE(_HeadShapingDetector):
     summary = "energy of the logits through a head sparsified to its largest mean contributions"
     paper = "Sun & Li, DICE: Leveraging Sparsification for Out-of-Distribution Detection, ECCV 2022"
     code = "https://github.com/deeplearning-wisc/dice (models/route.py RouteDICE, precompute.py)"
-    defaults = {"percentile": 90}
+
+    def __init__(self, *, percentile: int = 90) -> None:
+        self.percentile = percentile
+        super().__init__()
+
     state_reductions = {"feature_sum": "sum", "count": "sum"}
 
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         _check_percentile(
             self.name,
             self.params["percentile"],
@@ -275,7 +283,7 @@ class DICE(_HeadShapingDetector):
 class _TopKDetector(_HeadShapingDetector):
     """Shared by ASH and SCALE: no statistics, the fit only records the final layer ``(W, b)``."""
 
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         _check_percentile(
             self.name,
             self.params["percentile"],
@@ -342,10 +350,15 @@ class ASH(_TopKDetector):
     summary = "energy of the logits from each feature's top-k activations (pruned, binarised or scaled)"
     paper = "Djurisic, Bozanic, Ashok & Liu, Extremely Simple Activation Shaping for OOD Detection, ICLR 2023"
     code = "https://github.com/andrijazz/ash (ash.py ash_p/ash_b/ash_s, config/*.yml)"
-    defaults = {"variant": "s", "percentile": 90}
 
-    def _check_params(self) -> None:
-        super()._check_params()
+    def __init__(self, *, variant: str = 's', percentile: int = 90) -> None:
+        self.variant = variant
+        self.percentile = percentile
+        super().__init__()
+
+
+    def _check_param_combination(self) -> None:
+        super()._check_param_combination()
         if self.params["variant"] not in _ASH_VARIANTS:
             raise ValueError(
                 f"{self.name}: variant must be one of {', '.join(repr(v) for v in _ASH_VARIANTS)} "
@@ -387,7 +400,11 @@ class SCALE(_TopKDetector):
         "Enhancement, ICLR 2024"
     )
     code = "https://github.com/kai422/SCALE (openood/networks/scale_net.py scale)"
-    defaults = {"percentile": 85}
+
+    def __init__(self, *, percentile: int = 85) -> None:
+        self.percentile = percentile
+        super().__init__()
+
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         features = outputs.features

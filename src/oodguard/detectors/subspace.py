@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from oodguard.detectors.base import Detector, register
+from oodguard.detectors.base import OutputDetector, register
 from oodguard.outputs import ModelOutputs
 
 #: Rows per block when fitting, so that a float64 copy of one block stays around 64 MB.
@@ -48,7 +48,7 @@ def _row_blocks(num_rows: int, width: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, num_rows, step)]
 
 
-class _SubspaceDetector(Detector):
+class _SubspaceDetector(OutputDetector):
     """Shared fit of ViM and Residual: centre ``u``, principal dimension and the basis used for ``r(x)``.
 
     ``r(x) = ||(z - u) R||`` with ``R`` the eigenvectors of ranks ``k+1..D`` of the uncentred second
@@ -58,9 +58,13 @@ class _SubspaceDetector(Detector):
 
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})
-    defaults = {"dim": None}
 
-    def _check_params(self) -> None:
+    def __init__(self, *, dim: Any = None) -> None:
+        self.dim = dim
+        super().__init__()
+
+
+    def _check_param_combination(self) -> None:
         dim = self.params["dim"]
         if dim is None:
             return

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oodguard.detectors.base import Detector, NotFittedError, register
+from oodguard.detectors.base import NotFittedError, OutputDetector, register
 from oodguard.encoders.dual import check_embeddings
 from oodguard.outputs import ModelOutputs
 
@@ -89,7 +89,7 @@ def _sgd_step(
     param.add_(grad, alpha=-lr)
 
 
-class _ZeroShot(Detector):
+class _ZeroShot(OutputDetector):
     """Shared validation and storage of the tensor (text-side) parameters."""
 
     requires = frozenset({"features"})
@@ -175,11 +175,16 @@ class MCM(_ZeroShot):
     summary = "1 - maximum softmax of the cosine similarities to the ID label embeddings (zero-shot)"
     paper = "Ming, Cai, Gu, Sun, Li & Li, NeurIPS 2022"
     code = "github.com/deeplearning-wisc/MCM utils/detection_util.py (get_ood_scores_clip)"
-    defaults: ClassVar[dict[str, Any]] = {"label_embeddings": None, "temperature": 1.0}
+
+    def __init__(self, *, label_embeddings: Any = None, temperature: float = 1.0) -> None:
+        self.label_embeddings = label_embeddings
+        self.temperature = temperature
+        super().__init__()
+
     required_params = ("label_embeddings",)
     tensor_params = ("label_embeddings",)
 
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         self.params["temperature"] = _positive_number(self.params["temperature"], "mcm: temperature")
 
     def _check_text(self, text: dict[str, torch.Tensor]) -> None:
@@ -223,13 +228,27 @@ class NegLabel(_ZeroShot):
     summary = "1 - softmax mass of the ID labels among ID and mined negative labels, averaged over negative groups"
     paper = "Jiang, Liu, Fang, Chen, Liu, Zheng & Han, ICLR 2024"
     code = "github.com/tmlr-group/NegLabel mmcls/models/ood/clip_ood.py (ScalableClassifier.grouping)"
-    defaults: ClassVar[dict[str, Any]] = {
-        "label_embeddings": None, "negative_embeddings": None, "scale": 100.0, "groups": 100, "seed": 0,
-    }  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        label_embeddings: Any = None,
+        negative_embeddings: Any = None,
+        scale: float = 100.0,
+        groups: int = 100,
+        seed: int = 0,
+    ) -> None:
+        self.label_embeddings = label_embeddings
+        self.negative_embeddings = negative_embeddings
+        self.scale = scale
+        self.groups = groups
+        self.seed = seed
+        super().__init__()
+
     required_params = ("label_embeddings", "negative_embeddings")
     tensor_params = ("label_embeddings", "negative_embeddings")
 
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         self.params["scale"] = _positive_number(self.params["scale"], f"{self.name}: scale")
         self.params["groups"] = _integer(self.params["groups"], f"{self.name}: groups", 1)
         self.params["seed"] = _integer(self.params["seed"], f"{self.name}: seed", 0)
@@ -277,14 +296,26 @@ class CLIPN(_ZeroShot):
     summary = "CLIPN's ATD (1 - sum_k p_k p_yes_k) or CTW (p_no of the predicted class) with 'no' label embeddings"
     paper = "Wang, Li, Yao & Li, ICCV 2023"
     code = "github.com/xmed-lab/CLIPN src/zero_shot_infer.py"
-    defaults: ClassVar[dict[str, Any]] = {
-        "label_embeddings": None, "no_label_embeddings": None, "rule": "atd", "scale": 100.0,
-    }  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        label_embeddings: Any = None,
+        no_label_embeddings: Any = None,
+        rule: str = 'atd',
+        scale: float = 100.0,
+    ) -> None:
+        self.label_embeddings = label_embeddings
+        self.no_label_embeddings = no_label_embeddings
+        self.rule = rule
+        self.scale = scale
+        super().__init__()
+
     required_params = ("label_embeddings", "no_label_embeddings")
     tensor_params = ("label_embeddings", "no_label_embeddings")
     RULES: ClassVar[tuple[str, ...]] = ("atd", "ctw")
 
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         if self.params["rule"] not in self.RULES:
             raise ValueError(f"clipn: rule must be one of {', '.join(self.RULES)}, got {self.params['rule']!r}")
         self.params["scale"] = _positive_number(self.params["scale"], "clipn: scale")
@@ -353,13 +384,36 @@ class LAPT(NegLabel):
     code = "github.com/YBZh/OpenOOD-VLM openood/trainers/oodmixup_trainer.py, scripts/ood/lapt/train.sh"
     fit_requires = frozenset({"features", "labels"})
     needs_fit = True
-    defaults: ClassVar[dict[str, Any]] = {
-        **NegLabel.defaults, "epochs": 10, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5,
-        "alpha": 1.0, "negative_samples": "transplant",
-    }  # fmt: skip
+    def __init__(
+        self,
+        *,
+        label_embeddings: Any = None,
+        negative_embeddings: Any = None,
+        scale: float = 100.0,
+        groups: int = 100,
+        seed: int = 0,
+        epochs: int = 10,
+        batch_size: int = 256,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-5,
+        alpha: float = 1.0,
+        negative_samples: str = "transplant",
+    ) -> None:
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.alpha = alpha
+        self.negative_samples = negative_samples
+        super().__init__(
+            label_embeddings=label_embeddings, negative_embeddings=negative_embeddings, scale=scale, groups=groups,
+            seed=seed,
+        )  # fmt: skip
 
-    def _check_params(self) -> None:
-        super()._check_params()
+    def _check_param_combination(self) -> None:
+        super()._check_param_combination()
         self.params["epochs"] = _integer(self.params["epochs"], "lapt: epochs", 1)
         self.params["batch_size"] = _integer(self.params["batch_size"], "lapt: batch_size", 1)
         self.params["lr"] = _positive_number(self.params["lr"], "lapt: lr")

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from oodguard.detectors.base import _REGISTRY, Detector, create, register
-from oodguard.detectors.model.gradient import ModelDetector
+from oodguard.detectors.model.base import ModelDetector
 from oodguard.extraction.model_runner import ModelRunner
 from oodguard.views.corruptions import CORRUPTIONS, SEVERITIES, View, ViewDataset, all_views, recommended_views
 from oodguard.views.outputs import average_over_views
@@ -144,16 +144,26 @@ class CoVer(ModelDetector):
     paper = "Zhang, Zhu et al., What If the Input is Expanded in OOD Detection?, NeurIPS 2024"
     code = "https://github.com/tmlr-group/CoVer (eval_ood_detection.py, utils/detection_util.py)"
     input_ndim = 4  # corruptions act on images [N, C, H, W]
-    defaults: dict[str, Any] = {
-        "base": "msp",
-        "base_params": {},
-        "views": "recommended",
-        "seed": 0,
-        "pixel_scale": None,
-    }
+
+    def __init__(
+        self,
+        *,
+        base: str = 'msp',
+        base_params: Any = {},
+        views: str = 'recommended',
+        seed: int = 0,
+        pixel_scale: Any = None,
+    ) -> None:
+        self.base = base
+        self.base_params = base_params
+        self.views = views
+        self.seed = seed
+        self.pixel_scale = pixel_scale
+        super().__init__()
+
 
     # ------------------------------------------------------------------ parameters
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         base = self.params["base"]
         if not isinstance(base, str) or base not in _REGISTRY:
             names = ", ".join(n for n in sorted(_REGISTRY) if not getattr(_REGISTRY[n], "needs_model", False))

@@ -20,7 +20,7 @@ import torch
 
 from oodguard.detectors.base import register
 from oodguard.detectors.distance import _ClassStatistics, _short_classes_message, pinv_sqrt
-from oodguard.detectors.model.gradient import ModelDetector
+from oodguard.detectors.model.base import ModelDetector
 from oodguard.extraction.extract import _Batches, _get_module
 from oodguard.extraction.model_runner import FEATURES, ModelRunner
 
@@ -110,10 +110,24 @@ class MahalanobisEnsemble(ModelDetector):
         "Adversarial Attacks', NeurIPS 2018"
     )
     code = "https://github.com/pokaxpoka/deep_Mahalanobis_detector (lib_generation.py, OOD_Regression_Mahalanobis.py)"
-    defaults: dict[str, Any] = {"layers": None, "epsilon": 0.0, "weights": None, "scale_by_std": True}
+
+    def __init__(
+        self,
+        *,
+        layers: Any = None,
+        epsilon: float = 0.0,
+        weights: Any = None,
+        scale_by_std: bool = True,
+    ) -> None:
+        self.layers = layers
+        self.epsilon = epsilon
+        self.weights = weights
+        self.scale_by_std = scale_by_std
+        super().__init__()
+
 
     # ------------------------------------------------------------------ parameters
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         layers = self.params["layers"]
         if layers is None:
             layers = [FEATURES]
@@ -446,20 +460,35 @@ class AdaSCALE(ModelDetector):
     summary = "SCALE with a per-sample percentile from the feature shift under a small input perturbation"
     paper = "Regmi, AdaSCALE: Adaptive Scaling for OOD Detection, 2025"
     code = "https://github.com/sudarshanregmi/AdaSCALE (openood/postprocessors/adascale_postprocessor.py)"
-    defaults: dict[str, Any] = {
-        "variant": "A",
-        "p_min": 75.0,
-        "p_max": 85.0,
-        "lam": 10.0,
-        "o": 0.05,
-        "epsilon": 0.5,
-        "k_q": 1.0,
-        "k_c": 5.0,
-        "n_fit": 5000,
-        "seed": 0,
-    }
 
-    def _check_params(self) -> None:
+    def __init__(
+        self,
+        *,
+        variant: str = 'A',
+        p_min: float = 75.0,
+        p_max: float = 85.0,
+        lam: float = 10.0,
+        o: float = 0.05,
+        epsilon: float = 0.5,
+        k_q: float = 1.0,
+        k_c: float = 5.0,
+        n_fit: int = 5000,
+        seed: int = 0,
+    ) -> None:
+        self.variant = variant
+        self.p_min = p_min
+        self.p_max = p_max
+        self.lam = lam
+        self.o = o
+        self.epsilon = epsilon
+        self.k_q = k_q
+        self.k_c = k_c
+        self.n_fit = n_fit
+        self.seed = seed
+        super().__init__()
+
+
+    def _check_param_combination(self) -> None:
         p = self.params
         if p["variant"] not in ("A", "L"):
             raise ValueError(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from oodguard.detectors.head import NAC, nac_bin_edges
-from oodguard.detectors.model.gradient import ModelDetector
+from oodguard.detectors.model.base import ModelDetector
 from oodguard.extraction.model_runner import FEATURES, ModelRunner
 
 __all__ = ["NACLayers", "pool_layer", "uniform_cross_entropy"]
@@ -79,11 +79,27 @@ class NACLayers(ModelDetector):
     summary = "mean training coverage of NAC neuron states on several layers, gradients through the model"
     paper = NAC.paper
     code = NAC.code
-    defaults: dict[str, Any] = {"layers": None, "alpha": 100.0, "M": 50, "O": 50, "pool": "auto"}
+
+    def __init__(
+        self,
+        *,
+        layers: Any = None,
+        alpha: float = 100.0,
+        M: int = 50,
+        O: int = 50,
+        pool: str = 'auto',
+    ) -> None:  # noqa: N803
+        self.layers = layers
+        self.alpha = alpha
+        self.M = M
+        self.O = O
+        self.pool = pool
+        super().__init__()
+
     needs_fit = True
 
     # ------------------------------------------------------------------ parameters
-    def _check_params(self) -> None:
+    def _check_param_combination(self) -> None:
         layers = self.params["layers"]
         if isinstance(layers, str):
             layers = [layers]
