@@ -52,7 +52,7 @@ def test_knn_bank_is_stored_once(tmp_path):
     knn = detectors.create("knn", k=3).fit({"features": features})
     assert knn.state_["bank"] is knn.stats_["bank"]
     knn.save(tmp_path)
-    size = (tmp_path / "state.safetensors").stat().st_size
+    size = (tmp_path / "detector.safetensors").stat().st_size
     assert size < 1.2 * features.nbytes  # one copy of the bank, not two
     loaded = detectors.load(tmp_path)
     np.testing.assert_array_equal(loaded.score({"features": features[:5]}), knn.score({"features": features[:5]}))

@@ -100,15 +100,68 @@ def test_save_load_gives_identical_scores(name, tmp_path):
     np.testing.assert_array_equal(loaded.score(test), detector.score(test))
 
 
-def test_load_refuses_unknown_version(tmp_path):
-    fitted("msp").save(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["format_version"] = 999
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="version 999"):
-        detectors.load(tmp_path)
+def test_load_refuses_unknown_version_and_edited_files(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    detector = fitted("knn", k=3)
+    path = detector.save(tmp_path / "knn")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    header = json.loads(metadata["oodguard"])
+    header["params"]["k"] = 1  # an edit that would still load, and change every score
+    save_file(tensors, str(path), metadata={**metadata, "oodguard": json.dumps(header)})
+    with pytest.raises(ValueError, match="modified"):
+        detectors.load(tmp_path / "knn")
     with pytest.raises(FileNotFoundError):
         detectors.load(tmp_path / "nothing")
+
+
+def write_version_1(detector: detectors.Detector, directory) -> None:
+    """A detector folder exactly as the first release wrote it: config.json + state.safetensors."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    tensors = {f"stats.{k}": v.contiguous() for k, v in (detector.stats_ or {}).items()}
+    aliases = {}
+    for key, value in detector.state_.items():
+        twin = next((k for k, v in (detector.stats_ or {}).items() if v is value), None)
+        if twin is None:
+            tensors[f"state.{key}"] = value.contiguous()
+        else:
+            aliases[key] = twin
+    config = {"format": "oodguard.detector", "format_version": 1, "name": detector.name,
+              "params": detector.get_params(), "meta": detector.meta_, "fitted": True, "state_aliases": aliases}
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(directory / "state.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["knn", "mahalanobis", "vim", "energy"])
+def test_detectors_saved_by_the_first_release_still_load(name, tmp_path):
+    detector = fitted(name)
+    write_version_1(detector, tmp_path / name)
+    test = ModelOutputs.concat([id_outputs(5, seed=2, detector=name), far_outputs(10, seed=3, detector=name)])
+    np.testing.assert_array_equal(detectors.load(tmp_path / name).score(test), detector.score(test))
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    config["format_version"] = 999
+    (tmp_path / name / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="version 999"):
+        detectors.load(tmp_path / name)
+
+
+def test_a_gradnorm_saved_with_mode_autograd_loads_as_the_model_detector(tmp_path):
+    directory = tmp_path / "gn"
+    directory.mkdir()
+    config = {"format": "oodguard.detector", "format_version": 1, "name": "gradnorm",
+              "params": {"temperature": 2.0, "mode": "autograd"}, "meta": {}, "fitted": True, "state_aliases": {}}
+    (directory / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import save_file
+
+    save_file({}, str(directory / "state.safetensors"))
+    with pytest.warns(DeprecationWarning):
+        loaded = detectors.load(directory)
+    assert loaded.name == "gradnorm_autograd" and loaded.temperature == 2.0
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if detectors.info(n)["partial_fit"]])

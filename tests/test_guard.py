@@ -292,7 +292,7 @@ def test_round_trip_model_agnostic(tmp_path, knn_guard, no_unpickling):
     config = json.loads((tmp_path / "g" / "guard.json").read_text())
     assert config["format_version"] == guard_module.FORMAT_VERSION and config["model"] is None
     assert config["detector"] == {"name": "knn", "directory": "detector"}
-    assert set(config["files"]) == {"calibration.safetensors", "detector/config.json", "detector/state.safetensors"}
+    assert set(config["files"]) == {"calibration.safetensors", "detector/detector.safetensors"}
 
 
 @pytest.mark.parametrize("correction", [None, "simes"])
@@ -317,7 +317,7 @@ def test_round_trip_model_mode(tmp_path, model_guard, no_unpickling):
 
 
 @pytest.mark.parametrize(
-    "name", ["calibration.safetensors", "detector/state.safetensors", "detector/config.json", "model.safetensors"]
+    "name", ["calibration.safetensors", "detector/detector.safetensors", "model.safetensors"]
 )
 def test_tampered_file_is_refused(tmp_path, model_guard, name):
     model_guard.save(tmp_path / "g")

@@ -21,7 +21,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, digits_cache, capsys)
         exec(compile(block, str(README), "exec"), {})
     shown = capsys.readouterr().out
     assert "mahalanobis" in shown and "AUROC" in shown
-    assert (tmp_path / "mahalanobis-detector" / "state.safetensors").exists()
+    assert (tmp_path / "mahalanobis-detector" / "detector.safetensors").exists()
 
 
 def test_readme_make_targets_exist():

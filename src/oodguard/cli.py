@@ -40,7 +40,7 @@ ParamsOption = Annotated[
         "--param",
         "-p",
         help="detector hyperparameter as DETECTOR.NAME=VALUE (VALUE read as JSON when it parses, else as text), "
-        "repeated; e.g. -p knn.k=10 -p gradnorm.mode=autograd",
+        "repeated; e.g. -p knn.k=10 -p odin.temperature=100",
     ),
 ]
 
@@ -121,7 +121,7 @@ def bench(
     device: Annotated[str, typer.Option(help="cpu, cuda or mps")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     model_detectors: Annotated[
-        bool, typer.Option(help="include the detectors that run the model themselves (odin, adascale, cover, ...)")
+        bool, typer.Option(help="include the model detectors, which run the model themselves (odin, cover, ...)")
     ] = True,
 ) -> None:
     """Run every detector on an embedded benchmark: leaderboard, tables and an HTML report."""
@@ -204,14 +204,15 @@ def train_bench(
 def list_detectors() -> None:
     """List the detectors with what they need and their papers."""
     table = Table(show_lines=True)
-    for column in ("name", "what it scores", "needs (fit)", "partial fit", "paper"):
+    for column in ("name", "protocol", "what it scores", "needs (fit)", "partial fit", "paper"):
         table.add_column(column)
     for name in detectors.available():
         meta = detectors.info(name)
         needs = ", ".join(meta["fit_requires"] if meta["needs_fit"] else meta["requires"])
         if meta["required_params"]:
             needs += "; params: " + ", ".join(meta["required_params"])
-        table.add_row(name, meta["summary"], needs, "yes" if meta["partial_fit"] else "no", meta["paper"])
+        partial = "yes" if meta["partial_fit"] else "no"
+        table.add_row(name, meta["protocol"], meta["summary"], needs, partial, meta["paper"])
     console.print(table)
 
 

@@ -65,8 +65,9 @@ from oodguard.conformal import (
     minimum_calibration_size,
 )
 from oodguard.detectors import base as detector_base
-from oodguard.detectors.base import Detector, NotFittedError
+from oodguard.detectors.base import Detector, NotFittedError, Source
 from oodguard.extraction.extract import extract
+from oodguard.extraction.model_runner import ModelRunner
 from oodguard.files import sha256_of_file
 from oodguard.outputs import ModelOutputs, as_outputs
 
@@ -201,13 +202,18 @@ def _make_calibration(
     return replace(calibration, false_alarm_rate=flagged / (n + 1))
 
 
-def _fingerprint(outputs: ModelOutputs) -> str:
-    """A cheap digest of the first and last rows of logits/features: enough to spot 'calibrated on the fit set'."""
+def _fingerprint(source: Source) -> str:
+    """A cheap digest of the first and last rows of the inputs (model mode) or of the logits/features: enough to
+    spot 'calibrated on the fit set'."""
     digest = hashlib.sha256()
-    for name in ("logits", "features"):
-        tensor = getattr(outputs, name)
+    if source.data is not None:
+        named = [("inputs", source.data)] if isinstance(source.data, (torch.Tensor, np.ndarray)) else []
+    else:
+        named = [(name, getattr(source.outputs, name)) for name in ("logits", "features")]
+    for name, tensor in named:
         if tensor is None:
             continue
+        tensor = torch.as_tensor(tensor)
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         for rows in (tensor[:_FINGERPRINT_ROWS], tensor[-_FINGERPRINT_ROWS:]):
             digest.update(rows.detach().cpu().contiguous().numpy().tobytes())
@@ -363,34 +369,51 @@ class Guard:
         self._fit_fingerprint: str | None = None
         self._calibration: _Calibration | None = None
         self._head_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._model_lock = threading.Lock()
+        self._model_lock = threading.RLock()
+        self._runner: ModelRunner | None = None
 
     # ------------------------------------------------------------------ inputs
-    def _outputs(self, data: Any, argument: str, *, labels: Any = None, progress: bool = False) -> ModelOutputs:
-        """ModelOutputs from a ModelOutputs, a dict of output arrays, or (model mode) model inputs."""
+    def _source(self, data: Any, argument: str, *, labels: Any = None, progress: bool = False) -> Source:
+        """What the detector fits on or scores: model outputs (given, or extracted from the inputs when first asked
+        for) and, in model mode, the inputs and a runner for model detectors."""
         if isinstance(data, ModelOutputs) or isinstance(data, Mapping) or hasattr(data, "files"):
             outputs = as_outputs(data)
             if labels is not None:
                 if outputs.labels is not None:
                     raise ValueError(f"labels: {argument} already has labels; give them once")
                 outputs = outputs.with_fields(labels=labels)
-            return outputs
+            return Source(outputs)
         if self.model is None:
             raise ValueError(
                 f"{argument}: this guard has no model, so it needs model outputs: a ModelOutputs or a dict such as "
                 f"{{'logits': array [N, C]}} or {{'features': array [N, D]}}; got {type(data).__name__}"
             )
-        with self._model_lock:  # extraction hooks the shared model: one request at a time may run it
-            return extract(
-                self.model,
-                data,
-                labels=labels,
-                layers=self.layers,
-                feature_layer=self.feature_layer,
-                device=self.device,
-                batch_size=self.batch_size,
-                progress=progress,
+        model = self.model
+
+        def extracted() -> ModelOutputs:
+            with self._model_lock:  # extraction hooks the shared model: one request at a time may run it
+                return extract(
+                    model,
+                    data,
+                    labels=labels,
+                    layers=self.layers,
+                    feature_layer=self.feature_layer,
+                    device=self.device,
+                    batch_size=self.batch_size,
+                    progress=progress,
+                )
+
+        return Source(extracted, data=data, labels=labels, runner=self._model_runner())
+
+    def _model_runner(self) -> ModelRunner | None:
+        """The runner model detectors use (one per guard; built on first use)."""
+        if self.model is None or self.detector.protocol != "model":
+            return None
+        if self._runner is None:
+            self._runner = ModelRunner(
+                self.model, device=self.device, batch_size=self.batch_size, feature_layer=self.feature_layer
             )
+        return self._runner
 
     # ------------------------------------------------------------------ fitting and calibration
     def fit(self, id_data: Any, labels: Any = None) -> Guard:
@@ -403,11 +426,13 @@ class Guard:
         labels : integer array ``[N]``, optional
             Class ids, for detectors that need them (e.g. ``mahalanobis``).
         """
-        outputs = self._outputs(id_data, "id_data", labels=labels, progress=self.progress)
-        self.detector.fit(outputs)
-        self.head_ = outputs.head
+        source = self._source(id_data, "id_data", labels=labels, progress=self.progress)
+        with self._model_lock:
+            self.detector.fit_from(source)
+        # The head predicts classes for outputs that hold features only (model-agnostic guards).
+        self.head_ = source.outputs.head if self.model is None else None
         self._head_cache = {}
-        self._fit_fingerprint = _fingerprint(outputs) if self.detector.needs_fit else None
+        self._fit_fingerprint = _fingerprint(source) if self.detector.needs_fit else None
         self._calibration = None  # scores changed: an old calibration no longer applies
         return self
 
@@ -452,19 +477,19 @@ class Guard:
             raise ValueError("delta: the confidence of a calibration-conditional correction; pass correction= too")
         if correction is not None:
             delta = 0.05 if delta is None else _check_fraction(delta, "delta")
-        outputs = self._outputs(id_validation, "id_validation", progress=self.progress)
-        if outputs.labels is not None and bool(outputs.is_ood.any()):
+        source = self._source(id_validation, "id_validation", progress=self.progress)
+        if source.data is None and source.outputs.labels is not None and bool(source.outputs.is_ood.any()):
             raise ValueError(
-                f"id_validation: {int(outputs.is_ood.sum())} row(s) are labelled OOD (label < 0); calibrate on "
+                f"id_validation: {int(source.outputs.is_ood.sum())} row(s) are labelled OOD (label < 0); calibrate on "
                 "in-distribution data only"
             )
-        if self._fit_fingerprint is not None and _fingerprint(outputs) == self._fit_fingerprint:
+        if self._fit_fingerprint is not None and _fingerprint(source) == self._fit_fingerprint:
             warnings.warn(
                 "calibrate: the calibration data looks identical to the fit data; calibrate on held-out ID data, "
                 "otherwise the threshold is too low and the p-values are not valid",
                 stacklevel=2,
             )
-        scores = np.sort(self._score(outputs))
+        scores = np.sort(self._score(source))
         n = scores.shape[0]
         if correction == "simes" and n < 2:
             raise ValueError("id_validation: correction='simes' needs at least 2 calibration samples")
@@ -524,8 +549,12 @@ class Guard:
         return self._require_calibration("false_alarm_rate_").false_alarm_rate
 
     # ------------------------------------------------------------------ run time
-    def _score(self, outputs: ModelOutputs) -> np.ndarray:
-        scores = self.detector.score(outputs)
+    def _score(self, source: Source) -> np.ndarray:
+        if self.detector.protocol == "model":
+            with self._model_lock:
+                scores = self.detector.score_from(source)
+        else:
+            scores = self.detector.score_from(source)
         if isinstance(scores, torch.Tensor):
             scores = scores.cpu().numpy()
         return scores.astype(np.float64, copy=False)
@@ -550,12 +579,12 @@ class Guard:
         """OOD scores ``[N]`` (float64, higher = more OOD) of inputs or model outputs."""
         if not self.detector.is_fitted:
             raise NotFittedError("Guard: call fit(id_data) before score(...)")
-        return self._score(self._outputs(x, "x"))
+        return self._score(self._source(x, "x"))
 
     def pvalues(self, x: Any) -> np.ndarray:
         """Conformal p-values ``[N]`` of inputs or model outputs (corrected when a correction was set)."""
         calibration = self._require_calibration("pvalues")
-        return calibration.pvalues(self._score(self._outputs(x, "x")))
+        return calibration.pvalues(self._score(self._source(x, "x")))
 
     def guard(self, x: Any) -> GuardResult:
         """Prediction, OOD score, p-value and decision for every input, one at a time (no multiplicity control).
@@ -567,10 +596,10 @@ class Guard:
             :class:`ModelOutputs` (rank 2, finite values).
         """
         calibration = self._require_calibration("guard")
-        outputs = self._outputs(x, "x")
-        scores = self._score(outputs)
+        source = self._source(x, "x")
+        scores = self._score(source)
         pvalues = calibration.pvalues(scores)
-        return GuardResult(self._predict(outputs), scores, pvalues, calibration.decide(scores, pvalues))
+        return GuardResult(self._predict(source.outputs), scores, pvalues, calibration.decide(scores, pvalues))
 
     def guard_batch(self, x: Any, fdr: float = 0.1) -> GuardResult:
         """Like :meth:`guard`, but decide the whole batch with Benjamini-Hochberg at false discovery rate ``fdr``.
@@ -580,10 +609,10 @@ class Guard:
         """
         calibration = self._require_calibration("guard_batch")
         fdr = _check_fraction(fdr, "fdr")
-        outputs = self._outputs(x, "x")
-        scores = self._score(outputs)
+        source = self._source(x, "x")
+        scores = self._score(source)
         pvalues = calibration.pvalues(scores)
-        return GuardResult(self._predict(outputs), scores, pvalues, benjamini_hochberg(pvalues, fdr))
+        return GuardResult(self._predict(source.outputs), scores, pvalues, benjamini_hochberg(pvalues, fdr))
 
     __call__ = guard
 
@@ -591,8 +620,8 @@ class Guard:
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write the calibrated guard to ``directory`` (JSON + safetensors, a sha256 checksum per file).
 
-        Layout: ``guard.json``, ``calibration.safetensors``, ``detector/config.json``,
-        ``detector/state.safetensors`` and, with a model, ``model.safetensors``. The directory is written in a
+        Layout: ``guard.json``, ``calibration.safetensors``, ``detector/detector.safetensors`` and, with a model,
+        ``model.safetensors``. The directory is written in a
         temporary sibling and moved into place, so a reader never sees half a guard. An existing non-empty
         directory is replaced only with ``overwrite=True`` and only if it holds a saved guard.
         """
@@ -756,8 +785,11 @@ def load_guard(
     calibration_path = _verified(directory, files, _entry(config, "calibration", config_path, str))
     tensors = load_safetensors_bytes(calibration_path.read_bytes())
     detector_name = _entry(detector_spec, "directory", config_path, str)
-    for name in ("config.json", "state.safetensors"):
-        _verified(directory, files, f"{detector_name}/{name}")
+    detector_files = sorted(name for name in files if name.startswith(f"{detector_name}/"))
+    if not detector_files:
+        raise ValueError(f"{config_path}: lists no file of the detector folder {detector_name!r}; the file is damaged")
+    for name in detector_files:
+        _verified(directory, files, name)
     detector = detector_base.load(directory / detector_name)
     if detector.name != detector_spec.get("name"):
         raise ValueError(

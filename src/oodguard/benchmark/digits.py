@@ -58,7 +58,7 @@ GRAM_LAYERS = ("features.2", "features.5")
 #: forward pass; the official code picks the step per OOD set from {0, 0.0005, ..., 0.01}, which needs OOD data,
 #: and each step costs 3 passes per layer: try it with ``-p mahalanobis_ensemble.epsilon=0.0014``).
 DETECTOR_PARAMS = {
-    "nac": {"layers": [*GRAM_LAYERS, "<features>"], "alpha": [0.01, 0.1, 100.0]},
+    "nac_layers": {"layers": [*GRAM_LAYERS, "<features>"], "alpha": [0.01, 0.1, 100.0]},
     "mahalanobis_ensemble": {"layers": [*GRAM_LAYERS, "<features>"], "epsilon": 0.0},
 }
 

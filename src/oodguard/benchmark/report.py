@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from oodguard.benchmark.runner import Results
+    from oodguard.benchmark.results import Results
 
 ROC_POINTS = 200
 HISTOGRAM_BINS = 40

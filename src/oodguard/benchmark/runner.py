@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,117 +15,10 @@ from tqdm.auto import tqdm
 
 from oodguard import detectors as detector_registry
 from oodguard import metrics
+from oodguard.benchmark.results import REPORTED, Results
 from oodguard.benchmark.spec import GROUPS, Benchmark, DataSplit
+from oodguard.detectors.base import Source
 from oodguard.outputs import ModelOutputs
-
-#: Metrics reported per detector and OOD set, each with a bootstrap interval.
-REPORTED = {
-    "auroc": "auroc",
-    "fpr95": "fpr_at_tpr",  # ID-TPR convention: OOD accepted when 95 % of ID is kept
-    "aupr_in": "aupr_in",
-    "aupr_out": "aupr_out",
-}
-
-
-@dataclass
-class Results:
-    """What a benchmark run produced: per-set metrics, per-detector status, and the raw scores."""
-
-    benchmark: str
-    table: pd.DataFrame
-    status: pd.DataFrame
-    scores: dict[str, dict[str, np.ndarray]]
-    groups: dict[str, list[str]]
-    id_accuracy: float
-    full_spectrum: bool = False
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def leaderboard(self) -> pd.DataFrame:
-        """One row per detector: mean AUROC and FPR@95 per group (unweighted over sets), sorted best first.
-
-        Sorted by the mean AUROC over the semantic groups (near, far) when present, else over all groups.
-        Failed detectors come last with their error.
-        """
-        rows = []
-        for detector, status in self.status.set_index("detector").iterrows():
-            row: dict[str, Any] = {"detector": detector}
-            subset = self.table[self.table["detector"] == detector]
-            for group in self.groups:
-                in_group = subset[subset["group"] == group]
-                row[f"{group} AUROC"] = in_group["auroc"].mean() if len(in_group) else np.nan
-                row[f"{group} FPR@95"] = in_group["fpr95"].mean() if len(in_group) else np.nan
-            row["status"] = status["status"]
-            row["error"] = status["error"]
-            rows.append(row)
-        board = pd.DataFrame(rows)
-        semantic = [f"{g} AUROC" for g in ("near", "far") if g in self.groups] or [f"{g} AUROC" for g in self.groups]
-        board["_rank"] = board[semantic].mean(axis=1)
-        board.loc[board["status"] != "ok", "_rank"] = -np.inf
-        board = board.sort_values("_rank", ascending=False, kind="stable").drop(columns="_rank")
-        return board.reset_index(drop=True)
-
-    def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write CSV, JSON, Markdown and the HTML report; return their paths."""
-        from oodguard.benchmark.report import write_report
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = {
-            "csv": directory / "results.csv",
-            "json": directory / "results.json",
-            "markdown": directory / "leaderboard.md",
-            "html": directory / "report.html",
-        }
-        self.table.to_csv(paths["csv"], index=False)
-        payload = {
-            "benchmark": self.benchmark,
-            "id_accuracy": self.id_accuracy,
-            "full_spectrum": self.full_spectrum,
-            "settings": self.settings,
-            "groups": self.groups,
-            "status": self.status.to_dict(orient="records"),
-            "results": self.table.to_dict(orient="records"),
-            "leaderboard": self.leaderboard().to_dict(orient="records"),
-        }
-        import json
-
-        paths["json"].write_text(json.dumps(payload, indent=2, default=_json_default))
-        paths["markdown"].write_text(self.to_markdown())
-        write_report(self, paths["html"])
-        return paths
-
-    def to_markdown(self) -> str:
-        """The leaderboard as a Markdown table (AUROC and FPR@95 in percent)."""
-        board = self.leaderboard()
-        columns = [c for c in board.columns if c.endswith("AUROC") or c.endswith("FPR@95")]
-        lines = [
-            f"Benchmark `{self.benchmark}`; ID accuracy {100 * self.id_accuracy:.2f} %; "
-            f"{'full-spectrum (covariate sets count as ID)' if self.full_spectrum else 'standard'} protocol. "
-            "AUROC higher is better; FPR@95 = % of OOD accepted when 95 % of ID is kept (lower is better); "
-            "group means are unweighted over the group's OOD sets.",
-            "",
-            "| rank | detector | " + " | ".join(columns) + " |",
-            "|---:|---|" + "---:|" * len(columns),
-        ]
-        for rank, values in enumerate(board.to_dict(orient="records"), start=1):
-            if values["status"] != "ok":
-                lines.append(f"| - | {values['detector']} | failed: {_one_line(values['error'])} |")
-                continue
-            cells = " | ".join("" if pd.isna(values[c]) else f"{100 * values[c]:.2f}" for c in columns)
-            lines.append(f"| {rank} | {values['detector']} | {cells} |")
-        return "\n".join(lines) + "\n"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())[:200]
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def extract_benchmark(
@@ -174,99 +66,73 @@ def run(
 ) -> Results:
     """Evaluate detectors on a benchmark; a detector that fails is reported as failed and the run goes on.
 
-    Each dataset goes through the model once (cached on disk when ``cache_dir`` is set); every output-based
-    detector is then fitted on the fit split's outputs and scores the ID test split and every OOD set.
-    Detectors that run the model themselves (``detectors.needs_model(name, params)``: input or inner-layer
-    gradients, e.g. ``odin`` or ``gradnorm`` with ``mode="autograd"``) are attached to the benchmark's model
-    and fitted and scored on the splits' inputs.
+    Each dataset goes through the model once (cached on disk when ``cache_dir`` is set). Every detector is then
+    fitted on the fit split and scores the ID test split and every OOD set through the detector protocol
+    (:meth:`~oodguard.detectors.Detector.fit_from`): output detectors read the cached outputs, model detectors
+    (``info(name)["protocol"] == "model"``: input or inner-layer gradients, test-time views) run the benchmark's
+    model on the splits' inputs.
 
     Parameters
     ----------
     benchmark : the data and model.
-    detectors : registry names; default every output-based detector whose requirements the outputs meet
-        (and MOS with a trained head), plus every model-based detector that takes the benchmark's inputs (CoVer
-        needs images) unless ``model_detectors`` is false; then a benchmark default that would make an
-        output-based detector run the model (``nac`` on layers) is dropped, and it runs on the cached outputs.
-        Model-based detectors run the model again on every split (their work cannot come from the cache).
+    detectors : registry names; default every output detector whose requirements the outputs meet (and MOS with a
+        trained head), plus every model detector that takes the benchmark's inputs (CoVer needs images) unless
+        ``model_detectors`` is false.
     params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``; merged over the benchmark's own
         ``detector_params`` (the user's value wins per parameter).
     full_spectrum : count covariate-shift sets as ID (full-spectrum OOD detection) instead of as OOD.
     n_boot, seed : bootstrap replicates and seed of the 95 % intervals.
     """
+    from oodguard.extraction.model_runner import ModelRunner
+
     outputs = extract_benchmark(benchmark, device=device, cache_dir=cache_dir, progress=progress)
     fit = outputs[benchmark.fit.name]
-    defaults = dict(benchmark.detector_params)
-    if not model_detectors:  # a benchmark's default that selects a model-based variant (nac on layers) is dropped
-        defaults = {n: p for n, p in defaults.items() if not _selects_model_variant(n, p, (params or {}).get(n, {}))}
-    params = merge_params(defaults, params)
+    params = merge_params(benchmark.detector_params, params)
     if detectors is None:
         names = default_detectors(fit, params)
         if model_detectors:
-            names += _model_detectors_for(benchmark.fit.data)
+            names += _model_detectors_for(benchmark.fit.data, params)
         if fit.features is not None and fit.labels is not None and MOS_HEAD not in names:
             names.append(MOS_HEAD)
     else:
         names = list(detectors)
-    check_params(names, params)
-    model_jobs = {
-        name: _model_job(benchmark, name, params.get(name, {}), device, cache_dir)
-        for name in names
-        if name in detector_registry.available() and detector_registry.needs_model(name, params.get(name))
-    }
-    return run_on_outputs(
+    # The runner shares the outputs cache: the outputs of test-time views (CoVer) are cached like datasets.
+    runner = ModelRunner(benchmark.model, device=device, cache_dir=cache_dir)
+
+    def source(split: DataSplit) -> Source:
+        return Source(outputs[split.name], data=split.data, labels=split.labels, runner=runner)
+
+    return _evaluate(
         benchmark.name,
-        fit,
-        outputs[benchmark.test.name],
-        [(split.name, split.group, outputs[split.name]) for split in benchmark.ood],
-        [name for name in names if name not in model_jobs],
+        source(benchmark.fit),
+        source(benchmark.test),
+        [(split.name, split.group, source(split)) for split in benchmark.ood],
+        names,
         params=params,
         full_spectrum=full_spectrum,
         n_boot=n_boot,
         seed=seed,
         progress=progress,
         split_names=(benchmark.fit.name, benchmark.test.name),
-        extra_jobs=model_jobs,
     )
 
 
-def _selects_model_variant(name: str, defaults: Mapping[str, Any], user: Mapping[str, Any]) -> bool:
-    """Whether a benchmark's defaults turn an output-based detector into its model-based variant."""
-    if name not in detector_registry.available() or detector_registry.info(name)["needs_model"]:
-        return False
-    return detector_registry.needs_model(name, {**defaults, **user}) and not detector_registry.needs_model(name, user)
-
-
-def _model_detectors_for(data: Any) -> list[str]:
-    """Model-based detectors that can take these inputs (CoVer's corruptions need images ``[N, C, H, W]``)."""
+def _model_detectors_for(data: Any, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """Model detectors that can take these inputs (CoVer's corruptions need images ``[N, C, H, W]``) and whose
+    required parameters ``params`` gives."""
     ndim = getattr(data, "ndim", None)  # tensors and arrays; datasets and loaders are not inspected
     chosen = []
-    for name in detector_registry.available(needs_model=True):
-        wanted = getattr(detector_registry.implementation(name), "input_ndim", None)
-        if wanted is None or ndim is None or ndim == wanted:
+    for name in detector_registry.available(protocol="model"):
+        cls = detector_registry.implementation(name)
+        wanted = getattr(cls, "input_ndim", None)
+        if (wanted is None or ndim is None or ndim == wanted) and _has_required(name, params):
             chosen.append(name)
     return chosen
 
 
-def _model_job(
-    benchmark: Benchmark, name: str, params: dict[str, Any], device: str, cache_dir: str | Path | None
-) -> Callable[[], dict]:
-    """Fit a model-based detector on the fit split's inputs and score every split's inputs.
-
-    The model runner shares the outputs cache: the outputs of test-time views (CoVer) are cached like datasets.
-    """
-
-    def job() -> dict[str, np.ndarray]:
-        from oodguard.extraction.model_runner import ModelRunner
-
-        runner = ModelRunner(benchmark.model, device=device, cache_dir=cache_dir)
-        detector = detector_registry.create(name, **params).attach(runner)
-        detector.fit(benchmark.fit.data, labels=benchmark.fit.labels)
-        scores = {"id": np.asarray(detector.score(benchmark.test.data))}
-        for split in benchmark.ood:
-            scores[split.name] = np.asarray(detector.score(split.data))
-        return scores
-
-    return job
+def _has_required(name: str, params: Mapping[str, Mapping[str, Any]] | None) -> bool:
+    required = set(detector_registry.info(name)["required_params"])
+    return required <= set((params or {}).get(name, {}))
 
 
 #: The runner trains a group-softmax head for MOS on the frozen fit features (models seldom have one).
@@ -304,6 +170,22 @@ def _mos_job(
     return job
 
 
+def _detector_job(
+    name: str, params: Mapping[str, Any], fit: Source, test: Source, ood: list[tuple[str, str, Source]]
+) -> Callable[[], dict]:
+    """Fit one detector on the fit source and score the test source and every OOD source (either protocol)."""
+
+    def job() -> dict[str, np.ndarray]:
+        detector = detector_registry.create(name, **params)
+        detector.fit_from(fit)
+        scores = {"id": np.asarray(detector.score_from(test))}
+        for set_name, _, source in ood:
+            scores[set_name] = np.asarray(detector.score_from(source))
+        return scores
+
+    return job
+
+
 def run_on_outputs(
     name: str,
     fit: ModelOutputs,
@@ -321,10 +203,50 @@ def run_on_outputs(
 ) -> Results:
     """The same evaluation from outputs already extracted: ``ood`` lists ``(name, group, outputs)``.
 
-    ``mos`` is evaluated with a group-softmax head trained on the fit features (see ``_mos_job``);
-    ``extra_jobs`` maps further detector names to callables returning their scores per set (``"id"`` and
-    every OOD set name), e.g. model-based detectors.
+    Only output detectors apply (model detectors need the model: use :func:`run` on a Benchmark). ``mos`` is
+    evaluated with a group-softmax head trained on the fit features (see ``_mos_job``); ``extra_jobs`` maps further
+    names to callables returning their scores per set (``"id"`` and every OOD set name).
     """
+    names = list(detectors) if detectors is not None else default_detectors(fit, params)
+    if detectors is None and fit.features is not None and fit.labels is not None and MOS_HEAD not in names:
+        names.append(MOS_HEAD)
+    model_detectors = [n for n in names if n in detector_registry.available(protocol="model")]
+    if model_detectors:
+        raise ValueError(
+            f"{', '.join(model_detectors)} run the model themselves (gradients through it); evaluate them with "
+            "oodguard.benchmark.runner.run on a Benchmark that holds the model"
+        )
+    return _evaluate(
+        name,
+        Source(fit),
+        Source(test),
+        [(set_name, group, Source(outputs)) for set_name, group, outputs in ood],
+        names,
+        params=params,
+        full_spectrum=full_spectrum,
+        n_boot=n_boot,
+        seed=seed,
+        progress=progress,
+        split_names=split_names,
+        extra_jobs=extra_jobs,
+    )
+
+
+def _evaluate(
+    name: str,
+    fit: Source,
+    test: Source,
+    ood: list[tuple[str, str, Source]],
+    names: list[str],
+    *,
+    params: Mapping[str, Mapping[str, Any]] | None,
+    full_spectrum: bool,
+    n_boot: int,
+    seed: int,
+    progress: bool,
+    split_names: tuple[str, str],
+    extra_jobs: Mapping[str, Callable[[], dict]] | None = None,
+) -> Results:
     params = {key: dict(value) for key, value in (params or {}).items()}
     extra_jobs = dict(extra_jobs or {})
     if not ood:
@@ -332,47 +254,33 @@ def run_on_outputs(
     for set_name, group, _ in ood:
         if group not in GROUPS:
             raise ValueError(f"OOD set {set_name!r}: group must be one of {', '.join(GROUPS)}, got {group!r}")
-    names = list(detectors) if detectors is not None else default_detectors(fit, params)
-    if detectors is None and fit.features is not None and fit.labels is not None and MOS_HEAD not in names:
-        names.append(MOS_HEAD)
     unknown = sorted(set(names) - set(detector_registry.available()))
     if unknown:
         raise ValueError(f"unknown detector(s) {unknown}; available: {', '.join(detector_registry.available())}")
     if not names and not extra_jobs:
         raise ValueError("no detector to run: the outputs lack what every detector needs")
     check_params(names, params)
-    model_based = [n for n in names if detector_registry.needs_model(n, params.get(n))]
-    if model_based:
+    test_outputs, fit_outputs = test.outputs, fit.outputs
+    if test_outputs.labels is not None and bool(test_outputs.is_ood.any()):
         raise ValueError(
-            f"{', '.join(model_based)} run the model themselves (gradients through it); evaluate them with "
-            "oodguard.benchmark.runner.run on a Benchmark that holds the model"
+            f"the ID test outputs contain {int(test_outputs.is_ood.sum())} OOD-labelled row(s) (label < 0); move "
+            "them to an OOD set"
         )
-    if test.labels is not None and bool(test.is_ood.any()):
+    if fit_outputs.labels is not None and bool(fit_outputs.is_ood.any()):
         raise ValueError(
-            f"the ID test outputs contain {int(test.is_ood.sum())} OOD-labelled row(s) (label < 0); move them to "
-            "an OOD set"
-        )
-    if fit.labels is not None and bool(fit.is_ood.any()):
-        raise ValueError(
-            f"the fit outputs contain {int(fit.is_ood.sum())} OOD-labelled row(s) (label < 0); fit on "
+            f"the fit outputs contain {int(fit_outputs.is_ood.sum())} OOD-labelled row(s) (label < 0); fit on "
             "in-distribution data only"
         )
 
-    def output_job(detector_name: str) -> Callable[[], dict]:
-        def job() -> dict[str, np.ndarray]:
-            detector = detector_registry.create(detector_name, **params.get(detector_name, {}))
-            detector.fit(fit)
-            scores = {"id": np.asarray(detector.score(test))}
-            for set_name, _, outputs in ood:
-                scores[set_name] = np.asarray(detector.score(outputs))
-            return scores
-
-        return job
-
-    jobs = {n: _mos_job(fit, test, ood, params.get(n, {})) if n == MOS_HEAD else output_job(n) for n in names}
+    jobs = {
+        n: _mos_job(fit_outputs, test_outputs, [(s, g, src.outputs) for s, g, src in ood], params.get(n, {}))
+        if n == MOS_HEAD
+        else _detector_job(n, params.get(n, {}), fit, test, ood)
+        for n in names
+    }
     jobs.update(extra_jobs)
 
-    id_accuracy = _accuracy(test)
+    id_accuracy = _accuracy(test_outputs)
     covariate = [set_name for set_name, group, _ in ood if group == "covariate"]
     evaluated = [(n, g) for n, g, _ in ood if not (full_spectrum and g == "covariate")]
     groups = {g: [n for n, gg in evaluated if gg == g] for g in GROUPS if any(gg == g for _, gg in evaluated)}

@@ -29,7 +29,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from oodguard.benchmark.runner import Results, extract_benchmark, run_on_outputs
+from oodguard.benchmark.results import Results
+from oodguard.benchmark.runner import extract_benchmark, run_on_outputs
 from oodguard.benchmark.spec import Benchmark
 from oodguard.extraction.extract import model_fingerprint
 from oodguard.train import (

@@ -36,7 +36,8 @@ import torch
 from oodguard.detectors.params import validate_params
 from oodguard.outputs import ModelOutputs, as_outputs
 
-FORMAT_VERSION = 1
+#: Version 2: one safetensors file with a digest (version 1: config.json + state.safetensors, still read).
+FORMAT_VERSION = 2
 #: Peak extra memory a score call may use for intermediates, per chunk of rows.
 SCORE_MEMORY_BUDGET = 256 * 2**20
 #: Upper bound on rows per chunk (beyond it, larger chunks no longer speed anything up).
@@ -252,36 +253,34 @@ class Detector:
         raise NotImplementedError(f"{type(self).__name__} must implement score_from")
 
     # ------------------------------------------------------------------ saving
-    def save(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``state.safetensors`` to ``directory`` (no pickle)."""
-        from safetensors.torch import save_file
+    def save(self, directory: str | Path) -> Path:
+        """Write the parameters and fitted state to ``directory/detector.safetensors`` (one file, written atomically,
+        with a sha256 digest; no pickle). Returns the file's path."""
+        from oodguard import persist
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = self.state_
         tensors: dict[str, torch.Tensor] = {}
         for key, value in (self.stats_ or {}).items():
-            tensors[f"stats.{key}"] = value.detach().contiguous().cpu()
-        # A state tensor that *is* a statistic (e.g. the KNN bank) is written once: safetensors refuses
-        # shared memory, and a second copy of a large bank would double the file.
+            tensors[f"stats.{key}"] = value
+        # A state tensor that *is* a statistic (e.g. the KNN bank) is written once.
         aliases = {}
         for key, value in (state or {}).items():
             twin = next((k for k, v in (self.stats_ or {}).items() if v is value), None)
             if twin is not None:
                 aliases[key] = twin
             else:
-                tensors[f"state.{key}"] = value.detach().contiguous().cpu()
-        config = {
-            "format": "oodguard.detector",
-            "format_version": FORMAT_VERSION,
-            "name": self.name,
-            "params": _jsonable(self.get_params(), self.name),
-            "meta": self.meta_,
-            "fitted": state is not None,
-            "state_aliases": aliases,
-        }
-        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        save_file(tensors, str(directory / "state.safetensors"))
+                tensors[f"state.{key}"] = value
+        params = {}
+        for key, value in self.get_params().items():
+            if isinstance(value, (torch.Tensor, np.ndarray)):  # embedding matrices and the like: tensors, not JSON
+                tensors[f"param.{key}"] = torch.as_tensor(value)
+                params[key] = {"__tensor__": f"param.{key}", "numpy": isinstance(value, np.ndarray)}
+            else:
+                params[key] = _jsonable(value, self.name)
+        header = {"name": self.name, "params": params, "meta": self.meta_, "fitted": state is not None,
+                  "state_aliases": aliases}  # fmt: skip
+        return persist.save(Path(directory) / DETECTOR_FILE, tensors, kind="detector", version=FORMAT_VERSION,
+                            header=header)  # fmt: skip
 
     def __repr__(self) -> str:
         defaults = self.default_params()
@@ -506,11 +505,9 @@ def _short_repr(value: Any) -> str:
 
 
 def _jsonable(value: Any, owner: str) -> Any:
-    """Parameters as JSON: numpy scalars become numbers, tensors and arrays nested lists."""
+    """A parameter value as JSON (numpy scalars become numbers); anything else that JSON cannot hold is refused."""
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return {"__tensor__": np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value).tolist()}
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v, owner) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -589,8 +586,11 @@ def needs_model(name: str) -> bool:
     return protocol(name) == "model"
 
 
-def available(protocol: str | None = None) -> list[str]:
-    """Registry names of the detectors, sorted; ``protocol="outputs"`` or ``"model"`` lists only that protocol."""
+def available(protocol: str | None = None, *, needs_model: bool | None = None) -> list[str]:
+    """Registry names of the detectors, sorted; ``protocol="outputs"`` or ``"model"`` lists only that protocol
+    (``needs_model=True``/``False`` is the same as ``protocol="model"``/``"outputs"``)."""
+    if needs_model is not None:
+        protocol = "model" if needs_model else "outputs"
     if protocol is not None and protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     return sorted(n for n, cls in _REGISTRY.items() if protocol is None or cls.protocol == protocol)
@@ -616,46 +616,74 @@ def info(name: str) -> dict[str, Any]:
 
 
 def load(directory: str | Path) -> Detector:
-    """Load a detector written by :meth:`Detector.save`. Refuses unknown formats and versions."""
-    from safetensors.torch import load_file
+    """Load a detector written by :meth:`Detector.save` (or by an earlier release). Refuses damaged or edited files,
+    other kinds of file and unknown versions."""
+    from oodguard import persist
 
     directory = Path(directory)
+    if (directory / DETECTOR_FILE).is_file():
+        tensors, header = persist.load(directory / DETECTOR_FILE, kind="detector", versions=FORMAT_VERSION)
+    elif (directory / "config.json").is_file():
+        tensors, header = _load_version_1(directory)
+    else:
+        raise FileNotFoundError(f"{directory} holds no saved detector ({DETECTOR_FILE} is missing)")
+    try:
+        params = {key: _param_from_file(value, tensors) for key, value in header["params"].items()}
+        detector = create(header["name"], **params)
+        detector.meta_ = dict(header.get("meta", {}))
+        stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
+        if header.get("fitted"):
+            state = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
+            for key, twin in header.get("state_aliases", {}).items():
+                state[key] = stats[twin]
+            detector.state_ = state
+        detector.stats_ = stats or None
+    except (KeyError, TypeError, AttributeError) as error:  # a header that parses but does not describe a detector
+        raise ValueError(f"{directory}: the saved detector is damaged or was edited ({type(error).__name__}: "
+                         f"{error}); save it again") from error  # fmt: skip
+    return detector
+
+
+#: The file a detector is saved to, inside the directory given to save/load.
+DETECTOR_FILE = "detector.safetensors"
+
+
+def _param_from_file(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value and isinstance(value["__tensor__"], str):
+        tensor = tensors[value["__tensor__"]]
+        return tensor.numpy() if value.get("numpy") else tensor
+    return _from_json(value)
+
+
+def _load_version_1(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The layout of the first release: ``config.json`` + ``state.safetensors`` (no digest)."""
+    from safetensors.torch import load_file
+
     config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} holds no saved detector (config.json is missing)")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path} is not valid JSON ({error})") from error
-    if config.get("format") != "oodguard.detector":
+    if not isinstance(config, dict) or config.get("format") != "oodguard.detector":
         raise ValueError(f"{config_path} is not an oodguard detector config")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != 1:
         raise ValueError(
-            f"{directory}: detector format version {version!r} is not supported (this oodguard reads "
-            f"version {FORMAT_VERSION}); re-fit and save with this version of oodguard"
+            f"{directory}: detector format version {version!r} is not supported (this oodguard reads versions 1 "
+            f"and {FORMAT_VERSION}); re-fit and save with this version of oodguard"
         )
-    detector = create(config["name"], **_from_json(config.get("params", {})))
-    detector.meta_ = dict(config.get("meta", {}))
-    tensors = load_file(str(directory / "state.safetensors"))
-    stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
-    if config.get("fitted"):
-        state = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
-        for key, twin in config.get("state_aliases", {}).items():
-            if twin not in stats:
-                raise ValueError(
-                    f"{directory}: state {key!r} refers to a missing statistic {twin!r}; the file is damaged"
-                )
-            state[key] = stats[twin]
-        detector.state_ = state
-    detector.stats_ = stats or None
-    return detector
+    try:
+        tensors = load_file(str(directory / "state.safetensors"))
+    except Exception as error:  # safetensors raises its own types for truncated or foreign files
+        raise ValueError(f"{directory / 'state.safetensors'} is not readable ({error})") from error
+    for key, twin in config.get("state_aliases", {}).items():
+        if f"stats.{twin}" not in tensors:
+            raise ValueError(f"{directory}: state {key!r} refers to a missing statistic {twin!r}; the file is damaged")
+    return tensors, config
 
 
 def _from_json(value: Any) -> Any:
     if isinstance(value, dict):
-        if set(value) == {"__tensor__"}:
-            return torch.tensor(value["__tensor__"])
         return {k: _from_json(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_from_json(v) for v in value]

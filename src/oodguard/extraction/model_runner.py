@@ -48,16 +48,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from oodguard.extraction.extract import (
-    _Batches,
-    _check_model_device,
-    _check_rows,
-    _get_module,
-    _head_tensors,
-    _resolve_device,
-    extract,
-    find_head,
-)
+from oodguard.extraction.batches import Batches, check_rows
+from oodguard.extraction.extract import extract
+from oodguard.extraction.modules import check_model_device, find_head, get_module, head_tensors, resolve_device
 from oodguard.outputs import ModelOutputs
 
 __all__ = ["ModelRunner", "GradientBatch", "FEATURES"]
@@ -179,8 +172,8 @@ class ModelRunner:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
         self.model = model
-        self.device = _resolve_device(device)
-        self.input_dtype = _check_model_device(model, self.device)
+        self.device = resolve_device(device)
+        self.input_dtype = check_model_device(model, self.device)
         self.batch_size = batch_size
         self.feature_layer = feature_layer
         self.head = find_head(model, feature_layer)
@@ -249,14 +242,14 @@ class ModelRunner:
                         )
                     handles.append(self.head[1].register_forward_pre_hook(feature_hook))
                 else:
-                    handles.append(_get_module(self.model, name, "layers").register_forward_hook(layer_hook(name)))
+                    handles.append(get_module(self.model, name, "layers").register_forward_hook(layer_hook(name)))
             yield captured
         finally:
             for handle in handles:
                 handle.remove()
 
     def _batches(self, data: Any, labels: Any, progress: bool | None, desc: str) -> Iterator[tuple[torch.Tensor, Any]]:
-        batches = _Batches(data, labels, self.batch_size)
+        batches = Batches(data, labels, self.batch_size)
         show = self.progress if progress is None else bool(progress)
         for inputs, batch_labels in tqdm(
             batches, total=batches.num_batches(), desc=desc, unit="batch", disable=not show
@@ -271,7 +264,7 @@ class ModelRunner:
     @staticmethod
     def _check_logits(logits: Any, rows: int) -> torch.Tensor:
         fix = "wrap the model so that forward returns the logits tensor [B, C]"
-        _check_rows(logits, rows, "the model output", fix)
+        check_rows(logits, rows, "the model output", fix)
         if logits.ndim != 2:
             raise ValueError(f"the model output has shape {tuple(logits.shape)}; logits must be [B, C]. {fix}")
         return logits
@@ -288,7 +281,7 @@ class ModelRunner:
                 "its output is ambiguous; name a module that runs once"
             )
         fix = "pick a submodule whose output is a single tensor with the batch first"
-        return _check_rows(calls[-1], rows, f"layers: the output of {what}", fix)
+        return check_rows(calls[-1], rows, f"layers: the output of {what}", fix)
 
     @staticmethod
     def _call_loss(loss: Loss, logits: torch.Tensor, activations: dict[str, torch.Tensor] | None) -> torch.Tensor:
@@ -558,7 +551,7 @@ class ModelRunner:
             features=torch.cat([p["features"] for p in pieces]) if "features" in pieces[0] else None,
             labels=torch.cat([p["labels"] for p in pieces]) if "labels" in pieces[0] else None,
             layers={name: torch.cat([p["layers"][name] for p in pieces]) for name in layer_names} or None,
-            head=None if self.head is None else _head_tensors(self.head),
+            head=None if self.head is None else head_tensors(self.head),
         )
         outputs.array_type = "torch"
         return outputs
