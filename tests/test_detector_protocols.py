@@ -138,7 +138,8 @@ def test_model_detectors_fit_and_score_through_a_source(name, cnn, images):
 @pytest.mark.parametrize("name", MODEL)
 def test_guard_fits_calibrates_guards_saves_and_loads_every_model_detector(name, cnn, tmp_path):
     generator = torch.Generator().manual_seed(3)
-    fit_images, calibration = torch.rand(20, 1, 28, 28, generator=generator), torch.rand(30, 1, 28, 28, generator=generator)
+    fit_images = torch.rand(20, 1, 28, 28, generator=generator)
+    calibration = torch.rand(30, 1, 28, 28, generator=generator)
     labels = torch.arange(20) % 10
     guard = Guard(cnn, name, detector_params=required_params(name), model_factory=FACTORY)
     guard.fit(fit_images, labels=labels).calibrate(calibration, tpr=0.9)

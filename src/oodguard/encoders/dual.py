@@ -2,14 +2,14 @@
 
 Zero-shot OOD detection with a dual encoder compares an input's embedding ``v`` with embeddings of text: the
 ID class prompts ``t_k`` (MCM), mined negative labels (NegLabel, LAPT) or "no" prompts (CLIPN). Every method
-takes L2-normalised embeddings (spec part B, "common interface"), so this module provides:
+takes L2-normalised embeddings, so this module provides:
 
 * :class:`DualEncoder`: the protocol ``encode_inputs(inputs) -> [N, D]`` and ``encode_texts(texts) -> [M, D]``,
   both L2-normalised float32 on the CPU. For a text encoder the inputs are texts too.
 * :class:`OpenClipEncoder`: an adapter for open_clip-style models (``encode_image``, ``encode_text``) and their
   tokenizer; open_clip itself is not imported (pass the model you loaded).
 * :func:`class_embeddings`: the prompt-ensemble class embeddings ``t_k``.
-* :func:`mine_negative_labels`: NegLabel's NegMining selection (spec section 8, step 2).
+* :func:`mine_negative_labels`: NegLabel's NegMining selection (Jiang et al., ICLR 2024, NegMining).
 
 The detectors that use them are ``mcm``, ``neglabel``, ``clipn`` and ``lapt``
 (:mod:`oodguard.detectors.zeroshot`): they read the input embeddings as ``features``.
@@ -193,8 +193,8 @@ def class_embeddings(
     encoder: DualEncoder, class_names: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)
 ) -> torch.Tensor:
     """Prompt-ensemble class embeddings ``t_k`` ``[K, D]``: for each class, the mean of the L2-normalised
-    encodings of ``template.format(name)`` over the templates, renormalised (spec part B, common interface;
-    CLIP's and CLIPN's ``classification.py`` do the same).
+    encodings of ``template.format(name)`` over the templates, renormalised (CLIP's and CLIPN's
+    ``classification.py`` do the same).
 
     MCM's official prompt is the single template ``"a photo of a {}."``; NegLabel's ID prompt is ``"the nice {}"``.
     All ``K x T`` prompts go to the encoder in one call (it batches them).
@@ -240,7 +240,7 @@ def mine_negative_labels(
     percentile: float = 0.95,
     kinds: Sequence[Any] | None = None,
 ) -> torch.Tensor:
-    """Indices of the negative labels NegMining selects from a candidate corpus (NegLabel, spec section 8, step 2).
+    """Indices of the negative labels NegMining selects from a candidate corpus (NegLabel's NegMining).
 
     For every candidate ``c_j``, ``q_j`` is the ``percentile`` quantile (linear interpolation, ``torch.quantile``)
     of its cosine similarities to the ``K`` ID label embeddings; the candidates are sorted by ascending ``q_j``

@@ -1,4 +1,4 @@
-"""Training a MOS group-softmax head on frozen penultimate features (spec section 12, the training side).
+"""Training a MOS group-softmax head on frozen penultimate features (MOS's training side).
 
 MOS (Huang & Li, CVPR 2021) needs a classifier head whose ``C`` classes are split into ``K`` groups, each group
 with an extra "others" logit, trained with the sum over groups of each group's softmax cross-entropy. The

@@ -2,9 +2,9 @@
 
 Every loss takes the logits of the in-distribution batch and its labels, and (where the method uses them) the
 logits of the auxiliary outliers, and returns a scalar to minimise. They are pure functions of their inputs and
-hyperparameters, so they compose with any model and training loop. Formulas follow the spec of the training-time
-methods (OE, energy-bounded fine-tuning, MixOE, DOS, LogitNorm); AbeT trains with plain cross-entropy on its
-learned-temperature logits (see ``heads.LearnedTemperatureHead``).
+hyperparameters, so they compose with any model and training loop. Formulas follow the papers and official code
+of the training-time methods (OE, energy-bounded fine-tuning, MixOE, DOS, LogitNorm); AbeT trains with plain
+cross-entropy on its learned-temperature logits (see ``heads.LearnedTemperatureHead``).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class EnergyMarginLoss(nn.Module):
 
     ``L = CE + weight * (mean_in relu(E(x_in) - m_in)^2 + mean_out relu(m_out - E(x_out))^2)``, ``E = -LSE(f)``.
     Defaults: the margins of the official ``CIFAR/run.sh`` for CIFAR-10 (``m_in = -23``, ``m_out = -5``; the
-    argparse defaults -25/-7 did not produce the released checkpoints, the spec prefers ``run.sh``) and
+    argparse defaults -25/-7 did not produce the released checkpoints, so ``run.sh`` is followed) and
     ``weight = 0.1`` (hard-coded). Margins are model-dependent: ``auto_margins`` sets them from the mean ID and
     outlier energies of the pretrained model, as the authors advise (energy_ood issue #21).
 

@@ -3,7 +3,7 @@
 A ``Method`` says whether it needs auxiliary outliers, how it changes the model before training (``prepare``),
 which sampler picks the outliers of a step, how a step's loss is computed from the model and the batches, and
 which registered detector is its own test score. ``Recipe`` holds the optimiser settings; each method's
-``official_recipe()`` gives the values of its official code (spec, part A).
+``official_recipe()`` gives the values of its official code (see docs/training.md).
 """
 
 from __future__ import annotations
@@ -35,12 +35,11 @@ SCHEDULES = ("cosine", "multistep", "constant")
 class Recipe:
     """Optimiser settings: SGD with momentum, and a learning-rate schedule.
 
-    ``cosine`` anneals per step from ``lr`` to ``lr_min``, an absolute rate: default 1e-6, as the official OE /
-    energy / DOS code, whose ``LambdaLR`` multiplier ends at ``1e-6 / lr``. The spec's text says "ending at
-    1e-6·lr"; we follow the code that produced the published numbers (pass ``lr_min=1e-6 * lr`` for the spec's
-    reading; the two differ by less than 1e-6 at every step). ``multistep`` multiplies by ``gamma`` after each
-    fraction of the epochs in ``milestones``; ``constant`` keeps ``lr``. ``id_batch`` and ``outlier_batch`` are the
-    official batch sizes, for the caller's loaders (the loop takes the loaders as given).
+    ``cosine`` anneals per step from ``lr`` to ``lr_min``, an absolute rate: default 1e-6, as the official OE / energy /
+    DOS code, whose ``LambdaLR`` multiplier ends at ``1e-6 / lr`` (the code that produced the published numbers; pass
+    ``lr_min=1e-6 * lr`` for a relative floor, which differs by less than 1e-6 at every step). ``multistep`` multiplies
+    by ``gamma`` after each fraction of the epochs in ``milestones``; ``constant`` keeps ``lr``. ``id_batch`` and
+    ``outlier_batch`` are the official batch sizes, for the caller's loaders (the loop takes the loaders as given).
     """
 
     epochs: int = 10
@@ -302,7 +301,7 @@ class DOS(Method):
     """Diverse Outlier Sampling: a (K+1)-way model, per-step ``DiverseOutlierSampler``, ``AbsentCategoryLoss``.
 
     ``prepare`` adds the absent-class output (``heads.add_absent_class``). Test score: the absent-class
-    probability (``scores.absent_class_score``; the spec's ``1 - p_{K+1}`` in the OOD direction).
+    probability (``scores.absent_class_score``: ``p_{K+1}``, i.e. the paper's ``1 - p_{K+1}`` in the OOD direction).
     Official recipe: from scratch, 100 epochs, lr 0.1, weight decay 1e-4, SGD Nesterov, multistep at
     [0.5, 0.75, 0.9] of the epochs, batch 64, candidates 384, k = 64, n_init = 5, beta = 1.
 

@@ -103,8 +103,8 @@ class DiverseOutlierSampler:
 
     Defaults (official ``train_diverse.py``): ``num_clusters = 64``, ``n_init = 5``, ``num_keep = 64`` (batch 64 x
     ``size_factor_sampled_ood`` 1). The candidate batch is the outlier loader's batch; the official size is
-    ``pool / ID-train-size x batch`` (300000 / 50000 x 64 = 384). k-means runs in torch (the spec suggests a
-    torch k-means for speed, keeping k and n_init), see ``kmeans``.
+    ``pool / ID-train-size x batch`` (300000 / 50000 x 64 = 384). k-means runs in torch (for speed; k and n_init
+    as the official scikit-learn call), see ``kmeans``.
 
     Paper: Jiang, Cheng, Chen, Wang, Wei, "Diverse Outlier Sampling for Out-of-Distribution Detection", ICLR 2024.
     Code: lygjwy/DOS ``train_diverse.py``.

@@ -111,8 +111,8 @@ class GradNormAutograd(ModelDetector):
     When the logits are the head's output (the usual case), this equals the closed form of the ``gradnorm``
     detector ``(1/T)(sum_d |z_d|)(sum_c |C p_c - 1|)``, which needs only cached features: prefer ``gradnorm``
     then. This detector is exact also when the model transforms the head's output (scaling, a head applied per
-    token, ...). No fitted state. Registered as ``gradnorm_autograd`` (``create("gradnorm", mode="autograd")`` of earlier
-    releases still works, with a deprecation warning, and saved detectors of that spelling load as this class).
+    token, ...). No fitted state. Registered as ``gradnorm_autograd`` (``create("gradnorm", mode="autograd")`` of
+    earlier releases still works, with a deprecation warning, and saved detectors of that spelling load as this class).
 
     Paper: Huang, Geng & Li, "On the Importance of Gradients for Detecting Distributional Shifts in the Wild",
     NeurIPS 2021. Official code: deeplearning-wisc/gradnorm_ood ``test_ood.py`` (``iterate_data_gradnorm``,
