@@ -61,7 +61,7 @@ def _as_images(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.reshape(-1, 1, SIZE, SIZE)))
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize of ``[N, 1, H, W]`` images, antialiased when shrinking."""
     shrinking = images.shape[-1] > size or images.shape[-2] > size
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
@@ -161,7 +161,7 @@ def render_letters(count: int, seed: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- photos
-def _gray(image: np.ndarray) -> np.ndarray:
+def gray(image: np.ndarray) -> np.ndarray:
     """uint8 gray or RGB image -> float32 gray in [0, 1] (ITU-R 601 luma, as PIL's ``convert('L')``)."""
     image = np.asarray(image, dtype=np.float32) / 255.0
     if image.ndim == 3:
@@ -176,8 +176,8 @@ def load_photos() -> dict[str, np.ndarray]:
         from sklearn.datasets import load_sample_image
     except ImportError:  # pragma: no cover
         _require("scikit-image scikit-learn", "their bundled photos")
-    photos = {name: _gray(getattr(skimage.data, name)()) for name in SKIMAGE_PHOTOS}
-    photos.update({name.removesuffix(".jpg"): _gray(load_sample_image(name)) for name in SKLEARN_PHOTOS})
+    photos = {name: gray(getattr(skimage.data, name)()) for name in SKIMAGE_PHOTOS}
+    photos.update({name.removesuffix(".jpg"): gray(load_sample_image(name)) for name in SKLEARN_PHOTOS})
     return photos
 
 
@@ -197,7 +197,7 @@ def photo_crops(count: int, seed: int, photos: dict[str, np.ndarray] | None = No
         top = int(rng.integers(0, photo.shape[0] - side + 1))
         left = int(rng.integers(0, photo.shape[1] - side + 1))
         crop = torch.from_numpy(np.ascontiguousarray(photo[top : top + side, left : left + side]))
-        crops[i] = _resize(crop[None, None], SIZE)[0]
+        crops[i] = resize_images(crop[None, None], SIZE)[0]
     return crops.clamp_(0.0, 1.0)
 
 
@@ -208,7 +208,7 @@ def lfw_sets() -> tuple[torch.Tensor, torch.Tensor]:
     except ImportError:  # pragma: no cover
         _require("scikit-image", "its bundled LFW subset")
     lfw = torch.from_numpy(np.asarray(skimage.data.lfw_subset(), dtype=np.float32))[:, None]
-    lfw = _resize(lfw, SIZE).clamp_(0.0, 1.0)
+    lfw = resize_images(lfw, SIZE).clamp_(0.0, 1.0)
     return lfw[:100].contiguous(), lfw[100:].contiguous()
 
 
@@ -225,7 +225,7 @@ def sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
     digits = load_digits()
     small = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0)[:, None]
     pad = (SIZE - 20) // 2
-    images = F.pad(_resize(small, 20), (pad, pad, pad, pad)).clamp_(0.0, 1.0)
+    images = F.pad(resize_images(small, 20), (pad, pad, pad, pad)).clamp_(0.0, 1.0)
     return images.contiguous(), torch.from_numpy(np.asarray(digits.target, dtype=np.int64))
 
 
@@ -247,7 +247,7 @@ def blobs(count: int, seed: int) -> torch.Tensor:
 
     rng = rng_for(seed, "blobs")
     low = torch.from_numpy(rng.normal(size=(count, 1, 7, 7)).astype(np.float32))
-    smooth = gaussian_filter(_resize(low, SIZE).numpy()[:, 0], sigma=(0, 1.5, 1.5))
+    smooth = gaussian_filter(resize_images(low, SIZE).numpy()[:, 0], sigma=(0, 1.5, 1.5))
     lo, hi = smooth.min(axis=(1, 2), keepdims=True), smooth.max(axis=(1, 2), keepdims=True)
     scaled = (smooth - lo) / np.maximum(hi - lo, 1e-6)
     level = rng.uniform(0.4, 0.7, size=(count, 1, 1))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oodguard.benchmark.digits_data import SIZE, _gray, _resize
+from oodguard.benchmark.digits_data import SIZE, gray, resize_images
 
 #: skimage images used for the pool (all bundled in the wheel).
 SKIMAGE_SOURCES = (
@@ -76,7 +76,7 @@ def _to_unit(image: np.ndarray) -> np.ndarray:
         alpha = image[..., 3:4].astype(np.float32) / 255.0
         image = (image[..., :3].astype(np.float32) * alpha).astype(np.uint8)
     if image.dtype == np.uint8:
-        return _gray(image)
+        return gray(image)
     image = image.astype(np.float32)
     if image.ndim == 3:
         image = image[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -138,7 +138,7 @@ def outlier_pool(count: int = DEFAULT_POOL_SIZE, seed: int = 0) -> torch.Tensor:
         top = int(rng.integers(0, image.shape[0] - side + 1))
         left = int(rng.integers(0, image.shape[1] - side + 1))
         crop = torch.from_numpy(np.ascontiguousarray(image[top : top + side, left : left + side]))
-        crops[i] = _resize(crop[None, None], SIZE)[0]
+        crops[i] = resize_images(crop[None, None], SIZE)[0]
     crops.clamp_(0.0, 1.0)
     crops[1::2] = _edge_maps(crops[1::2])
     return crops.contiguous()

@@ -393,7 +393,7 @@ class OutputDetector(Detector):
             for start in range(0, len(outputs), chunk)
         ]
         scores = torch.cat(pieces).to(torch.float64) if len(pieces) > 1 else pieces[0].to(torch.float64)
-        _refuse_non_finite(self.name, scores)
+        refuse_non_finite(self.name, scores)
         if outputs.array_type == "numpy":
             return scores.cpu().numpy()
         return scores
@@ -476,7 +476,7 @@ class OutputDetector(Detector):
         return combined
 
 
-def _refuse_non_finite(name: str, scores: torch.Tensor) -> None:
+def refuse_non_finite(name: str, scores: torch.Tensor) -> None:
     if not bool(torch.isfinite(scores).all()):
         bad = int((~torch.isfinite(scores)).sum())
         raise FloatingPointError(

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from oodguard.detectors.base import Detector, NotFittedError, Source, _refuse_non_finite
+from oodguard.detectors.base import Detector, NotFittedError, Source, refuse_non_finite
 from oodguard.extraction.model_runner import ModelRunner
 
 __all__ = ["ModelDetector"]
@@ -97,7 +97,7 @@ class ModelDetector(Detector):
         if not self.is_fitted:
             raise NotFittedError(f"{self.name}: call fit(...) on in-distribution inputs before score(...)")
         scores = self._score_model(self.runner, data, labels, progress).to("cpu", torch.float64)
-        _refuse_non_finite(self.name, scores)
+        refuse_non_finite(self.name, scores)
         return scores.numpy() if isinstance(data, np.ndarray) else scores
 
     __call__ = score
