@@ -30,6 +30,7 @@ __all__ = [
     "conformal_pvalues",
     "calibration_conditional",
     "benjamini_hochberg",
+    "false_alarm_rate",
     "minimum_calibration_size",
     "CORRECTIONS",
 ]
@@ -54,10 +55,29 @@ def _as_scores(values: Any, name: str) -> np.ndarray:
     return array
 
 
-def _check_fraction(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 < float(value) < 1.0):
-        raise ValueError(f"{name}: expected a number strictly between 0 and 1, got {value!r}")
+def _check_fraction(value: Any, name: str, *, allow_one: bool = False) -> float:
+    """``value`` as a float in (0, 1), or in (0, 1] with ``allow_one``; a ValueError naming ``name`` otherwise."""
+    inside = isinstance(value, Real) and not isinstance(value, bool) and 0.0 < float(value)
+    inside = inside and (float(value) <= 1.0 if allow_one else float(value) < 1.0)
+    if not inside:
+        raise ValueError(f"{name}: expected a number in {'(0, 1]' if allow_one else '(0, 1)'}, got {value!r}")
     return float(value)
+
+
+def _check_count(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
+        raise ValueError(f"n: expected the number of calibration scores (a positive integer), got {n!r}")
+    return int(n)
+
+
+def _check_correction(correction: Any) -> None:
+    if correction is not None and correction not in CORRECTIONS:
+        raise ValueError(f"correction: expected None or one of {', '.join(map(repr, CORRECTIONS))}, got {correction!r}")
+
+
+def _pvalue_of_count(at_least: Any, n: int) -> Any:
+    """The conformal p-value of a test score that ``at_least`` of the ``n`` calibration scores equal or exceed."""
+    return (1.0 + at_least) / (n + 1.0)
 
 
 def _check_pvalues(pvalues: Any, name: str = "pvalues") -> np.ndarray:
@@ -96,12 +116,15 @@ def conformal_pvalues(calibration_scores: Any, test_scores: Any, *, presorted: b
     if calibration.size == 0:
         raise ValueError("calibration_scores: empty; conformal p-values need at least one calibration score")
     test = _as_scores(test_scores, "test_scores")
-    if not presorted:
-        calibration = np.sort(calibration)
+    return _sorted_pvalues(calibration if presorted else np.sort(calibration), test)
+
+
+def _sorted_pvalues(calibration: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """:func:`conformal_pvalues` of validated float64 scores, the calibration scores sorted ascending."""
     n = calibration.size
     # searchsorted(side="left") counts the calibration scores strictly below s; the rest are >= s.
     at_least = n - np.searchsorted(calibration, test, side="left")
-    return (1.0 + at_least) / (n + 1.0)
+    return _pvalue_of_count(at_least, n)
 
 
 def _simes_sequence(n: int, delta: float) -> np.ndarray:
@@ -152,9 +175,7 @@ def calibration_conditional(
     >>> round(float(calibration_conditional(p, 99, delta=0.05, method="simes")[0]), 4)
     0.0593
     """
-    if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
-        raise ValueError(f"n: expected the number of calibration scores (a positive integer), got {n!r}")
-    n = int(n)
+    n = _check_count(n)
     delta = _check_fraction(delta, "delta")
     scalar = np.ndim(pvalues) == 0
     p = _check_pvalues(pvalues)
@@ -188,15 +209,14 @@ def minimum_calibration_size(alpha: float, delta: float | None = None, correctio
     alpha = _check_fraction(alpha, "alpha")
 
     def smallest_pvalue(n: int) -> float:
-        p = 1.0 / (n + 1)
+        p = _pvalue_of_count(0, n)
         if correction is None:
             return p
         if correction == "simes" and n < 2:
             return 1.0
         return float(calibration_conditional(np.array([p]), n, delta if delta is not None else 0.05, correction)[0])
 
-    if correction is not None and correction not in CORRECTIONS:
-        raise ValueError(f"correction: expected None or one of {', '.join(map(repr, CORRECTIONS))}, got {correction!r}")
+    _check_correction(correction)
     # The smallest p-value does not increase with n: double until feasible, then bisect (low stays infeasible).
     high = 1
     while smallest_pvalue(high) > alpha:
@@ -211,6 +231,41 @@ def minimum_calibration_size(alpha: float, delta: float | None = None, correctio
         else:
             low = middle
     return high
+
+
+def false_alarm_rate(n: int, alpha: float, delta: float | None = None, correction: str | None = None) -> float:
+    """Probability that the test ``p <= alpha`` flags a fresh ID input, with ``n`` calibration scores.
+
+    A fresh ID score exchangeable with the calibration scores is equalled or exceeded by a count ``c`` of them
+    that is uniform on ``0..n`` (for continuous scores; ties only make p-values larger), so its p-value
+    ``(1 + c) / (n + 1)`` is uniform on ``n + 1`` values: the rate is the fraction of them that are ``<= alpha``
+    (after the correction, when one is given), ``floor(alpha (n + 1)) / (n + 1)`` without one. It is averaged
+    over calibration draws; with a correction, the rate *given* one calibration set is at most ``alpha`` with
+    probability ``>= 1 - delta``.
+
+    Parameters
+    ----------
+    n : number of calibration scores.
+    alpha : level of the test, in (0, 1).
+    delta, correction : as in :func:`calibration_conditional` (``delta`` defaults to 0.05 with a correction and is
+        not used without one).
+
+    Examples
+    --------
+    >>> false_alarm_rate(19, 0.05)  # p = 1/20 is the only value <= 0.05
+    0.05
+    >>> false_alarm_rate(18, 0.05)  # 18 calibration scores cannot give a p-value <= 0.05
+    0.0
+    >>> round(false_alarm_rate(400, 0.1, delta=0.1, correction="simes"), 4)  # below alpha: the price of the guarantee
+    0.0648
+    """
+    n = _check_count(n)
+    alpha = _check_fraction(alpha, "alpha")
+    _check_correction(correction)
+    pvalues = _pvalue_of_count(np.arange(n + 1), n)
+    if correction is not None:
+        pvalues = calibration_conditional(pvalues, n, 0.05 if delta is None else delta, correction)
+    return int(np.count_nonzero(pvalues <= alpha)) / (n + 1)
 
 
 def benjamini_hochberg(pvalues: Any, alpha: float) -> np.ndarray:
