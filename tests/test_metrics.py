@@ -139,6 +139,19 @@ def test_matches_sklearn(tied):
             assert fpr_at_ood_tpr(id_s, ood_s, tpr) == ref[f"fpr_at_ood_tpr_{tpr}"]
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["continuous", "heavily-tied"])
+def test_roc_curve_matches_sklearn(tied):
+    rng = np.random.default_rng(17 + tied)
+    for _ in range(40):
+        id_s, ood_s = _rng_case(rng, tied)
+        scores, is_ood = _pooled(id_s, ood_s)
+        expected = roc_curve(is_ood, scores, drop_intermediate=False)  # sklearn's
+        for ours, theirs in zip(metrics.roc_curve(id_s, ood_s), expected, strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+        fpr, tpr, _ = metrics.roc_curve(id_s, ood_s)
+        assert auc(fpr, tpr) == pytest.approx(auroc(id_s, ood_s), abs=1e-12)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     id_s=st.lists(st.integers(-3, 3), min_size=1, max_size=30),

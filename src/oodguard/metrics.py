@@ -59,6 +59,7 @@ __all__ = [
     "fpr_at_tpr",
     "paired_bootstrap",
     "percentile_interval",
+    "roc_curve",
     "threshold_at_tpr",
 ]
 
@@ -303,6 +304,38 @@ def auroc(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
     """
     _, id_counts, ood_counts = _counts(id_scores, ood_scores)
     return float(_auroc_counts(id_counts, ood_counts))
+
+
+def roc_curve(id_scores: ArrayLike, ood_scores: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve of OOD-versus-ID detection, one point per distinct score value; :func:`auroc` is its area.
+
+    OOD is the positive class and a sample is flagged as OOD when ``s >= t``. The thresholds ``t`` are the
+    distinct pooled score values in decreasing order, preceded by ``+inf`` (nothing flagged: the point (0, 0)).
+    Equals ``sklearn.metrics.roc_curve(is_ood, s, drop_intermediate=False)``.
+
+    Parameters
+    ----------
+    id_scores, ood_scores : 1-D arrays of finite OOD scores, higher = more OOD.
+
+    Returns
+    -------
+    ``(fpr, tpr, thresholds)``: float64 arrays, one entry per distinct score value plus one. ``fpr`` is the
+    fraction of ID samples flagged at each threshold, ``tpr`` the fraction of OOD samples flagged.
+
+    Examples
+    --------
+    >>> fpr, tpr, thresholds = roc_curve([0.0, 1.0, 2.0], [1.0, 3.0])
+    >>> tpr.tolist(), thresholds.tolist()
+    ([0.0, 0.5, 0.5, 1.0, 1.0], [inf, 3.0, 2.0, 1.0, 0.0])
+    >>> (3 * fpr).round(6).tolist()  # ID flagged: none, none, 1, 2 (the tie at 1), 3 of 3
+    [0.0, 0.0, 1.0, 2.0, 3.0]
+    """
+    values, id_counts, ood_counts = _counts(id_scores, ood_scores)
+    flagged_id = np.cumsum(id_counts[::-1])
+    flagged_ood = np.cumsum(ood_counts[::-1])
+    fpr = np.concatenate([[0.0], flagged_id / flagged_id[-1]])
+    tpr = np.concatenate([[0.0], flagged_ood / flagged_ood[-1]])
+    return fpr, tpr, np.concatenate([[np.inf], values[::-1]])
 
 
 def aupr_in(id_scores: ArrayLike, ood_scores: ArrayLike, estimator: str = "average_precision") -> float:
