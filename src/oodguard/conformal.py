@@ -13,6 +13,8 @@ optimistically low and the false-alarm guarantee is lost).
   set, ``P(p(x) <= alpha) <= alpha``, averaged over the calibration draw.
 - :func:`calibration_conditional`: ``p~ = h(p)`` such that, with probability ``>= 1 - delta`` over the
   calibration draw, the false-alarm rate of ``p~ <= alpha`` is ``<= alpha`` for every ``alpha`` at once.
+- :func:`false_alarm_rate`: the probability that ``p <= alpha`` (corrected or not) flags a fresh ID input, given
+  the number of calibration scores.
 - :func:`benjamini_hochberg`: step-up FDR control over a batch. Conformal p-values sharing a calibration set
   are PRDS, so BH controls the false discovery rate at ``alpha * m0 / m``.
 """
