@@ -9,9 +9,11 @@ from scipy.stats import false_discovery_control
 
 from oodguard import conformal
 from oodguard.conformal import (
+    CORRECTIONS,
     benjamini_hochberg,
     calibration_conditional,
     conformal_pvalues,
+    false_alarm_rate,
     minimum_calibration_size,
 )
 
@@ -122,6 +124,43 @@ def test_minimum_calibration_size():
         assert smallest(n) <= 0.1 < smallest(n - 1)
     with pytest.raises(ValueError, match="correction"):
         minimum_calibration_size(0.1, 0.05, "bonferroni")
+
+
+def every_rank_pvalues(n):
+    """The p-value of a fresh score at each of its n + 1 possible ranks, through conformal_pvalues."""
+    return conformal_pvalues(np.arange(n, dtype=float), np.arange(n + 1) - 0.5)
+
+
+@pytest.mark.parametrize("n", [1, 9, 19, 20, 150, 399])
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 0.25, 0.5])
+def test_false_alarm_rate_counts_the_flagged_ranks(n, alpha):
+    assert false_alarm_rate(n, alpha) == np.mean(every_rank_pvalues(n) <= alpha)
+    assert false_alarm_rate(n, alpha) == pytest.approx(math.floor(Fraction(str(alpha)) * (n + 1)) / (n + 1))
+    if n >= 2:
+        for correction in CORRECTIONS:
+            corrected = calibration_conditional(every_rank_pvalues(n), n, 0.1, correction)
+            assert false_alarm_rate(n, alpha, 0.1, correction) == np.mean(corrected <= alpha)
+            assert false_alarm_rate(n, alpha, 0.1, correction) <= false_alarm_rate(n, alpha)
+
+
+@pytest.mark.parametrize("correction", [None, "dkwm", "simes"])
+def test_false_alarm_rate_is_the_simulated_one(correction):
+    n, alpha, delta = 400, 0.1, 0.1
+    rates = false_alarm_rates(n, alpha, seed=11, correction=correction, delta=delta)
+    expected = false_alarm_rate(n, alpha, delta, correction)
+    # each draw's rate has mean `expected` and a spread of at most about sqrt(p (1 - p) / n) from the calibration draw
+    assert abs(rates.mean() - expected) <= 4 * math.sqrt(expected * (1 - expected) / n / REPETITIONS) + 0.002
+
+
+def test_false_alarm_rate_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="n:"):
+        false_alarm_rate(0, 0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        false_alarm_rate(10, 1.0)
+    with pytest.raises(ValueError, match="correction"):
+        false_alarm_rate(10, 0.1, 0.05, "bonferroni")
+    with pytest.raises(ValueError, match="at least 2"):
+        false_alarm_rate(1, 0.5, 0.05, "simes")
 
 
 # ---------------------------------------------------------------------------------------------- BH

@@ -28,6 +28,9 @@ from oodguard.metrics import (
     evaluate_oms,
     fpr_at_ood_tpr,
     fpr_at_tpr,
+    paired_bootstrap,
+    percentile_interval,
+    threshold_at_tpr,
 )
 
 TARGETS = (0.05, 0.2, 0.5, 0.9, 0.95, 1.0)
@@ -134,6 +137,19 @@ def test_matches_sklearn(tied):
             # Same float rate expression as sklearn: the first-point rule agrees exactly.
             assert fpr_at_tpr(id_s, ood_s, tpr) == ref[f"fpr_at_tpr_{tpr}"]
             assert fpr_at_ood_tpr(id_s, ood_s, tpr) == ref[f"fpr_at_ood_tpr_{tpr}"]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["continuous", "heavily-tied"])
+def test_roc_curve_matches_sklearn(tied):
+    rng = np.random.default_rng(17 + tied)
+    for _ in range(40):
+        id_s, ood_s = _rng_case(rng, tied)
+        scores, is_ood = _pooled(id_s, ood_s)
+        expected = roc_curve(is_ood, scores, drop_intermediate=False)  # sklearn's
+        for ours, theirs in zip(metrics.roc_curve(id_s, ood_s), expected, strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+        fpr, tpr, _ = metrics.roc_curve(id_s, ood_s)
+        assert auc(fpr, tpr) == pytest.approx(auroc(id_s, ood_s), abs=1e-12)
 
 
 @settings(max_examples=150, deadline=None)
@@ -251,6 +267,54 @@ def test_fpr_is_monotone_in_target():
 # ------------------------------------------------------------------------------------------------
 # Detection error
 # ------------------------------------------------------------------------------------------------
+
+
+def brute_force_threshold(id_s, tpr):
+    """The documented rule read literally: the smallest ID score t with #{ID <= t} / n >= tpr (float division)."""
+    scores = np.asarray(id_s, dtype=np.float64)
+    return min(t for t in scores if np.count_nonzero(scores <= t) / scores.size >= tpr)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("tpr", TARGETS + (0.7, 0.333, 0.999))
+def test_threshold_at_tpr_matches_brute_force(seed, tpr):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 60))
+    id_s = rng.integers(0, 5, n).astype(float) if seed % 2 else rng.normal(0, 1, n)  # tied and continuous scores
+    assert threshold_at_tpr(id_s, tpr) == brute_force_threshold(id_s, tpr)
+
+
+def test_threshold_at_tpr_is_the_inverted_cdf_quantile():
+    # numpy's empirical-CDF inverse, wherever tpr * n is not within rounding of an integer
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n, tpr = int(rng.integers(1, 300)), float(rng.uniform(0.01, 1.0))
+        if abs(tpr * n - round(tpr * n)) < 1e-6:
+            continue
+        id_s = rng.normal(0, 1, n) if n % 2 else rng.integers(0, 9, n).astype(float)
+        assert threshold_at_tpr(id_s, tpr) == np.quantile(id_s, tpr, method="inverted_cdf")
+    # where tpr * n rounds above an integer, the fraction k / n is compared (as fpr_at_tpr and sklearn do)
+    assert 0.28 * 25 > 7 and np.quantile(np.arange(1.0, 26.0), 0.28, method="inverted_cdf") == 8.0
+    assert threshold_at_tpr(np.arange(1.0, 26.0), 0.28) == 7.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_threshold_at_tpr_is_the_threshold_of_fpr_at_tpr(seed):
+    rng = np.random.default_rng(seed)
+    id_s, ood_s = rng.integers(0, 12, 80).astype(float), rng.integers(3, 15, 50).astype(float)
+    for tpr in TARGETS:
+        assert fpr_at_tpr(id_s, ood_s, tpr) == np.mean(ood_s <= threshold_at_tpr(id_s, tpr))
+        assert np.mean(id_s <= threshold_at_tpr(id_s, tpr)) >= tpr
+
+
+def test_threshold_at_tpr_bad_inputs():
+    with pytest.raises(ValueError, match=r"tpr must be a fraction in \(0, 1\]"):
+        threshold_at_tpr([1.0, 2.0], 0.0)
+    with pytest.raises(ValueError, match="id_scores is empty"):
+        threshold_at_tpr([], 0.9)
+    with pytest.raises(ValueError, match="non-finite"):
+        threshold_at_tpr([1.0, np.nan], 0.9)
+    assert threshold_at_tpr(torch.tensor([3.0, 1.0, 2.0]), 1.0) == 3.0
 
 
 def test_detection_error_hand_worked():
@@ -495,6 +559,111 @@ def test_bootstrap_bad_arguments(kwargs, match):
 
 def test_bootstrap_accepts_single_metric_name():
     assert set(bootstrap([0.0, 1.0], [2.0, 0.5], metrics="auroc", n_boot=5)) == {"auroc"}
+
+
+def test_percentile_interval_matches_numpy_percentile():
+    rng = np.random.default_rng(12)
+    values = rng.normal(0, 1, 537)
+    for confidence in (0.5, 0.9, 0.95, 0.99):
+        tail = 50.0 * (1.0 - confidence)
+        expected = np.percentile(values, [tail, 100.0 - tail])
+        np.testing.assert_allclose(percentile_interval(values, confidence), expected, rtol=0, atol=1e-12)
+    # hand-worked: 0..100, the 25 % and 75 % quantiles
+    assert percentile_interval(np.arange(101.0), 0.5) == (25.0, 75.0)
+    assert percentile_interval([4.0], 0.95) == (4.0, 4.0)
+
+
+def test_percentile_interval_bad_inputs():
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
+        percentile_interval([1.0, 2.0], 1.0)
+    with pytest.raises(ValueError, match="replicates is empty"):
+        percentile_interval([], 0.95)
+    with pytest.raises(ValueError, match="replicates contains 1 non-finite"):
+        percentile_interval([1.0, np.nan], 0.95)
+
+
+def explicit_paired_resamples(n_id, ood_sizes, n_boot, seed):
+    """The documented draws, replicate by replicate: ID indices, then each OOD set's."""
+    rng = np.random.default_rng(seed)
+    return [[rng.integers(0, n_id, n_id), *(rng.integers(0, n, n) for n in ood_sizes)] for _ in range(n_boot)]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_paired_bootstrap_auroc_matches_sklearn_on_explicit_resamples(tied):
+    rng = np.random.default_rng(13)
+    n_id, sizes = 70, (40, 25)
+    if tied:
+        id_rows = rng.integers(0, 6, (3, n_id)).astype(float)
+        ood_sets = [rng.integers(1, 7, (3, n)).astype(float) for n in sizes]
+    else:
+        id_rows = rng.normal(0, 1, (3, n_id))
+        ood_sets = [rng.normal(1, 1, (3, n)) for n in sizes]
+    result = paired_bootstrap(id_rows, ood_sets, n_boot=30, seed=4)
+    assert result.shape == (31, 3, 2)
+    resamples = [[np.arange(n_id), *(np.arange(n) for n in sizes)], *explicit_paired_resamples(n_id, sizes, 30, 4)]
+    for r, (id_idx, *ood_idx) in enumerate(resamples):
+        for d in range(3):
+            for k, ood in enumerate(ood_sets):
+                scores, is_ood = _pooled(id_rows[d][id_idx], ood[d][ood_idx[k]])
+                assert result[r, d, k] == pytest.approx(roc_auc_score(is_ood, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", metrics.BOOTSTRAP_METRICS)
+def test_paired_bootstrap_of_every_metric_equals_the_metric_of_explicit_resamples(name):
+    rng = np.random.default_rng(14)
+    id_rows = np.stack([rng.integers(0, 8, 50), rng.normal(0, 2, 50).round(1)]).astype(float)
+    ood = np.stack([rng.integers(2, 10, 35), rng.normal(2, 2, 35).round(1)]).astype(float)
+    result = paired_bootstrap(id_rows, [ood], name, n_boot=20, seed=1, tpr=0.9, aupr_estimator="trapezoid")
+    fn = getattr(metrics, name)
+    kwargs = {"tpr": 0.9} if name.startswith("fpr") else {"estimator": "trapezoid"} if "aupr" in name else {}
+    for r, (id_idx, ood_idx) in enumerate(explicit_paired_resamples(50, (35,), 20, seed=1), start=1):
+        for d in range(2):
+            assert result[r, d, 0] == pytest.approx(fn(id_rows[d][id_idx], ood[d][ood_idx], **kwargs), abs=1e-12)
+    assert result[0, 1, 0] == pytest.approx(fn(id_rows[1], ood[1], **kwargs), abs=1e-12)
+
+
+def test_paired_bootstrap_is_seeded_batched_and_accepts_lists_and_tensors(monkeypatch):
+    rng = np.random.default_rng(15)
+    id_rows, ood = rng.normal(0, 1, (2, 40)), rng.normal(1, 1, (2, 30))
+    first = paired_bootstrap(id_rows, [ood], n_boot=50, seed=2)
+    np.testing.assert_array_equal(first, paired_bootstrap(list(id_rows), [list(ood)], n_boot=50, seed=2))
+    tensors = paired_bootstrap(torch.from_numpy(id_rows), [torch.from_numpy(ood)], n_boot=50, seed=2)
+    np.testing.assert_array_equal(first, tensors)
+    assert not np.array_equal(first, paired_bootstrap(id_rows, [ood], n_boot=50, seed=3))
+    monkeypatch.setattr(metrics, "_BOOTSTRAP_BATCH_ELEMENTS", 150)  # two replicates per batch
+    np.testing.assert_array_equal(first, paired_bootstrap(id_rows, [ood], n_boot=50, seed=2))
+
+
+def test_paired_bootstrap_pairs_the_detectors():
+    # A detector that adds a constant to every OOD score gains in every replicate: the paired difference is never
+    # negative, though the replicates of the two detectors, taken apart, overlap widely.
+    rng = np.random.default_rng(16)
+    id_s, ood_s = rng.normal(0, 1, 200), rng.normal(0.5, 1, 150)
+    result = paired_bootstrap([id_s, id_s], [[ood_s, ood_s + 0.1]], n_boot=200, seed=0)
+    difference = result[1:, 1, 0] - result[1:, 0, 0]
+    assert (difference >= 0).all() and difference.mean() > 0
+    assert result[1:, 0, 0].max() > result[1:, 1, 0].min()
+
+
+@pytest.mark.parametrize(
+    "id_scores, ood_scores, kwargs, match",
+    [
+        (np.zeros(5), [np.zeros((1, 3))], {}, r"id_scores: expected one row of scores per detector"),
+        ([np.zeros(5), np.zeros(4)], [np.zeros((2, 3))], {}, "different lengths"),
+        (np.zeros((2, 5)), [np.zeros((3, 3))], {}, r"ood_scores\[0\] has 3 detectors' rows but id_scores has 2"),
+        (np.zeros((2, 5)), [], {}, "ood_scores holds no OOD set"),
+        (np.zeros((2, 5)), np.zeros((2, 3)), {}, r"ood_scores\[0\]: expected one row .*shape \(3,\)"),
+        (np.zeros((0, 5)), [np.zeros((0, 3))], {}, "holds no detector"),
+        ([[0.0, np.nan]], [np.zeros((1, 3))], {}, r"id_scores\[0\] contains 1 non-finite"),
+        (np.zeros((1, 5)), [np.zeros((1, 3))], {"metric": "fpr95"}, "unknown metric"),
+        (np.zeros((1, 5)), [np.zeros((1, 3))], {"n_boot": 0}, "n_boot must be a positive integer"),
+        (np.zeros((1, 5)), [np.zeros((1, 3))], {"tpr": 2.0}, "tpr must be"),
+        (np.zeros((1, 5)), "abc", {}, "expected a sequence of OOD sets"),
+    ],
+)
+def test_paired_bootstrap_bad_inputs(id_scores, ood_scores, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        paired_bootstrap(id_scores, ood_scores, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

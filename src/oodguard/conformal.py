@@ -13,6 +13,8 @@ optimistically low and the false-alarm guarantee is lost).
   set, ``P(p(x) <= alpha) <= alpha``, averaged over the calibration draw.
 - :func:`calibration_conditional`: ``p~ = h(p)`` such that, with probability ``>= 1 - delta`` over the
   calibration draw, the false-alarm rate of ``p~ <= alpha`` is ``<= alpha`` for every ``alpha`` at once.
+- :func:`false_alarm_rate`: the probability that ``p <= alpha`` (corrected or not) flags a fresh ID input, given
+  the number of calibration scores.
 - :func:`benjamini_hochberg`: step-up FDR control over a batch. Conformal p-values sharing a calibration set
   are PRDS, so BH controls the false discovery rate at ``alpha * m0 / m``.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "conformal_pvalues",
     "calibration_conditional",
     "benjamini_hochberg",
+    "false_alarm_rate",
     "minimum_calibration_size",
     "CORRECTIONS",
 ]
@@ -54,10 +57,29 @@ def _as_scores(values: Any, name: str) -> np.ndarray:
     return array
 
 
-def _check_fraction(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 < float(value) < 1.0):
-        raise ValueError(f"{name}: expected a number strictly between 0 and 1, got {value!r}")
+def check_fraction(value: Any, name: str, *, allow_one: bool = False) -> float:
+    """``value`` as a float in (0, 1), or in (0, 1] with ``allow_one``; a ValueError naming ``name`` otherwise."""
+    inside = isinstance(value, Real) and not isinstance(value, bool) and 0.0 < float(value)
+    inside = inside and (float(value) <= 1.0 if allow_one else float(value) < 1.0)
+    if not inside:
+        raise ValueError(f"{name}: expected a number in {'(0, 1]' if allow_one else '(0, 1)'}, got {value!r}")
     return float(value)
+
+
+def _check_count(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
+        raise ValueError(f"n: expected the number of calibration scores (a positive integer), got {n!r}")
+    return int(n)
+
+
+def check_correction(correction: Any) -> None:
+    if correction is not None and correction not in CORRECTIONS:
+        raise ValueError(f"correction: expected None or one of {', '.join(map(repr, CORRECTIONS))}, got {correction!r}")
+
+
+def _pvalue_of_count(at_least: Any, n: int) -> Any:
+    """The conformal p-value of a test score that ``at_least`` of the ``n`` calibration scores equal or exceed."""
+    return (1.0 + at_least) / (n + 1.0)
 
 
 def _check_pvalues(pvalues: Any, name: str = "pvalues") -> np.ndarray:
@@ -96,15 +118,18 @@ def conformal_pvalues(calibration_scores: Any, test_scores: Any, *, presorted: b
     if calibration.size == 0:
         raise ValueError("calibration_scores: empty; conformal p-values need at least one calibration score")
     test = _as_scores(test_scores, "test_scores")
-    if not presorted:
-        calibration = np.sort(calibration)
+    return sorted_pvalues(calibration if presorted else np.sort(calibration), test)
+
+
+def sorted_pvalues(calibration: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """:func:`conformal_pvalues` of validated float64 scores, the calibration scores sorted ascending."""
     n = calibration.size
     # searchsorted(side="left") counts the calibration scores strictly below s; the rest are >= s.
     at_least = n - np.searchsorted(calibration, test, side="left")
-    return (1.0 + at_least) / (n + 1.0)
+    return _pvalue_of_count(at_least, n)
 
 
-def _simes_sequence(n: int, delta: float) -> np.ndarray:
+def simes_sequence(n: int, delta: float) -> np.ndarray:
     """``a_1..a_n`` of the Simes bound with ``k = floor(n/2)`` (``a_i = 0`` for ``i < k``).
 
     For ``i >= k``: ``a_i = (delta * prod_{j<k} (i-j)/(n-j)) ** (1/k)``, i.e. the geometric mean of the ``k``
@@ -152,10 +177,8 @@ def calibration_conditional(
     >>> round(float(calibration_conditional(p, 99, delta=0.05, method="simes")[0]), 4)
     0.0593
     """
-    if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
-        raise ValueError(f"n: expected the number of calibration scores (a positive integer), got {n!r}")
-    n = int(n)
-    delta = _check_fraction(delta, "delta")
+    n = _check_count(n)
+    delta = check_fraction(delta, "delta")
     scalar = np.ndim(pvalues) == 0
     p = _check_pvalues(pvalues)
     if method == "dkwm":
@@ -163,7 +186,7 @@ def calibration_conditional(
     elif method == "simes":
         if n < 2:
             raise ValueError("method='simes' needs at least 2 calibration scores (k = floor(n/2) >= 1)")
-        sequence = _simes_sequence(n, delta) if _simes is None else _simes
+        sequence = simes_sequence(n, delta) if _simes is None else _simes
         # Round before the floor: p = (1+c)/(n+1) must give exactly n - c, not n - c - 1 from a rounding error.
         position = np.floor(np.round((n + 1) * (1.0 - p), 9)).astype(np.int64)
         out = 1.0 - sequence[np.clip(position, 1, n) - 1]
@@ -185,18 +208,17 @@ def minimum_calibration_size(alpha: float, delta: float | None = None, correctio
     >>> minimum_calibration_size(0.05, delta=0.05, correction="dkwm") > 500
     True
     """
-    alpha = _check_fraction(alpha, "alpha")
+    alpha = check_fraction(alpha, "alpha")
 
     def smallest_pvalue(n: int) -> float:
-        p = 1.0 / (n + 1)
+        p = _pvalue_of_count(0, n)
         if correction is None:
             return p
         if correction == "simes" and n < 2:
             return 1.0
         return float(calibration_conditional(np.array([p]), n, delta if delta is not None else 0.05, correction)[0])
 
-    if correction is not None and correction not in CORRECTIONS:
-        raise ValueError(f"correction: expected None or one of {', '.join(map(repr, CORRECTIONS))}, got {correction!r}")
+    check_correction(correction)
     # The smallest p-value does not increase with n: double until feasible, then bisect (low stays infeasible).
     high = 1
     while smallest_pvalue(high) > alpha:
@@ -213,6 +235,41 @@ def minimum_calibration_size(alpha: float, delta: float | None = None, correctio
     return high
 
 
+def false_alarm_rate(n: int, alpha: float, delta: float | None = None, correction: str | None = None) -> float:
+    """Probability that the test ``p <= alpha`` flags a fresh ID input, with ``n`` calibration scores.
+
+    A fresh ID score exchangeable with the calibration scores is equalled or exceeded by a count ``c`` of them
+    that is uniform on ``0..n`` (for continuous scores; ties only make p-values larger), so its p-value
+    ``(1 + c) / (n + 1)`` is uniform on ``n + 1`` values: the rate is the fraction of them that are ``<= alpha``
+    (after the correction, when one is given), ``floor(alpha (n + 1)) / (n + 1)`` without one. It is averaged
+    over calibration draws; with a correction, the rate *given* one calibration set is at most ``alpha`` with
+    probability ``>= 1 - delta``.
+
+    Parameters
+    ----------
+    n : number of calibration scores.
+    alpha : level of the test, in (0, 1).
+    delta, correction : as in :func:`calibration_conditional` (``delta`` defaults to 0.05 with a correction and is
+        not used without one).
+
+    Examples
+    --------
+    >>> false_alarm_rate(19, 0.05)  # p = 1/20 is the only value <= 0.05
+    0.05
+    >>> false_alarm_rate(18, 0.05)  # 18 calibration scores cannot give a p-value <= 0.05
+    0.0
+    >>> round(false_alarm_rate(400, 0.1, delta=0.1, correction="simes"), 4)  # below alpha: the price of the guarantee
+    0.0648
+    """
+    n = _check_count(n)
+    alpha = check_fraction(alpha, "alpha")
+    check_correction(correction)
+    pvalues = _pvalue_of_count(np.arange(n + 1), n)
+    if correction is not None:
+        pvalues = calibration_conditional(pvalues, n, 0.05 if delta is None else delta, correction)
+    return int(np.count_nonzero(pvalues <= alpha)) / (n + 1)
+
+
 def benjamini_hochberg(pvalues: Any, alpha: float) -> np.ndarray:
     """Benjamini-Hochberg step-up procedure: a boolean mask of the rejected hypotheses (flagged as OOD).
 
@@ -227,7 +284,7 @@ def benjamini_hochberg(pvalues: Any, alpha: float) -> np.ndarray:
     >>> benjamini_hochberg([0.02, 0.9], alpha=0.03).tolist()
     [False, False]
     """
-    alpha = _check_fraction(alpha, "alpha")
+    alpha = check_fraction(alpha, "alpha")
     p = _check_pvalues(pvalues)
     m = p.size
     mask = np.zeros(m, dtype=bool)

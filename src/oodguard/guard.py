@@ -47,8 +47,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from numbers import Real
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +58,21 @@ from safetensors.torch import load_model, save_file, save_model
 
 from oodguard.conformal import (
     CORRECTIONS,
-    _simes_sequence,
     benjamini_hochberg,
     calibration_conditional,
+    check_correction,
+    check_fraction,
+    false_alarm_rate,
     minimum_calibration_size,
+    simes_sequence,
+    sorted_pvalues,
 )
 from oodguard.detectors import base as detector_base
 from oodguard.detectors.base import Detector, NotFittedError, Source
 from oodguard.extraction.extract import extract
 from oodguard.extraction.model_runner import ModelRunner
 from oodguard.files import sha256_of_file
+from oodguard.metrics import threshold_at_tpr
 from oodguard.outputs import ModelOutputs, as_outputs
 
 __all__ = ["Guard", "GuardResult", "load_guard", "FORMAT_VERSION"]
@@ -147,11 +151,9 @@ class _Calibration:
         return int(self.scores.shape[0])
 
     def pvalues(self, scores: np.ndarray) -> np.ndarray:
-        n = self.scores.shape[0]
-        at_least = n - np.searchsorted(self.scores, scores, side="left")
-        p = (1.0 + at_least) / (n + 1.0)
+        p = sorted_pvalues(self.scores, scores)  # conformal_pvalues without re-checking the calibration scores
         if self.correction is not None:
-            p = calibration_conditional(p, n, self.delta, self.correction, _simes=self.simes)
+            p = calibration_conditional(p, self.n, self.delta, self.correction, _simes=self.simes)
         return p
 
     def decide(self, scores: np.ndarray, pvalues: np.ndarray) -> np.ndarray:
@@ -160,24 +162,20 @@ class _Calibration:
         return pvalues <= self.alpha
 
 
-def _check_fraction(value: Any, name: str, *, allow_one: bool = False) -> float:
-    upper_ok = (lambda v: v <= 1.0) if allow_one else (lambda v: v < 1.0)
-    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 < float(value) and upper_ok(float(value))):
-        interval = "(0, 1]" if allow_one else "(0, 1)"
-        raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
-    return float(value)
-
-
 def _make_calibration(
     scores: np.ndarray, tpr: float, alpha: float | None, delta: float | None, correction: str | None
 ) -> _Calibration:
     """Threshold, rule and expected false-alarm rate from sorted calibration scores (validated inputs)."""
     n = scores.shape[0]
-    # Same float expression as metrics.fpr_at_tpr: the first k with k / n >= tpr; accept s <= scores[k-1].
-    first = int(np.argmax(np.arange(1, n + 1) / n >= tpr))
-    threshold = float(scores[first])
-    simes = _simes_sequence(n, delta) if correction == "simes" else None
-    calibration = _Calibration(
+    threshold = threshold_at_tpr(scores, tpr)  # accept s <= threshold, as metrics.fpr_at_tpr
+    if alpha is None:
+        # The rank of a fresh ID score among the n + 1 is uniform (for continuous scores; ties only lower the rate):
+        # it lands above the K = #{S_i <= t} accepted ranks, and is flagged, with probability (n + 1 - K) / (n + 1).
+        accepted = int(np.searchsorted(scores, threshold, side="right"))
+        rate = (n + 1 - accepted) / (n + 1)
+    else:
+        rate = false_alarm_rate(n, alpha, delta, correction)
+    return _Calibration(
         scores=scores,
         tpr=tpr,
         threshold=threshold,
@@ -185,21 +183,9 @@ def _make_calibration(
         alpha=alpha,
         delta=delta,
         correction=correction,
-        simes=simes,
-        false_alarm_rate=0.0,
+        simes=simes_sequence(n, delta) if correction == "simes" else None,
+        false_alarm_rate=rate,
     )
-    # The rank of a fresh ID score among the n + 1 is uniform: the count c = #{S_i >= s} takes each value in
-    # 0..n with probability 1/(n+1) (for continuous scores; ties only lower the rate). Count the flagged ones.
-    counts = np.arange(n + 1)
-    p = (1.0 + counts) / (n + 1.0)
-    if correction is not None:
-        p = calibration_conditional(p, n, delta, correction, _simes=simes)
-    if alpha is None:
-        accepted = int(np.searchsorted(scores, threshold, side="right"))  # K = #{S_i <= t}; flag s > t
-        flagged = n + 1 - accepted
-    else:
-        flagged = int((p <= alpha).sum())
-    return replace(calibration, false_alarm_rate=flagged / (n + 1))
 
 
 def _fingerprint(source: Source) -> str:
@@ -468,15 +454,14 @@ class Guard:
         """
         if not self.detector.is_fitted:
             raise NotFittedError(f"Guard: call fit(id_data) before calibrate(...) (detector {self.detector.name!r})")
-        tpr = _check_fraction(tpr, "tpr", allow_one=True)
+        tpr = check_fraction(tpr, "tpr", allow_one=True)
         if alpha is not None:
-            alpha = _check_fraction(alpha, "alpha")
-        if correction is not None and correction not in CORRECTIONS:
-            raise ValueError(f"correction: expected None, 'dkwm' or 'simes', got {correction!r}")
+            alpha = check_fraction(alpha, "alpha")
+        check_correction(correction)
         if correction is None and delta is not None:
             raise ValueError("delta: the confidence of a calibration-conditional correction; pass correction= too")
         if correction is not None:
-            delta = 0.05 if delta is None else _check_fraction(delta, "delta")
+            delta = 0.05 if delta is None else check_fraction(delta, "delta")
         source = self._source(id_validation, "id_validation", progress=self.progress)
         if source.data is None and source.outputs.labels is not None and bool(source.outputs.is_ood.any()):
             raise ValueError(
@@ -608,7 +593,7 @@ class Guard:
         ID inputs in the batch), because conformal p-values sharing a calibration set are PRDS.
         """
         calibration = self._require_calibration("guard_batch")
-        fdr = _check_fraction(fdr, "fdr")
+        fdr = check_fraction(fdr, "fdr")
         source = self._source(x, "x")
         scores = self._score(source)
         pvalues = calibration.pvalues(scores)
@@ -842,9 +827,9 @@ def load_guard(
         raise ValueError(f"{config_path}: inconsistent correction {correction!r} with delta={delta!r}")
     guard._calibration = _make_calibration(
         scores,
-        _check_fraction(_entry(decision, "tpr", config_path, float), "tpr", allow_one=True),
-        None if alpha is None else _check_fraction(alpha, "alpha"),
-        None if delta is None else _check_fraction(delta, "delta"),
+        check_fraction(_entry(decision, "tpr", config_path, float), "tpr", allow_one=True),
+        None if alpha is None else check_fraction(alpha, "alpha"),
+        None if delta is None else check_fraction(delta, "delta"),
         correction,
     )
     if guard._calibration.threshold != decision.get("threshold"):

@@ -57,6 +57,10 @@ __all__ = [
     "evaluate_oms",
     "fpr_at_ood_tpr",
     "fpr_at_tpr",
+    "paired_bootstrap",
+    "percentile_interval",
+    "roc_curve",
+    "threshold_at_tpr",
 ]
 
 
@@ -188,12 +192,17 @@ def _auroc_counts(id_counts: np.ndarray, ood_counts: np.ndarray) -> np.ndarray:
     return twice_wins / (2.0 * id_counts.sum(axis=-1) * ood_cum[..., -1])
 
 
+def _first_reaching(pos_counts: np.ndarray, tpr: float) -> np.ndarray:
+    """Counts in sweep order; the first step j at which the first j+1 groups hold a fraction >= tpr of the total."""
+    pos_cum = np.cumsum(pos_counts, axis=-1)
+    # Same float expression as sklearn's roc_curve (tps / tps[-1]), so the comparison agrees bit for bit.
+    return np.argmax(pos_cum / _last(pos_cum) >= tpr, axis=-1)
+
+
 def _fpr_at_first_point(pos_counts: np.ndarray, neg_counts: np.ndarray, tpr: float) -> np.ndarray:
     """Counts are in sweep order; at step j the first j+1 groups are 'caught'. First step with rate >= tpr."""
-    pos_cum = np.cumsum(pos_counts, axis=-1)
     neg_cum = np.cumsum(neg_counts, axis=-1)
-    # Same float expression as sklearn's roc_curve (tps / tps[-1]), so the comparison agrees bit for bit.
-    first = np.argmax(pos_cum / _last(pos_cum) >= tpr, axis=-1)
+    first = _first_reaching(pos_counts, tpr)
     caught_neg = np.take_along_axis(neg_cum, np.expand_dims(first, -1), axis=-1)[..., 0]
     return caught_neg / neg_cum[..., -1]
 
@@ -297,6 +306,38 @@ def auroc(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
     return float(_auroc_counts(id_counts, ood_counts))
 
 
+def roc_curve(id_scores: ArrayLike, ood_scores: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve of OOD-versus-ID detection, one point per distinct score value; :func:`auroc` is its area.
+
+    OOD is the positive class and a sample is flagged as OOD when ``s >= t``. The thresholds ``t`` are the
+    distinct pooled score values in decreasing order, preceded by ``+inf`` (nothing flagged: the point (0, 0)).
+    Equals ``sklearn.metrics.roc_curve(is_ood, s, drop_intermediate=False)``.
+
+    Parameters
+    ----------
+    id_scores, ood_scores : 1-D arrays of finite OOD scores, higher = more OOD.
+
+    Returns
+    -------
+    ``(fpr, tpr, thresholds)``: float64 arrays, one entry per distinct score value plus one. ``fpr`` is the
+    fraction of ID samples flagged at each threshold, ``tpr`` the fraction of OOD samples flagged.
+
+    Examples
+    --------
+    >>> fpr, tpr, thresholds = roc_curve([0.0, 1.0, 2.0], [1.0, 3.0])
+    >>> tpr.tolist(), thresholds.tolist()
+    ([0.0, 0.5, 0.5, 1.0, 1.0], [inf, 3.0, 2.0, 1.0, 0.0])
+    >>> (3 * fpr).round(6).tolist()  # ID flagged: none, none, 1, 2 (the tie at 1), 3 of 3
+    [0.0, 0.0, 1.0, 2.0, 3.0]
+    """
+    values, id_counts, ood_counts = _counts(id_scores, ood_scores)
+    flagged_id = np.cumsum(id_counts[::-1])
+    flagged_ood = np.cumsum(ood_counts[::-1])
+    fpr = np.concatenate([[0.0], flagged_id / flagged_id[-1]])
+    tpr = np.concatenate([[0.0], flagged_ood / flagged_ood[-1]])
+    return fpr, tpr, np.concatenate([[np.inf], values[::-1]])
+
+
 def aupr_in(id_scores: ArrayLike, ood_scores: ArrayLike, estimator: str = "average_precision") -> float:
     """Area under the precision-recall curve with **ID as the positive class** and score ``-s``.
 
@@ -383,6 +424,41 @@ def fpr_at_tpr(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float = 0.95) -
     tpr = _check_tpr(tpr)
     _, id_counts, ood_counts = _counts(id_scores, ood_scores)
     return float(_fpr_at_id_tpr_counts(id_counts, ood_counts, tpr))
+
+
+def threshold_at_tpr(id_scores: ArrayLike, tpr: float = 0.95) -> float:
+    """The score threshold that keeps a fraction ``tpr`` of the ID samples: accept as ID when ``s <= t``.
+
+    ``t`` is the smallest ID score with ``#{ID scores <= t} / n >= tpr``, the fraction computed as the float
+    ``k / n`` (as ``sklearn.metrics.roc_curve`` computes its rates). It is the threshold of :func:`fpr_at_tpr`
+    (ID-TPR convention): ``fpr_at_tpr(id, ood, tpr) == mean(ood <= threshold_at_tpr(id, tpr))``. Tied scores
+    are never split, so the fraction actually kept may exceed ``tpr``.
+
+    This is the ``tpr`` quantile with ``numpy.quantile(..., method="inverted_cdf")`` (the inverse of the empirical
+    CDF, no interpolation), except where ``tpr * n`` rounds above an integer in floats: numpy gives 8 for the
+    0.28 quantile of ``1..25`` because ``0.28 * 25`` is ``7.000000000000001``; here 7 of 25 is a fraction 0.28.
+
+    Parameters
+    ----------
+    id_scores : 1-D array of finite OOD scores of ID samples, higher = more OOD.
+    tpr : target fraction of ID samples accepted, in (0, 1].
+
+    Returns
+    -------
+    float, one of the ID scores.
+
+    Examples
+    --------
+    >>> threshold_at_tpr([3.0, 1.0, 2.0, 4.0], tpr=0.5)
+    2.0
+    >>> threshold_at_tpr([1.0, 2.0, 2.0, 2.0, 5.0], tpr=0.5)  # the tied 2s are kept together: 4/5 accepted
+    2.0
+    >>> threshold_at_tpr(range(1, 26), tpr=0.28)
+    7.0
+    """
+    tpr = _check_tpr(tpr)
+    values, counts = np.unique(_as_scores(id_scores, "id_scores"), return_counts=True)
+    return float(values[_first_reaching(counts, tpr)])
 
 
 def fpr_at_ood_tpr(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float = 0.95) -> float:
@@ -535,10 +611,8 @@ def bootstrap(
     unknown = [name for name in names if name not in BOOTSTRAP_METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {BOOTSTRAP_METRICS}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if isinstance(confidence, bool) or not isinstance(confidence, Real) or not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}; pass e.g. 0.95")
+    _check_n_boot(n_boot)
+    _check_confidence(confidence)
     tpr = _check_tpr(tpr)
     _check_estimator(aupr_estimator, "aupr_estimator")
 
@@ -559,19 +633,180 @@ def bootstrap(
         for name in names:
             draws[name][start : start + size] = _metric_counts(name, id_counts, ood_counts, tpr, aupr_estimator)
 
-    tail = (1.0 - confidence) / 2.0
-    result = {}
-    for name in names:
-        low, high = np.quantile(draws[name], [tail, 1.0 - tail])
-        result[name] = (estimates[name], float(low), float(high))
-    return result
+    return {name: (estimates[name], *percentile_interval(draws[name], confidence)) for name in names}
+
+
+def _check_n_boot(n_boot: int) -> None:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+
+
+def _check_confidence(confidence: float) -> None:
+    if isinstance(confidence, bool) or not isinstance(confidence, Real) or not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}; pass e.g. 0.95")
 
 
 def _resampled_counts(rng: np.random.Generator, group: np.ndarray, n_rep: int, n_groups: int) -> np.ndarray:
     """Counts per tie group of ``n_rep`` resamples (with replacement) of the samples whose groups are given."""
-    picks = group[rng.integers(0, group.size, size=(n_rep, group.size))]
+    return _drawn_counts(group, rng.integers(0, group.size, size=(n_rep, group.size)), n_groups)
+
+
+def _drawn_counts(group: np.ndarray, draws: np.ndarray, n_groups: int) -> np.ndarray:
+    """Counts per tie group ``[n_rep, n_groups]`` of the resamples ``draws [n_rep, m]`` (sample indices)."""
+    n_rep = draws.shape[0]
+    picks = group[draws]
     picks += (np.arange(n_rep, dtype=np.int64) * n_groups)[:, None]
     return np.bincount(picks.ravel(), minlength=n_rep * n_groups).reshape(n_rep, n_groups)
+
+
+def percentile_interval(replicates: ArrayLike, confidence: float = 0.95) -> tuple[float, float]:
+    """Bootstrap percentile interval: the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles.
+
+    Quantiles of the replicates by ``numpy.quantile`` with its default linear interpolation; the levels are
+    computed as ``tail = (1 - confidence) / 2`` and ``1 - tail``. :func:`bootstrap` reports these intervals; use
+    this function on the replicates of :func:`paired_bootstrap` (or of a difference of two rows of it) so that
+    every interval in a report is computed the same way.
+
+    Parameters
+    ----------
+    replicates : 1-D array of finite bootstrap replicates of one statistic (not the full-sample estimate).
+    confidence : coverage of the interval, in (0, 1).
+
+    Returns
+    -------
+    ``(low, high)`` as floats.
+
+    Examples
+    --------
+    >>> percentile_interval(np.arange(101.0), confidence=0.5)
+    (25.0, 75.0)
+    """
+    values = _as_scores(replicates, "replicates")
+    _check_confidence(confidence)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def _as_score_rows(values: Any, name: str) -> np.ndarray:
+    """Scores of several detectors on the same samples as a float64 array ``[n_detectors, n_samples]``."""
+    if isinstance(values, (list, tuple)):
+        rows = [_as_scores(row, f"{name}[{i}]") for i, row in enumerate(values)]
+    else:
+        array = _to_numpy(values, name)
+        if array.ndim != 2:
+            raise ValueError(
+                f"{name}: expected one row of scores per detector [n_detectors, n_samples], got shape {array.shape}"
+            )
+        rows = [_as_scores(row, f"{name}[{i}]") for i, row in enumerate(array)]
+    if not rows:
+        raise ValueError(f"{name} holds no detector's scores; pass one row of scores per detector")
+    sizes = {row.size for row in rows}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"{name}: the detectors' rows have different lengths {sorted(sizes)}; a paired bootstrap needs every "
+            "detector's scores of the same samples, in the same order"
+        )
+    return np.stack(rows)
+
+
+def paired_bootstrap(
+    id_scores: Any,
+    ood_scores: Sequence[Any],
+    metric: str = "auroc",
+    n_boot: int = 1000,
+    seed: int | None = 0,
+    *,
+    tpr: float = 0.95,
+    aupr_estimator: str = "average_precision",
+) -> np.ndarray:
+    """Paired bootstrap of one ID-versus-OOD metric for several detectors scored on the same samples.
+
+    Every replicate resamples, with replacement, the ID samples and each OOD set's samples once and applies the
+    same indices to every detector, so that differences between detectors are paired: the variation they share
+    (which samples were drawn) cancels in ``result[:, i] - result[:, j]``, whose :func:`percentile_interval`
+    is the interval of the difference. :func:`bootstrap` instead resamples one detector's scores on its own.
+
+    The draws come from ``numpy.random.default_rng(seed)``, replicate by replicate: the ID indices
+    (``rng.integers(0, n_id, n_id)``), then each OOD set's in the order given (``rng.integers(0, n_k, n_k)``).
+    As in :func:`bootstrap`, each replicate is computed from the tie groups of the full sample, without
+    re-sorting.
+
+    Parameters
+    ----------
+    id_scores : ``[n_detectors, n_id]``: one row of OOD scores per detector (a 2-D array or tensor, or a list of
+        1-D arrays), the same ID samples in the same order in every row.
+    ood_scores : a sequence of OOD sets, each ``[n_detectors, n_k]`` with the detectors in the same order.
+    metric : one of ``BOOTSTRAP_METRICS`` (see :func:`bootstrap`).
+    n_boot : number of bootstrap replicates.
+    seed : seed of the numpy Generator.
+    tpr, aupr_estimator : as in :func:`evaluate`.
+
+    Returns
+    -------
+    float64 array ``[n_boot + 1, n_detectors, n_sets]``: row 0 holds the metric on the full samples, rows
+    ``1..n_boot`` the replicates.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> id_s, ood_s = rng.normal(0, 1, 300), rng.normal(1, 1, 200)
+    >>> values = paired_bootstrap([id_s, 2 * id_s], [[ood_s, 2 * ood_s + 0.5]], n_boot=200)
+    >>> values.shape
+    (201, 2, 1)
+    >>> bool(values[0, 0, 0] == auroc(id_s, ood_s))
+    True
+    >>> low, high = percentile_interval(values[1:, 1, 0] - values[1:, 0, 0])
+    >>> bool(0 < low < high)  # the shift of the second detector's OOD scores helps in every replicate
+    True
+    """
+    if metric not in BOOTSTRAP_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {BOOTSTRAP_METRICS}")
+    _check_n_boot(n_boot)
+    tpr = _check_tpr(tpr)
+    _check_estimator(aupr_estimator, "aupr_estimator")
+    id_rows = _as_score_rows(id_scores, "id_scores")
+    if isinstance(ood_scores, (str, bytes)) or not isinstance(ood_scores, (Sequence, np.ndarray, torch.Tensor)):
+        kind = type(ood_scores).__name__
+        raise ValueError(f"ood_scores: expected a sequence of OOD sets [n_detectors, n_k], got {kind}")
+    sets = [_as_score_rows(ood, f"ood_scores[{k}]") for k, ood in enumerate(ood_scores)]
+    if not sets:
+        raise ValueError("ood_scores holds no OOD set; pass at least one [n_detectors, n_k] set")
+    n_detectors = id_rows.shape[0]
+    for k, ood in enumerate(sets):
+        if ood.shape[0] != n_detectors:
+            raise ValueError(
+                f"ood_scores[{k}] has {ood.shape[0]} detectors' rows but id_scores has {n_detectors}; "
+                "pass the detectors in the same order in every set"
+            )
+
+    # Tie groups of every (detector, OOD set) pair, once: (ID groups, OOD groups, number of groups).
+    pairs = {}
+    result = np.empty((n_boot + 1, n_detectors, len(sets)))
+    for k, ood in enumerate(sets):
+        for d in range(n_detectors):
+            values, group = _group_index(np.concatenate([id_rows[d], ood[d]]))
+            pairs[d, k] = (group[: id_rows.shape[1]], group[id_rows.shape[1] :], values.size)
+            id_group, ood_group, n_groups = pairs[d, k]
+            full_id = np.bincount(id_group, minlength=n_groups)
+            full_ood = np.bincount(ood_group, minlength=n_groups)
+            result[0, d, k] = _metric_counts(metric, full_id, full_ood, tpr, aupr_estimator)
+
+    rng = np.random.default_rng(seed)
+    sizes = [id_rows.shape[1], *(ood.shape[1] for ood in sets)]
+    batch = max(1, min(n_boot, _BOOTSTRAP_BATCH_ELEMENTS // sum(sizes)))
+    for start in range(0, n_boot, batch):
+        size = min(batch, n_boot - start)
+        draws = [np.empty((size, n), dtype=np.int64) for n in sizes]
+        for r in range(size):
+            for drawn, n in zip(draws, sizes, strict=True):
+                drawn[r] = rng.integers(0, n, n)
+        for (d, k), (id_group, ood_group, n_groups) in pairs.items():
+            id_counts = _drawn_counts(id_group, draws[0], n_groups)
+            ood_counts = _drawn_counts(ood_group, draws[k + 1], n_groups)
+            replicates = _metric_counts(metric, id_counts, ood_counts, tpr, aupr_estimator)
+            result[1 + start : 1 + start + size, d, k] = replicates
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from oodguard import metrics
+
 if TYPE_CHECKING:
     from oodguard.benchmark.results import Results
 
@@ -21,17 +23,9 @@ HISTOGRAM_BINS = 40
 
 
 def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray, max_points: int = ROC_POINTS) -> dict[str, list]:
-    """ROC with OOD as the positive class: FPR = ID flagged, TPR = OOD flagged, one point per distinct score.
-
-    Thinned to about ``max_points`` points (keeping both ends) for the page.
-    """
-    scores = np.concatenate([id_scores, ood_scores])
-    is_ood = np.concatenate([np.zeros(len(id_scores)), np.ones(len(ood_scores))])
-    order = np.argsort(-scores, kind="stable")
-    scores, is_ood = scores[order], is_ood[order]
-    last_of_value = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    tpr = np.r_[0.0, np.cumsum(is_ood)[last_of_value] / max(1, len(ood_scores))]
-    fpr = np.r_[0.0, np.cumsum(1 - is_ood)[last_of_value] / max(1, len(id_scores))]
+    """:func:`oodguard.metrics.roc_curve` (OOD positive, one point per distinct score), thinned to about
+    ``max_points`` points (keeping both ends) and rounded for the page."""
+    fpr, tpr, _ = metrics.roc_curve(id_scores, ood_scores)
     if len(fpr) > max_points:
         keep = np.unique(np.r_[np.linspace(0, len(fpr) - 1, max_points).astype(int), len(fpr) - 1])
         fpr, tpr = fpr[keep], tpr[keep]

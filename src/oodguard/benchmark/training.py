@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from oodguard import metrics
 from oodguard.benchmark.results import Results
 from oodguard.benchmark.runner import extract_benchmark, run_on_outputs
 from oodguard.benchmark.spec import Benchmark
@@ -201,13 +202,6 @@ def fine_tune(
     return result.model, method, {**meta, "cached": False}
 
 
-def _auroc(id_sorted: np.ndarray, ood: np.ndarray) -> float:
-    """P(OOD score > ID score) + 0.5 P(tie), with ``id_sorted`` ascending."""
-    below = np.searchsorted(id_sorted, ood, side="left")
-    not_above = np.searchsorted(id_sorted, ood, side="right")
-    return float((below + not_above).sum() / (2.0 * len(id_sorted) * len(ood)))
-
-
 def group_auroc_bootstrap(
     scores: Mapping[str, Mapping[str, np.ndarray]],
     groups: Mapping[str, list[str]],
@@ -217,31 +211,27 @@ def group_auroc_bootstrap(
     """Paired bootstrap of group-mean AUROC: ``{row: array [n_boot + 1, n_groups]}`` (row 0 = full sample).
 
     Every replicate resamples the ID rows and each OOD set's rows once, with replacement, and applies the same
-    indices to every row of ``scores`` (all rows score the same inputs), so differences between rows are paired.
+    indices to every row of ``scores`` (all rows score the same inputs), so differences between rows are paired:
+    :func:`oodguard.metrics.paired_bootstrap` of each row's AUROC per OOD set, averaged over each group's sets.
     """
     rows = list(scores)
-    first = scores[rows[0]]
-    sets = [name for members in groups.values() for name in members]
-    rng = np.random.default_rng(seed)
-    draws = [{"id": np.arange(len(first["id"])), **{s: np.arange(len(first[s])) for s in sets}}]
-    for _ in range(n_boot):
-        draw = {"id": rng.integers(0, len(first["id"]), len(first["id"]))}
-        draw.update({s: rng.integers(0, len(first[s]), len(first[s])) for s in sets})
-        draws.append(draw)
+    sets = [name for members in groups.values() for name in members]  # the draws follow this order
+    id_scores = [scores[row]["id"] for row in rows]
+    ood_scores = [[scores[row][name] for row in rows] for name in sets]
+    auroc = metrics.paired_bootstrap(id_scores, ood_scores, n_boot=n_boot, seed=seed)  # [n_boot + 1, rows, sets]
+    column = {name: k for k, name in enumerate(sets)}
     out = {}
-    for row in rows:
-        values = np.empty((len(draws), len(groups)))
-        for r, draw in enumerate(draws):
-            id_sorted = np.sort(np.asarray(scores[row]["id"])[draw["id"]])
-            for g, members in enumerate(groups.values()):
-                values[r, g] = np.mean([_auroc(id_sorted, np.asarray(scores[row][s])[draw[s]]) for s in members])
-        out[row] = values
+    for i, row in enumerate(rows):
+        # row-major, so that every mean sums its sets in numpy's pairwise order (as np.mean of one list of values)
+        means = [np.ascontiguousarray(auroc[:, i, [column[name] for name in members]]).mean(axis=1)
+                 for members in groups.values()]  # fmt: skip
+        out[row] = np.stack(means, axis=1)
     return out
 
 
 def _interval(values: np.ndarray) -> tuple[float, float, float]:
-    low, high = np.percentile(values[1:], [2.5, 97.5])
-    return float(values[0]), float(low), float(high)
+    """Full-sample estimate (row 0) and the 95 % percentile interval of the replicates."""
+    return (float(values[0]), *metrics.percentile_interval(values[1:], 0.95))
 
 
 def verdict(difference: tuple[float, float, float]) -> str:
