@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from oodguard import ModelOutputs
 from oodguard.cli import main
-from oodguard.files import read_outputs
+from oodguard.outputs import read_outputs
 
 from detector_data import far_outputs, id_outputs
 

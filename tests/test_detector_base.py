@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from oodguard import ModelOutputs, detectors
-from oodguard.detectors.base import Detector, class_counts, percentile, symmetric_pinv
+from oodguard.detectors.base import OutputDetector, class_counts, percentile, symmetric_pinv
 
 
-class CountingMean(Detector):
+class CountingMean(OutputDetector):
     """Distance to the fit mean; counts how often the state is finalised (not registered)."""
 
     name = "counting-mean"

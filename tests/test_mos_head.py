@@ -188,10 +188,10 @@ def test_save_load_round_trip(trained, tmp_path):
     np.testing.assert_array_equal(loaded.logits(features), head.logits(features))
     assert "MOSHead(C=6, K=3, D=8" in repr(loaded)
     ModelOutputs(features=features).save(tmp_path / "outputs.safetensors")
-    with pytest.raises(ValueError, match="not a MOS head"):
+    with pytest.raises(ValueError, match="holds a 'outputs', not a 'mos_head'"):
         MOSHead.load(tmp_path / "outputs.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(ValueError, match="not a safetensors file"):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         MOSHead.load(tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError):
         MOSHead.load(tmp_path / "missing.safetensors")

@@ -95,10 +95,10 @@ def test_load_refuses_foreign_files(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
-    with pytest.raises(ValueError, match="not written by ModelOutputs.save"):
+    with pytest.raises(ValueError, match="foreign.safetensors was not written by oodguard"):
         ModelOutputs.load(tmp_path / "foreign.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a file format")
-    with pytest.raises(ValueError, match="not a safetensors file"):
+    with pytest.raises(ValueError, match="junk.safetensors is not a readable safetensors file"):
         ModelOutputs.load(tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError):
         ModelOutputs.load(tmp_path / "missing.safetensors")

@@ -242,7 +242,7 @@ def test_truncated_or_foreign_checkpoints_raise_value_errors_naming_the_file(tmp
     for name, content in (("half", data[: len(data) // 2]), ("tiny", data[:5]), ("text", b"not a checkpoint")):
         broken = tmp_path / f"{name}.safetensors"
         broken.write_bytes(content)
-        with pytest.raises(ValueError, match=f"{name}.safetensors is not a readable safetensors checkpoint"):
+        with pytest.raises(ValueError, match=f"{name}.safetensors is not a readable safetensors file"):
             load_checkpoint(broken, toy_model())
 
 

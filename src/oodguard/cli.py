@@ -158,7 +158,7 @@ def evaluate(
 ) -> None:
     """Evaluate detectors on outputs from any framework (arrays logits/features/labels, optional head)."""
     from oodguard.benchmark.runner import run_on_outputs
-    from oodguard.files import read_outputs
+    from oodguard.outputs import read_outputs
 
     names = _detector_names(detector_names)
     params = _detector_params(param)

@@ -53,9 +53,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_model, save_file, save_model
 
+from oodguard import persist
 from oodguard.conformal import (
     CORRECTIONS,
     benjamini_hochberg,
@@ -71,15 +70,17 @@ from oodguard.detectors import base as detector_base
 from oodguard.detectors.base import Detector, NotFittedError, Source
 from oodguard.extraction.extract import extract
 from oodguard.extraction.model_runner import ModelRunner
-from oodguard.files import sha256_of_file
 from oodguard.metrics import threshold_at_tpr
 from oodguard.outputs import ModelOutputs, as_outputs
+from oodguard.persist import sha256_of_file
 
 __all__ = ["Guard", "GuardResult", "load_guard", "FORMAT_VERSION"]
 
 FORMAT = "oodguard.guard"
 #: Version of the saved-guard layout; :func:`load_guard` refuses any other.
-FORMAT_VERSION = 1
+#: Version 2: calibration and model files in oodguard's file format (version 1: plain safetensors, still read).
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 GUARD_FILE = "guard.json"
 CALIBRATION_FILE = "calibration.safetensors"
 MODEL_FILE = "model.safetensors"
@@ -651,11 +652,10 @@ class Guard:
             self.detector.save(temporary / DETECTOR_DIR)
             tensors = {"scores": torch.from_numpy(calibration.scores.copy())}
             if self.head_ is not None:
-                tensors["head.weight"] = self.head_[0].detach().cpu().contiguous()
-                tensors["head.bias"] = self.head_[1].detach().cpu().contiguous()
-            save_file(tensors, str(temporary / CALIBRATION_FILE))
+                tensors["head.weight"], tensors["head.bias"] = self.head_
+            persist.save(temporary / CALIBRATION_FILE, tensors, kind="guard_calibration", version=1)
             if self.model is not None:
-                save_model(self.model, str(temporary / MODEL_FILE))
+                persist.save(temporary / MODEL_FILE, self.model.state_dict(), kind="model_state", version=1)
             files = sorted(p for p in temporary.rglob("*") if p.is_file())
             config = {
                 "format": FORMAT,
@@ -676,7 +676,7 @@ class Guard:
                 "model": model_spec,
                 "files": {p.relative_to(temporary).as_posix(): sha256_of_file(p) for p in files},
             }
-            (temporary / GUARD_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+            persist.write_json_atomic(temporary / GUARD_FILE, config)
             if directory.exists():
                 # keep what is not the guard's own, e.g. the service's decision log in DIR/decisions.sqlite
                 for entry in directory.iterdir():
@@ -730,6 +730,18 @@ def _verified(directory: Path, files: Mapping[str, Any], relative: str) -> Path:
     return path
 
 
+def _read_tensors(path: Path, kind: str, guard_version: int) -> dict[str, torch.Tensor]:
+    """A guard's tensor file: plain safetensors in guard format version 1, oodguard's file format since."""
+    if guard_version == 1:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own types for damaged files
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
+    return persist.load(path, kind=kind, versions=1)[0]
+
+
 def load_guard(
     directory: str | os.PathLike,
     *,
@@ -755,10 +767,11 @@ def load_guard(
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{config_path} is not an oodguard guard config (format {FORMAT!r} expected)")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS:
         raise ValueError(
             f"{config_path}: guard format version {version!r} is not supported (oodguard {_library_version()} "
-            f"reads version {FORMAT_VERSION}); save the guard again with this version of oodguard"
+            f"reads versions {', '.join(map(str, _READABLE_VERSIONS))}); save the guard again with this version of "
+            "oodguard"
         )
     files = _entry(config, "files", config_path, dict)
     decision = _entry(config, "decision", config_path, dict)
@@ -768,7 +781,7 @@ def load_guard(
         raise ValueError(f"{config_path}: entry 'model' must be null or an object; the file is damaged")
 
     calibration_path = _verified(directory, files, _entry(config, "calibration", config_path, str))
-    tensors = load_safetensors_bytes(calibration_path.read_bytes())
+    tensors = _read_tensors(calibration_path, "guard_calibration", version)
     detector_name = _entry(detector_spec, "directory", config_path, str)
     detector_files = sorted(name for name in files if name.startswith(f"{detector_name}/"))
     if not detector_files:
@@ -790,7 +803,7 @@ def load_guard(
         factory = _factory_name(recorded if model_factory is None else model_factory)
         model = _build_model(factory)
         try:
-            load_model(model, str(model_path), strict=True)
+            model.load_state_dict(_read_tensors(model_path, "model_state", version), strict=True)
         except RuntimeError as error:
             raise ValueError(
                 f"{model_path}: does not fit the model built by {factory!r} ({error}); use the factory the guard "

@@ -6,18 +6,20 @@ every detector reuses what it produced.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+
+from oodguard import persist
 
 ArrayLike = np.ndarray | torch.Tensor
 
 FORMAT_VERSION = 1
+#: The kind of file ModelOutputs.save writes (see oodguard.persist).
+FILE_KIND = "outputs"
 _FIELDS = ("logits", "features", "labels", "layers", "head")
 
 
@@ -310,38 +312,16 @@ class ModelOutputs:
         if self.head is not None:
             tensors["head.weight"] = self.head[0].contiguous().cpu()
             tensors["head.bias"] = self.head[1].contiguous().cpu()
-        header = {
-            "format": "oodguard.ModelOutputs",
-            "format_version": FORMAT_VERSION,
-            "layer_names": list(self.layers),
-            "array_type": self.array_type,
-            "num_rows": len(self),
-        }
-        save_file(tensors, str(path), metadata={"oodguard": json.dumps(header)})
+        header = {"layer_names": list(self.layers), "array_type": self.array_type, "num_rows": len(self)}
+        persist.save(path, tensors, kind=FILE_KIND, version=FORMAT_VERSION, header=header)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelOutputs:
-        """Load a file written by :meth:`save`; refuses other files and unknown format versions."""
-        from safetensors import safe_open
-
+        """Load a file written by :meth:`save`; refuses other files, unknown versions and edited or damaged files."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such outputs file: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except Exception as error:  # safetensors raises its own error types for non-safetensors files
-            raise ValueError(f"{path} is not a safetensors file ({error})") from error
-        if "oodguard" not in metadata:
-            raise ValueError(f"{path} was not written by ModelOutputs.save (no oodguard header)")
-        header = json.loads(metadata["oodguard"])
-        version = header.get("format_version")
-        if header.get("format") != "oodguard.ModelOutputs" or version != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: unsupported outputs format {header.get('format')!r} version {version!r}; "
-                f"this oodguard reads version {FORMAT_VERSION}. Upgrade oodguard or re-extract the outputs"
-            )
-        tensors = load_file(str(path))
+        tensors, header = persist.load(path, kind=FILE_KIND, versions=FORMAT_VERSION)
         layers = {name: tensors[f"layers.{i}"] for i, name in enumerate(header["layer_names"])}
         head = (tensors["head.weight"], tensors["head.bias"]) if "head.weight" in tensors else None
         outputs = cls(
@@ -367,6 +347,60 @@ class ModelOutputs:
         if self.head is not None:
             parts.append(f"head[{self.head[0].shape[0]}x{self.head[0].shape[1]}]")
         return f"ModelOutputs({', '.join(parts)})"
+
+
+# ---------------------------------------------------------------------- files from other frameworks
+#: Array names a feature file may hold; the head may be stored as head.weight/head.bias or head_weight/head_bias.
+KNOWN_ARRAYS = ("logits", "features", "labels", "head.weight", "head.bias", "head_weight", "head_bias")
+
+
+def read_outputs(path: str | Path) -> ModelOutputs:
+    """Load outputs from a ``.safetensors`` or ``.npz`` file.
+
+    The file holds arrays named ``logits`` ``[N, C]``, ``features`` ``[N, D]``, ``labels`` ``[N]`` and,
+    optionally, the final linear layer as ``head.weight`` ``[C, D]`` and ``head.bias`` ``[C]`` (or
+    ``head_weight``/``head_bias``). A file written by :meth:`ModelOutputs.save` is read as such.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="np") as handle:
+                if persist.HEADER_KEY in (handle.metadata() or {}):
+                    return ModelOutputs.load(path)
+                arrays = {key: handle.get_tensor(key) for key in handle.keys()}
+        except ValueError:
+            raise
+        except Exception as error:
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
+    elif suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+        except Exception as error:
+            raise ValueError(f"{path} is not a readable npz file without pickled objects ({error})") from error
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .safetensors or .npz")
+    unknown = sorted(set(arrays) - set(KNOWN_ARRAYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown array(s) {unknown}; expected some of {', '.join(KNOWN_ARRAYS)}")
+    weight = arrays.get("head.weight", arrays.get("head_weight"))
+    bias = arrays.get("head.bias", arrays.get("head_bias"))
+    if (weight is None) != (bias is None):
+        raise ValueError(f"{path}: the head needs both its weight and its bias")
+    try:
+        return ModelOutputs(
+            logits=arrays.get("logits"),
+            features=arrays.get("features"),
+            labels=arrays.get("labels"),
+            head=None if weight is None else (weight, bias),
+        )
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
 
 
 def as_outputs(value: ModelOutputs | Mapping[str, Any]) -> ModelOutputs:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from oodguard.atomic import save_cache_file
+from oodguard import persist
 from oodguard.benchmark import digits_data as data
 from oodguard.benchmark.digits_model import DigitsCNN, default_cache_dir, load_or_train, train_digits_cnn
 from oodguard.benchmark.spec import Benchmark, DataSplit
@@ -134,19 +134,19 @@ def digits_arrays(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> 
     ``DATA_VERSION``, the seed, the set sizes and the versions of the packages that make them; building
     from scratch takes a few seconds, loading the cache a fraction of one.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{DATA_VERSION}-{_data_key(seed)}"
     path = path.with_suffix(".safetensors")
-    if path.is_file():
-        try:
-            return load_file(path)
-        except (SafetensorError, RuntimeError, OSError, ValueError):
-            pass  # truncated or foreign file: rebuild it
+    cached = persist.load_cache(path, kind=CACHE_KIND, versions=1)
+    if cached is not None:
+        return cached[0]
     arrays = _build_arrays(seed)
-    save_cache_file(arrays, path, metadata={"version": DATA_VERSION})  # unwritable cache: rebuilt next time
+    # a damaged or edited file is rebuilt; an unwritable cache folder only costs rebuilding next time
+    persist.save_cache(path, arrays, kind=CACHE_KIND, version=1, header={"data_version": DATA_VERSION})
     return arrays
+
+
+#: The kind of the digits data cache file (see oodguard.persist).
+CACHE_KIND = "cache.digits_data"
 
 
 # --------------------------------------------------------------------------------------------------- benchmark

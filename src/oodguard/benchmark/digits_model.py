@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from oodguard.atomic import save_safetensors_atomic
+from oodguard import persist
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -223,19 +223,21 @@ def load_or_train(
     -------
     DigitsCNN in eval mode.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     config = TrainConfig(num_classes=num_classes, seed=seed, epochs=epochs, **options)
     path = weights_path(cache_dir, training_key(images, labels, config))
-    if path.is_file():
+    cached = persist.load_cache(path, kind=CACHE_KIND, versions=1)
+    if cached is not None:
         model = DigitsCNN(num_classes)
         try:
-            model.load_state_dict(load_file(path))
+            model.load_state_dict(cached[0])
             return model.eval()
-        except (SafetensorError, RuntimeError, OSError, ValueError):
-            pass  # truncated or foreign file: retrain and overwrite it below
+        except RuntimeError:
+            pass  # weights of another architecture: retrain and overwrite them below
     model = _train(images, labels, config, progress)
-    metadata = {"version": MODEL_VERSION, "config": json.dumps(asdict(config), sort_keys=True)}
-    save_safetensors_atomic(model.state_dict(), path, metadata=metadata)
+    header = {"model_version": MODEL_VERSION, "config": asdict(config)}
+    persist.save(path, model.state_dict(), kind=CACHE_KIND, version=1, header=header)
     return model
+
+
+#: The kind of the trained digits CNN's cache file (see oodguard.persist).
+CACHE_KIND = "cache.digits_cnn"

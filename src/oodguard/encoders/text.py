@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from oodguard.files import sha256_of_file
+from oodguard import persist
+from oodguard.persist import sha256_of_file
 
 __all__ = [
     "DEFAULT_MODEL_SHA256",
@@ -387,13 +388,10 @@ def embed_texts(
 
 
 def _read_cache(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        embeddings = load_file(path)["embeddings"]
-    except (SafetensorError, RuntimeError, OSError, ValueError, KeyError):
-        return None  # truncated or foreign file: recompute and overwrite it
+    cached = persist.load_cache(path, kind=CACHE_KIND, versions=1)
+    if cached is None or "embeddings" not in cached[0]:
+        return None  # missing, truncated, edited or foreign file: recompute and overwrite it
+    embeddings = cached[0]["embeddings"]
     if (
         tuple(embeddings.shape) != shape
         or embeddings.dtype != torch.float32
@@ -404,6 +402,9 @@ def _read_cache(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
 
 
 def _write_cache(path: Path, embeddings: torch.Tensor) -> None:
-    from oodguard.atomic import save_cache_file
+    # an unwritable cache only costs recomputing next time
+    persist.save_cache(path, {"embeddings": embeddings}, kind=CACHE_KIND, version=1)
 
-    save_cache_file({"embeddings": embeddings}, path)  # an unwritable cache only costs recomputing next time
+
+#: The kind of an embedding cache file (see oodguard.persist).
+CACHE_KIND = "cache.text_embeddings"

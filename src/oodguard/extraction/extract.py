@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from oodguard import persist
 from oodguard.extraction.batches import Batches, check_rows
 from oodguard.extraction.fingerprint import ContentHash, content_hash, model_fingerprint, tensor_bytes
 from oodguard.extraction.modules import (
@@ -426,7 +427,7 @@ def extract(
             "head": head is not None,
             "chunk_rows": chunk_rows,
         }
-        (temporary / _COMPLETE).write_text(json.dumps(meta, indent=2))
+        persist.write_json_atomic(temporary / _COMPLETE, meta)
         _commit(temporary, entry)
         return outputs
     except BaseException:

@@ -24,7 +24,6 @@ True
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,12 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from oodguard import persist
 from oodguard.detectors.openset import _check_group_sizes, _GroupLayout, mos_group_labels, mos_predict
 from oodguard.outputs import ArrayLike, ModelOutputs
 
 __all__ = ["MOSHead", "train_mos_head", "mos_loss", "default_groups", "official_schedule", "OPTIMIZERS"]
 
-FORMAT = "oodguard.MOSHead"
+#: The kind of file MOSHead.save writes (see oodguard.persist).
+FILE_KIND = "mos_head"
 FORMAT_VERSION = 1
 OPTIMIZERS = ("adam", "sgd")
 #: The official schedule (``utils/finetune_utils.py``, ``get_schedule``): by training-set size, the steps where the
@@ -262,41 +263,17 @@ class MOSHead:
     # ------------------------------------------------------------------ saving
     def save(self, path: str | Path) -> None:
         """Write one safetensors file: ``weight``, ``bias`` and a JSON header (group sizes, training settings)."""
-        from safetensors.torch import save_file
-
-        header = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "group_sizes": self.group_sizes,
-            "training": self.training,
-        }
-        tensors = {"weight": self.weight.detach().contiguous().cpu(), "bias": self.bias.detach().contiguous().cpu()}
-        save_file(tensors, str(path), metadata={"oodguard": json.dumps(header)})
+        header = {"group_sizes": self.group_sizes, "training": self.training}
+        persist.save(path, {"weight": self.weight, "bias": self.bias}, kind=FILE_KIND, version=FORMAT_VERSION,
+                     header=header)  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path) -> MOSHead:
         """Read a file written by :meth:`save`; refuses other files and unknown format versions."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such MOS head file: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-        except Exception as error:  # safetensors raises its own error types for foreign files
-            raise ValueError(f"{path} is not a safetensors file ({error})") from error
-        try:
-            header = json.loads(metadata.get("oodguard", "{}"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: unreadable oodguard header ({error})") from error
-        version = header.get("format_version")
-        if header.get("format") != FORMAT or version != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: not a MOS head of format version {FORMAT_VERSION} (found format {header.get('format')!r} "
-                f"version {version!r}); write it with MOSHead.save from this oodguard"
-            )
+        tensors, header = persist.load(path, kind=FILE_KIND, versions=FORMAT_VERSION)
         if set(tensors) != {"weight", "bias"}:
             raise ValueError(f"{path}: expected tensors 'weight' and 'bias', found {sorted(tensors)}")
         try:

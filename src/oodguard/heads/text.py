@@ -20,7 +20,7 @@ import torch
 from scipy import optimize
 from torch import nn
 
-from oodguard.atomic import save_cache_file
+from oodguard import persist
 
 __all__ = ["LinearHead", "HeadConfig", "train_linear_head", "load_or_train_head"]
 
@@ -190,23 +190,26 @@ def load_or_train_head(
     Stored as safetensors (never pickle) in ``cache_dir`` under a name keyed by :func:`training_key`; an
     unreadable file is replaced; the write is atomic.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     config = HeadConfig(
         num_classes=int(num_classes), weight_decay=float(weight_decay), seed=int(seed), max_iter=int(max_iter)
     )
     key = training_key(embeddings, labels, config)
     path = Path(cache_dir) / f"{HEAD_VERSION}-{key}.safetensors"
     dim = torch.as_tensor(embeddings).shape[1]
-    if path.is_file():
+    cached = persist.load_cache(path, kind=CACHE_KIND, versions=1)
+    if cached is not None:
         head = LinearHead(dim, config.num_classes)
         try:
-            head.load_state_dict(load_file(path))
+            head.load_state_dict(cached[0])
             return head.eval()
-        except (SafetensorError, RuntimeError, OSError, ValueError):
-            pass  # truncated or foreign file: retrain and overwrite it below
+        except RuntimeError:
+            pass  # weights of another shape: retrain and overwrite them below
     head = _train(embeddings, labels, config)
     # an unwritable cache directory only costs the retraining next time
-    save_cache_file(head.state_dict(), path, metadata={"version": HEAD_VERSION, "config": json.dumps(asdict(config))})
+    persist.save_cache(path, head.state_dict(), kind=CACHE_KIND, version=1,
+                       header={"head_version": HEAD_VERSION, "config": asdict(config)})  # fmt: skip
     return head
+
+
+#: The kind of a cached text head's file (see oodguard.persist).
+CACHE_KIND = "cache.text_head"

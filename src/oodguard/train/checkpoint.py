@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from oodguard.atomic import save_safetensors_atomic
+from oodguard import persist
 
-FORMAT = "oodguard.train.checkpoint"
+#: The kind of file save_checkpoint writes (see oodguard.persist).
+FILE_KIND = "checkpoint"
 FORMAT_VERSION = 1
 
 
@@ -71,12 +72,12 @@ def save_checkpoint(
                           "scalars": _encode(scalars)}  # fmt: skip
     for name, tensor in (tensors or {}).items():
         stored[f"extra.{name}"] = tensor.detach().cpu().clone().contiguous()
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizer": optimizer_json, "meta": dict(meta or {})}
+    header = {"optimizer": optimizer_json, "meta": dict(meta or {})}
     try:
-        text = json.dumps(header, sort_keys=True)
-    except TypeError as error:
+        json.dumps(header, allow_nan=False)
+    except (TypeError, ValueError) as error:
         raise TypeError(f"meta must be JSON-serialisable (numbers, strings, lists, dicts): {error}") from error
-    return save_safetensors_atomic(stored, path, metadata={"oodguard": text})
+    return persist.save(path, stored, kind=FILE_KIND, version=FORMAT_VERSION, header=header)
 
 
 def load_checkpoint(
@@ -95,21 +96,10 @@ def load_checkpoint(
     FileNotFoundError when ``path`` is missing; ValueError when it is truncated, not safetensors, or not written
     by ``save_checkpoint``.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = json.loads((handle.metadata() or {}).get("oodguard", "{}"))
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, json.JSONDecodeError) as error:  # a truncated or overwritten file
-        raise ValueError(f"{path} is not a readable safetensors checkpoint ({error}); delete it or write it "
-                         "again") from error  # fmt: skip
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        found = header.get("format") if isinstance(header, dict) else None
-        raise ValueError(f"{path} is not an oodguard training checkpoint (format {found!r})")
+    tensors, header = persist.load(path, kind=FILE_KIND, versions=FORMAT_VERSION)
     if model is not None:
         weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(weights, strict=True)
