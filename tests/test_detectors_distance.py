@@ -287,11 +287,11 @@ def test_knn_subsampled_bank_refuses_partial_fit_and_merge():
 @pytest.mark.parametrize(
     ("name", "params", "match"),
     [
-        ("knn", {"k": 0}, "k must be"),
-        ("knn", {"k": 2.5}, "k must be"),
-        ("knn", {"ratio": 0.0}, "ratio must be"),
-        ("knn", {"ratio": 1.5}, "ratio must be"),
-        ("knn", {"seed": -1}, "seed must be"),
+        ("knn", {"k": 0}, "parameter 'k' must be"),
+        ("knn", {"k": 2.5}, "parameter 'k' must be"),
+        ("knn", {"ratio": 0.0}, "parameter 'ratio' must be"),
+        ("knn", {"ratio": 1.5}, "parameter 'ratio' must be"),
+        ("knn", {"seed": -1}, "parameter 'seed' must be"),
         ("wdiscood", {"alpha": 0.0}, "alpha"),
         ("wdiscood", {"num_disc": 0}, "num_disc"),
         ("wdiscood", {"num_disc": 2.0}, "num_disc"),

@@ -159,11 +159,16 @@ def test_dim_not_below_feature_dim_is_refused_at_fit(dim):
             create(name, dim=dim).fit({"features": features, "head": (weight, bias)})
 
 
-def test_numpy_integer_dim_is_saved_as_json(tmp_path):
+def test_numpy_integer_dim_is_kept_as_given_and_saved_as_json(tmp_path):
+    from oodguard.detectors import load
+
     features, weight, bias, queries = _data()
     detector = create("vim", dim=np.int64(4)).fit({"features": features, "head": (weight, bias)})
+    assert type(detector.params["dim"]) is np.int64  # parameters are stored as given
     detector.save(tmp_path)
-    assert type(detector.params["dim"]) is int
+    loaded = load(tmp_path)
+    assert type(loaded.params["dim"]) is int and loaded.params["dim"] == 4
+    np.testing.assert_array_equal(loaded.score({"features": queries}), detector.score({"features": queries}))
 
 
 def test_no_partial_fit():

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from oodguard.detectors.base import Detector, OutputDetector, class_counts, infer_num_classes, register
+from oodguard.detectors.params import Boolean, Integral, Interval, Real
 from oodguard.outputs import ModelOutputs
 
 #: Features are divided by ``max(||z||, _NORM_EPS)`` wherever a method L2-normalises them.
@@ -374,7 +375,7 @@ class WDiscOOD(_ClassStatistics):
         *,
         feat_norm: bool = False,
         alpha: float = 1e-05,
-        num_disc: Any = None,
+        num_disc: int | None = None,
         res_weight: float = 5.0,
     ) -> None:
         self.feat_norm = feat_norm
@@ -383,19 +384,12 @@ class WDiscOOD(_ClassStatistics):
         self.res_weight = res_weight
         super().__init__()
 
-
-    def _check_param_combination(self) -> None:
-        if not isinstance(self.params["feat_norm"], bool):
-            raise ValueError(f"{self.name}: feat_norm must be True or False, got {self.params['feat_norm']!r}")
-        alpha = self.params["alpha"]
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"{self.name}: alpha (LDA ridge) must be a number > 0, got {alpha!r}")
-        num_disc = self.params["num_disc"]
-        if num_disc is not None and (isinstance(num_disc, bool) or not isinstance(num_disc, int) or num_disc < 1):
-            raise ValueError(f"{self.name}: num_disc must be None (size rule) or an integer >= 1, got {num_disc!r}")
-        weight = self.params["res_weight"]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ValueError(f"{self.name}: res_weight must be a number >= 0, got {weight!r}")
+    _parameter_constraints = {
+        "feat_norm": [Boolean()],
+        "alpha": [Interval(Real, 0, None, closed="neither")],
+        "num_disc": [None, Interval(Integral, 1, None)],
+        "res_weight": [Interval(Real, 0, None)],
+    }
 
     @staticmethod
     def default_num_disc(dim: int) -> int:
@@ -404,7 +398,7 @@ class WDiscOOD(_ClassStatistics):
 
     def _fit_features(self, outputs: ModelOutputs) -> torch.Tensor:
         z = outputs.features.to(torch.float64)
-        return normalize_rows(z) if self.params["feat_norm"] else z
+        return normalize_rows(z) if self.feat_norm else z
 
     def _finalize_complete(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         means, mean, within = self._means(stats)
@@ -418,7 +412,7 @@ class WDiscOOD(_ClassStatistics):
         between_w = diff.T @ diff / diff.shape[0]
         # 3. LDA: S_b v = lambda (S_w + alpha I) v, reduced with the Cholesky factor R of S_w + alpha I
         eye = torch.eye(dim, dtype=within.dtype, device=within.device)
-        ridge = 0.5 * (within_w + within_w.T) + self.params["alpha"] * eye
+        ridge = 0.5 * (within_w + within_w.T) + self.alpha * eye
         chol = torch.linalg.cholesky(ridge)
         reduced = torch.linalg.solve_triangular(chol, between_w, upper=False)
         reduced = torch.linalg.solve_triangular(chol, reduced.T, upper=False)
@@ -427,7 +421,7 @@ class WDiscOOD(_ClassStatistics):
         order = torch.argsort(ratios, descending=True)
         ratios, disc = ratios[order], disc[:, order]
         disc = disc / torch.linalg.vector_norm(disc, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
-        wanted = self.params["num_disc"] or self.default_num_disc(dim)
+        wanted = self.num_disc or self.default_num_disc(dim)
         top = float(ratios[0]) if ratios.numel() else 0.0
         nonzero = int((ratios > _PINV_RTOL * top).sum()) if top > 0 else 0
         k = min(wanted, dim, nonzero)
@@ -454,7 +448,7 @@ class WDiscOOD(_ClassStatistics):
     def _score_complete(self, outputs: ModelOutputs) -> torch.Tensor:
         z = outputs.features
         state = self.state(z.device, z.dtype)
-        if self.params["feat_norm"]:  # (z / |z|) M = (z M) / |z|: no normalised copy of z
+        if self.feat_norm:  # (z / |z|) M = (z M) / |z|: no normalised copy of z
             y = z @ state["proj"]
             y.mul_(torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min_(_NORM_EPS).reciprocal_())
             y.sub_(state["shift"])
@@ -462,7 +456,7 @@ class WDiscOOD(_ClassStatistics):
             y = (z - state["mean"]) @ state["proj"]  # centred first: no float32 cancellation for offset features
         k = state["centers"].shape[1]
         disc = _nearest_center_sq(y[:, :k], state["centers"], state["center_sq"]).sqrt_()
-        return disc + self.params["res_weight"] * torch.linalg.vector_norm(y[:, k:], dim=1)
+        return disc + self.res_weight * torch.linalg.vector_norm(y[:, k:], dim=1)
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         state = self.state_ or {}
@@ -502,33 +496,27 @@ class KNN(OutputDetector):
     requires = frozenset({"features"})
     fit_requires = frozenset({"features"})
 
+    state_reductions: ClassVar[dict[str, str] | None] = {"bank": "cat"}
+    _parameter_constraints = {
+        "k": [Interval(Integral, 1, None)],
+        "ratio": [Interval(Real, 0, 1, closed="right")],
+        "seed": [Interval(Integral, 0, None)],
+    }
+
     def __init__(self, *, k: int = 50, ratio: float = 1.0, seed: int = 0) -> None:
         self.k = k
         self.ratio = ratio
         self.seed = seed
         super().__init__()
 
-    state_reductions: ClassVar[dict[str, str] | None] = {"bank": "cat"}
-
-    def _check_param_combination(self) -> None:
-        k = self.params["k"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"{self.name}: k must be an integer >= 1 (official: 50 CIFAR, 1000 ImageNet), got {k!r}")
-        ratio = self.params["ratio"]
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-            raise ValueError(f"{self.name}: ratio must be a fraction in (0, 1], got {ratio!r}")
-        seed = self.params["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"{self.name}: seed must be an integer >= 0, got {seed!r}")
-
     @property
     def supports_partial_fit(self) -> bool:
-        return self.params["ratio"] == 1
+        return self.ratio == 1
 
     def _refuse_subsampled(self, method: str) -> None:
-        if self.params["ratio"] != 1:
+        if self.ratio != 1:
             raise TypeError(
-                f"{self.name}: {method} is not available with ratio={self.params['ratio']} because a random "
+                f"{self.name}: {method} is not available with ratio={self.ratio} because a random "
                 "subsample of the bank is not a sufficient statistic; use ratio=1.0, or fit on all the data"
             )
 
@@ -543,21 +531,21 @@ class KNN(OutputDetector):
     def fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> Detector:
         super().fit(outputs, drop_ood=drop_ood)
         size = self.state_["bank"].shape[0]
-        if size < self.params["k"]:
+        if size < self.k:
             self.state_, self.stats_ = None, None
             raise ValueError(
-                f"{self.name}: k={self.params['k']} but the bank holds only {size} row(s) (ratio="
-                f"{self.params['ratio']}); lower k or fit on more samples"
+                f"{self.name}: k={self.k} but the bank holds only {size} row(s) (ratio="
+                f"{self.ratio}); lower k or fit on more samples"
             )
-        if self.params["ratio"] != 1:
+        if self.ratio != 1:
             self.stats_ = None  # not mergeable, and a second copy of the bank would only cost memory
         return self
 
     def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         z = outputs.features
-        if self.params["ratio"] != 1:
-            generator = torch.Generator().manual_seed(self.params["seed"])
-            keep = max(1, int(self.params["ratio"] * len(z)))
+        if self.ratio != 1:
+            generator = torch.Generator().manual_seed(int(self.seed))
+            keep = max(1, int(self.ratio * len(z)))
             rows = torch.randperm(len(z), generator=generator)[:keep].sort().values
             z = z[rows.to(z.device)]
         return {"bank": normalize_rows(z.to(torch.float64)).to(z.dtype)}
@@ -568,7 +556,7 @@ class KNN(OutputDetector):
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         z = outputs.features
         bank = self.state(z.device, z.dtype)["bank"]
-        k = self.params["k"]
+        k = int(self.k)
         if bank.shape[0] < k:
             raise ValueError(
                 f"{self.name}: k={k} but the bank holds only {bank.shape[0]} row(s) so far; partial_fit more "

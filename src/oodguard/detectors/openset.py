@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from oodguard.detectors.base import OutputDetector, class_counts, register
-from oodguard.detectors.logits import _positive_int, _positive_number
+from oodguard.detectors.params import ArrayLike as ArrayLikeParam
+from oodguard.detectors.params import Integral, Interval, Options, Real, SequenceOf
 from oodguard.outputs import ArrayLike, ModelOutputs, _as_tensor
 
 #: libMR's default ``translate_amount`` (``MetaRecognition(..., translate_amount=10000)``), used by OpenOOD and OSDN.
@@ -22,7 +23,8 @@ OPENMAX_DISTANCES = ("euclidean", "eucos", "cosine")
 
 
 # ---------------------------------------------------------------------- MOS
-def _check_group_sizes(group_sizes: Any, where: str) -> list[int]:
+def check_group_sizes(group_sizes: Any, where: str) -> list[int]:
+    """MOS's group layout as a list of positive integers; a ValueError naming ``where`` otherwise."""
     if group_sizes is None:
         raise ValueError(
             f"{where}: group_sizes is required; pass the number of real classes in each group, in the order the "
@@ -40,7 +42,7 @@ def _check_group_sizes(group_sizes: Any, where: str) -> list[int]:
     return sizes
 
 
-class _GroupLayout:
+class GroupLayout:
     """Index tensors of the MOS head: ``K`` groups, each ``[others, class, class, ...]``, stored contiguously."""
 
     def __init__(self, group_sizes: list[int], device: torch.device) -> None:
@@ -83,10 +85,10 @@ def mos_predict(logits: ArrayLike, group_sizes: Sequence[int]) -> ArrayLike:
     one argmax over the real-class probabilities of all groups. This is the official MOS prediction; OpenOOD
     instead takes the argmax of all ``C + K`` raw logits (spec section 12), which only affects ID accuracy.
     """
-    sizes = _check_group_sizes(group_sizes, "mos_predict")
+    sizes = check_group_sizes(group_sizes, "mos_predict")
     tensor, is_numpy = _as_tensor(logits, "logits")
     tensor = tensor.to(torch.float64)
-    layout = _GroupLayout(sizes, tensor.device)
+    layout = GroupLayout(sizes, tensor.device)
     layout.check_width(tensor, "mos_predict")
     group_lse = torch.logsumexp(
         torch.stack([tensor[:, layout.others], layout.class_logits_lse(tensor)]), dim=0
@@ -103,14 +105,14 @@ def mos_group_labels(labels: ArrayLike, group_sizes: Sequence[int]) -> ArrayLike
     of every other group = 0 ("others"). A negative label (an outlier, e.g. for outlier exposure) gets 0 in every
     group. Train with ``sum_k CE(logits of group k, target_k)``.
     """
-    sizes = _check_group_sizes(group_sizes, "mos_group_labels")
+    sizes = check_group_sizes(group_sizes, "mos_group_labels")
     tensor, is_numpy = _as_tensor(labels, "labels")
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.ndim != 1:
         raise ValueError(
             f"mos_group_labels: labels must be a 1-D integer array, got {tensor.dtype} {tuple(tensor.shape)}"
         )
     tensor = tensor.to(torch.int64)
-    layout = _GroupLayout(sizes, tensor.device)
+    layout = GroupLayout(sizes, tensor.device)
     if tensor.numel() and int(tensor.max()) >= layout.num_classes:
         raise ValueError(
             f"mos_group_labels: labels must lie in 0..{layout.num_classes - 1} (group_sizes sum to "
@@ -149,21 +151,22 @@ class MOS(OutputDetector):
     requires = frozenset({"logits"})
     fit_requires = frozenset({"logits"})
 
-    def __init__(self, *, group_sizes: Any = None) -> None:
+    required_params = ("group_sizes",)
+    needs_fit = False
+    _parameter_constraints = {"group_sizes": [SequenceOf(Interval(Integral, 1, None)), ArrayLikeParam(ndim=1)]}
+
+    def __init__(self, *, group_sizes: Sequence[int] | None = None) -> None:
         self.group_sizes = group_sizes
         super().__init__()
 
-    required_params = ("group_sizes",)
-    needs_fit = False
-
     def _check_param_combination(self) -> None:
-        self.params["group_sizes"] = _check_group_sizes(self.params["group_sizes"], self.name)
+        check_group_sizes(self.group_sizes, self.name)  # the entries of an array
 
-    def _layout(self, device: torch.device) -> _GroupLayout:
+    def _layout(self, device: torch.device) -> GroupLayout:
         if not hasattr(self, "_layouts"):
-            self._layouts: dict[str, _GroupLayout] = {}
+            self._layouts: dict[str, GroupLayout] = {}
         if str(device) not in self._layouts:
-            self._layouts[str(device)] = _GroupLayout(self.params["group_sizes"], device)
+            self._layouts[str(device)] = GroupLayout(check_group_sizes(self.group_sizes, self.name), device)
         return self._layouts[str(device)]
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
@@ -178,7 +181,7 @@ class MOS(OutputDetector):
         return log_odds_others.amin(dim=1)
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
-        sizes = self.params["group_sizes"]
+        sizes = check_group_sizes(self.group_sizes, self.name)
         return 8 * 6 * (sum(sizes) + len(sizes))
 
 
@@ -305,7 +308,7 @@ class OpenMax(OutputDetector):
         *,
         tailsize: int = 20,
         alpha: int = 3,
-        distance: str = 'euclidean',
+        distance: str = "euclidean",
         eu_weight: float = 0.5,
     ) -> None:
         self.tailsize = tailsize
@@ -314,21 +317,18 @@ class OpenMax(OutputDetector):
         self.eu_weight = eu_weight
         super().__init__()
 
-
-    def _check_param_combination(self) -> None:
-        _positive_int(self.name, self.params, "tailsize", minimum=2)
-        _positive_int(self.name, self.params, "alpha")
-        _positive_number(self.name, self.params, "eu_weight")
-        if self.params["distance"] not in OPENMAX_DISTANCES:
-            raise ValueError(
-                f"{self.name}: distance must be one of {', '.join(OPENMAX_DISTANCES)}, got {self.params['distance']!r}"
-            )
+    _parameter_constraints = {
+        "tailsize": [Interval(Integral, 2, None)],
+        "alpha": [Interval(Integral, 1, None)],
+        "distance": [Options(OPENMAX_DISTANCES)],
+        "eu_weight": [Interval(Real, 0, None, closed="neither")],
+    }
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         logits = outputs.logits.to(torch.float64)
         num_classes = logits.shape[1]
-        if self.params["alpha"] > num_classes:
-            raise ValueError(f"{self.name}: alpha={self.params['alpha']} exceeds the number of classes C={num_classes}")
+        if self.alpha > num_classes:
+            raise ValueError(f"{self.name}: alpha={self.alpha} exceeds the number of classes C={num_classes}")
         labels = outputs.labels
         class_counts(labels, num_classes, self.name, minimum=0)  # range check only
         correct = logits.argmax(dim=1) == labels
@@ -344,9 +344,9 @@ class OpenMax(OutputDetector):
         mav = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device)
         mav.index_add_(0, labels, logits)
         mav /= counts[:, None]
-        kind, eu_weight = self.params["distance"], self.params["eu_weight"]
+        kind, eu_weight = self.distance, self.eu_weight
         distances = _distances(logits, mav[labels], kind, eu_weight)
-        tails, mask = _largest_per_class(distances, labels, num_classes, self.params["tailsize"])
+        tails, mask = _largest_per_class(distances, labels, num_classes, self.tailsize)
         try:
             shape, scale, loc = fit_weibull_high(tails, mask, what="class")
         except ValueError as error:
@@ -358,10 +358,10 @@ class OpenMax(OutputDetector):
         # The [n, C]-sized work runs in the logits' dtype; the Weibull CDFs of the [n, alpha] distances in float64.
         values = outputs.logits
         state = self.state(values.device)
-        alpha = self.params["alpha"]
+        alpha = self.alpha
         ranked = torch.topk(values, alpha, dim=1).indices
         mav = self.state(values.device, values.dtype)["mav"]
-        distances = _distances(values[:, None, :], mav[ranked], self.params["distance"], self.params["eu_weight"])
+        distances = _distances(values[:, None, :], mav[ranked], self.distance, self.eu_weight)
         w_scores = weibull_cdf(
             distances.to(torch.float64),
             state["weibull_shape"][ranked],
@@ -374,7 +374,7 @@ class OpenMax(OutputDetector):
         return removed.sum(dim=1) - torch.logsumexp(revised, dim=1).to(torch.float64)
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
-        return 8 * (3 * self.params["alpha"] + 4) * (self.meta_.get("num_classes") or 1024)
+        return 8 * (3 * self.alpha + 4) * (self.meta_.get("num_classes") or 1024)
 
 
 def _largest_per_class(

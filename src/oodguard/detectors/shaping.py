@@ -15,13 +15,10 @@ settings they were designed for.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-from typing import Any
-
 import torch
 
 from oodguard.detectors.base import OutputDetector, percentile, register
+from oodguard.detectors.params import Interval, Options, Real
 from oodguard.outputs import ModelOutputs
 
 #: exp overflows float64 above ~709.78; refuse scales that would reach it.
@@ -29,15 +26,8 @@ _MAX_LOG_SCALE = 700.0
 _ASH_VARIANTS = ("p", "b", "s")
 
 
-def _check_percentile(name: str, value: Any, *, allow_zero: bool, allow_hundred: bool, why: str) -> float:
-    """Validate a percentile hyperparameter; return it as a float."""
-    low, high = ("[0" if allow_zero else "(0"), ("100]" if allow_hundred else "100)")
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{name}: percentile must be a number in {low}, {high}, got {value!r}")
-    value = float(value)
-    if value < 0 or value > 100 or (value == 0 and not allow_zero) or (value == 100 and not allow_hundred):
-        raise ValueError(f"{name}: percentile must lie in {low}, {high} ({why}), got {value:g}")
-    return value
+#: Percentiles in [0, 100): p = 100 would keep (or leave) no activation or weight.
+_BELOW_HUNDRED = [Interval(Real, 0, 100, closed="left")]
 
 
 def _head_state(outputs: ModelOutputs) -> dict[str, torch.Tensor]:
@@ -178,23 +168,16 @@ class ReAct(_HeadShapingDetector):
     paper = "Sun, Guo & Li, ReAct: Out-of-distribution Detection With Rectified Activations, NeurIPS 2021"
     code = "https://github.com/deeplearning-wisc/react (compute_threshold.py, models/resnet.py forward_threshold)"
 
-    def __init__(self, *, percentile: int = 90) -> None:
+    # p = 0 would clip every activation to the minimum
+    _parameter_constraints = {"percentile": [Interval(Real, 0, 100, closed="right")]}
+
+    def __init__(self, *, percentile: float = 90) -> None:
         self.percentile = percentile
         super().__init__()
 
-
-    def _check_param_combination(self) -> None:
-        _check_percentile(
-            self.name,
-            self.params["percentile"],
-            allow_zero=False,
-            allow_hundred=True,
-            why="p = 0 clips every activation to the minimum",
-        )
-
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         state = _head_state(outputs)
-        state["threshold"] = percentile(outputs.features, float(self.params["percentile"])).to(torch.float64)
+        state["threshold"] = percentile(outputs.features, float(self.percentile)).to(torch.float64)
         return state
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
@@ -234,20 +217,12 @@ class DICE(_HeadShapingDetector):
     paper = "Sun & Li, DICE: Leveraging Sparsification for Out-of-Distribution Detection, ECCV 2022"
     code = "https://github.com/deeplearning-wisc/dice (models/route.py RouteDICE, precompute.py)"
 
-    def __init__(self, *, percentile: int = 90) -> None:
+    state_reductions = {"feature_sum": "sum", "count": "sum"}
+    _parameter_constraints = {"percentile": _BELOW_HUNDRED}
+
+    def __init__(self, *, percentile: float = 90) -> None:
         self.percentile = percentile
         super().__init__()
-
-    state_reductions = {"feature_sum": "sum", "count": "sum"}
-
-    def _check_param_combination(self) -> None:
-        _check_percentile(
-            self.name,
-            self.params["percentile"],
-            allow_zero=True,
-            allow_hundred=False,
-            why="p = 100 removes every weight",
-        )
 
     def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         features = outputs.features
@@ -270,7 +245,7 @@ class DICE(_HeadShapingDetector):
     def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mean = stats["feature_sum"] / stats["count"]
         contribution = stats["weight"] * mean
-        threshold = percentile(contribution, float(self.params["percentile"])).to(torch.float64)
+        threshold = percentile(contribution, float(self.percentile)).to(torch.float64)
         weight = stats["weight"] * (contribution > threshold)
         return {"weight": weight, "bias": stats["bias"].clone(), "mean": mean, "threshold": threshold}
 
@@ -283,19 +258,10 @@ class DICE(_HeadShapingDetector):
 class _TopKDetector(_HeadShapingDetector):
     """Shared by ASH and SCALE: no statistics, the fit only records the final layer ``(W, b)``."""
 
-    def _check_param_combination(self) -> None:
-        _check_percentile(
-            self.name,
-            self.params["percentile"],
-            allow_zero=True,
-            allow_hundred=False,
-            why="p = 100 keeps no activation",
-        )
-
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        if kept_count(outputs.features.shape[1], float(self.params["percentile"])) < 1:
+        if kept_count(outputs.features.shape[1], float(self.percentile)) < 1:
             raise ValueError(
-                f"{self.name}: percentile {self.params['percentile']:g} keeps no activation of "
+                f"{self.name}: percentile {self.percentile:g} keeps no activation of "
                 f"D = {outputs.features.shape[1]}; lower the percentile so that round(D * p / 100) < D"
             )
         return _head_state(outputs)
@@ -351,24 +317,17 @@ class ASH(_TopKDetector):
     paper = "Djurisic, Bozanic, Ashok & Liu, Extremely Simple Activation Shaping for OOD Detection, ICLR 2023"
     code = "https://github.com/andrijazz/ash (ash.py ash_p/ash_b/ash_s, config/*.yml)"
 
-    def __init__(self, *, variant: str = 's', percentile: int = 90) -> None:
+    _parameter_constraints = {"variant": [Options(_ASH_VARIANTS)], "percentile": _BELOW_HUNDRED}
+
+    def __init__(self, *, variant: str = "s", percentile: float = 90) -> None:
         self.variant = variant
         self.percentile = percentile
         super().__init__()
 
-
-    def _check_param_combination(self) -> None:
-        super()._check_param_combination()
-        if self.params["variant"] not in _ASH_VARIANTS:
-            raise ValueError(
-                f"{self.name}: variant must be one of {', '.join(repr(v) for v in _ASH_VARIANTS)} "
-                f"(prune, binarise, scale), got {self.params['variant']!r}"
-            )
-
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         features = outputs.features
         state = self.state(features.device, features.dtype)
-        kept, scale = _ash_parts(features, float(self.params["percentile"]), self.params["variant"], self.name)
+        kept, scale = _ash_parts(features, float(self.percentile), self.variant, self.name)
         return _neg_energy(_scaled_logits(kept, scale, state))
 
 
@@ -401,7 +360,9 @@ class SCALE(_TopKDetector):
     )
     code = "https://github.com/kai422/SCALE (openood/networks/scale_net.py scale)"
 
-    def __init__(self, *, percentile: int = 85) -> None:
+    _parameter_constraints = {"percentile": _BELOW_HUNDRED}
+
+    def __init__(self, *, percentile: float = 85) -> None:
         self.percentile = percentile
         super().__init__()
 
@@ -410,7 +371,7 @@ class SCALE(_TopKDetector):
         features = outputs.features
         state = self.state(features.device, features.dtype)
         d = features.shape[1]
-        k = kept_count(d, float(self.params["percentile"]))
+        k = kept_count(d, float(self.percentile))
         top_values = torch.topk(features, k, dim=1, sorted=False).values
         scale = _sharpening(features, top_values, _row_sums(features), self.name)
         return _neg_energy(_scaled_logits(features, scale, state))

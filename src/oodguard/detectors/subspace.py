@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 
 from oodguard.detectors.base import OutputDetector, register
+from oodguard.detectors.params import Integral, Interval
 from oodguard.outputs import ModelOutputs
 
 #: Rows per block when fitting, so that a float64 copy of one block stays around 64 MB.
@@ -59,24 +59,14 @@ class _SubspaceDetector(OutputDetector):
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})
 
-    def __init__(self, *, dim: Any = None) -> None:
+    _parameter_constraints = {"dim": [None, Interval(Integral, 1, None)]}
+
+    def __init__(self, *, dim: int | None = None) -> None:
         self.dim = dim
         super().__init__()
 
-
-    def _check_param_combination(self) -> None:
-        dim = self.params["dim"]
-        if dim is None:
-            return
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-            raise ValueError(
-                f"{self.name}: dim must be None (the official rule) or a positive integer smaller than the "
-                f"feature dimension D, got {dim!r}"
-            )
-        self.params["dim"] = int(dim)  # numpy integers are not JSON-serialisable
-
     def _principal_dim(self, feature_dim: int) -> int:
-        dim = self.params["dim"]
+        dim = None if self.dim is None else int(self.dim)
         k = vim_principal_dim(feature_dim) if dim is None else dim
         if not 0 < k < feature_dim:
             source = "the official rule gives" if dim is None else "dim ="

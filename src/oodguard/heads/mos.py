@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from oodguard import persist
-from oodguard.detectors.openset import _check_group_sizes, _GroupLayout, mos_group_labels, mos_predict
+from oodguard.detectors.openset import GroupLayout, check_group_sizes, mos_group_labels, mos_predict
 from oodguard.outputs import ArrayLike, ModelOutputs
 
 __all__ = ["MOSHead", "train_mos_head", "mos_loss", "default_groups", "official_schedule", "OPTIMIZERS"]
@@ -83,7 +83,7 @@ class _LossLayout:
     """The detector's group layout plus, for every one of the ``C + K`` columns, the group it belongs to."""
 
     def __init__(self, group_sizes: list[int], device: torch.device) -> None:
-        self.groups = _GroupLayout(group_sizes, device)
+        self.groups = GroupLayout(group_sizes, device)
         self.group_sizes = group_sizes
         sizes = torch.tensor(group_sizes, dtype=torch.int64, device=device)
         self.column_group = torch.repeat_interleave(torch.arange(len(group_sizes), device=device), sizes + 1)
@@ -130,7 +130,7 @@ def mos_loss(
 
     The log-sum-exp of all K groups is one segment reduction (scatter max + index_add), with no loop over groups.
     """
-    sizes = _check_group_sizes(group_sizes, "mos_loss")
+    sizes = check_group_sizes(group_sizes, "mos_loss")
     if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
         raise ValueError("mos_loss: logits must be a floating torch tensor [N, C + K]")
     if reduction not in ("mean", "sum", "none"):
@@ -184,7 +184,7 @@ class MOSHead:
         group_sizes: Sequence[int],
         training: dict[str, Any] | None = None,
     ) -> None:
-        self.group_sizes = _check_group_sizes(group_sizes, "MOSHead")
+        self.group_sizes = check_group_sizes(group_sizes, "MOSHead")
         checked = ModelOutputs(head=(weight, bias))  # shape, dtype and finite checks
         self.weight, self.bias = checked.head  # type: ignore[misc]
         width = sum(self.group_sizes) + len(self.group_sizes)
@@ -386,7 +386,7 @@ def train_mos_head(
     (120, 8)
     """
     outputs, _ = _features_in(features, labels, "train_mos_head")
-    sizes = _check_group_sizes(group_sizes, "train_mos_head")
+    sizes = check_group_sizes(group_sizes, "train_mos_head")
     if outputs.labels is None:
         raise ValueError("train_mos_head: labels are required; pass labels=[N] class ids 0..C-1")
     _check_labels(outputs.labels, sum(sizes), "train_mos_head")
