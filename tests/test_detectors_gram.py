@@ -186,16 +186,16 @@ def test_no_partial_fit_and_not_fitted():
 @pytest.mark.parametrize(
     ("params", "match"),
     [
-        ({"grouping": "true"}, "grouping must be 'predicted'"),
-        ({"powers": 0}, "powers must be an integer >= 1"),
-        ({"powers": 2.5}, "powers must be an integer >= 1"),
-        ({"powers": True}, "powers must be an integer >= 1"),
-        ({"layers": "conv"}, "layers must be None"),
-        ({"layers": []}, "layers must be None"),
-        ({"layers": ["a", "a"]}, "lists a name twice"),
-        ({"normalizer_fraction": 0}, "normalizer_fraction must lie strictly between 0 and 1"),
-        ({"normalizer_fraction": 1.0}, "normalizer_fraction must lie strictly between 0 and 1"),
-        ({"seed": 1.5}, "seed must be an integer"),
+        ({"grouping": "true"}, "parameter 'grouping' must be one of 'predicted', 'label'"),
+        ({"powers": 0}, "parameter 'powers' must be an integer >= 1"),
+        ({"powers": 2.5}, "parameter 'powers' must be an integer >= 1"),
+        ({"powers": True}, "parameter 'powers' must be an integer >= 1"),
+        ({"layers": "conv"}, "parameter 'layers' must be None or a list"),
+        ({"layers": []}, "parameter 'layers' must be None or a list"),
+        ({"layers": ["a", "a"]}, "parameter 'layers' must be a list of distinct layer names"),
+        ({"normalizer_fraction": 0}, "parameter 'normalizer_fraction' must be a finite number > 0 and < 1"),
+        ({"normalizer_fraction": 1.0}, "parameter 'normalizer_fraction' must be a finite number > 0 and < 1"),
+        ({"seed": 1.5}, "parameter 'seed' must be an integer"),
     ],
 )
 def test_bad_parameters(params, match):

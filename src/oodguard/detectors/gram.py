@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
 from oodguard.detectors.base import SCORE_MEMORY_BUDGET, OutputDetector, class_counts, register
+from oodguard.detectors.params import Integral, Interval, Options, Real, SequenceOf, Text
 from oodguard.outputs import ModelOutputs
 
 #: Added to ``|min|`` and ``|max|`` before dividing, as in the official code (``torch.abs(mins + 10**-6)``).
@@ -136,12 +137,20 @@ class Gram(OutputDetector):
     requires = frozenset({"layers", "logits"})
     fit_requires = frozenset({"layers", "logits"})
 
+    _parameter_constraints = {
+        "powers": [Interval(Integral, 1, None)],
+        "layers": [None, SequenceOf(Text())],
+        "grouping": [Options(_GROUPINGS)],
+        "normalizer_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "seed": [Interval(Integral, None, None)],
+    }
+
     def __init__(
         self,
         *,
         powers: int = 10,
-        layers: Any = None,
-        grouping: str = 'predicted',
+        layers: Sequence[str] | None = None,
+        grouping: str = "predicted",
         normalizer_fraction: float = 0.1,
         seed: int = 0,
     ) -> None:
@@ -152,34 +161,9 @@ class Gram(OutputDetector):
         self.seed = seed
         super().__init__()
 
-
-    # ------------------------------------------------------------------ parameters
     def _check_param_combination(self) -> None:
-        powers = self.params["powers"]
-        if isinstance(powers, bool) or not isinstance(powers, int) or powers < 1:
-            raise ValueError(f"{self.name}: powers must be an integer >= 1 (official 10), got {powers!r}")
-        layers = self.params["layers"]
-        if layers is not None:
-            if isinstance(layers, str) or not all(isinstance(x, str) and x for x in layers) or not layers:
-                raise ValueError(
-                    f"{self.name}: layers must be None (every layer) or a non-empty list of layer names, got {layers!r}"
-                )
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"{self.name}: layers lists a name twice ({list(layers)}); give each layer once")
-            self.params["layers"] = list(layers)
-        if self.params["grouping"] not in _GROUPINGS:
-            raise ValueError(
-                f"{self.name}: grouping must be 'predicted' (official) or 'label' (OpenOOD), "
-                f"got {self.params['grouping']!r}"
-            )
-        fraction = self.params["normalizer_fraction"]
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise ValueError(
-                f"{self.name}: normalizer_fraction must lie strictly between 0 and 1 (official 0.1), got {fraction!r}"
-            )
-        seed = self.params["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"{self.name}: seed must be an integer, got {seed!r}")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise self._param_error("layers", "a list of distinct layer names (each layer once)")
 
     # ------------------------------------------------------------------ helpers
     def _layer_maps(self, outputs: ModelOutputs, names: list[str], stage: str) -> list[torch.Tensor]:
@@ -194,7 +178,7 @@ class Gram(OutputDetector):
 
     def _gram(self, maps: torch.Tensor, name: str) -> torch.Tensor:
         """:func:`gram_features` in row chunks that fit the memory budget; refuses float64 overflow."""
-        powers = int(self.params["powers"])
+        powers = int(self.powers)
         rows = max(1, SCORE_MEMORY_BUDGET // _gram_rows_bytes(tuple(maps.shape[1:]), powers))
         out = torch.cat([gram_features(maps[s : s + rows], powers) for s in range(0, maps.shape[0], rows)])
         if not bool(torch.isfinite(out).all()):
@@ -214,7 +198,7 @@ class Gram(OutputDetector):
 
     # ------------------------------------------------------------------ fit / score
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        names = self.params["layers"] or sorted(outputs.layers)
+        names = list(self.layers) if self.layers else sorted(outputs.layers)
         maps = self._layer_maps(outputs, names, "fit")
         for name, tensor in zip(names, maps, strict=True):
             if tensor.ndim < 2 or tensor.shape[1] < 1:
@@ -223,7 +207,7 @@ class Gram(OutputDetector):
                 )
         num_classes = outputs.logits.shape[1]
         msp, predicted = _msp_and_prediction(outputs.logits)
-        if self.params["grouping"] == "label":
+        if self.grouping == "label":
             if outputs.labels is None:
                 raise ValueError(
                     f"{self.name}: grouping='label' needs labels at fit; pass labels or use grouping='predicted'"
@@ -234,8 +218,8 @@ class Gram(OutputDetector):
             groups = predicted
 
         n = len(outputs)
-        fraction = float(self.params["normalizer_fraction"])
-        table_rows, norm_rows = normalizer_split(n, fraction, int(self.params["seed"]))
+        fraction = float(self.normalizer_fraction)
+        table_rows, norm_rows = normalizer_split(n, fraction, int(self.seed))
         if norm_rows.numel() == 0:
             raise ValueError(
                 f"{self.name}: fit got N={n} rows, too few to hold out normalizer_fraction={fraction:g} of them "
@@ -269,7 +253,7 @@ class Gram(OutputDetector):
         if empty:
             shown = ", ".join(str(c) for c in empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
             warnings.warn(
-                f"{self.name}: class(es) {shown} have no fit row ({self.params['grouping']} grouping); their "
+                f"{self.name}: class(es) {shown} have no fit row ({self.grouping} grouping); their "
                 "min/max tables are the range over all fit rows",
                 RuntimeWarning,
                 stacklevel=3,
@@ -299,7 +283,7 @@ class Gram(OutputDetector):
         return total
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
-        powers = int(self.params["powers"])
+        powers = int(self.powers)
         names = self.meta_.get("layers") or sorted(outputs.layers)
         shapes = [tuple(outputs.layers[k].shape[1:]) for k in names if k in outputs.layers]
         return max([_gram_rows_bytes(s, powers) for s in shapes if s] or [64 * 1024])

@@ -7,14 +7,13 @@ recomputed as ``z @ W.T + b`` (the logits field, if present, is not read).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from oodguard.detectors.base import Detector, OutputDetector, percentile, register
+from oodguard.detectors.params import Integral, Interval, Real
 from oodguard.outputs import ModelOutputs
 
 _F64 = torch.float64
@@ -29,14 +28,6 @@ def _logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
 def _dims(detector: Detector) -> tuple[int, int]:
     """(C, D) of a fitted detector, for memory estimates."""
     return int(detector.meta_.get("num_classes", 1000)), int(detector.meta_.get("feature_dim", 2048))
-
-
-def _check_positive(name: str, params: dict[str, Any], key: str, *, integer: bool = False) -> None:
-    value = params[key]
-    kind = "an integer" if integer else "a number"
-    valid = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not valid or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: {key} must be {kind} > 0, got {value!r}")
 
 
 def _row_distances(weight: torch.Tensor, close: float = 1e-6, pairs_per_step: int = 4096) -> torch.Tensor:
@@ -209,42 +200,38 @@ class NNGuide(OutputDetector):
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})
 
-    def __init__(self, *, bank_ratio: float = 0.01, k: int = 10, seed: int = 0, react_percentile: Any = None) -> None:
+    _parameter_constraints = {
+        "bank_ratio": [Interval(Real, 0, 1, closed="right")],
+        "k": [Interval(Integral, 1, None)],
+        "seed": [Interval(Integral, 0, 2**32, closed="left")],
+        "react_percentile": [None, Interval(Real, 0, 100, closed="right")],
+    }
+
+    def __init__(
+        self, *, bank_ratio: float = 0.01, k: int = 10, seed: int = 0, react_percentile: float | None = None
+    ) -> None:
         self.bank_ratio = bank_ratio
         self.k = k
         self.seed = seed
         self.react_percentile = react_percentile
         super().__init__()
 
-
-    def _check_param_combination(self) -> None:
-        ratio = self.params["bank_ratio"]
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-            raise ValueError(f"{self.name}: bank_ratio must be a number in (0, 1], got {ratio!r}")
-        _check_positive(self.name, self.params, "k", integer=True)
-        seed = self.params["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise ValueError(f"{self.name}: seed must be an integer in [0, 2**32), got {seed!r}")
-        q = self.params["react_percentile"]
-        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 100):
-            raise ValueError(f"{self.name}: react_percentile must be None or a number in (0, 100], got {q!r}")
-
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         features = outputs.features
-        n, k, ratio = features.shape[0], self.params["k"], self.params["bank_ratio"]
+        n, k, ratio = features.shape[0], int(self.k), self.bank_ratio
         size = int(n * ratio)  # floor, as the official subsample
         if size < k:
             raise ValueError(
                 f"{self.name}: the bank holds {size} sample(s) (bank_ratio={ratio} of N={n}) but k={k}; "
                 f"raise bank_ratio (at most 1.0), fit on at least {math.ceil(k / ratio)} rows, or lower k"
             )
-        order = np.random.RandomState(self.params["seed"]).permutation(n)[:size]
+        order = np.random.RandomState(self.seed).permutation(n)[:size]
         bank = features[torch.from_numpy(order).to(features.device)]
         weight, bias = (t.to(device=features.device) for t in outputs.head)
         state: dict[str, torch.Tensor] = {"weight": weight.to(_F64), "bias": bias.to(_F64)}
-        if self.params["react_percentile"] is not None:
+        if self.react_percentile is not None:
             # on the CPU: base.percentile falls back to numpy above 16M entries (a 1 % ImageNet bank has 26M)
-            clip = percentile(bank.cpu(), self.params["react_percentile"]).reshape(1).to(_F64)
+            clip = percentile(bank.cpu(), self.react_percentile).reshape(1).to(_F64)
             state["clip"] = clip
             bank = bank.clamp_max(clip.to(device=bank.device, dtype=bank.dtype))  # in the dtype used at score
         bank = bank.to(_F64)
@@ -259,7 +246,7 @@ class NNGuide(OutputDetector):
             z = z.clamp_max(st["clip"])
         energy = torch.logsumexp(_logits(z, st["weight"], st["bias"]), dim=1).to(_F64)
         similarity = F.normalize(z, dim=1) @ st["bank"].T
-        guidance = similarity.topk(self.params["k"], dim=1).values.to(_F64).mean(dim=1)
+        guidance = similarity.topk(int(self.k), dim=1).values.to(_F64).mean(dim=1)
         return -(energy * guidance)
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
@@ -300,27 +287,11 @@ class GradNorm(OutputDetector):
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})  # fit only records the head; D is checked at score
 
-    def __init__(self, *, temperature: float = 1.0, mode: str = 'closed_form') -> None:
+    _parameter_constraints = {"temperature": [Interval(Real, 0, None, closed="neither")]}
+
+    def __init__(self, *, temperature: float = 1.0) -> None:
         self.temperature = temperature
-        self.mode = mode
         super().__init__()
-
-
-    @classmethod
-    def variant(cls, params: Mapping[str, Any]) -> type[Detector]:
-        if params.get("mode") == "autograd":
-            from oodguard.detectors.model.gradient import GradNormAutograd
-
-            return GradNormAutograd
-        return cls
-
-    def _check_param_combination(self) -> None:
-        _check_positive(self.name, self.params, "temperature")
-        if self.params["mode"] != "closed_form":
-            raise ValueError(
-                f"{self.name}: mode must be 'closed_form' (cached features) or 'autograd' (gradients through the "
-                f"model, created with detectors.create('gradnorm', mode='autograd')), got {self.params['mode']!r}"
-            )
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         weight, bias = outputs.head
@@ -329,7 +300,7 @@ class GradNorm(OutputDetector):
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         z = outputs.features
         st = self.state(z.device, z.dtype)
-        t = float(self.params["temperature"])
+        t = float(self.temperature)
         logits = _logits(z, st["weight"], st["bias"]).to(_F64)
         p = torch.softmax(logits / t, dim=1)
         spread = (p * logits.shape[1] - 1.0).abs().sum(dim=1)
@@ -398,42 +369,31 @@ class NAC(_HeadStatistics):
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})
 
-    def __init__(self, *, alpha: float = 100.0, M: int = 50, O: int = 50, layers: Any = None) -> None:  # noqa: N803
-        self.alpha = alpha
-        self.M = M
-        self.O = O
-        self.layers = layers
-        super().__init__()
-
     state_reductions = {"counts": "sum", **_HeadStatistics.head_reductions}
+    _parameter_constraints = {
+        "alpha": [Interval(Real, 0, None, closed="neither")],
+        "M": [Interval(Integral, 4, None)],  # bin edges; even (checked below)
+        "O": [Interval(Real, 0, None, closed="neither")],
+    }
 
     _FIT_CHUNK = 16384
 
-    @classmethod
-    def variant(cls, params: Mapping[str, Any]) -> type[Detector]:
-        if params.get("layers") is not None:
-            from oodguard.detectors.model.nac_layers import NACLayers
-
-            return NACLayers
-        return cls
+    def __init__(self, *, alpha: float = 100.0, M: int = 50, O: float = 50) -> None:  # noqa: N803
+        self.alpha = alpha
+        self.M = M
+        self.O = O
+        super().__init__()
 
     def _check_param_combination(self) -> None:
-        if self.params["layers"] is not None:
-            raise ValueError(
-                f"{self.name}: NAC on named layers runs the model; create it with detectors.create('nac', layers=[...])"
-            )
-        _check_positive(self.name, self.params, "alpha")
-        _check_positive(self.name, self.params, "O")
-        m = self.params["M"]
-        if isinstance(m, bool) or not isinstance(m, int) or m < 4 or m % 2:
-            raise ValueError(f"{self.name}: M (number of bin edges) must be an even integer >= 4, got {m!r}")
+        if self.M % 2:
+            raise self._param_error("M", "an even integer >= 4 (the number of bin edges)")
 
     def _states(self, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """sigmoid(alpha * z * dL/dz) in the dtype of ``z``; weight and bias already in that dtype."""
         log_p = torch.log_softmax(_logits(z, weight, bias), dim=1)
         grad = (log_p.exp_() - 1.0 / weight.shape[0]) @ weight
         # the official 1 / (1 + exp(-alpha * o * g)), in place to spare [n, D] temporaries
-        return grad.mul_(z).mul_(-float(self.params["alpha"])).exp_().add_(1.0).reciprocal_()
+        return grad.mul_(z).mul_(-float(self.alpha)).exp_().add_(1.0).reciprocal_()
 
     @staticmethod
     def _edges_for(edges: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -454,7 +414,7 @@ class NAC(_HeadStatistics):
     def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         z = outputs.features
         weight, bias = (t.to(device=z.device, dtype=z.dtype) for t in outputs.head)
-        edges = self._edges_for(nac_bin_edges(self.params["M"]), z.dtype).to(z.device)
+        edges = self._edges_for(nac_bin_edges(self.M), z.dtype).to(z.device)
         m, d = edges.numel(), z.shape[1]
         counts = torch.zeros((m + 1) * d, dtype=_F64, device=z.device)
         units = torch.arange(d, device=z.device)
@@ -467,11 +427,11 @@ class NAC(_HeadStatistics):
 
     def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         weight, bias = self._head_from(stats)
-        coverage = (stats["counts"] / float(self.params["O"])).clamp_max(1.0)
+        coverage = (stats["counts"] / float(self.O)).clamp_max(1.0)
         zero = coverage.new_zeros(1, coverage.shape[1])
         return {
             "coverage": torch.cat([zero, coverage, zero]),  # [M + 1, D], see _slots
-            "edges": nac_bin_edges(self.params["M"]),
+            "edges": nac_bin_edges(self.M),
             "weight": weight,
             "bias": bias,
         }
