@@ -1,5 +1,7 @@
 """CoVer: averaged base scores over corrupted views, checked against a plain loop over views by hand."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from oodguard import detectors
 from oodguard.benchmark.digits_model import DigitsCNN
 from oodguard.detectors import NotFittedError
+from oodguard.detectors.base import clone
 from oodguard.detectors.model.cover import CoVer, parse_views
 from oodguard.extraction.extract import extract
 from oodguard.extraction.model_runner import ModelRunner
@@ -67,45 +70,100 @@ def test_fitted_base_on_identity_outputs(cnn, images):
 
 
 def test_recommended_and_all_view_sets():
-    assert len(CoVer().views_) == 13
-    assert [v.key for v in CoVer().views_][:2] == ["identity", "brightness-s1-seed0"]
-    assert len(CoVer(views="all").views_) == 1 + 5 * len(CORRUPTIONS)
+    assert len(CoVer().view_list()) == 13
+    assert [v.key for v in CoVer().view_list()][:2] == ["identity", "brightness-s1-seed0"]
+    assert len(CoVer(views="all").view_list()) == 1 + 5 * len(CORRUPTIONS)
     keys = [v.key for v in parse_views(("identity", "fog-1", "fog-s1-seed5"), seed=2, pixel_scale=1.0)]
     assert keys == ["identity", "fog-s1-seed2-px1.0", "fog-s1-seed5-px1.0"]
-    assert CoVer(views=("identity", "fog-1")).params["views"] == ["identity", "fog-1"]
+    det = CoVer(views=("identity", "fog-1"), seed=2, pixel_scale=1)
+    assert det.params["views"] == ("identity", "fog-1")  # stored as given
+    assert [v.key for v in det.view_list()] == ["identity", "fog-s1-seed2-px1.0"]
 
 
 @pytest.mark.parametrize(
-    "views, match",
+    "views, match, function_match",
     [
-        (["identity", "foggy-1"], "unknown corruption 'foggy'.*gaussian_noise.*elastic_transform"),
-        (["fog-6"], "outside 1-5"),
-        (["fog"], "cannot read"),
-        ("some", "'recommended' or 'all'"),
-        ([], "non-empty list"),
-        (["fog-1", "fog-s1-seed0"], "more than once"),
-        ([3], "strings"),
+        (["identity", "foggy-1"], "unknown corruption 'foggy'.*gaussian_noise.*elastic_transform", None),
+        (["fog-6"], "outside 1-5", None),
+        (["fog"], "cannot read", None),
+        ("some", "one of 'recommended', 'all' or a list", "'recommended' or 'all'"),
+        ([], "a list of at least 1 item", "non-empty list"),
+        (["fog-1", "fog-s1-seed0"], "more than once", None),
+        ([3], "each a non-empty string", "strings"),
     ],
 )
-def test_bad_views(views, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_views(views, match, function_match):
+    with pytest.raises(ValueError, match="cover: parameter 'views' must be .*" + match):
         CoVer(views=views)
+    with pytest.raises(ValueError, match=function_match or match):  # parse_views's own message
+        parse_views(views)
 
 
 @pytest.mark.parametrize(
     "params, match",
     [
-        ({"base": "odin"}, "runs the model"),
-        ({"base": "nope"}, "available: .*msp"),
-        ({"base": "energy", "base_params": {"temperature": -1}}, "temperature"),
-        ({"base_params": [1]}, "base_params"),
-        ({"seed": -1}, "seed"),
-        ({"pixel_scale": 0}, "pixel_scale"),
+        ({"base": "odin"}, "parameter 'base'.*runs the model"),
+        ({"base": "nope"}, "parameter 'base'.*available: .*msp"),
+        ({"base": "gram"}, "parameter 'base'.*needs layers"),
+        ({"base": "energy", "base_params": {"temperature": -1}}, "parameter 'base_params'.*temperature"),
+        ({"base": "energy", "base_params": {"k": 1}}, "parameter 'base_params'.*unknown parameter.*'k'"),
+        ({"base_params": [1]}, "parameter 'base_params'"),
+        ({"seed": -1}, "parameter 'seed'"),
+        ({"pixel_scale": 0}, "parameter 'pixel_scale'"),
     ],
 )
 def test_bad_params(params, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(ValueError, match=match):
         CoVer(**params)
+
+
+def test_signature_defaults_and_constraints():
+    signature = inspect.signature(CoVer)
+    defaults = {name: p.default for name, p in signature.parameters.items()}
+    assert defaults == {"base": "msp", "base_params": None, "views": "recommended", "seed": 0, "pixel_scale": None}
+    assert all(p.kind is p.KEYWORD_ONLY for p in signature.parameters.values())
+    assert set(CoVer._parameter_constraints) == set(defaults)
+    assert detectors.info("cover")["protocol"] == "model"
+
+
+def test_get_params_are_the_arguments_as_given_and_clone(cnn, images):
+    given = {"base": "vim", "base_params": {"dim": 8}, "views": ("identity", "fog-1"), "seed": 3, "pixel_scale": 1}
+    det = CoVer(**given)
+    params = det.get_params()
+    assert params == given and type(params["views"]) is tuple and type(params["pixel_scale"]) is int
+    det.params["seed"] = 5  # a fresh dict: writing into it changes nothing
+    assert det.seed == 3
+    det.attach(cnn).fit(images)
+    copy = clone(det)
+    assert type(copy) is CoVer and copy.get_params() == given and copy.base_params is not det.base_params
+    assert not copy.is_fitted and copy.runner_ is None
+    assert CoVer(base="msp").is_fitted  # a base without fitted state needs no fit
+
+
+@pytest.mark.parametrize(
+    "param, value",
+    [
+        ("base", ""),
+        ("base", 3),
+        ("base", "odin"),
+        ("base_params", {1: 2}),
+        ("base_params", "dim=8"),
+        ("views", "identity"),
+        ("views", ["identity", None]),
+        ("seed", 1.5),
+        ("seed", True),
+        ("pixel_scale", -1.0),
+        ("pixel_scale", float("inf")),
+        ("pixel_scale", "1"),
+    ],
+)
+def test_bad_value_names_the_parameter(param, value):
+    with pytest.raises(ValueError, match=f"cover: parameter '{param}' must be"):
+        CoVer(**{param: value})
+    det = CoVer()
+    with pytest.raises(ValueError, match=f"parameter '{param}'"):
+        det.set_params(**{param: value})
+    assert det.get_params() == CoVer().get_params()
 
 
 def test_bad_inputs(cnn, images):

@@ -1,12 +1,16 @@
 """Model-based detectors: ODIN and GradNorm through autograd, checked against computations by hand."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from oodguard import detectors
-from oodguard.detectors.model import gradient  # noqa: F401  registers the model-based detectors
+from oodguard.detectors.base import clone
+from oodguard.detectors.model.base import ModelDetector
+from oodguard.detectors.model.gradient import ODIN, GradNormAutograd
 from oodguard.extraction.extract import extract
 from oodguard.extraction.model_runner import ModelRunner
 
@@ -96,7 +100,7 @@ def test_gradnorm_autograd_equals_closed_form(cnn, images):
     outputs = extract(cnn, images, progress=False)
     for t in (1.0, 2.5):
         closed = detectors.create("gradnorm", temperature=t).fit(outputs).score(outputs)
-        auto = detectors.create("gradnorm", mode="autograd", temperature=t)
+        auto = detectors.create("gradnorm_autograd", temperature=t)
         auto = auto.attach(ModelRunner(cnn, batch_size=4)).score(images)
         torch.testing.assert_close(auto, closed, rtol=1e-5, atol=1e-5)
     assert all(p.grad is None for p in cnn.parameters())
@@ -123,7 +127,7 @@ def test_gradnorm_autograd_is_the_true_weight_gradient():
         loss = -torch.log_softmax(model(x[i : i + 1]), dim=1).sum()
         (g,) = torch.autograd.grad(loss, model.head.weight)
         expected.append(-g.abs().sum().double())
-    got = detectors.create("gradnorm", mode="autograd").attach(ModelRunner(model, batch_size=4)).score(x)
+    got = detectors.create("gradnorm_autograd").attach(ModelRunner(model, batch_size=4)).score(x)
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-7)
     with pytest.warns(UserWarning, match="changes the logits after that layer"):
         outputs = extract(model, x, progress=False, feature_layer="head")
@@ -137,7 +141,7 @@ def test_gradnorm_autograd_direction():
     model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
     near = torch.randn(20, 2) * 0.1
     far = torch.randn(20, 2) * 0.1 + 50.0  # large features and confident logits: large gradient norm
-    det = detectors.create("gradnorm", mode="autograd").attach(model)
+    det = detectors.create("gradnorm_autograd").attach(model)
     # GradNorm is larger for confident (ID-like) inputs, so their OOD score is lower.
     assert float(det.score(far).mean()) < float(det.score(near).mean())
 
@@ -155,10 +159,10 @@ def test_score_before_attach_and_save_load_round_trip(cnn, images, tmp_path):
     with pytest.raises(RuntimeError, match="attach"):
         loaded.score(images)
     torch.testing.assert_close(loaded.attach(runner).score(images), before)
-    gn = detectors.create("gradnorm", mode="autograd", temperature=2.0)
+    gn = detectors.create("gradnorm_autograd", temperature=2.0)
     gn.save(tmp_path / "gn")
     loaded_gn = detectors.load(tmp_path / "gn")
-    assert loaded_gn.params == {"temperature": 2.0, "mode": "autograd"} and loaded_gn.needs_model
+    assert isinstance(loaded_gn, GradNormAutograd) and loaded_gn.params == {"temperature": 2.0}
 
 
 def test_numpy_inputs_give_numpy_scores_and_registry_metadata(cnn, images):
@@ -166,33 +170,32 @@ def test_numpy_inputs_give_numpy_scores_and_registry_metadata(cnn, images):
     assert isinstance(scores, np.ndarray) and scores.shape == (10,)
     meta = detectors.info("odin")
     assert meta["requires"] == ["model"] and not meta["needs_fit"] and meta["paper"] and meta["code"]
-    assert detectors.create("odin").needs_model
-    # one registry name, two implementations: the closed form on cached outputs by default
-    assert not detectors.info("gradnorm")["needs_model"] and detectors.info("gradnorm")["defaults"]["mode"] == (
-        "closed_form"
-    )
-    assert detectors.needs_model("gradnorm", {"mode": "autograd"}) and not detectors.needs_model("gradnorm")
-    assert detectors.create("gradnorm", mode="autograd").requires == {"model"}
+    assert isinstance(detectors.create("odin"), ModelDetector) and detectors.create("odin").protocol == "model"
+    # two registry names: the closed form on cached outputs, the true gradient through the model
+    assert not detectors.info("gradnorm")["needs_model"] and detectors.info("gradnorm")["protocol"] == "outputs"
+    assert detectors.needs_model("gradnorm_autograd") and not detectors.needs_model("gradnorm")
+    assert detectors.info("gradnorm_autograd")["protocol"] == "model"
+    assert detectors.create("gradnorm_autograd").requires == {"model"}
 
 
 def test_bad_parameters_and_inputs(cnn):
     with pytest.raises(ValueError, match="temperature"):
         detectors.create("odin", temperature=0)
-    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+    with pytest.raises(ValueError, match="parameter 'epsilon' must be a finite number >= 0"):
         detectors.create("odin", epsilon=-0.1)
     with pytest.raises(ValueError, match="scale_by_std"):
         detectors.create("odin", scale_by_std="yes")
     with pytest.raises(ValueError, match="temperature"):
-        detectors.create("gradnorm", mode="autograd", temperature=float("inf"))
-    with pytest.raises(ValueError, match="mode must be 'closed_form'"):
+        detectors.create("gradnorm_autograd", temperature=float("inf"))
+    with pytest.raises(ValueError, match="parameter 'mode' must be 'closed_form'"):
         detectors.create("gradnorm", mode="backprop")
     with pytest.raises(TypeError, match="attach expects"):
         detectors.create("odin").attach("model")
-    with pytest.raises(TypeError, match="partial_fit"):
-        detectors.create("odin").partial_fit(torch.zeros(1, 1, 28, 28))
+    odin = detectors.create("odin")  # model detectors offer no partial_fit (their fit runs the model)
+    assert not odin.supports_partial_fit and not hasattr(odin, "partial_fit")
     with pytest.raises(ValueError, match="feature_layer"):
         headless = nn.Sequential(nn.Linear(3, 2), nn.Softmax(dim=1))
-        detectors.create("gradnorm", mode="autograd").attach(headless).score(torch.randn(2, 3))
+        detectors.create("gradnorm_autograd").attach(headless).score(torch.randn(2, 3))
     with pytest.raises(ValueError, match="output is not differentiable"):
 
         class Frozen(nn.Module):
@@ -204,3 +207,64 @@ def test_bad_parameters_and_inputs(cnn):
                 return self.head(x).detach()
 
         detectors.create("odin").attach(Frozen()).score(torch.randn(2, 3))
+
+
+def test_old_gradnorm_spelling_warns_and_gives_the_autograd_detector():
+    with pytest.warns(DeprecationWarning, match="gradnorm_autograd"):
+        det = detectors.create("gradnorm", mode="autograd", temperature=2.0)
+    assert type(det) is GradNormAutograd and det.get_params() == {"temperature": 2.0}
+
+
+# ---------------------------------------------------------------------- declared parameters
+_DEFAULTS = {
+    ODIN: {"temperature": 1000.0, "epsilon": 0.0014, "scale_by_std": True},
+    GradNormAutograd: {"temperature": 1.0},
+}
+
+
+@pytest.mark.parametrize("cls", [ODIN, GradNormAutograd])
+def test_signature_defaults_and_constraints(cls):
+    signature = inspect.signature(cls)
+    assert {name: p.default for name, p in signature.parameters.items()} == _DEFAULTS[cls]
+    assert all(p.kind is p.KEYWORD_ONLY for p in signature.parameters.values())
+    assert set(cls._parameter_constraints) == set(_DEFAULTS[cls])
+
+
+@pytest.mark.parametrize(
+    "cls, given",
+    [(ODIN, {"temperature": 10, "epsilon": 0, "scale_by_std": False}), (GradNormAutograd, {"temperature": 2})],
+)
+def test_get_params_are_the_arguments_as_given_and_clone(cnn, cls, given):
+    det = cls(**given).attach(cnn)
+    params = det.get_params()
+    assert params == given and all(type(params[k]) is type(v) for k, v in given.items())  # ints stay ints
+    det.params["temperature"] = 5.0  # a fresh dict: writing into it changes nothing
+    assert det.temperature == given["temperature"]
+    copy = clone(det)
+    assert type(copy) is cls and copy is not det and copy.get_params() == given and copy.runner_ is None
+
+
+@pytest.mark.parametrize(
+    "cls, param, value",
+    [
+        (ODIN, "temperature", 0),
+        (ODIN, "temperature", -1.0),
+        (ODIN, "temperature", float("nan")),
+        (ODIN, "temperature", "1000"),
+        (ODIN, "epsilon", -0.1),
+        (ODIN, "epsilon", float("inf")),
+        (ODIN, "epsilon", None),
+        (ODIN, "scale_by_std", "yes"),
+        (ODIN, "scale_by_std", 1),
+        (GradNormAutograd, "temperature", 0.0),
+        (GradNormAutograd, "temperature", float("inf")),
+        (GradNormAutograd, "temperature", True),
+    ],
+)
+def test_bad_value_names_the_parameter(cls, param, value):
+    with pytest.raises(ValueError, match=f"{cls.name}: parameter '{param}' must be"):
+        cls(**{param: value})
+    det = cls()
+    with pytest.raises(ValueError, match=f"parameter '{param}'"):
+        det.set_params(**{param: value})
+    assert det.get_params() == _DEFAULTS[cls]

@@ -1,5 +1,7 @@
 """Mahalanobis ensemble and AdaSCALE through the model, checked against loops and plain autograd by hand."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,9 @@ from torch import nn
 
 from oodguard import detectors
 from oodguard.benchmark.digits_model import DigitsCNN
+from oodguard.detectors.base import clone
 from oodguard.detectors.model import features as model_feature
+from oodguard.detectors.model.features import AdaSCALE, MahalanobisEnsemble
 from oodguard.extraction.model_runner import FEATURES, ModelRunner
 
 
@@ -96,7 +100,7 @@ def test_mahalanobis_ensemble_known_answer(tiny, eps):
 def test_mahalanobis_ensemble_defaults_and_direction(tiny):
     x, y = _data(60, 3), torch.arange(60) % 3
     det = detectors.create("mahalanobis_ensemble").attach(tiny).fit(x, labels=y)
-    assert det.params["layers"] == [FEATURES] and det.layer_weights == [1.0]
+    assert det.params["layers"] is None and det.layer_names == [FEATURES] and det.layer_weights == [1.0]
     near, far = det.score(_data(20, 4)), det.score(_data(20, 5, shift=4.0))
     assert float(far.mean()) > float(near.mean())
     # equal weights: the mean of the per-layer distances
@@ -113,6 +117,7 @@ def test_fit_ensemble_weights_separates(tiny):
     for backend in ("sklearn", "torch"):
         w = model_feature.fit_ensemble_weights(det, id_val, ood_val, backend=backend)
         assert w.shape == (2,) and det.params["weights"] == pytest.approx(list(w))
+        assert all(type(v) is float for v in det.weights)
         scores = det.score(torch.cat([_data(20, 9), _data(20, 10, shift=3.0)]))
         assert float(scores[20:].mean()) > float(scores[:20].mean())
     with pytest.raises(ValueError, match="backend"):
@@ -272,3 +277,122 @@ def test_adascale_errors(tiny):
         detectors.create("adascale").attach(ModelRunner(nn.Sequential(nn.Linear(4, 3), nn.Tanh()))).fit(
             torch.randn(4, 4)
         )
+
+
+# ---------------------------------------------------------------------- declared parameters
+_DEFAULTS = {
+    MahalanobisEnsemble: {"layers": None, "epsilon": 0.0, "weights": None, "scale_by_std": True},
+    AdaSCALE: {
+        "variant": "A",
+        "p_min": 75.0,
+        "p_max": 85.0,
+        "lam": 10.0,
+        "o": 0.05,
+        "epsilon": 0.5,
+        "k_q": 1.0,
+        "k_c": 5.0,
+        "n_fit": 5000,
+        "seed": 0,
+    },
+}
+
+
+@pytest.mark.parametrize("cls", [MahalanobisEnsemble, AdaSCALE])
+def test_signature_defaults_and_constraints(cls):
+    signature = inspect.signature(cls)
+    assert {name: p.default for name, p in signature.parameters.items()} == _DEFAULTS[cls]
+    assert all(p.kind is p.KEYWORD_ONLY for p in signature.parameters.values())
+    assert set(cls._parameter_constraints) == set(_DEFAULTS[cls])
+    assert detectors.info(cls.name)["protocol"] == "model"
+
+
+@pytest.mark.parametrize(
+    "cls, given",
+    [
+        (MahalanobisEnsemble, {"layers": ("stem", FEATURES), "epsilon": 0, "weights": (1, 2.5), "scale_by_std": False}),
+        (
+            AdaSCALE,
+            {"variant": "L", "p_min": 60, "p_max": 90, "lam": 0, "o": 1, "epsilon": 2, "k_q": 3, "k_c": 4,
+             "n_fit": None, "seed": np.int64(7)},
+        ),
+    ],
+)  # fmt: skip
+def test_get_params_are_the_arguments_as_given_and_clone(tiny, cls, given):
+    det = cls(**given)
+    params = det.get_params()
+    assert params == given and all(type(params[k]) is type(v) for k, v in given.items())  # ints stay ints
+    first = next(iter(given))
+    det.params[first] = "changed"  # a fresh dict: writing into it changes nothing
+    assert getattr(det, first) == given[first]
+    copy = clone(det)
+    assert type(copy) is cls and copy is not det and copy.get_params() == given
+    assert not copy.is_fitted and copy.runner_ is None
+
+
+def test_mahalanobis_ensemble_weights_as_array_and_fit_weights_use_set_params(tiny):
+    det = MahalanobisEnsemble(layers=["stem", FEATURES], weights=np.array([1.0, 3.0]))
+    assert det.layer_weights == [1.0, 3.0]
+    with pytest.raises(ValueError, match="parameter 'weights' must be"):
+        MahalanobisEnsemble(weights=np.array([np.nan]))
+    with pytest.raises(ValueError, match="parameter 'weights' must be"):
+        det.set_params(weights=[1.0])  # one weight for two layers: refused, the old weights stay
+    np.testing.assert_array_equal(det.weights, [1.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    "param, value",
+    [
+        ("layers", "stem"),
+        ("layers", []),
+        ("layers", ["stem", ""]),
+        ("layers", ["stem", "stem"]),
+        ("epsilon", -1.0),
+        ("epsilon", float("nan")),
+        ("epsilon", None),
+        ("weights", [1.0, 2.0]),
+        ("weights", [0.0]),
+        ("weights", [float("inf")]),
+        ("weights", ["1"]),
+        ("weights", np.ones((1, 1))),
+        ("scale_by_std", 1),
+        ("scale_by_std", None),
+    ],
+)
+def test_mahalanobis_ensemble_bad_value_names_the_parameter(param, value):
+    with pytest.raises(ValueError, match=f"mahalanobis_ensemble: parameter '{param}' must be"):
+        MahalanobisEnsemble(**{param: value})
+    det = MahalanobisEnsemble()
+    with pytest.raises(ValueError, match=f"parameter '{param}'"):
+        det.set_params(**{param: value})
+    assert det.get_params() == MahalanobisEnsemble().get_params()
+
+
+@pytest.mark.parametrize(
+    "param, value",
+    [
+        ("variant", "B"),
+        ("variant", "a"),
+        ("p_min", 0.0),
+        ("p_min", 90.0),  # above p_max
+        ("p_max", 100.0),
+        ("p_max", "85"),
+        ("lam", -1.0),
+        ("o", 0.0),
+        ("o", 1.5),
+        ("epsilon", 0.0),
+        ("epsilon", float("inf")),
+        ("k_q", 0.0),
+        ("k_c", 101.0),
+        ("n_fit", 0),
+        ("n_fit", 10.0),
+        ("seed", 1.5),
+        ("seed", None),
+    ],
+)
+def test_adascale_bad_value_names_the_parameter(param, value):
+    with pytest.raises(ValueError, match=f"adascale: parameter '{param}' must be"):
+        AdaSCALE(**{param: value})
+    det = AdaSCALE()
+    with pytest.raises(ValueError, match=f"parameter '{param}'"):
+        det.set_params(**{param: value})
+    assert det.get_params() == AdaSCALE().get_params()

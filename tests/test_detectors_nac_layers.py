@@ -1,5 +1,7 @@
 """NAC on inner layers: gradients through the model, checked against a per-sample computation by hand."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from torch import nn
 
 from oodguard import detectors
 from oodguard.benchmark.digits_model import DigitsCNN
+from oodguard.detectors.base import clone
 from oodguard.detectors.head import nac_bin_edges
 from oodguard.detectors.model.nac_layers import NACLayers, pool_layer
 from oodguard.extraction.extract import extract
@@ -75,8 +78,8 @@ def test_known_answer_on_a_conv_layer_and_a_hidden_layer_with_per_layer_paramete
     gen = torch.Generator().manual_seed(4)
     fit_x, test_x = torch.randn(40, 1, 6, 6, generator=gen), torch.randn(9, 1, 6, 6, generator=gen) * 2
     layers, alphas, ms, os_ = ["conv", "hidden"], [3.0, 50.0], [10, 20], [2, 4]
-    det = detectors.create("nac", layers=layers, alpha=alphas, M=ms, O=os_)
-    assert isinstance(det, NACLayers) and det.needs_model
+    det = detectors.create("nac_layers", layers=layers, alpha=alphas, M=ms, O=os_)
+    assert isinstance(det, NACLayers) and det.protocol == "model"
     det.attach(ModelRunner(convnet, batch_size=7)).fit(fit_x)
     covs = [_coverage_by_hand(_states_by_hand(convnet, fit_x, layer, a), m, o)
             for layer, a, m, o in zip(layers, alphas, ms, os_, strict=True)]  # fmt: skip
@@ -96,7 +99,7 @@ def test_on_the_features_it_equals_the_closed_form_nac():
     fit_x, test_x = torch.rand(64, 1, 28, 28, generator=gen), torch.rand(32, 1, 28, 28, generator=gen)
     closed = detectors.create("nac", alpha=30.0).fit(extract(cnn, fit_x, progress=False))
     closed_scores = closed.score(extract(cnn, test_x, progress=False))
-    layered = detectors.create("nac", layers=[FEATURES], alpha=30.0).attach(ModelRunner(cnn, batch_size=16))
+    layered = detectors.create("nac_layers", layers=[FEATURES], alpha=30.0).attach(ModelRunner(cnn, batch_size=16))
     layered_scores = layered.fit(fit_x).score(test_x)
     # same states up to float32 rounding of the gradient: a state on a bin edge may flip one unit's bin
     torch.testing.assert_close(layered_scores, closed_scores, rtol=0, atol=2.0 / 64)
@@ -108,7 +111,7 @@ def test_direction_save_load_and_pooling():
     model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     gen = torch.Generator().manual_seed(6)
     near, far = torch.randn(300, 2, generator=gen), torch.randn(50, 2, generator=gen) * 0.2 + 30.0
-    det = detectors.create("nac", layers=["0", "2"], alpha=10.0, O=5).attach(model).fit(near)
+    det = detectors.create("nac_layers", layers=["0", "2"], alpha=10.0, O=5).attach(model).fit(near)
     assert float(det.score(far).mean()) > float(det.score(near[:50]).mean())
     assert torch.equal(pool_layer(torch.ones(2, 3, 4, 5)), torch.full((2, 3), 20.0))
     assert torch.equal(pool_layer(torch.ones(2, 7, 3)), torch.full((2, 3), 7.0))  # tokens [B, T, D]
@@ -119,7 +122,7 @@ def test_save_load_round_trip(tmp_path):
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     x = torch.randn(30, 2, generator=torch.Generator().manual_seed(2))
-    det = detectors.create("nac", layers=["0"], M=8).attach(model).fit(x)
+    det = detectors.create("nac_layers", layers=["0"], M=8).attach(model).fit(x)
     det.save(tmp_path / "nac")
     loaded = detectors.load(tmp_path / "nac")
     assert isinstance(loaded, NACLayers) and loaded.params == det.params
@@ -127,23 +130,85 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_bad_parameters_and_models():
-    with pytest.raises(ValueError, match="non-empty list of module names"):
-        detectors.create("nac", layers=[])
-    with pytest.raises(ValueError, match="more than once"):
-        detectors.create("nac", layers=["a", "a"])
-    with pytest.raises(ValueError, match="2 value.s. for 1 layer"):
-        detectors.create("nac", layers=["a"], alpha=[1.0, 2.0])
-    with pytest.raises(ValueError, match="even integer"):
-        detectors.create("nac", layers=["a"], M=7)
-    with pytest.raises(ValueError, match="pool must be"):
-        detectors.create("nac", layers=["a"], pool="mean")
-    with pytest.raises(ValueError, match="O must be > 0"):
-        detectors.create("nac", layers=["a", "b"], O=[1, 0])
+    with pytest.raises(ValueError, match="parameter 'layers' must be a list of at least 1"):
+        detectors.create("nac_layers", layers=[])
+    with pytest.raises(ValueError, match="parameter 'layers'.*more than once"):
+        detectors.create("nac_layers", layers=["a", "a"])
+    with pytest.raises(ValueError, match="parameter 'alpha'.*2 value.s. for 1 layer"):
+        detectors.create("nac_layers", layers=["a"], alpha=[1.0, 2.0])
+    with pytest.raises(ValueError, match="parameter 'M' must be an even integer"):
+        detectors.create("nac_layers", layers=["a"], M=7)
+    with pytest.raises(ValueError, match="parameter 'pool' must be one of 'auto'"):
+        detectors.create("nac_layers", layers=["a"], pool="mean")
+    with pytest.raises(ValueError, match="parameter 'O' must be a finite number > 0"):
+        detectors.create("nac_layers", layers=["a", "b"], O=[1, 0])
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3))
     with pytest.raises(ValueError, match="Available module names: 0, 1, 2"):
-        detectors.create("nac", layers=["missing"]).attach(model).fit(torch.randn(4, 2))
-    det = detectors.create("nac", layers=["0"]).attach(model).fit(torch.randn(4, 2))
+        detectors.create("nac_layers", layers=["missing"]).attach(model).fit(torch.randn(4, 2))
+    det = detectors.create("nac_layers", layers=["0"]).attach(model).fit(torch.randn(4, 2))
     wider = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 3))
     with pytest.raises(ValueError, match="has 6 units but was fitted with 4"):
         det.attach(wider).score(torch.randn(3, 2))
-    assert detectors.needs_model("nac", {"layers": ["0"]}) and not detectors.needs_model("nac")
+    assert detectors.needs_model("nac_layers") and not detectors.needs_model("nac")
+
+
+def test_old_spelling_warns_and_gives_nac_layers():
+    with pytest.warns(DeprecationWarning, match="nac_layers"):
+        det = detectors.create("nac", layers=["0"], alpha=[2.0], M=8)
+    assert isinstance(det, NACLayers)
+    assert det.get_params() == {"layers": ["0"], "alpha": [2.0], "M": 8, "O": 50, "pool": "auto"}
+
+
+# ---------------------------------------------------------------------- declared parameters
+def test_signature_registry_and_required_layers():
+    signature = inspect.signature(NACLayers)
+    defaults = {name: p.default for name, p in signature.parameters.items()}
+    assert defaults == {"layers": None, "alpha": 100.0, "M": 50, "O": 50, "pool": "auto"}
+    assert all(p.kind is p.KEYWORD_ONLY for p in signature.parameters.values())
+    assert set(NACLayers._parameter_constraints) == set(defaults)
+    assert detectors.info("nac_layers")["required_params"] == ["layers"]
+    assert detectors.info("nac_layers")["protocol"] == "model"
+    with pytest.raises(ValueError, match="parameter 'layers'"):
+        NACLayers()  # layers has no usable default
+
+
+def test_get_params_are_the_arguments_as_given_and_clone():
+    given = {"layers": ("conv", FEATURES), "alpha": [3, 50.0], "M": 10, "O": [2, 4.5], "pool": "channels_first"}
+    det = NACLayers(**given)
+    params = det.get_params()
+    assert params == given and type(params["layers"]) is tuple and type(params["alpha"][0]) is int
+    det.params["alpha"] = 1.0  # a fresh dict: writing into it changes nothing
+    assert det.alpha == [3, 50.0]
+    copy = clone(det)
+    assert type(copy) is NACLayers and copy is not det and copy.get_params() == given
+    assert not copy.is_fitted and copy.runner_ is None
+
+
+@pytest.mark.parametrize(
+    "param, value",
+    [
+        ("layers", None),
+        ("layers", "conv"),
+        ("layers", ["conv", ""]),
+        ("layers", ["conv", 3]),
+        ("alpha", 0.0),
+        ("alpha", float("nan")),
+        ("alpha", [1.0, -1.0]),
+        ("alpha", True),
+        ("M", 2),
+        ("M", 10.0),
+        ("M", [10, 9]),
+        ("M", [10]),
+        ("O", -1),
+        ("O", "50"),
+        ("pool", "mean"),
+    ],
+)
+def test_bad_value_names_the_parameter(param, value):
+    params = {"layers": ["conv", "hidden"], param: value}
+    with pytest.raises(ValueError, match=f"nac_layers: parameter '{param}' must be"):
+        NACLayers(**params)
+    det = NACLayers(layers=["conv", "hidden"])
+    with pytest.raises(ValueError, match=f"parameter '{param}'"):
+        det.set_params(**{param: value})
+    assert det.get_params() == NACLayers(layers=["conv", "hidden"]).get_params()  # refused values are rolled back

@@ -7,16 +7,18 @@ detector (one that needs logits, features and/or the final linear layer) can be 
 
 from __future__ import annotations
 
-import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from oodguard.detectors.base import _REGISTRY, Detector, create, register
+from oodguard.detectors.base import Detector, available, create, implementation, protocol, register
 from oodguard.detectors.model.base import ModelDetector
+from oodguard.detectors.params import Integral, Interval, Options, Real, SequenceOf, Text
+from oodguard.detectors.params import Mapping as MappingOf
 from oodguard.extraction.model_runner import ModelRunner
 from oodguard.views.corruptions import CORRUPTIONS, SEVERITIES, View, ViewDataset, all_views, recommended_views
 from oodguard.views.outputs import average_over_views
@@ -30,12 +32,23 @@ _OUTPUT_FIELDS = frozenset({"logits", "features", "head", "labels"})
 _VIEW_PATTERN = re.compile(r"^(?P<corruption>[a-z_]+)-s?(?P<severity>\d+)(?:-seed(?P<seed>\d+))?$")
 
 
-def _view_error(entry: Any, why: str) -> ValueError:
-    return ValueError(
-        f"views: {why} in entry {entry!r}; give 'identity' or '<corruption>-<severity>' (e.g. 'fog-2', or a view key "
-        f"such as 'fog-s2-seed0') with a corruption from: {', '.join(CORRUPTIONS)} and a severity from "
-        f"{SEVERITIES[0]} to {SEVERITIES[-1]}; or views='recommended' / 'all'"
-    )
+_VIEW_HINT = (
+    f"give 'identity' or '<corruption>-<severity>' (e.g. 'fog-2', or a view key such as 'fog-s2-seed0') with a "
+    f"corruption from: {', '.join(CORRUPTIONS)} and a severity from {SEVERITIES[0]} to {SEVERITIES[-1]}; or "
+    "views='recommended' / 'all'"
+)
+
+
+class _ViewError(ValueError):
+    """A ``views`` value that names no list of views; ``problem`` says what is wrong, ``fix`` what to give."""
+
+    def __init__(self, problem: str, fix: str = _VIEW_HINT) -> None:
+        self.problem, self.fix = problem, fix
+        super().__init__(f"views: {problem}; {fix}")
+
+
+def _view_error(entry: Any, why: str) -> _ViewError:
+    return _ViewError(f"{why} in entry {entry!r}")
 
 
 def parse_views(views: Any, seed: int = 0, pixel_scale: float | None = None) -> list[View]:
@@ -79,7 +92,7 @@ def parse_views(views: Any, seed: int = 0, pixel_scale: float | None = None) -> 
     keys = [view.key for view in parsed]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:
-        raise ValueError(f"views: {duplicates} listed more than once; give each view once (the average is unweighted)")
+        raise _ViewError(f"{duplicates} listed more than once", "give each view once (the average is unweighted)")
     return parsed
 
 
@@ -87,47 +100,32 @@ def parse_views(views: Any, seed: int = 0, pixel_scale: float | None = None) -> 
 class CoVer(ModelDetector):
     """CoVer (Confidence aVerage): the mean of a base detector's scores over corrupted views of each input.
 
-    ``s(x) = (1/|V|) Σ_{v ∈ V} S_base(model(v(x)))`` — a plain, unweighted average of the base detector's raw
-    scores (higher = more OOD, as every base score here). ``V`` is the identity plus ImageNet-C corruptions at
-    given severities (:mod:`oodguard.views`): ``views="recommended"`` (default) is the identity plus brightness,
-    fog, saturate, motion_blur, defocus_blur, gaussian_blur at severities 1 and 2 (13 views, the official
-    "recommended corruption types from validation set"); ``views="all"`` is the identity plus every available
-    corruption at severities 1-5 (what the official ``eval_ood_detection.py`` enables at HEAD: 18 types, 91
-    views, as here, see :mod:`oodguard.views`); or a list such as ``["identity", "fog-1",
-    "gaussian_blur-s2-seed3"]``.
+    ``s(x) = (1/|V|) Σ_{v ∈ V} S_base(model(v(x)))``, an unweighted average of the base detector's scores (higher
+    = more OOD). Inputs are images ``[N, C, H, W]`` in ``[0, 1]`` (a tensor, numpy array, pair ``(images, labels)``
+    or map-style ``Dataset``); corrupt before normalising, so put the normalisation inside the model.
 
     Parameters
     ----------
-    base : registry name of an output-based detector (needs logits, features and/or the final linear layer;
-        not one that runs the model or needs inner layers). Default ``"msp"``: for CNNs the official code
-        (``utils/detection_util.py``, ``get_ood_scores_resnet``) averages the negative maximum softmax unless
-        ``--score energy`` is given, and its energy branch is DICE's energy (the plain-energy line is
-        commented out). ``"energy"`` is the other official CNN choice.
-    base_params : hyperparameters of the base detector (dict).
-    views : ``"recommended"``, ``"all"`` or a list of view names (see :func:`parse_views`).
-    seed : seed of the corruptions' random draws (motion-blur angles, fog fractal, noise).
-    pixel_scale : multiplier of the corruption tables' pixel parameters (see :func:`oodguard.views.corrupt`).
-        ``None`` (default) scales the 224-pixel tables to the image: on 28 x 28 digits that is 0.125, and the
-        recommended blurs at severities 1-2 are then nearly the identity (gaussian_blur sigma 0.125-0.25 px,
-        motion_blur of 1-2 px); pass ``pixel_scale=1.0`` for the tables in the image's own pixels.
+    base : str, default "msp"
+        Registry name of an output detector that needs no more than logits, features, the final linear layer
+        and labels (``"msp"`` and ``"energy"`` are the official CNN choices).
+    base_params : dict, optional
+        Parameters of the base detector; None (default) means none.
+    views : "recommended", "all" or list of str, default "recommended"
+        ``"recommended"``: the identity plus six corruptions at severities 1 and 2 (13 views); ``"all"``: the
+        identity plus every corruption at severities 1-5; or view names (see :func:`parse_views`).
+    seed : int >= 0, default 0
+        Seed of the corruptions' random draws.
+    pixel_scale : float > 0, optional
+        Multiplier of the corruption tables' pixel parameters (see :func:`oodguard.views.corrupt`); None (default)
+        scales the 224-pixel tables to the image (``min(H, W) / 224``).
 
-    Fit: the base detector is fitted on the identity-view outputs (logits, features, head, labels) of the fit
-    inputs (one forward pass). When the base has no fitted state (``msp``, ``energy``, ...) ``fit`` is optional.
-    Score: ``|V|`` forward passes per input, no gradients; inputs must be images ``[N, C, H, W]`` in ``[0, 1]``
-    (corrupt before normalising: put the normalisation inside the model), as a tensor, numpy array, pair
-    ``(images, labels)`` or map-style ``Dataset``. The fitted base detector's state is saved inside this
-    detector's state (tensors prefixed ``base.``, its dimensions in ``meta_["base_meta"]``).
+    ``fit`` fits the base detector on the identity view of the fit inputs (optional when the base has no fitted
+    state); its state is saved inside this detector's (tensors prefixed ``base.``).
 
     Paper: Zhang, Zhu et al., "What If the Input is Expanded in OOD Detection?", NeurIPS 2024. Official code:
-    tmlr-group/CoVer (``eval_ood_detection.py`` view dictionary; ``utils/detection_util.py``
-    ``get_ood_scores_resnet`` / ``get_ood_scores_clip``: per-view scores stacked and averaged).
-
-    Deviations: corruptions are applied to float tensors in torch, without the official uint8/JPEG-85 round
-    trip and the extra 256/224 zoom of corrupted views (see :mod:`oodguard.views`). The base score is this
-    library's: ``msp`` returns the log-odds ``log((1 - MSP) / MSP)`` rather than ``-MSP``, so the average is
-    of log-odds, not of probabilities (with the identity view only the ranking is the same; with several
-    views the average of a monotone transform can rank differently from the official ``mean(-MSP)``). The
-    CLIP/MCM base of the paper needs text prompts and is not provided here.
+    tmlr-group/CoVer (``eval_ood_detection.py``, view dictionary; ``utils/detection_util.py``,
+    ``get_ood_scores_resnet`` / ``get_ood_scores_clip``).
 
     Examples
     --------
@@ -144,15 +142,22 @@ class CoVer(ModelDetector):
     paper = "Zhang, Zhu et al., What If the Input is Expanded in OOD Detection?, NeurIPS 2024"
     code = "https://github.com/tmlr-group/CoVer (eval_ood_detection.py, utils/detection_util.py)"
     input_ndim = 4  # corruptions act on images [N, C, H, W]
+    _parameter_constraints = {
+        "base": [Text()],
+        "base_params": [None, MappingOf()],
+        "views": [Options(("recommended", "all")), SequenceOf(Text())],
+        "seed": [Interval(Integral, 0, None, closed="left")],
+        "pixel_scale": [None, Interval(Real, 0, None, closed="neither")],
+    }
 
     def __init__(
         self,
         *,
-        base: str = 'msp',
-        base_params: Any = {},
-        views: str = 'recommended',
+        base: str = "msp",
+        base_params: Mapping[str, Any] | None = None,
+        views: str | Sequence[str] = "recommended",
         seed: int = 0,
-        pixel_scale: Any = None,
+        pixel_scale: float | None = None,
     ) -> None:
         self.base = base
         self.base_params = base_params
@@ -161,51 +166,48 @@ class CoVer(ModelDetector):
         self.pixel_scale = pixel_scale
         super().__init__()
 
-
     # ------------------------------------------------------------------ parameters
     def _check_param_combination(self) -> None:
-        base = self.params["base"]
-        if not isinstance(base, str) or base not in _REGISTRY:
-            names = ", ".join(n for n in sorted(_REGISTRY) if not getattr(_REGISTRY[n], "needs_model", False))
-            raise ValueError(f"{self.name}: base must name an output-based detector, got {base!r}; available: {names}")
-        cls = _REGISTRY[base]
-        if getattr(cls, "needs_model", False):
-            raise ValueError(
-                f"{self.name}: base {base!r} runs the model itself; CoVer averages an output-based score "
-                "(e.g. 'msp', 'energy'): pick one of those"
+        outputs = available(protocol="outputs")
+        if self.base not in available():
+            raise self._param_error(
+                "base", f"the registry name of an output detector (available: {', '.join(outputs)})"
             )
+        if protocol(self.base) != "outputs":
+            raise self._param_error(
+                "base",
+                "an output detector (this one runs the model itself); CoVer averages a score of the model's "
+                "outputs, e.g. 'msp' or 'energy'",
+            )
+        cls = implementation(self.base)
         extra = sorted((set(cls.requires) | set(cls.fit_requires)) - _OUTPUT_FIELDS)
         if extra:
-            raise ValueError(
-                f"{self.name}: base {base!r} needs {', '.join(extra)}, but views are extracted with logits, features "
-                "and the final linear layer only; pick a base that needs no more (e.g. 'msp', 'energy', 'vim')"
+            raise self._param_error(
+                "base",
+                f"a detector needing no more than logits, features, the final linear layer and labels, "
+                f"which is all views are extracted with ({self.base!r} needs {', '.join(extra)}); e.g. 'msp', "
+                "'energy', 'vim'",
             )
-        base_params = self.params["base_params"]
-        if base_params is None:
-            base_params = {}
-        if not isinstance(base_params, dict) or not all(isinstance(k, str) for k in base_params):
-            raise ValueError(f"{self.name}: base_params must be a dict of the base's parameters, got {base_params!r}")
-        self.params["base_params"] = dict(base_params)
-        create(base, **self.params["base_params"])  # validates the base's parameters now, not at score time
-        seed = self.params["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"{self.name}: seed must be a non-negative integer, got {seed!r}")
-        self.params["seed"] = int(seed)
-        scale = self.params["pixel_scale"]
-        if scale is not None:
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-                raise ValueError(
-                    f"{self.name}: pixel_scale must be None (min(H, W) / 224) or a finite number > 0, got {scale!r}"
-                )
-            self.params["pixel_scale"] = float(scale)
-        views = self.params["views"]
-        if isinstance(views, tuple):
-            self.params["views"] = list(views)  # JSON round trip keeps a list
-        self.views_ = parse_views(self.params["views"], self.params["seed"], self.params["pixel_scale"])
+        try:  # the base's own rules, checked now rather than at fit or score time
+            self._new_base()
+        except (TypeError, ValueError) as error:
+            raise self._param_error("base_params", f"parameters of {self.base!r} ({error})") from None
+        try:
+            self.view_list()
+        except _ViewError as error:
+            raise self._param_error("views", f"'recommended', 'all' or a list of view names: {error.problem}; "
+                                    f"{error.fix}") from None  # fmt: skip
+
+    def view_list(self) -> list[View]:
+        """The views named by ``views``, with ``seed`` and ``pixel_scale``."""
+        return parse_views(self.views, self.seed, None if self.pixel_scale is None else float(self.pixel_scale))
+
+    def _new_base(self) -> Detector:
+        return create(self.base, **dict(self.base_params or {}))
 
     @property
     def base_needs_fit(self) -> bool:
-        return bool(_REGISTRY[self.params["base"]].needs_fit)
+        return bool(implementation(self.base).needs_fit)
 
     @property
     def is_fitted(self) -> bool:
@@ -214,7 +216,7 @@ class CoVer(ModelDetector):
     # ------------------------------------------------------------------ base detector
     def base_detector(self) -> Detector:
         """The base detector, with the fitted state stored in this detector (unfitted if none was fitted)."""
-        base = create(self.params["base"], **self.params["base_params"])
+        base = self._new_base()
         state = self.state_
         if state is not None:
             base.state_ = {k[len(BASE_PREFIX) :]: v for k, v in state.items() if k.startswith(BASE_PREFIX)}
@@ -235,7 +237,7 @@ class CoVer(ModelDetector):
     def _fit_model(self, runner: ModelRunner, data: Any, labels: Any) -> dict[str, torch.Tensor]:
         self._view_data(data, View("identity"))  # refuses loaders and iterators with CoVer's message
         ((_, outputs),) = runner.forward_views(data, [View("identity")], labels=labels, desc="cover fit")
-        base = create(self.params["base"], **self.params["base_params"]).fit(outputs)
+        base = self._new_base().fit(outputs)
         self.meta_ = {"base_meta": dict(base.meta_)}
         return {BASE_PREFIX + k: v.detach().clone() for k, v in (base.state_ or {}).items()}
 
@@ -244,5 +246,5 @@ class CoVer(ModelDetector):
         self._view_data(data, View("identity"))  # refuses loaders and iterators with CoVer's message
         # One forward pass per view, each vectorised over the inputs; a runner with a cache_dir reuses the cached
         # outputs of every view it has seen (oodguard.views.outputs), so a second call runs no model at all.
-        views = runner.forward_views(data, self.views_, progress=progress, desc="cover")
+        views = runner.forward_views(data, self.view_list(), progress=progress, desc="cover")
         return average_over_views(base, (outputs for _, outputs in views))

@@ -1,6 +1,6 @@
 """Model-based detectors on feature statistics: the multi-layer Mahalanobis ensemble and AdaSCALE.
 
-Both run the model themselves (:class:`~oodguard.detectors.model.gradient.ModelDetector`): the Mahalanobis ensemble
+Both run the model themselves (:class:`~oodguard.detectors.model.base.ModelDetector`): the Mahalanobis ensemble
 perturbs each input once per layer against the gradient of its Mahalanobis distance (Lee et al., 2018), and
 AdaSCALE perturbs the least-sensitive input elements to estimate how OOD a sample looks before scaling its
 features (Regmi, 2025). Data are read once, batch by batch, so one-shot iterables work and activations are
@@ -9,10 +9,8 @@ reduced per batch (the fit never holds ``[N, C, H, W]`` activations).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -21,25 +19,15 @@ import torch
 from oodguard.detectors.base import register
 from oodguard.detectors.distance import _ClassStatistics, _short_classes_message, pinv_sqrt
 from oodguard.detectors.model.base import ModelDetector
-from oodguard.extraction.extract import _Batches, _get_module
+from oodguard.detectors.params import ArrayLike, Boolean, Integral, Interval, Options, Real, SequenceOf, Text
+from oodguard.extraction.batches import Batches as _Batches
 from oodguard.extraction.model_runner import FEATURES, ModelRunner
+from oodguard.extraction.modules import get_module as _get_module
 
 __all__ = ["MahalanobisEnsemble", "AdaSCALE", "fit_ensemble_weights", "spatial_mean"]
 
 #: exp overflows float64 above ~709.78 (AdaSCALE-A scales the features by exp(r)).
 _MAX_LOG_SCALE = 700.0
-
-
-def _finite(name: str, key: str, value: Any, *, low: float, high: float, low_open: bool, high_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{name}: {key} must be a finite number, got {value!r}")
-    value = float(value)
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if below or above:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name}: {key} must lie in {interval}, got {value:g}")
-    return value
 
 
 def spatial_mean(activation: torch.Tensor) -> torch.Tensor:
@@ -57,50 +45,28 @@ def spatial_mean(activation: torch.Tensor) -> torch.Tensor:
 class MahalanobisEnsemble(ModelDetector):
     """Mahalanobis ensemble over several layers with input pre-processing (the official "feature ensemble").
 
-    For each named layer ``l`` the activation ``a_l(x)`` is averaged over its spatial positions (``[B, C, H, W]
-    -> [B, C]``). Fit (ID training inputs and their **true** labels): class means ``mu_{l,c}``, the tied
-    covariance ``S_l = (1/N) sum_i (a_i - mu_{l,y_i})(a_i - mu_{l,y_i})^T`` (biased, float64) and its
-    pseudo-inverse ``P_l`` (eigenvalues below ``1e-10 * max`` dropped, as ``mahalanobis``).
-
-    Score, per layer (one gradient pass each, as the official code)::
-
-        M_{l,c}(x) = (a_l(x) - mu_{l,c})^T P_l (a_l(x) - mu_{l,c});  c^ = argmin_c M_{l,c}(x)
-        g = d(1/2 M_{l,c^}(x)) / dx;   x~ = x - epsilon * sign(g) / std_ch     (sign(0) := +1)
-        S_l(x) = max_c -1/2 M_{l,c}(x~)
-        OOD score = -sum_l w_l S_l(x)          (higher = more OOD)
-
-    ``std_ch`` is the runner's ``input_std`` (the data normalisation's std; ``scale_by_std=False`` drops it).
+    Per layer: class means and a tied covariance of the spatially averaged activations; at score time each
+    input is moved a step ``epsilon`` against the gradient of its Mahalanobis distance, and the OOD score is
+    ``-sum_l w_l max_c -1/2 M_{l,c}(x~)``. Fit needs the true class labels of in-distribution inputs.
 
     Parameters
     ----------
     layers : list of str, optional
         Module names (as in ``model.named_modules()``) and/or :data:`~oodguard.extraction.FEATURES` (the input
-        of the final linear layer). Default: ``[FEATURES]`` only, i.e. single-layer Mahalanobis with input
-        pre-processing. The official ResNet-34 uses the stem and the four stages (``relu(bn1(conv1))``,
-        ``layer1`` .. ``layer4``).
+        of the final linear layer), each once. None (default) means ``[FEATURES]``: single-layer Mahalanobis
+        with input pre-processing.
     epsilon : float >= 0, default 0
-        Noise magnitude in raw-pixel units (divided by ``std_ch``). 0 = no pre-processing (one forward pass for
-        all layers). The official code picks it per OOD set from ``{0, 0.01, 0.005, 0.002, 0.0014, 0.001,
-        0.0005}`` on OOD validation data.
+        Step in raw-pixel units (divided by the runner's ``input_std``); 0 means no pre-processing.
     weights : list of float, optional
-        One weight per layer. Default: equal weights ``1/L`` (no OOD data needed). The official weights come from
-        a logistic regression on ID vs OOD (or adversarial) validation samples: see :func:`fit_ensemble_weights`.
+        One weight per layer, not all zero; None (default) means equal weights ``1/L``. The official weights come
+        from OOD validation data: see :func:`fit_ensemble_weights`.
     scale_by_std : bool, default True
-
-    Cost: fit one forward pass per input; score ``L x (2 forward + 1 backward)`` with ``epsilon > 0``, one
-    forward pass otherwise.
+        Divide the step by the runner's ``input_std``.
 
     Paper: Lee, Lee, Lee & Shin, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
     Adversarial Attacks", NeurIPS 2018. Official code: pokaxpoka/deep_Mahalanobis_detector
     (``lib_generation.py``: ``sample_estimator``, ``get_Mahalanobis_score``; ``OOD_Regression_Mahalanobis.py``;
     90c2105).
-
-    Deviations: the gradient is of the per-sample loss summed over the batch (official: the batch mean; only
-    the sign is used, so the step is the same); the precision is an eigenvalue pseudo-inverse instead of
-    sklearn's ``pinvh``; distances are computed in float64 from ``P^{1/2}`` (same values); the default weights
-    are equal instead of regression weights (those need OOD data, which a plain ``fit`` does not have).
-    OpenOOD's ``mds_ensemble`` differs from the official method (first conv block only, weight 1, gradient
-    divided by 0.5): use ``layers=[<stem>], scale_by_std=False`` with ``input_std=0.5`` to mimic it.
     """
 
     name = "mahalanobis_ensemble"
@@ -110,13 +76,19 @@ class MahalanobisEnsemble(ModelDetector):
         "Adversarial Attacks', NeurIPS 2018"
     )
     code = "https://github.com/pokaxpoka/deep_Mahalanobis_detector (lib_generation.py, OOD_Regression_Mahalanobis.py)"
+    _parameter_constraints = {
+        "layers": [None, SequenceOf(Text())],
+        "epsilon": [Interval(Real, 0, None, closed="left")],
+        "weights": [None, SequenceOf(Interval(Real, None, None)), ArrayLike(ndim=1)],
+        "scale_by_std": [Boolean()],
+    }
 
     def __init__(
         self,
         *,
-        layers: Any = None,
+        layers: Sequence[str] | None = None,
         epsilon: float = 0.0,
-        weights: Any = None,
+        weights: Sequence[float] | np.ndarray | torch.Tensor | None = None,
         scale_by_std: bool = True,
     ) -> None:
         self.layers = layers
@@ -125,56 +97,37 @@ class MahalanobisEnsemble(ModelDetector):
         self.scale_by_std = scale_by_std
         super().__init__()
 
-
     # ------------------------------------------------------------------ parameters
     def _check_param_combination(self) -> None:
-        layers = self.params["layers"]
-        if layers is None:
-            layers = [FEATURES]
-        if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
-            raise ValueError(
-                f"{self.name}: layers must be a non-empty list of module names (or FEATURES), got {layers!r}"
-            )
-        layers = list(layers)
-        if not all(isinstance(name, str) for name in layers):
-            raise ValueError(f"{self.name}: layers must be module names (strings), got {layers!r}")
+        layers = self.layer_names
         duplicates = sorted({name for name in layers if layers.count(name) > 1})
         if duplicates:
-            raise ValueError(f"{self.name}: layers {duplicates} given more than once; give each layer once")
-        self.params["layers"] = layers
-        self.params["epsilon"] = _finite(
-            self.name, "epsilon", self.params["epsilon"], low=0.0, high=math.inf, low_open=False, high_open=True
-        )
-        weights = self.params["weights"]
-        if weights is not None:
-            if isinstance(weights, (np.ndarray, torch.Tensor)):
-                weights = weights.tolist()
-            if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-                raise ValueError(f"{self.name}: weights must be a list of numbers (one per layer), got {weights!r}")
-            if len(weights) != len(layers):
-                raise ValueError(
-                    f"{self.name}: weights has {len(weights)} value(s) for {len(layers)} layer(s); give one weight "
-                    "per layer (or None for equal weights)"
-                )
-            weights = [
-                _finite(self.name, "weights", w, low=-math.inf, high=math.inf, low_open=True, high_open=True)
-                for w in weights
-            ]
-            if not any(weights):
-                raise ValueError(f"{self.name}: weights are all zero; at least one layer must count")
-            self.params["weights"] = weights
-        if not isinstance(self.params["scale_by_std"], bool):
-            raise ValueError(f"{self.name}: scale_by_std must be True or False, got {self.params['scale_by_std']!r}")
+            raise self._param_error("layers", f"a list naming each layer once ({duplicates} given more than once)")
+        if self.weights is None:
+            return
+        weights = [float(w) for w in self.weights]
+        if len(weights) != len(layers):
+            raise self._param_error(
+                "weights", f"None (equal weights) or one weight per layer ({len(weights)} for {len(layers)} layer(s))"
+            )
+        if not all(np.isfinite(weights)):
+            raise self._param_error("weights", "finite numbers")
+        if not any(weights):
+            raise self._param_error("weights", "None or weights not all zero (at least one layer must count)")
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The layers used: ``layers``, or ``[FEATURES]`` when it is None."""
+        return [FEATURES] if self.layers is None else list(self.layers)
 
     @property
     def layer_weights(self) -> list[float]:
         """The weight of each layer (equal weights ``1/L`` when ``weights`` is None)."""
-        layers = self.params["layers"]
-        weights = self.params["weights"]
-        return [1.0 / len(layers)] * len(layers) if weights is None else list(weights)
+        count = len(self.layer_names)
+        return [1.0 / count] * count if self.weights is None else [float(w) for w in self.weights]
 
     def _check_layers(self, runner: ModelRunner) -> None:
-        for name in self.params["layers"]:
+        for name in self.layer_names:
             if name == FEATURES:
                 if runner.head is None:
                     raise ValueError(
@@ -187,7 +140,7 @@ class MahalanobisEnsemble(ModelDetector):
     # ------------------------------------------------------------------ fit
     def _fit_model(self, runner: ModelRunner, data: Any, labels: Any) -> dict[str, torch.Tensor]:
         self._check_layers(runner)
-        layers = self.params["layers"]
+        layers = self.layer_names
         modules = [name for name in layers if name != FEATURES]
         counts: torch.Tensor | None = None
         sums: list[torch.Tensor] = []
@@ -247,14 +200,14 @@ class MahalanobisEnsemble(ModelDetector):
         a = spatial_mean(activation).to(dtype)
         if a.shape[1] != mean.shape[0]:
             raise ValueError(
-                f"{self.name}: layer {self.params['layers'][index]!r} gives {a.shape[1]} channels, the fit saw "
+                f"{self.name}: layer {self.layer_names[index]!r} gives {a.shape[1]} channels, the fit saw "
                 f"{mean.shape[0]}; attach the model the detector was fitted with"
             )
         y = (a - mean) @ proj
         return (y[:, None, :] - centers[None]).square().sum(dim=2)
 
     def _loss(self, index: int):
-        name = self.params["layers"][index]
+        name = self.layer_names[index]
 
         def loss(logits: torch.Tensor, activations: dict[str, torch.Tensor]) -> torch.Tensor:
             activation = activations[name]
@@ -272,9 +225,9 @@ class MahalanobisEnsemble(ModelDetector):
 
     def _layer_scores(self, runner: ModelRunner, data: Any, progress: bool | None) -> torch.Tensor:
         self._check_layers(runner)
-        layers = self.params["layers"]
+        layers = self.layer_names
         modules = [name for name in layers if name != FEATURES]
-        epsilon = self.params["epsilon"]
+        epsilon = float(self.epsilon)
         rows: list[torch.Tensor] = []
         for x, _ in _Batches(data, None, runner.batch_size):
             if x.shape[0] == 0:
@@ -291,7 +244,7 @@ class MahalanobisEnsemble(ModelDetector):
                         x,
                         self._loss(index),
                         epsilon,
-                        self.params["scale_by_std"],
+                        bool(self.scale_by_std),
                         layers=[] if name == FEATURES else [name],
                         loss_layers=[name],
                         progress=False,
@@ -394,8 +347,7 @@ def fit_ensemble_weights(
             "sets may be indistinguishable by these layers"
         )
     if assign:
-        detector.params["weights"] = [float(w) for w in weights]
-        detector._check_params()
+        detector.set_params(weights=[float(w) for w in weights])
     return weights
 
 
@@ -413,58 +365,55 @@ def _top_count(dim: int, percent: float) -> int:
 class AdaSCALE(ModelDetector):
     """AdaSCALE: SCALE with a per-sample percentile set by how much the features move under a small perturbation.
 
-    Per sample ``x`` (as given to the model), with ``f = model(x)``, ``z`` its penultimate features (input of
-    the final linear layer ``W, b``), ``D = dim z``::
-
-        g    = d f_y^ / dx   (y^ = argmax f; the max logit, not a loss)
-        mask = the int(o * numel(x)) input elements with the smallest |g|
-        x~   = x + epsilon * sign(g) * mask          (sign(0) = 0; no std scaling, no clamping)
-        z~   = penultimate features of x~
-        Q    = sum over the top-k_Q units of z of |z - z~|        (k_Q = 1 % of D)
-        C_o  = sum over the top-k_C units of z of max(z~, 0)      (k_C = 5 % of D)
-        Q'   = C_o + lambda * Q
-        p(x) = p_min + (1 - F(Q'(x))) (p_max - p_min)   (F = ECDF of Q' on the fit inputs: fraction <= Q')
-        k(x) = D - round(D p(x) / 100);  a = max(z, 0);  r(x) = sum_j a_j / (sum of the k(x) largest a_j)
-        A: f' = W (z exp(r)) + b        L: f' = (W z + b) r^2
-        OOD score = -LSE(f')             (higher = more OOD)
-
-    Fit: ``Q'`` of ``n_fit`` random rows of the fit inputs (seeded; all rows when there are fewer or
-    ``n_fit=None``); the official code uses 5000 random ID **validation** images. Cost: 2 forward passes and
-    1 backward pass per sample, at fit and at score.
+    Per sample, the least gradient-sensitive input elements are moved by ``epsilon``; the shift of the top
+    penultimate units (``Q'``), ranked against its values on the fit inputs, sets the percentile
+    ``p(x) in [p_min, p_max]`` of SCALE's feature (A) or logit (L) scaling; the OOD score is the negative energy
+    of the scaled logits. Needs a head applied to ``[B, D]`` features.
 
     Parameters
     ----------
-    variant : "A" (scale the features, default) or "L" (scale the logits).
+    variant : "A" or "L", default "A"
+        Scale the features (A) or the logits (L).
     p_min, p_max : float in (0, 100), default 75, 85
-        Official ``configs/postprocessors/adascale_{a,l}.yml`` default ``[75, 85]``. The README advises
-        ``p_min = 60`` and tuning only ``p_max`` (sweep 65..99); tuned ResNet-50 ImageNet: ``[80, 85]``.
-    lam : float >= 0, default 10 (weight of the shift term, ``lmbda``).
-    o : float in (0, 1], default 0.05 (fraction of input elements perturbed).
-    epsilon : float > 0, default 0.5 (perturbation in units of the model's inputs; hard-coded officially).
-    k_q, k_c : percent of units for Q and C_o, default 1 and 5.
-    n_fit : int or None, default 5000; seed : int, default 0 (the subset; officially unseeded).
+        Range of the per-sample percentile, ``p_min <= p_max`` (official ``configs/postprocessors/adascale_*.yml``).
+    lam : float >= 0, default 10
+        Weight of the feature-shift term (official ``lmbda``).
+    o : float in (0, 1], default 0.05
+        Fraction of input elements perturbed.
+    epsilon : float > 0, default 0.5
+        Perturbation, in units of the model's inputs.
+    k_q, k_c : float in (0, 100], default 1 and 5
+        Percent of units for the shift ``Q`` and the correction ``C_o``.
+    n_fit : int >= 1 or None, default 5000
+        Fit inputs drawn (seeded) for the ECDF of ``Q'``; None uses every row.
+    seed : int, default 0
+        Seed of that draw.
 
     Paper: Regmi, "AdaSCALE: Adaptive Scaling for OOD Detection", 2025. Official code: sudarshanregmi/AdaSCALE
-    ``openood/postprocessors/adascale_postprocessor.py`` and ``openood/networks/adascale_net.py`` (also merged
-    in OpenOOD).
-
-    Deviations: the self-consistent assignment (C_o over the top 5 %, Q over the top 1 %, at fit and at score;
-    the official HEAD swaps them at fit only, the earlier code and OpenOOD's copy do not); ``k_Q, k_C`` are at
-    least 1 (the official ``int(D * 1 / 100)`` is 0 for D < 100, which drops the shift term); a sample whose
-    ``max(z, 0)`` is all zero gets ``r = 1`` (officially 0/0 = NaN); the energy is computed in float64; an
-    ``exp(r)`` overflow raises ValueError. Needs a head applied to ``[B, D]`` features and a model whose
-    samples do not interact (eval-mode BatchNorm with running statistics).
+    ``openood/postprocessors/adascale_postprocessor.py`` and ``openood/networks/adascale_net.py``.
     """
 
     name = "adascale"
     summary = "SCALE with a per-sample percentile from the feature shift under a small input perturbation"
     paper = "Regmi, AdaSCALE: Adaptive Scaling for OOD Detection, 2025"
     code = "https://github.com/sudarshanregmi/AdaSCALE (openood/postprocessors/adascale_postprocessor.py)"
+    _parameter_constraints = {
+        "variant": [Options(("A", "L"))],
+        "p_min": [Interval(Real, 0, 100, closed="neither")],
+        "p_max": [Interval(Real, 0, 100, closed="neither")],
+        "lam": [Interval(Real, 0, None, closed="left")],
+        "o": [Interval(Real, 0, 1, closed="right")],
+        "epsilon": [Interval(Real, 0, None, closed="neither")],
+        "k_q": [Interval(Real, 0, 100, closed="right")],
+        "k_c": [Interval(Real, 0, 100, closed="right")],
+        "n_fit": [None, Interval(Integral, 1, None, closed="left")],
+        "seed": [Interval(Integral, None, None)],
+    }
 
     def __init__(
         self,
         *,
-        variant: str = 'A',
+        variant: str = "A",
         p_min: float = 75.0,
         p_max: float = 85.0,
         lam: float = 10.0,
@@ -472,7 +421,7 @@ class AdaSCALE(ModelDetector):
         epsilon: float = 0.5,
         k_q: float = 1.0,
         k_c: float = 5.0,
-        n_fit: int = 5000,
+        n_fit: int | None = 5000,
         seed: int = 0,
     ) -> None:
         self.variant = variant
@@ -487,38 +436,16 @@ class AdaSCALE(ModelDetector):
         self.seed = seed
         super().__init__()
 
-
     def _check_param_combination(self) -> None:
-        p = self.params
-        if p["variant"] not in ("A", "L"):
-            raise ValueError(
-                f"{self.name}: variant must be 'A' (scale features) or 'L' (scale logits), got {p['variant']!r}"
-            )
-        for key in ("p_min", "p_max"):
-            p[key] = _finite(self.name, key, p[key], low=0.0, high=100.0, low_open=True, high_open=True)
-        if p["p_min"] > p["p_max"]:
-            raise ValueError(f"{self.name}: p_min ({p['p_min']:g}) must not exceed p_max ({p['p_max']:g})")
-        p["lam"] = _finite(self.name, "lam", p["lam"], low=0.0, high=math.inf, low_open=False, high_open=True)
-        p["o"] = _finite(self.name, "o", p["o"], low=0.0, high=1.0, low_open=True, high_open=False)
-        p["epsilon"] = _finite(
-            self.name, "epsilon", p["epsilon"], low=0.0, high=math.inf, low_open=True, high_open=True
-        )
-        for key in ("k_q", "k_c"):
-            p[key] = _finite(self.name, key, p[key], low=0.0, high=100.0, low_open=True, high_open=False)
-        n_fit = p["n_fit"]
-        if n_fit is not None and (isinstance(n_fit, bool) or not isinstance(n_fit, Integral) or n_fit < 1):
-            raise ValueError(f"{self.name}: n_fit must be a positive integer or None (all rows), got {n_fit!r}")
-        if isinstance(p["seed"], bool) or not isinstance(p["seed"], Integral):
-            raise ValueError(f"{self.name}: seed must be an integer, got {p['seed']!r}")
-        p["n_fit"] = None if n_fit is None else int(n_fit)
-        p["seed"] = int(p["seed"])
+        if self.p_min > self.p_max:
+            raise self._param_error("p_min", f"<= p_max ({self.p_max})")
 
     # ------------------------------------------------------------------ shared pass
     def _check_dim(self, dim: int) -> None:
-        kept = dim - round(dim * self.params["p_max"] / 100.0)
+        kept = dim - round(dim * float(self.p_max) / 100.0)
         if kept < 1:
             raise ValueError(
-                f"{self.name}: p_max {self.params['p_max']:g} keeps k = {kept} of D = {dim} feature units; lower "
+                f"{self.name}: p_max {float(self.p_max):g} keeps k = {kept} of D = {dim} feature units; lower "
                 "p_max so that round(D * p_max / 100) < D"
             )
 
@@ -533,7 +460,8 @@ class AdaSCALE(ModelDetector):
     def _passes(self, runner: ModelRunner, data: Any, progress: bool | None):
         """Per batch: ``(z, Q')`` on the CPU in float64, from one gradient pass and one perturbed forward."""
         self._head(runner)
-        p = self.params
+        fraction, epsilon, lam = float(self.o), float(self.epsilon), float(self.lam)
+        k_c, k_q = float(self.k_c), float(self.k_q)
         for batch in runner.gradient_batches(
             data, _max_logit_loss, layers=[FEATURES], wrt_layers=False, progress=progress, desc=self.name
         ):
@@ -546,32 +474,33 @@ class AdaSCALE(ModelDetector):
                     "(a final linear layer applied to pooled features)"
                 )
             flat = g.abs().flatten(1)
-            count = int(flat.shape[1] * p["o"])
+            count = int(flat.shape[1] * fraction)
             mask = torch.zeros_like(flat)
             if count:
                 mask.scatter_(1, torch.topk(flat, count, dim=1, largest=False).indices, 1.0)
-            perturbed = x + p["epsilon"] * torch.sign(g) * mask.view_as(g)
+            perturbed = x + epsilon * torch.sign(g) * mask.view_as(g)
             z_tilde = runner.forward(perturbed, progress=False, desc=self.name).features
             z = z.to("cpu", torch.float64)
             z_tilde = z_tilde.to("cpu", torch.float64)
             dim = z.shape[1]
             order = torch.argsort(z, dim=1, descending=True, stable=True)
-            top_c = order[:, : _top_count(dim, p["k_c"])]
-            top_q = order[:, : _top_count(dim, p["k_q"])]
+            top_c = order[:, : _top_count(dim, k_c)]
+            top_q = order[:, : _top_count(dim, k_q)]
             correction = z_tilde.clamp_min(0.0).gather(1, top_c).sum(dim=1)
             shift = (z - z_tilde).abs().gather(1, top_q).sum(dim=1)
-            yield z, correction + p["lam"] * shift
+            yield z, correction + lam * shift
 
     # ------------------------------------------------------------------ fit / score
     def _fit_model(self, runner: ModelRunner, data: Any, labels: Any) -> dict[str, torch.Tensor]:
-        p = self.params
-        if isinstance(data, (torch.Tensor, np.ndarray)) and p["n_fit"] is not None and len(data) > p["n_fit"]:
+        n_fit = None if self.n_fit is None else int(self.n_fit)
+        seed = int(self.seed)
+        if isinstance(data, (torch.Tensor, np.ndarray)) and n_fit is not None and len(data) > n_fit:
             # Same rows as computing every Q' and keeping the subset, without running the model on the rest.
-            keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(p["seed"]))[: p["n_fit"]]
+            keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n_fit]
             data = data[keep.numpy()] if isinstance(data, np.ndarray) else data[keep.to(data.device)]
             subsample_after = False
         else:
-            subsample_after = p["n_fit"] is not None
+            subsample_after = n_fit is not None
         pieces = []
         dim = None
         for z, q in self._passes(runner, data, None):
@@ -581,10 +510,8 @@ class AdaSCALE(ModelDetector):
             raise ValueError(f"{self.name}: the fit data produced no rows")
         self._check_dim(dim)
         values = torch.cat(pieces)
-        if subsample_after and len(values) > p["n_fit"]:
-            values = values[
-                torch.randperm(len(values), generator=torch.Generator().manual_seed(p["seed"]))[: p["n_fit"]]
-            ]
+        if subsample_after and len(values) > n_fit:
+            values = values[torch.randperm(len(values), generator=torch.Generator().manual_seed(seed))[:n_fit]]
         return {"fit_values": torch.sort(values).values, "feature_dim": torch.tensor(dim)}
 
     def percentiles(self, shifts: torch.Tensor) -> torch.Tensor:
@@ -592,8 +519,8 @@ class AdaSCALE(ModelDetector):
         fit_values = self.state_["fit_values"]
         ecdf = torch.searchsorted(fit_values, shifts.to(torch.float64), right=True).to(torch.float64)
         ecdf = ecdf / fit_values.numel()
-        p = self.params
-        return p["p_min"] + (1.0 - ecdf) * (p["p_max"] - p["p_min"])
+        p_min, p_max = float(self.p_min), float(self.p_max)
+        return p_min + (1.0 - ecdf) * (p_max - p_min)
 
     def _score_model(self, runner: ModelRunner, data: Any, labels: Any, progress: bool | None) -> torch.Tensor:
         head = self._head(runner)
@@ -618,7 +545,7 @@ class AdaSCALE(ModelDetector):
             top_sum = (top * (torch.arange(top.shape[1])[None, :] < kept[:, None])).sum(dim=1)
             total = a.sum(dim=1)
             ratio = torch.where(top_sum > 0, total / torch.where(top_sum > 0, top_sum, 1.0), 1.0)
-            if self.params["variant"] == "A":
+            if self.variant == "A":
                 worst = float(ratio.max())
                 if worst > _MAX_LOG_SCALE:
                     raise ValueError(

@@ -1,25 +1,31 @@
 """NAC on inner layers: neuron states from gradients through the model, one coverage table per layer.
 
-``create("nac", layers=[...])`` gives :class:`NACLayers`; ``create("nac")`` (no layers) is the closed-form
-penultimate :class:`~oodguard.detectors.head.NAC` on cached outputs. Both share the registry name, the bins and
-the coverage rule; this one needs the model attached because a layer's gradient depends on every layer above it.
+Registered as ``nac_layers`` (``create("nac", layers=[...])`` of earlier releases still gives it, with a deprecation
+warning). ``nac`` is the closed-form penultimate :class:`~oodguard.detectors.head.NAC` on cached outputs; both share
+the bins and the coverage rule, and this one runs the model because a layer's gradient depends on every layer above
+it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from oodguard.detectors.base import register
 from oodguard.detectors.head import NAC, nac_bin_edges
 from oodguard.detectors.model.base import ModelDetector
-from oodguard.extraction.model_runner import FEATURES, ModelRunner
+from oodguard.detectors.params import Integral, Interval, Options, Real, SequenceOf, Text
+from oodguard.extraction.model_runner import ModelRunner
 
 __all__ = ["NACLayers", "pool_layer", "uniform_cross_entropy"]
 
 _POOLS = ("auto", "channels_first", "channels_last")
+#: Parameters that take one value for every layer or a list with one value per layer.
+_PER_LAYER = ("alpha", "M", "O")
+_POSITIVE = Interval(Real, 0, None, closed="neither")
+_EDGE_COUNT = Interval(Integral, 4, None, closed="left")
 
 
 def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -37,7 +43,9 @@ def pool_layer(values: torch.Tensor, pool: str = "auto") -> torch.Tensor:
     if values.ndim == 2:
         return values
     if values.ndim < 2:
-        raise ValueError(f"nac: a layer output must have a batch and a unit axis, got shape {tuple(values.shape)}")
+        raise ValueError(
+            f"nac_layers: a layer output must have a batch and a unit axis, got shape {tuple(values.shape)}"
+        )
     if pool == "auto":
         pool = "channels_last" if values.ndim == 3 else "channels_first"
     if pool == "channels_first":
@@ -45,102 +53,90 @@ def pool_layer(values: torch.Tensor, pool: str = "auto") -> torch.Tensor:
     return values.flatten(1, -2).sum(dim=1)
 
 
+@register
 class NACLayers(ModelDetector):
-    """NAC-UE over several layers: mean over layers of each layer's mean training coverage.
+    """NAC-UE over several layers: the mean over layers of each layer's mean training coverage (OOD score: minus it).
 
-    For each layer ``l`` in ``layers`` (module names as in ``model.named_modules()``, or ``"<features>"`` for the
-    input of the final linear layer), with the model's logits ``f`` and
-    ``L = sum_c -(1/C) log softmax(f)_c`` (per sample; the batch loss is their sum, so each row gets its own
-    gradient in eval mode):
-    ``state_n = sigmoid(alpha_l * pool(o)_n * pool(dL/do)_n)`` where ``pool`` sums over spatial positions or
-    tokens (:func:`pool_layer`), applied to the output and to its gradient separately (spec). Coverage per layer
-    as :class:`~oodguard.detectors.head.NAC`: ``cov_l[m, n] = min(count_l[m, n] / O_l, 1)`` over ``M_l`` bin
-    edges; ``S_l(x) = mean_n cov_l[bin(state_n(x)), n]``; OOD score ``-mean_l S_l(x)``. One forward and one
-    backward pass per batch serve every layer (fit and score alike).
+    Parameters
+    ----------
+    layers : list of str, required
+        Module names as in ``model.named_modules()``, or :data:`~oodguard.extraction.FEATURES` (the input of the
+        final linear layer); each layer once.
+    alpha : float > 0 or list of float, default 100
+        Sigmoid steepness of the neuron states, one value for every layer or one per layer.
+    M : even int >= 4 or list of int, default 50
+        Number of bin edges, one for every layer or one per layer.
+    O : float > 0 or list of float, default 50
+        Count at which a bin is fully covered, one for every layer or one per layer.
+    pool : "auto", "channels_first" or "channels_last", default "auto"
+        How a layer's output and gradient are summed over positions (:func:`pool_layer`).
 
-    Parameters: ``layers`` (required), and ``alpha``, ``M``, ``O`` each either one value for every layer or a list
-    with one value per layer (defaults ``100, 50, 50``: the official avgpool setting for ResNet-18 CIFAR-10).
-    The official per-layer settings (``O, M, alpha``) for ResNet-18 CIFAR-10 are avgpool (50, 50, 100), layer3
-    (100, 500, 1000), layer2 (5, 50, 0.001), layer1 (100, 500, 0.001); CIFAR-100 and ImageNet settings are in the
-    method specification. ``pool`` chooses the pooling layout (``auto`` by default).
-
-    With ``layers=["<features>"]`` this equals the closed-form ``nac`` on cached outputs (tested), since the
-    gradient with respect to the features is then ``W^T (p - 1/C)``.
+    The defaults are the official ResNet-18 CIFAR-10 avgpool setting; the official per-layer settings differ
+    (see the detector documentation).
 
     Paper: Liu, Tian, Li, Ma & Wang, "Neuron Activation Coverage: Rethinking Out-of-distribution Detection and
-    Generalization", ICLR 2024. Official code: BierOne/ood_coverage ``openood/postprocessors/nac/`` (``coverage.py``,
-    ``instr_state.py``: ``kl_grad``, sum pooling; b002780). Deviations: ``searchsorted`` instead of the
-    ``[B, M, D]`` comparison with every edge (same bins); per-sample gradients from one batched backward pass
-    (exact in eval mode) instead of the official per-batch hooks (also per sample, as the loss is a sum). The
-    official runs re-tune ``O, M, alpha`` per layer on OOD validation data (APS); here they are fixed parameters.
+    Generalization", ICLR 2024. Official code: BierOne/ood_coverage ``openood/postprocessors/nac/``
+    (``coverage.py``, ``instr_state.py``; b002780).
     """
 
-    name = "nac"
+    name = "nac_layers"
     summary = "mean training coverage of NAC neuron states on several layers, gradients through the model"
     paper = NAC.paper
     code = NAC.code
+    needs_fit = True
+    required_params = ("layers",)
+    _parameter_constraints = {
+        "layers": [SequenceOf(Text())],
+        "alpha": [_POSITIVE, SequenceOf(_POSITIVE)],
+        "M": [_EDGE_COUNT, SequenceOf(_EDGE_COUNT)],
+        "O": [_POSITIVE, SequenceOf(_POSITIVE)],
+        "pool": [Options(_POOLS)],
+    }
 
     def __init__(
         self,
         *,
-        layers: Any = None,
-        alpha: float = 100.0,
-        M: int = 50,
-        O: int = 50,
-        pool: str = 'auto',
-    ) -> None:  # noqa: N803
+        layers: Sequence[str] | None = None,
+        alpha: float | Sequence[float] = 100.0,
+        M: int | Sequence[int] = 50,  # noqa: N803  (the paper's names)
+        O: float | Sequence[float] = 50,  # noqa: N803, E741
+        pool: str = "auto",
+    ) -> None:
         self.layers = layers
         self.alpha = alpha
         self.M = M
-        self.O = O
+        self.O = O  # noqa: E741
         self.pool = pool
         super().__init__()
 
-    needs_fit = True
-
     # ------------------------------------------------------------------ parameters
     def _check_param_combination(self) -> None:
-        layers = self.params["layers"]
-        if isinstance(layers, str):
-            layers = [layers]
-        if not isinstance(layers, Sequence) or not layers or not all(isinstance(n, str) and n for n in layers):
-            raise ValueError(
-                f"{self.name}: layers must be a non-empty list of module names (or '{FEATURES}'), got {layers!r}"
-            )
-        repeated = sorted({n for n in layers if list(layers).count(n) > 1})
+        repeated = sorted({n for n in self.layers if list(self.layers).count(n) > 1})
         if repeated:
-            raise ValueError(f"{self.name}: layers {repeated} are named more than once; name each layer once")
-        self.params["layers"] = list(layers)
-        for key in ("alpha", "M", "O"):
-            values = self._per_layer(key)
-            for value in values:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise ValueError(f"{self.name}: {key} must be a finite number or one per layer, got {value!r}")
-                if value <= 0:
-                    raise ValueError(f"{self.name}: {key} must be > 0, got {value!r}")
-            if key == "M" and any(not isinstance(m, int) or m < 4 or m % 2 for m in values):
-                raise ValueError(f"{self.name}: M (number of bin edges) must be an even integer >= 4, got {values!r}")
-        if self.params["pool"] not in _POOLS:
-            raise ValueError(f"{self.name}: pool must be one of {', '.join(_POOLS)}, got {self.params['pool']!r}")
+            raise self._param_error("layers", f"a list naming each layer once ({repeated} named more than once)")
+        for key in _PER_LAYER:
+            value = getattr(self, key)
+            if isinstance(value, (list, tuple)) and len(value) != len(self.layers):
+                raise self._param_error(
+                    key,
+                    f"one value or a list with one value per layer ({len(value)} value(s) for "
+                    f"{len(self.layers)} layer(s))",
+                )
+        if any(m % 2 for m in self._per_layer("M")):
+            raise self._param_error("M", "an even integer >= 4 (number of bin edges), or a list of them")
 
     def _per_layer(self, key: str) -> list:
-        value, count = self.params[key], len(self.params["layers"])
-        if isinstance(value, (list, tuple)):
-            if len(value) != count:
-                raise ValueError(
-                    f"{self.name}: {key} lists {len(value)} value(s) for {count} layer(s); give one value or one "
-                    "per layer"
-                )
-            return list(value)
-        return [value] * count
+        """``alpha``, ``M`` or ``O`` as one value per layer (validated: a list has one value per layer)."""
+        value = getattr(self, key)
+        return list(value) if isinstance(value, (list, tuple)) else [value] * len(self.layers)
 
     # ------------------------------------------------------------------ states
     def _layer_states(self, batch: Any) -> list[torch.Tensor]:
         """Per layer: ``sigmoid(alpha * pool(o) * pool(g))`` ``[B, D_l]`` as the official ``1 / (1 + exp(-.))``."""
         states = []
-        for name, alpha in zip(self.params["layers"], self._per_layer("alpha"), strict=True):
-            o = pool_layer(batch.activations[name], self.params["pool"])
-            g = pool_layer(batch.gradients[name], self.params["pool"])
+        for name, alpha in zip(self.layers, self._per_layer("alpha"), strict=True):
+            o = pool_layer(batch.activations[name], self.pool)
+            g = pool_layer(batch.gradients[name], self.pool)
             states.append(g.mul(o).mul_(-float(alpha)).exp_().add_(1.0).reciprocal_())
         return states
 
@@ -148,7 +144,7 @@ class NACLayers(ModelDetector):
         return runner.gradient_batches(
             data,
             lambda logits, acts: uniform_cross_entropy(logits),
-            layers=self.params["layers"],
+            layers=list(self.layers),
             wrt_input=False,
             labels=labels,
             progress=progress,
@@ -157,7 +153,7 @@ class NACLayers(ModelDetector):
 
     # ------------------------------------------------------------------ fit / score
     def _fit_model(self, runner: ModelRunner, data: Any, labels: Any) -> dict[str, torch.Tensor]:
-        counts: list[torch.Tensor | None] = [None] * len(self.params["layers"])
+        counts: list[torch.Tensor | None] = [None] * len(self.layers)
         edges = [nac_bin_edges(m) for m in self._per_layer("M")]
         for batch in self._batches(runner, data, labels, None, f"{self.name} fit"):
             for i, states in enumerate(self._layer_states(batch)):
@@ -189,7 +185,7 @@ class NACLayers(ModelDetector):
                 coverage = state[f"coverage.{i}"]
                 if states.shape[1] != coverage.shape[1]:
                     raise ValueError(
-                        f"{self.name}: layer {self.params['layers'][i]!r} has {states.shape[1]} units but was fitted "
+                        f"{self.name}: layer {self.layers[i]!r} has {states.shape[1]} units but was fitted "
                         f"with {coverage.shape[1]}; score with the model the detector was fitted on"
                     )
                 edges = NAC._edges_for(state[f"edges.{i}"], states.dtype).to(states.device)
