@@ -23,19 +23,6 @@ TEMPERATURE_BOUND = 1e3
 
 
 # ---------------------------------------------------------------------- shared helpers
-# TRANSITION: removed once every module declares _parameter_constraints
-def _positive_number(name: str, params: dict, key: str) -> None:
-    value = params[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: {key} must be a finite number > 0, got {value!r}")
-
-
-def _positive_int(name: str, params: dict, key: str, minimum: int = 1) -> None:
-    value = params[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: {key} must be an integer >= {minimum}, got {value!r}")
-
-
 def _need_two_classes(logits: torch.Tensor, name: str) -> None:
     if logits.shape[1] < 2:
         raise ValueError(

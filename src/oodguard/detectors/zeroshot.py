@@ -1,4 +1,4 @@
-"""Zero-shot detectors on dual-encoder embeddings: MCM, NegLabel, CLIPN and LAPT (spec part B, sections 7-10).
+"""Zero-shot detectors on dual-encoder embeddings: MCM, NegLabel, CLIPN and LAPT.
 
 Every detector here reads ``features`` = the input embeddings ``v`` (L2-normalised again here, defensively;
 all-zero rows, which have no direction, are refused) and takes the text side as constructor parameters: ``[K, D]``
@@ -24,33 +24,23 @@ import torch
 import torch.nn.functional as F
 
 from oodguard.detectors.base import NotFittedError, OutputDetector, register
+from oodguard.detectors.params import ArrayLike, Integral, Interval, Options, Real
 from oodguard.encoders.dual import check_embeddings
 from oodguard.outputs import ModelOutputs
+
+#: Text-side embeddings ``[rows, D]``: a tensor or an array.
+Embeddings = torch.Tensor | np.ndarray
 
 _NORM_EPS = 1e-12
 
 
-def _positive_number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _integer(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def negative_groups(num_negatives: int, groups: int, seed: int) -> torch.Tensor:
-    """NegLabel's grouping (spec section 8, step 4) as an index ``[G, M // G]`` into the negatives.
+    """NegLabel's grouping as an index ``[G, M // G]`` into the negatives.
 
     As the official ``ScalableClassifier.grouping``: the last ``M mod G`` negatives (in the given order) are dropped,
     the rest permuted at random with a fixed seed (official: ``torch.manual_seed(0)``, on the GPU, so its
-    permutation differs from this CPU one) and split into ``G`` equal groups. The spec lists "permute, then drop
-    ``M mod G``" without saying which are dropped; the code's choice is followed. With fewer negatives than groups
+    permutation differs from this CPU one) and split into ``G`` equal groups (the paper does not say which ``M mod G``
+    are dropped; the code's choice is followed). With fewer negatives than groups
     (``M < G``), ``G = M`` groups of one negative each are used instead of failing.
     """
     groups = min(groups, num_negatives)
@@ -98,21 +88,20 @@ class _ZeroShot(OutputDetector):
     #: Constructor parameters that are ``[rows, D]`` embedding tensors.
     tensor_params: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, **params: Any) -> None:
-        tensors = {key: params.pop(key) for key in self.tensor_params if params.get(key) is not None}
-        super().__init__(**params)  # tensor parameters stay None in params: configs remain JSON
-        self._text: dict[str, torch.Tensor] = {
-            key: check_embeddings(value, f"{self.name}: {key}") for key, value in tensors.items()
-        }
-        dims = {key: value.shape[1] for key, value in self._text.items()}
+    def _check_param_combination(self) -> None:
+        text = self._checked_text()
+        dims = {key: value.shape[1] for key, value in text.items()}
         if len(set(dims.values())) > 1:
             shown = ", ".join(f"{key} D={dim}" for key, dim in dims.items())
             raise ValueError(
                 f"{self.name}: the text-side embeddings must share one width ({shown}); embed them with one encoder"
             )
-        self._check_text(self._text)
-        if len(self._text) == len(self.tensor_params):
-            self.state_ = self._initial_state(self._text)
+        self._check_text(text)
+
+    def set_params(self, **params: Any) -> _ZeroShot:
+        super().set_params(**params)
+        self.state_ = None  # the state is built from the embeddings: rebuild it from the new ones
+        return self
 
     # -- hooks for subclasses
     def _check_text(self, text: dict[str, torch.Tensor]) -> None:
@@ -122,15 +111,16 @@ class _ZeroShot(OutputDetector):
         return dict(text)
 
     # -- helpers
+    def _checked_text(self) -> dict[str, torch.Tensor]:
+        """The embedding parameters as L2-normalised float32 tensors (the parameters themselves stay as given)."""
+        return {key: check_embeddings(getattr(self, key), f"{self.name}: {key}") for key in self.tensor_params}
+
     def _text_state(self) -> dict[str, torch.Tensor]:
-        state = self.state_ or {}
-        missing = [key for key in self.tensor_params if key not in state]
-        if missing:
-            raise ValueError(
-                f"{self.name}: {', '.join(missing)} not given; create the detector with "
-                f"{', '.join(f'{key}=<[rows, D] embeddings>' for key in missing)} (see oodguard.encoders.dual)"
-            )
-        return state
+        """The text side of the state, built from the parameters on first use (or loaded with a saved detector)."""
+        state = self.state_
+        if state is None or any(key not in state for key in self.tensor_params):
+            self.state_ = {**self._initial_state(self._checked_text()), **(state or {})}
+        return self.state_
 
     def _features(self, outputs: ModelOutputs, stage: str) -> torch.Tensor:
         state = self._text_state()
@@ -164,7 +154,7 @@ class MCM(_ZeroShot):
     Parameters: ``label_embeddings`` ``[K, D]`` with ``K >= 2`` (required; with one label the score would be a
     constant; official prompt ``"a photo of a {}."``, one template),
     ``temperature`` ``T`` (default 1, the official ``--T``: the softmax is then nearly uniform but the ranking is
-    what matters; the spec says not to change it to 0.01). No fit.
+    what matters; the paper's 0.01 would change no ranking). No fit.
 
     Paper: Ming, Cai, Gu, Sun, Li & Li, "Delving into Out-of-Distribution Detection with Vision-Language
     Representations", NeurIPS 2022. Code: deeplearning-wisc/MCM ``utils/detection_util.py``
@@ -176,16 +166,18 @@ class MCM(_ZeroShot):
     paper = "Ming, Cai, Gu, Sun, Li & Li, NeurIPS 2022"
     code = "github.com/deeplearning-wisc/MCM utils/detection_util.py (get_ood_scores_clip)"
 
-    def __init__(self, *, label_embeddings: Any = None, temperature: float = 1.0) -> None:
+    _parameter_constraints = {
+        "label_embeddings": [ArrayLike(ndim=2)],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
+    }
+
+    def __init__(self, *, label_embeddings: Embeddings | None = None, temperature: float = 1.0) -> None:
         self.label_embeddings = label_embeddings
         self.temperature = temperature
         super().__init__()
 
     required_params = ("label_embeddings",)
     tensor_params = ("label_embeddings",)
-
-    def _check_param_combination(self) -> None:
-        self.params["temperature"] = _positive_number(self.params["temperature"], "mcm: temperature")
 
     def _check_text(self, text: dict[str, torch.Tensor]) -> None:
         # with one label the softmax is 1 for every input: the score would be a constant 0
@@ -197,7 +189,7 @@ class MCM(_ZeroShot):
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         v = self._features(outputs, "score")
-        logits = (v @ self._text_state()["label_embeddings"].T).to(torch.float64) / self.params["temperature"]
+        logits = (v @ self._text_state()["label_embeddings"].T).to(torch.float64) / self.temperature
         top = logits.argmax(dim=1, keepdim=True)
         shifted = (logits - logits.gather(1, top)).scatter_(1, top, -math.inf)
         others = torch.exp(shifted).sum(dim=1)  # sum_{j != max} e^{(s_j - s_max)/T} = (1 - S) / S
@@ -232,8 +224,8 @@ class NegLabel(_ZeroShot):
     def __init__(
         self,
         *,
-        label_embeddings: Any = None,
-        negative_embeddings: Any = None,
+        label_embeddings: Embeddings | None = None,
+        negative_embeddings: Embeddings | None = None,
         scale: float = 100.0,
         groups: int = 100,
         seed: int = 0,
@@ -248,24 +240,27 @@ class NegLabel(_ZeroShot):
     required_params = ("label_embeddings", "negative_embeddings")
     tensor_params = ("label_embeddings", "negative_embeddings")
 
-    def _check_param_combination(self) -> None:
-        self.params["scale"] = _positive_number(self.params["scale"], f"{self.name}: scale")
-        self.params["groups"] = _integer(self.params["groups"], f"{self.name}: groups", 1)
-        self.params["seed"] = _integer(self.params["seed"], f"{self.name}: seed", 0)
+    _parameter_constraints = {
+        "label_embeddings": [ArrayLike(ndim=2)],
+        "negative_embeddings": [ArrayLike(ndim=2)],
+        "scale": [Interval(Real, 0, None, closed="neither")],
+        "groups": [Interval(Integral, 1, None)],
+        "seed": [Interval(Integral, 0, None)],
+    }
 
     def _initial_state(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        index = negative_groups(text["negative_embeddings"].shape[0], self.params["groups"], self.params["seed"])
+        index = negative_groups(text["negative_embeddings"].shape[0], int(self.groups), int(self.seed))
         return {**text, "group_index": index}
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         self._features(outputs, "fit")
-        return dict(self.state_)
+        return dict(self._text_state())
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         v = self._features(outputs, "score")
         state = self._text_state()
         return neglabel_ood_score(
-            v, state["label_embeddings"], state["negative_embeddings"], state["group_index"], self.params["scale"]
+            v, state["label_embeddings"], state["negative_embeddings"], state["group_index"], self.scale
         )
 
 
@@ -300,9 +295,9 @@ class CLIPN(_ZeroShot):
     def __init__(
         self,
         *,
-        label_embeddings: Any = None,
-        no_label_embeddings: Any = None,
-        rule: str = 'atd',
+        label_embeddings: Embeddings | None = None,
+        no_label_embeddings: Embeddings | None = None,
+        rule: str = "atd",
         scale: float = 100.0,
     ) -> None:
         self.label_embeddings = label_embeddings
@@ -315,10 +310,12 @@ class CLIPN(_ZeroShot):
     tensor_params = ("label_embeddings", "no_label_embeddings")
     RULES: ClassVar[tuple[str, ...]] = ("atd", "ctw")
 
-    def _check_param_combination(self) -> None:
-        if self.params["rule"] not in self.RULES:
-            raise ValueError(f"clipn: rule must be one of {', '.join(self.RULES)}, got {self.params['rule']!r}")
-        self.params["scale"] = _positive_number(self.params["scale"], "clipn: scale")
+    _parameter_constraints = {
+        "label_embeddings": [ArrayLike(ndim=2)],
+        "no_label_embeddings": [ArrayLike(ndim=2)],
+        "rule": [Options(RULES)],
+        "scale": [Interval(Real, 0, None, closed="neither")],
+    }
 
     def _check_text(self, text: dict[str, torch.Tensor]) -> None:
         if len(text) == 2 and text["label_embeddings"].shape[0] != text["no_label_embeddings"].shape[0]:
@@ -330,11 +327,11 @@ class CLIPN(_ZeroShot):
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         v = self._features(outputs, "score")
         state = self._text_state()
-        scale = self.params["scale"]
+        scale = self.scale
         yes = (scale * (v @ state["label_embeddings"].T)).to(torch.float64)
         no = (scale * (v @ state["no_label_embeddings"].T)).to(torch.float64)
         p_no = torch.sigmoid(no - yes)  # 1 - p_yes, without cancellation
-        if self.params["rule"] == "ctw":
+        if self.rule == "ctw":
             return p_no.gather(1, yes.argmax(dim=1, keepdim=True)).squeeze(1)
         return (torch.softmax(yes, dim=1) * p_no).sum(dim=1)
 
@@ -387,8 +384,8 @@ class LAPT(NegLabel):
     def __init__(
         self,
         *,
-        label_embeddings: Any = None,
-        negative_embeddings: Any = None,
+        label_embeddings: Embeddings | None = None,
+        negative_embeddings: Embeddings | None = None,
         scale: float = 100.0,
         groups: int = 100,
         seed: int = 0,
@@ -412,22 +409,16 @@ class LAPT(NegLabel):
             seed=seed,
         )  # fmt: skip
 
-    def _check_param_combination(self) -> None:
-        super()._check_param_combination()
-        self.params["epochs"] = _integer(self.params["epochs"], "lapt: epochs", 1)
-        self.params["batch_size"] = _integer(self.params["batch_size"], "lapt: batch_size", 1)
-        self.params["lr"] = _positive_number(self.params["lr"], "lapt: lr")
-        for key in ("momentum", "weight_decay", "alpha"):
-            value = self.params[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"lapt: {key} must be a finite number >= 0, got {value!r}")
-            self.params[key] = float(value)
-        if self.params["negative_samples"] not in ("transplant", "label"):
-            raise ValueError(
-                f"lapt: negative_samples must be 'transplant' or 'label', got {self.params['negative_samples']!r}"
-            )
-        if self.params["momentum"] >= 1:
-            raise ValueError(f"lapt: momentum must be below 1, got {self.params['momentum']!r}")
+    _parameter_constraints = {
+        **NegLabel._parameter_constraints,
+        "epochs": [Interval(Integral, 1, None)],
+        "batch_size": [Interval(Integral, 1, None)],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "momentum": [Interval(Real, 0, 1, closed="left")],
+        "weight_decay": [Interval(Real, 0, None)],
+        "alpha": [Interval(Real, 0, None)],
+        "negative_samples": [Options(("transplant", "label"))],
+    }
 
     @property
     def is_fitted(self) -> bool:
@@ -488,7 +479,7 @@ class LAPT(NegLabel):
         """One pseudo-input per negative label: the label embedding itself (``"label"``), or (``"transplant"``)
         a random ID input with its component along its own label moved onto the negative label:
         ``normalize(v_i - (v_i . t_y)(t_y - e_j))``, so that it relates to ``e_j`` as real inputs relate to theirs."""
-        if self.params["negative_samples"] == "label":
+        if self.negative_samples == "label":
             return negatives
         donors = torch.randint(len(residuals), (negatives.shape[0],), generator=generator)
         return F.normalize(along[donors] * negatives + residuals[donors], dim=1, eps=_NORM_EPS)
@@ -499,5 +490,5 @@ class LAPT(NegLabel):
         if state is None or "tuned_labels" not in state:
             raise NotFittedError("lapt: call fit(...) on in-distribution outputs before score(...)")
         return neglabel_ood_score(
-            v, state["tuned_labels"], state["tuned_negatives"], state["group_index"], self.params["scale"]
+            v, state["tuned_labels"], state["tuned_negatives"], state["group_index"], self.scale
         )
