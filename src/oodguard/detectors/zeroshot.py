@@ -153,8 +153,8 @@ class MCM(_ZeroShot):
 
     Parameters: ``label_embeddings`` ``[K, D]`` with ``K >= 2`` (required; with one label the score would be a
     constant; official prompt ``"a photo of a {}."``, one template),
-    ``temperature`` ``T`` (default 1, the official ``--T``: the softmax is then nearly uniform but the ranking is
-    what matters; the paper's 0.01 would change no ranking). No fit.
+    ``temperature`` ``T`` (default 1, the official ``--T``: the softmax is then nearly uniform, but only the ranking
+    matters). No fit.
 
     Paper: Ming, Cai, Gu, Sun, Li & Li, "Delving into Out-of-Distribution Detection with Vision-Language
     Representations", NeurIPS 2022. Code: deeplearning-wisc/MCM ``utils/detection_util.py``
