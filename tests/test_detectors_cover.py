@@ -137,7 +137,15 @@ def test_get_params_are_the_arguments_as_given_and_clone(cnn, images):
     copy = clone(det)
     assert type(copy) is CoVer and copy.get_params() == given and copy.base_params is not det.base_params
     assert not copy.is_fitted and copy.runner_ is None
-    assert CoVer(base="msp").is_fitted  # a base without fitted state needs no fit
+    stateless = CoVer(base="msp", views=["identity"])
+    assert stateless.is_fitted and not stateless.needs_fit and CoVer.needs_fit and det.needs_fit
+    calls = []
+    handle = cnn.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        stateless.attach(cnn).fit(images)  # a base without fitted state: fit is a no-op
+    finally:
+        handle.remove()
+    assert calls == [] and stateless.state_ == {}
 
 
 @pytest.mark.parametrize(

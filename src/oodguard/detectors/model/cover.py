@@ -51,6 +51,13 @@ def _view_error(entry: Any, why: str) -> _ViewError:
     return _ViewError(f"{why} in entry {entry!r}")
 
 
+class _BaseNeedsFit:
+    """``CoVer.needs_fit``: on the class True (fit may be needed), on a detector whether its base needs a fit."""
+
+    def __get__(self, detector: CoVer | None, owner: type) -> bool:
+        return True if detector is None else detector.base_needs_fit
+
+
 def parse_views(views: Any, seed: int = 0, pixel_scale: float | None = None) -> list[View]:
     """The :class:`~oodguard.views.View` list named by CoVer's ``views`` parameter.
 
@@ -120,8 +127,9 @@ class CoVer(ModelDetector):
         Multiplier of the corruption tables' pixel parameters (see :func:`oodguard.views.corrupt`); None (default)
         scales the 224-pixel tables to the image (``min(H, W) / 224``).
 
-    ``fit`` fits the base detector on the identity view of the fit inputs (optional when the base has no fitted
-    state); its state is saved inside this detector's (tensors prefixed ``base.``).
+    ``fit`` fits the base detector on the identity view of the fit inputs (a no-op, and optional, when the base has
+    no fitted state: ``needs_fit`` is the base's); its state is saved inside this detector's (tensors prefixed
+    ``base.``).
 
     Paper: Zhang, Zhu et al., "What If the Input is Expanded in OOD Detection?", NeurIPS 2024. Official code:
     tmlr-group/CoVer (``eval_ood_detection.py``, view dictionary; ``utils/detection_util.py``,
@@ -142,6 +150,7 @@ class CoVer(ModelDetector):
     paper = "Zhang, Zhu et al., What If the Input is Expanded in OOD Detection?, NeurIPS 2024"
     code = "https://github.com/tmlr-group/CoVer (eval_ood_detection.py, utils/detection_util.py)"
     input_ndim = 4  # corruptions act on images [N, C, H, W]
+    needs_fit = _BaseNeedsFit()  # type: ignore[assignment]
     _parameter_constraints = {
         "base": [Text()],
         "base_params": [None, MappingOf()],
@@ -208,10 +217,6 @@ class CoVer(ModelDetector):
     @property
     def base_needs_fit(self) -> bool:
         return bool(implementation(self.base).needs_fit)
-
-    @property
-    def is_fitted(self) -> bool:
-        return self._state is not None or not self.base_needs_fit
 
     # ------------------------------------------------------------------ base detector
     def base_detector(self) -> Detector:
