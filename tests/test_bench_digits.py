@@ -36,8 +36,8 @@ def test_bench_digits_writes_leaderboard_and_report(bench_run, capsys):
         if name == "mos" or set(detectors.info(name)["required_params"]) <= set(given.get(name, {}))
     }
     assert ok == expected, expected ^ ok
-    assert {"nac", "mahalanobis_ensemble", "cover", "odin", "gram"} <= ok
-    assert payload["settings"]["params"]["nac"]["layers"] == ["features.2", "features.5", "<features>"]
+    assert {"nac", "nac_layers", "gradnorm_autograd", "mahalanobis_ensemble", "cover", "odin", "gram"} <= ok
+    assert payload["settings"]["params"]["nac_layers"]["layers"] == ["features.2", "features.5", "<features>"]
     rows = {(r["detector"], r["ood_set"]): r for r in payload["results"]}
     # far-away natural images and noise are easy for the energy score of a 98 %-accurate CNN
     assert rows[("energy", "photo-crops")]["auroc"] > 0.9

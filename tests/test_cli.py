@@ -90,7 +90,10 @@ def test_eval_command_end_to_end(tmp_path, capsys):
         (["bench"], "Missing argument"),
         (["eval", "--fit", "f.npz", "--id", "x.npz", "--ood", "a=x.npz", "-p", "knn=3"], "expected DETECTOR.NAME="),
         (["eval", "--fit", "f.npz", "--id", "x.npz", "--ood", "a=x.npz", "-p", "nope.k=3"], "unknown detector 'no"),
-        (["eval", "--fit", "f.npz", "--id", "x.npz", "--ood", "a=x.npz", "-d", "knn", "-p", "knn.k=0"], "knn: k"),
+        (
+            ["eval", "--fit", "f.npz", "--id", "x.npz", "--ood", "a=x.npz", "-d", "knn", "-p", "knn.k=0"],
+            "knn: parameter 'k'",
+        ),
     ],
 )
 def test_errors_are_one_line_with_nonzero_exit(argv, message, capsys, tmp_path, monkeypatch):

@@ -124,6 +124,7 @@ def test_a_model_detector_without_a_model_says_so():
 def test_model_detectors_fit_and_score_through_a_source(name, cnn, images):
     from oodguard.extraction import ModelRunner
 
+    images = torch.cat([images, images.flip(-1)])  # two fit images per class for the class-conditional fits
     labels = torch.arange(len(images)) % 10
     runner = ModelRunner(cnn)
     fit = Source(data=images, labels=labels, runner=runner)
@@ -143,7 +144,7 @@ def test_guard_fits_calibrates_guards_saves_and_loads_every_model_detector(name,
     labels = torch.arange(20) % 10
     guard = Guard(cnn, name, detector_params=required_params(name), model_factory=FACTORY)
     guard.fit(fit_images, labels=labels).calibrate(calibration, tpr=0.9)
-    test = torch.cat([calibration[:4], torch.full((2, 1, 28, 28), 5.0)])
+    test = torch.cat([calibration[:4], torch.ones(2, 1, 28, 28)])  # inputs stay in [0, 1] (CoVer's views need it)
     result = guard.guard(test)
     assert result.score.shape == (6,) and np.isfinite(result.score).all()
     assert result.prediction.shape == (6,) and (result.prediction >= 0).all()

@@ -1,5 +1,6 @@
 """Tests of the embedded ``digits`` benchmark: its data, its model and their caches (all offline)."""
 
+import json
 import socket
 
 import numpy as np
@@ -194,7 +195,8 @@ def test_weight_cache_hit_miss_and_format(tmp_path, monkeypatch):
     assert path.name.startswith(digits_model.MODEL_VERSION)
     assert path.read_bytes()[8:9] == b"{", "safetensors: 8-byte header length, then a JSON header (no pickle)"
     with safe_open(str(path), framework="pt") as f:
-        assert set(f.keys()) == set(first.state_dict()) and f.metadata()["version"] == digits_model.MODEL_VERSION
+        header = json.loads(f.metadata()["oodguard"])
+        assert set(f.keys()) == set(first.state_dict()) and header["model_version"] == digits_model.MODEL_VERSION
 
     def fail(*args, **kwargs):
         raise AssertionError("cached weights should have been loaded")
@@ -210,7 +212,7 @@ def test_weight_cache_hit_miss_and_format(tmp_path, monkeypatch):
     path.write_bytes(b"not a safetensors file")
     load_or_train(images, labels, 10, **kwargs)  # an unreadable file is retrained and replaced
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["version"] == digits_model.MODEL_VERSION
+        assert json.loads(f.metadata()["oodguard"])["model_version"] == digits_model.MODEL_VERSION
 
 
 def test_training_key_follows_config_and_data():

@@ -162,7 +162,7 @@ def test_bad_parameters_are_refused_before_any_work_and_tensors_are_recorded_by_
     with pytest.raises(TypeError, match="msp: unknown parameter"):
         run_on_outputs("s", fit, test, [("x", "far", far_outputs(5, seed=3))], ["msp"],
                        params={"msp": {"bank": torch.zeros(3, 4)}}, n_boot=5, progress=False)  # fmt: skip
-    with pytest.raises(ValueError, match="knn: k"):
+    with pytest.raises(ValueError, match="knn: parameter 'k'"):
         run_on_outputs("s", fit, test, [("x", "far", far_outputs(5, seed=3))], ["knn"], params={"knn": {"k": 0}},
                        n_boot=5, progress=False)  # fmt: skip
     described = _describe_params({"mcm": {"label_embeddings": torch.zeros(3, 4), "temperature": 1.0}})
@@ -176,6 +176,8 @@ def test_model_detectors_that_need_images_are_left_out_for_other_inputs():
     from oodguard.benchmark.runner import _model_detectors_for
 
     every = set(detectors.available(needs_model=True))
-    assert set(_model_detectors_for(torch.zeros(3, 1, 8, 8))) == every
-    assert set(_model_detectors_for(torch.zeros(3, 384))) == every - {"cover"}
-    assert set(_model_detectors_for(object())) == every  # not inspectable: kept, a failure is reported per detector
+    params = {"nac_layers": {"layers": ["<features>"]}}  # its layers have no default
+    assert set(_model_detectors_for(torch.zeros(3, 1, 8, 8), params)) == every
+    assert set(_model_detectors_for(torch.zeros(3, 1, 8, 8))) == every - {"nac_layers"}
+    assert set(_model_detectors_for(torch.zeros(3, 384), params)) == every - {"cover"}
+    assert set(_model_detectors_for(object(), params)) == every  # not inspectable: kept, failures are reported

@@ -23,7 +23,7 @@ FILE_KIND = "outputs"
 _FIELDS = ("logits", "features", "labels", "layers", "head")
 
 
-def _as_tensor(value: Any, field: str) -> tuple[torch.Tensor, bool]:
+def field_tensor(value: Any, field: str) -> tuple[torch.Tensor, bool]:
     """Convert an array to a tensor; return it and whether it came from numpy (or a list)."""
     if isinstance(value, torch.Tensor):
         return value.detach(), False
@@ -98,7 +98,7 @@ class ModelOutputs:
         from_numpy: list[bool] = []
 
         def convert(value: Any, field: str) -> torch.Tensor:
-            tensor, is_numpy = _as_tensor(value, field)
+            tensor, is_numpy = field_tensor(value, field)
             from_numpy.append(is_numpy)
             return tensor
 

@@ -49,7 +49,7 @@ def normalize_rows(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z, dim=1, eps=_NORM_EPS)
 
 
-def _short_classes_message(name: str, counts: torch.Tensor, minimum: int, what: str) -> str | None:
+def short_classes_message(name: str, counts: torch.Tensor, minimum: int, what: str) -> str | None:
     """Error text when some class has fewer than ``minimum`` samples, else None."""
     short = torch.nonzero(counts < minimum).flatten().tolist()
     if not short:
@@ -69,7 +69,7 @@ def _nearest_center_sq(y: torch.Tensor, centers: torch.Tensor, center_sq: torch.
 
 
 # ---------------------------------------------------------------------- class-conditional statistics
-class _ClassStatistics(OutputDetector):
+class ClassStatistics(OutputDetector):
     """Additive fit statistics per class: counts, sums and (optionally) the total sum of outer products.
 
     Subclasses implement ``_finalize_complete``; ``_finalize`` first checks that every class has
@@ -120,7 +120,7 @@ class _ClassStatistics(OutputDetector):
         raise NotImplementedError(f"{type(self).__name__} must implement _finalize_complete (abstract hook)")
 
     def _short_message(self, counts: torch.Tensor) -> str | None:
-        return _short_classes_message(self.name, counts, self._min_per_class, self._count_what)
+        return short_classes_message(self.name, counts, self._min_per_class, self._count_what)
 
     def _require_complete(self) -> None:
         if self.state_ is not None and "pending_counts" in self.state_:
@@ -155,7 +155,7 @@ class _ClassStatistics(OutputDetector):
 
 
 @register
-class Mahalanobis(_ClassStatistics):
+class Mahalanobis(ClassStatistics):
     """Mahalanobis distance to the nearest class mean under a tied covariance (single layer, "MDS").
 
     Fit (ID training features and true labels): class means ``mu_c``, tied covariance
@@ -211,7 +211,7 @@ class Mahalanobis(_ClassStatistics):
 
 
 @register
-class RelativeMahalanobis(_ClassStatistics):
+class RelativeMahalanobis(ClassStatistics):
     """Relative Mahalanobis distance (RMDS): class Mahalanobis minus a class-agnostic background one.
 
     Fit: ``mu_c``, tied ``S`` and ``P = pinv(S)`` as in :class:`Mahalanobis`; in addition the global mean
@@ -259,7 +259,7 @@ class RelativeMahalanobis(_ClassStatistics):
 
 
 @register
-class SimplifiedHopfieldEnergy(_ClassStatistics):
+class SimplifiedHopfieldEnergy(ClassStatistics):
     """SHE: inner product between the feature and the stored pattern of the predicted class.
 
     Fit (ID training features, true labels and logits): the stored pattern ``m_c`` is the mean feature
@@ -316,7 +316,7 @@ class SimplifiedHopfieldEnergy(_ClassStatistics):
 
 
 @register
-class WDiscOOD(_ClassStatistics):
+class WDiscOOD(ClassStatistics):
     """WDiscOOD: distances in the whitened-LDA discriminative subspace and in its residual.
 
     Fit (ID training features and labels; optionally L2-normalised first, ``feat_norm``):
@@ -346,7 +346,7 @@ class WDiscOOD(_ClassStatistics):
     Deviations from the official code, and why:
 
     * ``eigh`` of the symmetric generalised problem instead of ``eig(inv(S'_w + alpha I) S'_b)`` with real
-      parts taken (the same eigenvectors up to rounding, after the unit-norm re-scaling the spec asks for);
+      parts taken (the same eigenvectors up to rounding, after the unit-norm re-scaling of the paper);
     * discriminants with a numerically zero Fisher ratio (``<= 1e-10 * max``; there are at least
       ``D - C`` of them) are not put in ``G`` even when ``K`` exceeds their count: they are an arbitrary
       basis of a degenerate eigenspace, so which of them the official code keeps depends on rounding
@@ -476,7 +476,7 @@ class KNN(OutputDetector):
     Exact search: ``d = sqrt(max(2 - 2 <z_hat, b_i>, 0))`` is decreasing in the inner product of unit
     vectors, so a chunked ``[n, D] x [D, N_bank]`` product and ``topk`` of the similarities give the k-th
     neighbour. The official code and OpenOOD search a faiss ``IndexFlatL2`` and return ``-d_k^2``: the
-    same ranking (``sqrt`` is increasing). The normaliser follows the spec, ``z / max(||z||, 1e-10)``
+    same ranking (``sqrt`` is increasing). The normaliser is ``z / max(||z||, 1e-10)``
     (the CIFAR script divides by ``||z|| + 1e-10``, the ImageNet script and OpenOOD add 1e-10 after
     dividing). A zero feature vector is at distance ``sqrt(2)`` from every bank vector.
 

@@ -16,7 +16,7 @@ from oodguard.detectors.base import OutputDetector, class_counts, register
 from oodguard.detectors.params import Integral, Interval, Real
 from oodguard.outputs import ModelOutputs
 
-#: Templates of KL-matching are clamped here before the log (spec section 2.2).
+#: Templates of KL-matching are clamped here before the log.
 KLM_TEMPLATE_FLOOR = 1e-12
 #: Temperature scaling searches T in [1/TEMPERATURE_BOUND, TEMPERATURE_BOUND].
 TEMPERATURE_BOUND = 1e3
@@ -77,7 +77,7 @@ class MSP(_LogitDetector):
     ``s(x) = max_c softmax(f)_c``; the OOD score is ``log((1 - s)/s) = LSE_{c != ŷ}(f_c) - f_max``, a strictly
     decreasing transform of MSP computed from the logit gaps in the logits' dtype.
 
-    Deviation: the spec suggests ``-log MSP = LSE(f) - f_max``; that still saturates to exactly 0 once the gap
+    Deviation: the common ``-log MSP = LSE(f) - f_max`` still saturates to exactly 0 once the gap
     between the two largest logits exceeds ~745 (``exp`` underflows), so very confident samples tie. The log-odds
     rank identically and stay distinct for any finite logits (e.g. logits of order 1e4).
 

@@ -15,7 +15,7 @@ import torch
 from oodguard.detectors.base import OutputDetector, class_counts, register
 from oodguard.detectors.params import ArrayLike as ArrayLikeParam
 from oodguard.detectors.params import Integral, Interval, Options, Real, SequenceOf
-from oodguard.outputs import ArrayLike, ModelOutputs, _as_tensor
+from oodguard.outputs import ArrayLike, ModelOutputs, field_tensor
 
 #: libMR's default ``translate_amount`` (``MetaRecognition(..., translate_amount=10000)``), used by OpenOOD and OSDN.
 WEIBULL_TRANSLATE = 10000.0
@@ -83,10 +83,10 @@ def mos_predict(logits: ArrayLike, group_sizes: Sequence[int]) -> ArrayLike:
     ``ĝ = argmax_k max_{j>=1} p^k_j`` and the class is ``argmax_{j>=1} p^ĝ_j`` mapped back to its class id, where
     ``p^k`` is the softmax over group ``k``'s logits and index 0 is "others" (excluded). Both steps together are
     one argmax over the real-class probabilities of all groups. This is the official MOS prediction; OpenOOD
-    instead takes the argmax of all ``C + K`` raw logits (spec section 12), which only affects ID accuracy.
+    instead takes the argmax of all ``C + K`` raw logits, which only affects ID accuracy.
     """
     sizes = check_group_sizes(group_sizes, "mos_predict")
-    tensor, is_numpy = _as_tensor(logits, "logits")
+    tensor, is_numpy = field_tensor(logits, "logits")
     tensor = tensor.to(torch.float64)
     layout = GroupLayout(sizes, tensor.device)
     layout.check_width(tensor, "mos_predict")
@@ -106,7 +106,7 @@ def mos_group_labels(labels: ArrayLike, group_sizes: Sequence[int]) -> ArrayLike
     group. Train with ``sum_k CE(logits of group k, target_k)``.
     """
     sizes = check_group_sizes(group_sizes, "mos_group_labels")
-    tensor, is_numpy = _as_tensor(labels, "labels")
+    tensor, is_numpy = field_tensor(labels, "labels")
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.ndim != 1:
         raise ValueError(
             f"mos_group_labels: labels must be a 1-D integer array, got {tensor.dtype} {tuple(tensor.shape)}"
@@ -131,7 +131,7 @@ class MOS(OutputDetector):
     """MOS: minimum over groups of the "others" probability of a group-softmax head.
 
     The head has ``K`` groups; group ``k`` has ``|G_k| + 1`` logits, index 0 being "others", stored contiguously
-    in group order (``C + K`` logits in all). With ``p^k = softmax(f^k)``, the spec's confidence is
+    in group order (``C + K`` logits in all). With ``p^k = softmax(f^k)``, the paper's confidence is
     ``s(x) = -min_k p^k_0``; the OOD score here is the log-odds ``logit(min_k p^k_0) = min_k [f^k_0 - LSE_{j>=1}
     f^k_j]``, a strictly increasing transform of ``min_k p^k_0`` that does not saturate at 0 or 1. Computed with a
     segment log-sum-exp over all groups at once (float64).
@@ -277,7 +277,7 @@ class OpenMax(OutputDetector):
     MLE; see :func:`fit_weibull_high`), vectorised over classes.
     Score: ``w_c = WeibullCDF_c(dist(f, MAV_c))`` for every class; the ``alpha`` top-ranked classes get weights
     ``ω_r = (alpha + 1 - r) / alpha`` (0 elsewhere); revised logits ``v̂_c = f_c (1 - ω_c w_c)``, unknown logit
-    ``Σ_c (f_c - v̂_c)``, softmax over the ``C + 1`` logits. The spec's confidence is ``s = -P(unknown)``; the OOD
+    ``Σ_c (f_c - v̂_c)``, softmax over the ``C + 1`` logits. The paper's confidence is ``s = -P(unknown)``; the OOD
     score here is its log-odds ``u - LSE(v̂)`` (float64), a strictly increasing transform that does not saturate.
 
     Parameters (OpenOOD defaults): ``tailsize = 20``, ``alpha = 3`` (must be <= C), ``distance = "euclidean"``;

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from oodguard.detectors.base import register
-from oodguard.detectors.distance import _ClassStatistics, _short_classes_message, pinv_sqrt
+from oodguard.detectors.distance import ClassStatistics, pinv_sqrt, short_classes_message
 from oodguard.detectors.model.base import ModelDetector
 from oodguard.detectors.params import ArrayLike, Boolean, Integral, Interval, Options, Real, SequenceOf, Text
 from oodguard.extraction.batches import Batches as _Batches
@@ -175,12 +175,12 @@ class MahalanobisEnsemble(ModelDetector):
                     outer[index] += a.T @ a
         if counts is None:
             raise ValueError(f"{self.name}: the fit data produced no rows")
-        message = _short_classes_message(self.name, counts, 2, "fit samples")
+        message = short_classes_message(self.name, counts, 2, "fit samples")
         if message is not None:
             raise ValueError(message)
         state: dict[str, torch.Tensor] = {"counts": counts}
         for index in range(len(layers)):
-            means, mean, within = _ClassStatistics._means(
+            means, mean, within = ClassStatistics._means(
                 {"counts": counts, "sums": sums[index], "outer": outer[index]}
             )
             root = pinv_sqrt(within)
