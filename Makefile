@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: bench bench-text speed speed-imagenet reuse latency test lint env clean
+.PHONY: bench bench-text speed speed-imagenet reuse latency test test-fast lint typecheck format env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,10 +40,22 @@ latency: $(STAMP)
 	$(PY) benchmarks/service_latency.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m ruff format --check src tests benchmarks scripts
 
-test: $(STAMP) lint
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+format: $(STAMP)
+	$(PY) -m ruff format src tests benchmarks scripts
+	$(PY) -m ruff check --fix src tests benchmarks scripts
+
+test: $(STAMP) lint typecheck
 	$(PY) -m pytest
+
+# The inner loop: everything but the slow end-to-end tests (browser, live server, benchmark runs).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

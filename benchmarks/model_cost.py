@@ -151,9 +151,13 @@ def run(
         for name in names:
             row: dict[str, Any] = {"detector": name, "model": model_name, "n": n}
             try:
-                registry_name, params = (VARIANTS[name][0], VARIANTS[name][1][model_name]) if name in VARIANTS else (
-                    name,
-                    {},
+                registry_name, params = (
+                    (VARIANTS[name][0], VARIANTS[name][1][model_name])
+                    if name in VARIANTS
+                    else (
+                        name,
+                        {},
+                    )
                 )
                 det = detectors.create(registry_name, **params).attach(runner)
                 if det.needs_fit:

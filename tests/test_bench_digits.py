@@ -10,6 +10,8 @@ from oodguard import detectors
 from oodguard.benchmark import digits, presets
 from oodguard.cli import main
 
+pytestmark = pytest.mark.slow  # runs the digits benchmark end to end
+
 
 @pytest.fixture(scope="module")
 def bench_run(digits_cache, tmp_path_factory):

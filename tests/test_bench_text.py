@@ -157,6 +157,7 @@ def minilm():
     return default_text_encoder()
 
 
+@pytest.mark.slow
 def test_real_embeddings_subset(minilm, tmp_path):
     bench = text_benchmark(cache_dir=tmp_path, progress=False, encoder=minilm, subset=30)
     assert bench.fit.data.shape == (90, 384) and bench.test.data.shape == (45, 384)

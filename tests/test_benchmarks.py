@@ -6,7 +6,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 from oodguard import detectors
+
+pytestmark = pytest.mark.slow  # runs the measurement scripts, one of them against a live server
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

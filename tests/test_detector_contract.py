@@ -133,8 +133,15 @@ def write_version_1(detector: detectors.Detector, directory) -> None:
             tensors[f"state.{key}"] = value.contiguous()
         else:
             aliases[key] = twin
-    config = {"format": "oodguard.detector", "format_version": 1, "name": detector.name,
-              "params": detector.get_params(), "meta": detector.meta_, "fitted": True, "state_aliases": aliases}
+    config = {
+        "format": "oodguard.detector",
+        "format_version": 1,
+        "name": detector.name,
+        "params": detector.get_params(),
+        "meta": detector.meta_,
+        "fitted": True,
+        "state_aliases": aliases,
+    }
     (directory / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(directory / "state.safetensors"))
 
@@ -155,8 +162,15 @@ def test_detectors_saved_by_the_first_release_still_load(name, tmp_path):
 def test_a_gradnorm_saved_with_mode_autograd_loads_as_the_model_detector(tmp_path):
     directory = tmp_path / "gn"
     directory.mkdir()
-    config = {"format": "oodguard.detector", "format_version": 1, "name": "gradnorm",
-              "params": {"temperature": 2.0, "mode": "autograd"}, "meta": {}, "fitted": True, "state_aliases": {}}
+    config = {
+        "format": "oodguard.detector",
+        "format_version": 1,
+        "name": "gradnorm",
+        "params": {"temperature": 2.0, "mode": "autograd"},
+        "meta": {},
+        "fitted": True,
+        "state_aliases": {},
+    }
     (directory / "config.json").write_text(json.dumps(config))
     from safetensors.torch import save_file
 

@@ -141,9 +141,7 @@ def test_neglabel_with_fewer_negatives_than_groups_averages_single_negatives(spa
 
 def test_neglabel_keeps_confident_id_inputs_apart():
     # 1 - S is about e^-100 here: computed directly, not as 1 - (1 - tiny)
-    detector = detectors.create(
-        "neglabel", label_embeddings=np.eye(3)[:1], negative_embeddings=np.eye(3)[1:], groups=1
-    )
+    detector = detectors.create("neglabel", label_embeddings=np.eye(3)[:1], negative_embeddings=np.eye(3)[1:], groups=1)
     scores = detector.score({"features": np.array([[1.0, 0.0, 0.0], [1.0, 0.1, 0.0]])})
     assert 0 < scores[0] < scores[1] < 1e-30
 

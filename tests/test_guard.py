@@ -316,9 +316,7 @@ def test_round_trip_model_mode(tmp_path, model_guard, no_unpickling):
     assert config["model"]["factory"] == "guard_factory:make_model" and "model.safetensors" in config["files"]
 
 
-@pytest.mark.parametrize(
-    "name", ["calibration.safetensors", "detector/detector.safetensors", "model.safetensors"]
-)
+@pytest.mark.parametrize("name", ["calibration.safetensors", "detector/detector.safetensors", "model.safetensors"])
 def test_tampered_file_is_refused(tmp_path, model_guard, name):
     model_guard.save(tmp_path / "g")
     path = tmp_path / "g" / name

@@ -61,6 +61,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycles_between_modules():
     trees = modules()
     known = set(trees)
+
     # Edges between a package and its own submodules are how packages expose them (the __init__ imports them,
     # and importing a submodule runs its package first): not cycles between modules.
     def related(a: str, b: str) -> bool:

@@ -120,6 +120,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow
 def test_report_renders_in_a_headless_browser_without_console_errors(results, tmp_path):
     browser = _chromium()
     if browser is None:

@@ -352,6 +352,7 @@ def servers(saved_guard, tmp_path_factory):
         loaded.stop()
 
 
+@pytest.mark.slow
 def test_server_refuses_bad_requests_and_keeps_serving(servers):
     server = servers["guarded"]
     token = {"Authorization": "Bearer test-token"}
@@ -379,6 +380,7 @@ def test_server_refuses_bad_requests_and_keeps_serving(servers):
         assert "oodguard_decisions_total 2" in lines
 
 
+@pytest.mark.slow
 def test_load_2000_requests_8_clients_no_lost_rows(servers, capsys):
     server = servers["load"]
     n_clients, per_client = 8, 250

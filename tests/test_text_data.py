@@ -29,6 +29,7 @@ WORDNET = Path("/usr/share/wordnet")
 
 
 @pytest.mark.skipif(not (WORDNET / "data.noun").is_file(), reason="needs WordNet: apt-get install wordnet-base")
+@pytest.mark.slow
 def test_shipped_data_file_matches_its_regeneration_script(tmp_path):
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "make_text_data.py"), "--wordnet-dir", str(WORDNET), "--out",

@@ -436,6 +436,8 @@ def test_spatter_amount_of_liquid_does_not_depend_on_the_image_size():
         liquid = _views._liquid_layer(n, size, size, 0, generator, size / 224)
         assert float((liquid > 0).double().mean()) == pytest.approx(expected, abs=0.01)
     # and the mud covers about as much of a 28-pixel image as of a 224-pixel one
-    mud = [float(_views._spatter_mud(n, size, size, 3, torch.Generator().manual_seed(0), size / 224).mean())
-           for size, n in ((224, 2), (28, 32))]
+    mud = [
+        float(_views._spatter_mud(n, size, size, 3, torch.Generator().manual_seed(0), size / 224).mean())
+        for size, n in ((224, 2), (28, 32))
+    ]
     assert mud[1] == pytest.approx(mud[0], rel=0.1)

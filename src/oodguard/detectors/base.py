@@ -50,6 +50,7 @@ PROTOCOLS = ("outputs", "model")
 
 _REGISTRY: dict[str, type[Detector]] = {}
 
+
 class NotFittedError(RuntimeError):
     """Raised when a detector that needs fitting is used before ``fit``."""
 

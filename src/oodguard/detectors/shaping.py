@@ -366,7 +366,6 @@ class SCALE(_TopKDetector):
         self.percentile = percentile
         super().__init__()
 
-
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         features = outputs.features
         state = self.state(features.device, features.dtype)

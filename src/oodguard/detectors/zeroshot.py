@@ -381,6 +381,7 @@ class LAPT(NegLabel):
     code = "github.com/YBZh/OpenOOD-VLM openood/trainers/oodmixup_trainer.py, scripts/ood/lapt/train.sh"
     fit_requires = frozenset({"features", "labels"})
     needs_fit = True
+
     def __init__(
         self,
         *,
@@ -489,6 +490,4 @@ class LAPT(NegLabel):
         state = self.state_
         if state is None or "tuned_labels" not in state:
             raise NotFittedError("lapt: call fit(...) on in-distribution outputs before score(...)")
-        return neglabel_ood_score(
-            v, state["tuned_labels"], state["tuned_negatives"], state["group_index"], self.scale
-        )
+        return neglabel_ood_score(v, state["tuned_labels"], state["tuned_negatives"], state["group_index"], self.scale)

@@ -76,9 +76,7 @@ def check_embeddings(value: Any, name: str, *, dim: int | None = None, normalize
     if value.shape[0] == 0 or value.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(value.shape)}); pass at least one embedding of width >= 1")
     if dim is not None and value.shape[1] != dim:
-        raise ValueError(
-            f"{name} has D={value.shape[1]} columns but D={dim} was expected; embed with the same encoder"
-        )
+        raise ValueError(f"{name} has D={value.shape[1]} columns but D={dim} was expected; embed with the same encoder")
     value = value.detach().to(device="cpu", dtype=torch.float32)
     if not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).any(dim=1).sum())

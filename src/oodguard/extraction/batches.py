@@ -167,7 +167,6 @@ class Batches:
             )
 
 
-
 def check_rows(value: Any, rows: int, what: str, fix: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{what} is a {type(value).__name__}, expected a tensor; {fix}")
@@ -177,5 +176,3 @@ def check_rows(value: Any, rows: int, what: str, fix: str) -> torch.Tensor:
             f"(shape [{rows}, ...]); {fix}"
         )
     return value
-
-

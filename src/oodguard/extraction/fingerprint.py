@@ -124,5 +124,3 @@ def content_hash(data: Any, labels: Any = None, batch_size: int = 256) -> str:
         if inputs.shape[0]:
             digest.update(inputs, batch_labels)
     return digest.hexdigest()
-
-

@@ -174,5 +174,3 @@ def head_tensors(head: tuple[str, nn.Linear]) -> tuple[torch.Tensor, torch.Tenso
     else:
         bias = module.bias.detach().to("cpu", torch.float32).clone()
     return weight, bias
-
-

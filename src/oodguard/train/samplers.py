@@ -159,7 +159,10 @@ class DiverseOutlierSampler:
 
 
 def choose_per_cluster(
-    labels: torch.Tensor, absent_probability: torch.Tensor, num_clusters: int, num_keep: int,
+    labels: torch.Tensor,
+    absent_probability: torch.Tensor,
+    num_clusters: int,
+    num_keep: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DOS's choice given cluster labels: from each of the clusters ``0 .. min(k, num_keep) - 1`` the ``q`` members

@@ -90,9 +90,7 @@ class ODIN(ModelDetector):
             logits = runner.forward(data, progress=progress, desc="odin").logits
         else:
             loss = odin_loss(t)
-            logits = runner.perturbed_forward(
-                data, loss, epsilon, bool(self.scale_by_std), progress=progress
-            ).logits
+            logits = runner.perturbed_forward(data, loss, epsilon, bool(self.scale_by_std), progress=progress).logits
         return neg_log_odds_msp(logits.to(torch.float64), t)
 
 
