@@ -94,7 +94,7 @@ class Source:
             raise ValueError("this source has no model outputs; extract them from the model first")
         if callable(self._outputs) and not isinstance(self._outputs, ModelOutputs):
             self._outputs = self._outputs()
-        return as_outputs(self._outputs)  # type: ignore[arg-type]
+        return as_outputs(self._outputs)
 
 
 class Detector:
@@ -131,6 +131,7 @@ class Detector:
 
     def __init__(self) -> None:
         self._validate_params()
+        self._state: dict[str, torch.Tensor] | None = None
         self._stale = False
         self._state_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.state_: dict[str, torch.Tensor] | None = None
@@ -206,7 +207,7 @@ class Detector:
         many chunks costs only the statistics, not one finalisation (e.g. an eigendecomposition) per chunk."""
         if self._stale:
             self._stale = False
-            self._state = self._finalize(self.stats_)  # type: ignore[arg-type]
+            self._state = self._finalize(self.stats_)
         return self._state
 
     @state_.setter

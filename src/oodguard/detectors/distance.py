@@ -126,7 +126,7 @@ class ClassStatistics(OutputDetector):
         if self.state_ is not None and "pending_counts" in self.state_:
             raise ValueError(self._short_message(self.state_["pending_counts"]))
 
-    def fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> Detector:
+    def fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> OutputDetector:
         super().fit(outputs, drop_ood=drop_ood)
         try:
             self._require_complete()
@@ -520,15 +520,15 @@ class KNN(OutputDetector):
                 "subsample of the bank is not a sufficient statistic; use ratio=1.0, or fit on all the data"
             )
 
-    def partial_fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> Detector:
+    def partial_fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> OutputDetector:
         self._refuse_subsampled("partial_fit")
         return super().partial_fit(outputs, drop_ood=drop_ood)
 
-    def merge(self, other: Detector) -> Detector:
+    def merge(self, other: Detector) -> OutputDetector:
         self._refuse_subsampled("merge")
         return super().merge(other)
 
-    def fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> Detector:
+    def fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> OutputDetector:
         super().fit(outputs, drop_ood=drop_ood)
         size = self.state_["bank"].shape[0]
         if size < self.k:

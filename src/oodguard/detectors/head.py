@@ -80,7 +80,7 @@ class _HeadStatistics(OutputDetector):
                     "fitted; fit every chunk with outputs of the same model"
                 )
 
-    def merge(self, other: Detector) -> Detector:
+    def merge(self, other: Detector) -> OutputDetector:
         if type(other) is type(self) and self.stats_ is not None and other.stats_ is not None:
             self._check_same_head(self._head_from(self.stats_), self._head_from(other.stats_), "merge")
         return super().merge(other)
@@ -294,7 +294,7 @@ class GradNorm(OutputDetector):
         super().__init__()
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        weight, bias = outputs.head
+        weight, bias = outputs.head  # type: ignore[misc]  # fit_requires names the head
         return {"weight": weight.to(_F64), "bias": bias.to(_F64)}
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:

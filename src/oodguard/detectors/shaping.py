@@ -258,6 +258,8 @@ class DICE(_HeadShapingDetector):
 class _TopKDetector(_HeadShapingDetector):
     """Shared by ASH and SCALE: no statistics, the fit only records the final layer ``(W, b)``."""
 
+    percentile: float  # set by the subclasses' constructors
+
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         if kept_count(outputs.features.shape[1], float(self.percentile)) < 1:
             raise ValueError(

@@ -119,8 +119,9 @@ class _ZeroShot(OutputDetector):
         """The text side of the state, built from the parameters on first use (or loaded with a saved detector)."""
         state = self.state_
         if state is None or any(key not in state for key in self.tensor_params):
-            self.state_ = {**self._initial_state(self._checked_text()), **(state or {})}
-        return self.state_
+            state = {**self._initial_state(self._checked_text()), **(state or {})}
+            self.state_ = state
+        return state
 
     def _features(self, outputs: ModelOutputs, stage: str) -> torch.Tensor:
         state = self._text_state()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from oodguard.detectors.base import Detector, available, create, implementation, protocol, register
+from oodguard.detectors.base import Detector, OutputDetector, available, create, implementation, protocol, register
 from oodguard.detectors.model.base import ModelDetector
 from oodguard.detectors.params import Integral, Interval, Options, Real, SequenceOf, Text
 from oodguard.detectors.params import Mapping as MappingOf
@@ -150,7 +150,7 @@ class CoVer(ModelDetector):
     paper = "Zhang, Zhu et al., What If the Input is Expanded in OOD Detection?, NeurIPS 2024"
     code = "https://github.com/tmlr-group/CoVer (eval_ood_detection.py, utils/detection_util.py)"
     input_ndim = 4  # corruptions act on images [N, C, H, W]
-    needs_fit = _BaseNeedsFit()  # type: ignore[assignment]
+    needs_fit = _BaseNeedsFit()
     _parameter_constraints = {
         "base": [Text()],
         "base_params": [None, MappingOf()],
@@ -211,8 +211,11 @@ class CoVer(ModelDetector):
         """The views named by ``views``, with ``seed`` and ``pixel_scale``."""
         return parse_views(self.views, self.seed, None if self.pixel_scale is None else float(self.pixel_scale))
 
-    def _new_base(self) -> Detector:
-        return create(self.base, **dict(self.base_params or {}))
+    def _new_base(self) -> OutputDetector:
+        base = create(self.base, **dict(self.base_params or {}))
+        if not isinstance(base, OutputDetector):  # validation refuses model detectors as bases already
+            raise TypeError(f"{self.name}: base {self.base!r} is not an output detector")
+        return base
 
     @property
     def base_needs_fit(self) -> bool:
