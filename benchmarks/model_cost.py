@@ -32,16 +32,12 @@ from oodguard.extraction.model_runner import ModelRunner
 DETECTOR_MODULES = ("oodguard.detectors.model",)
 
 DIGITS, RESNET = "digits CNN 28x28", "ResNet-18 32x32"
-#: Registry names whose parameters select a model-based variant: label -> (name, parameters per model).
-VARIANTS = {
-    "gradnorm(mode=autograd)": ("gradnorm", {DIGITS: {"mode": "autograd"}, RESNET: {"mode": "autograd"}}),
-    "nac(layers)": (
-        "nac",
-        {
-            DIGITS: {"layers": ["features.2", "features.5", "<features>"]},
-            RESNET: {"layers": ["layer1", "layer2", "layer3", "<features>"]},  # the official ResNet-18 layers
-        },
-    ),
+#: Parameters a model detector needs on each model (those without usable defaults).
+PARAMS = {
+    "nac_layers": {
+        DIGITS: {"layers": ["features.2", "features.5", "<features>"]},
+        RESNET: {"layers": ["layer1", "layer2", "layer3", "<features>"]},  # the official ResNet-18 layers
+    },
 }
 
 
@@ -125,7 +121,7 @@ def run(
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Rows ``{detector, model, n, seconds, forward_s, forward_passes}``, or ``skipped`` with the reason."""
-    registered = model_detectors() + list(VARIANTS)  # imports the modules that register model-based detectors
+    registered = model_detectors()  # imports the modules that register model detectors
     names = registered if names is None else list(names)
     unknown = [name for name in names if name not in registered]
     if unknown:
@@ -151,15 +147,7 @@ def run(
         for name in names:
             row: dict[str, Any] = {"detector": name, "model": model_name, "n": n}
             try:
-                registry_name, params = (
-                    (VARIANTS[name][0], VARIANTS[name][1][model_name])
-                    if name in VARIANTS
-                    else (
-                        name,
-                        {},
-                    )
-                )
-                det = detectors.create(registry_name, **params).attach(runner)
+                det = detectors.create(name, **PARAMS.get(name, {}).get(model_name, {})).attach(runner)
                 if det.needs_fit:
                     det.fit(fit_x, labels=fit_labels)
                 det.score(x[:2])  # fails fast when the detector cannot run on this model

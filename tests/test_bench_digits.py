@@ -63,17 +63,19 @@ def test_open_set_variant_runs(digits_cache, tmp_path):
 
 def test_model_based_detectors_join_the_leaderboard_on_request(digits_cache, tmp_path):
     code = main(["bench", "digits", "--cache-dir", str(digits_cache), "--out", str(tmp_path / "auto"), "-q",
-                 "--n-boot", "10", "-d", "energy,odin,gradnorm", "-p", "gradnorm.mode=autograd"])  # fmt: skip
+                 "--n-boot", "10", "-d", "energy,odin,gradnorm_autograd",
+                 "-p", "gradnorm_autograd.temperature=1"])  # fmt: skip
     assert code == 0
     payload = json.loads((tmp_path / "auto" / "results.json").read_text())
-    assert {row["detector"] for row in payload["status"] if row["status"] == "ok"} == {"energy", "odin", "gradnorm"}
-    assert payload["settings"]["params"]["gradnorm"] == {"mode": "autograd"}
+    ok = {row["detector"] for row in payload["status"] if row["status"] == "ok"}
+    assert ok == {"energy", "odin", "gradnorm_autograd"}
+    assert payload["settings"]["params"]["gradnorm_autograd"] == {"temperature": 1}
     code = main(["bench", "digits", "--cache-dir", str(digits_cache), "--out", str(tmp_path / "closed"), "-q",
                  "--n-boot", "10", "-d", "gradnorm"])  # fmt: skip
     assert code == 0
     closed = json.loads((tmp_path / "closed" / "results.json").read_text())
     # the autograd GradNorm through the real model equals the closed form on the cached outputs
-    autograd = {r["ood_set"]: r["auroc"] for r in payload["results"] if r["detector"] == "gradnorm"}
+    autograd = {r["ood_set"]: r["auroc"] for r in payload["results"] if r["detector"] == "gradnorm_autograd"}
     for row in closed["results"]:
         assert abs(row["auroc"] - autograd[row["ood_set"]]) < 1e-6
 

@@ -42,6 +42,6 @@ def test_service_latency_script_measures_a_live_server():
 
 def test_model_cost_script_counts_forward_pass_equivalents():
     cost = load("model_cost")
-    rows = cost.run(["odin", "cover", "nac(layers)", "gradnorm(mode=autograd)"], digits_n=8, resnet_n=2, repeats=1)
-    assert {row["detector"] for row in rows} >= {"odin", "cover", "nac(layers)", "gradnorm(mode=autograd)"}
+    rows = cost.run(["odin", "cover", "nac_layers", "gradnorm_autograd"], digits_n=8, resnet_n=2, repeats=1)
+    assert {row["detector"] for row in rows} >= {"odin", "cover", "nac_layers", "gradnorm_autograd"}
     assert not [row for row in rows if "skipped" in row]
