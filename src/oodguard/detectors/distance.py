@@ -343,21 +343,7 @@ class WDiscOOD(ClassStatistics):
     the official 1000 for ResNet-50 and 512 for ViT-B/16; capped at D, as the official slicing does),
     ``res_weight`` ``w`` 5 (1 for ViT-B/16).
 
-    Deviations from the official code, and why:
-
-    * ``eigh`` of the symmetric generalised problem instead of ``eig(inv(S'_w + alpha I) S'_b)`` with real
-      parts taken (the same eigenvectors up to rounding, after the unit-norm re-scaling of the paper);
-    * discriminants with a numerically zero Fisher ratio (``<= 1e-10 * max``; there are at least
-      ``D - C`` of them) are not put in ``G`` even when ``K`` exceeds their count: they are an arbitrary
-      basis of a degenerate eigenspace, so which of them the official code keeps depends on rounding
-      (and would break the exactness of ``partial_fit``). They fall into the residual space instead. With
-      the official ImageNet settings (C = 1000, K = 1000) this moves one noise direction;
-    * negative or tiny eigenvalues of the whitening are dropped rather than square-rooted; feature
-      normalisation divides by ``max(||z||, 1e-10)``.
-
-    Fit statistics (class counts, class sums, ``sum_i z_i z_i^T`` of the features, or of the normalised
-    features with ``feat_norm``) are float64 sums: exact ``partial_fit`` and ``merge``. Every class needs
-    at least 2 fit samples.
+    Deviations from the official code: docs/detectors.md, section ``wdiscood``.
     """
 
     name = "wdiscood"

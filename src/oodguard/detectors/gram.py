@@ -106,25 +106,7 @@ class Gram(OutputDetector):
         (float64 ``[L]``, the ``E_l``).
     meta_ : ``layers`` (used names, in order), ``layer_shapes`` (per-row shapes), ``empty_classes``.
 
-    Data split (deviation). The official notebook builds the tables on the whole training set (test
-    transform, predicted classes) and estimates ``E_l`` on a random 10 % of the **ID test** set (10 seeds,
-    results averaged); ``fit`` gets one set, so a deterministic ``normalizer_fraction`` of it is held out
-    for ``E_l`` and the rest builds the tables. ``E_l`` needs the final tables, so the fit is not an
-    additive statistic: there is no ``partial_fit``/``merge`` (the tables alone would be mergeable).
-
-    Classes with no fit row (decision; the official code would crash on an empty class): their tables
-    are the min/max over **all** table rows (a class-agnostic range), a ``RuntimeWarning`` names them,
-    and ``meta_["empty_classes"]`` lists them. This happens mostly with predicted grouping (a class the
-    model never predicts on ID data) and keeps such a model usable.
-
-    Numerics: everything is float64 (powers up to 10 of activations overflow float32 quickly); inputs
-    that overflow even float64 are refused with a ``ValueError``. Per row the cost is ``O(P sum_l C_l S_l)``
-    (``G_p 1`` without forming ``G_p``), the state ``C x P x sum_l C_l`` values per table.
-
-    Differences from OpenOOD (``openood/postprocessors/gram_postprocessor.py``): OpenOOD groups by true
-    labels, uses powers 1..5, estimates ``E_l`` on 10 % of the training data per class, and hooks every
-    ``nn.ReLU`` and ``nn.Conv2d`` (functional ReLUs are missed). Here the recorded layers are whatever the
-    user extracted; the official ResNet records every conv output, BN/ReLU output and shortcut output.
+    Deviations from the official code: docs/detectors.md, section ``gram``.
     """
 
     name = "gram"

@@ -77,9 +77,7 @@ class MSP(_LogitDetector):
     ``s(x) = max_c softmax(f)_c``; the OOD score is ``log((1 - s)/s) = LSE_{c != ŷ}(f_c) - f_max``, a strictly
     decreasing transform of MSP computed from the logit gaps in the logits' dtype.
 
-    Deviation: the common ``-log MSP = LSE(f) - f_max`` still saturates to exactly 0 once the gap
-    between the two largest logits exceeds ~745 (``exp`` underflows), so very confident samples tie. The log-odds
-    rank identically and stay distinct for any finite logits (e.g. logits of order 1e4).
+    Deviations from the official code: docs/detectors.md, section ``msp``.
 
     Paper: Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution Examples", ICLR 2017.
     Code: Jingkang50/OpenOOD ``openood/postprocessors/base_postprocessor.py``. No hyperparameters, no fit.

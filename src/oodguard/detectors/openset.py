@@ -285,11 +285,7 @@ class OpenMax(OutputDetector):
     (the original OSDN code uses ``euclidean / 200 + cosine``, i.e. ``eu_weight = 0.005``, and also divides its
     plain ``"euclidean"`` by 200), and ``"cosine"``.
 
-    Deviations: every class needs at least 3 correctly classified fit samples (with 2, both lie at the same
-    distance from their mean and no Weibull can be fitted; libMR silently returns an invalid model there and
-    OpenOOD then computes meaningless scores). A zero logit vector has cosine similarity 0 to anything.
-    OpenOOD computes the distance to every class's MAV, one sample at a time; only the ``alpha`` top-ranked
-    classes have a non-zero weight, so only their distances are computed here (O(alpha * C) per sample, batched).
+    Deviations from the official code: docs/detectors.md, section ``openmax``.
 
     Paper: Bendale & Boult, "Towards Open Set Deep Networks", CVPR 2016.
     Code: Jingkang50/OpenOOD ``openood/postprocessors/openmax_postprocessor.py``; abhijitbendale/OSDN

@@ -302,16 +302,7 @@ class ASH(_TopKDetector):
     No statistics are fitted: ``fit`` only records the final layer ``(W, b)`` so that scoring needs only
     the features. Applied to the pooled penultimate feature (``n = D``), as the official ResNet code does.
 
-    Notes and deviations
-    --------------------
-    - ASH-S needs ``s2 > 0`` (non-negative, post-ReLU activations). Rows that are entirely zero are scored
-      with scale 1 (their shaped vector is zero anyway); any other row with ``s2 <= 0``, or a scale
-      ``exp(s1/s2)`` beyond ``exp(700)``, raises ValueError instead of returning inf/NaN (the official code
-      returns inf/NaN). ASH-P and ASH-B accept signed features.
-    - The per-row factor (``exp(s1/s2)`` or ``s1/k``) multiplies the ``[n, C]`` product ``kept W^T`` rather
-      than the features (same value), in float64 whenever the input dtype could overflow.
-    - OpenOOD's ``ash`` always applies ASH-B (p = 90, APS sweep 65..95); use ``variant="b"`` to match it.
-    - Ties in the top-k are broken arbitrarily (as in ``torch.topk``).
+    Deviations from the official code: docs/detectors.md, section ``ash``.
     """
 
     name = "ash"

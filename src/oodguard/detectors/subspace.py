@@ -150,18 +150,7 @@ class ViM(_SubspaceDetector):
     features (logits are taken from ``outputs.logits`` when given, otherwise computed as ``z W^T + b``).
     There is no ``partial_fit``: ``alpha`` needs the residual norms of the fit set, known only after ``R``.
 
-    Notes and deviations
-    --------------------
-    - ``eigh`` in float64 replaces the official ``np.linalg.eig`` (same subspace; real output).
-    - ``r`` is computed with whichever of the ``k`` principal or ``D - k`` residual vectors is fewer,
-      using ``r^2 = ||z - u||^2 - ||(z - u) U_k||^2`` (clamped at 0) in the first case. In float32 this
-      loses relative precision in ``r^2`` of about ``1e-7 * ||z - u||^2 / r^2``.
-    - ``N < D`` fit rows give finite scores, but the fit needs more rows than ``k``: otherwise every fit
-      feature lies in the principal subspace, ``mean r = 0`` and ``alpha`` is undefined (ValueError).
-    - If the mean max logit over the fit set is not positive, ``alpha <= 0`` and a larger residual lowers
-      the score; the official code does the same, oodguard warns.
-    - OpenOOD uses ``dim = 256`` by default (APS sweep 256/1000); the GEN repository uses
-      ``k = 1000 if D >= 2048 else 512``.
+    Deviations from the official code: docs/detectors.md, section ``vim``.
 
     Examples
     --------

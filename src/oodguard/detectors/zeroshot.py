@@ -364,12 +364,7 @@ class LAPT(NegLabel):
       batch 32 costs ~10 s on one CPU core for N = 1000, M = 2000, D = 384 (batch 256: ~2 s); seeded (``seed``
       drives the batch order, the pseudo-inputs, the mixing and the grouping).
 
-    Differences from official LAPT: residuals per label instead of shared prompt vectors (so only the given labels
-    are tuned, and the same negatives serve training and test, where the official trains with 1,000 and tests
-    with 10,000); pseudo-inputs built from ID inputs instead of synthesised or retrieved images for the negative
-    labels; real ID inputs from the fit split instead of synthesised ID images; one template for wccm; batch 256;
-    the loss is the released code's (CE on the wccm-mixed embeddings only), not the paper's ``L + L_cm + L_cd``.
-    Score: :class:`NegLabel` on the tuned embeddings (same ``scale``, ``groups``, ``seed``).
+    Deviations from the official code: docs/detectors.md, section ``lapt``.
 
     Paper: Zhang, Zhu, He & Zhang, "LAPT: Label-driven Automated Prompt Tuning for OOD Detection with
     Vision-Language Models", ECCV 2024. Code: github.com/YBZh/OpenOOD-VLM ``openood/trainers/oodmixup_trainer.py``

@@ -57,13 +57,11 @@ class ODIN(ModelDetector):
     Defaults ``temperature=1000, epsilon=0.0014`` (official ``main.py``, DenseNet-BC on CIFAR-10; the paper tunes
     both per OOD set on held-out data).
 
+    Deviations from the official code: docs/detectors.md, section ``odin``.
+
     Paper: Liang, Li & Srikant, "Enhancing The Reliability of Out-of-distribution Image Detection in Neural
     Networks", ICLR 2018. Official code: facebookresearch/odin ``code/calData.py`` (``testData``, 64e9796);
     OpenOOD ``odin_postprocessor.py`` matches it.
-
-    Deviations: the loss gradient is of the per-sample loss summed over the batch (the official code averages
-    over the batch; only the sign is used, so the step is identical); the score is the log-odds instead of the
-    probability (same ranking).
     """
 
     name = "odin"
