@@ -7,6 +7,8 @@ direct transcription of the official fit (``ivalab/WDiscOOD``, ``ood_scores/scor
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
 from oodguard import ModelOutputs, detectors
-from oodguard.detectors.base import symmetric_pinv
+from oodguard.detectors.base import clone, symmetric_pinv
 from oodguard.detectors.distance import WDiscOOD, pinv_sqrt
 
 CLASS_SIZES = (14, 9, 17, 11)  # unequal on purpose
@@ -292,13 +294,69 @@ def test_knn_subsampled_bank_refuses_partial_fit_and_merge():
         ("knn", {"ratio": 0.0}, "parameter 'ratio' must be"),
         ("knn", {"ratio": 1.5}, "parameter 'ratio' must be"),
         ("knn", {"seed": -1}, "parameter 'seed' must be"),
-        ("wdiscood", {"alpha": 0.0}, "alpha"),
-        ("wdiscood", {"num_disc": 0}, "num_disc"),
-        ("wdiscood", {"num_disc": 2.0}, "num_disc"),
-        ("wdiscood", {"res_weight": -1.0}, "res_weight"),
-        ("wdiscood", {"feat_norm": "yes"}, "feat_norm"),
+        ("wdiscood", {"alpha": 0.0}, "parameter 'alpha' must be"),
+        ("wdiscood", {"num_disc": 0}, "parameter 'num_disc' must be"),
+        ("wdiscood", {"num_disc": 2.0}, "parameter 'num_disc' must be"),
+        ("wdiscood", {"res_weight": -1.0}, "parameter 'res_weight' must be"),
+        ("wdiscood", {"res_weight": float("inf")}, "parameter 'res_weight' must be"),
+        ("wdiscood", {"feat_norm": "yes"}, "parameter 'feat_norm' must be"),
+        ("wdiscood", {"feat_norm": 1}, "parameter 'feat_norm' must be"),
+        ("knn", {"k": True}, "parameter 'k' must be"),
+        ("knn", {"seed": 1.0}, "parameter 'seed' must be"),
     ],
 )
 def test_bad_hyperparameters_are_refused(name, params, match):
     with pytest.raises(ValueError, match=match):
         detectors.create(name, **params)
+
+
+# ---------------------------------------------------------------------- declared parameters
+DEFAULTS = {
+    "mahalanobis": {},
+    "rmds": {},
+    "she": {},
+    "wdiscood": {"feat_norm": False, "alpha": 1e-05, "num_disc": None, "res_weight": 5.0},
+    "knn": {"k": 50, "ratio": 1.0, "seed": 0},
+}
+GIVEN = {
+    "mahalanobis": {},
+    "rmds": {},
+    "she": {},
+    "wdiscood": {"feat_norm": True, "alpha": 1e-3, "num_disc": np.int64(2), "res_weight": 2},
+    "knn": {"k": 3, "ratio": 0.5, "seed": 7},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_signature_names_every_parameter_keyword_only_with_its_default(name):
+    parameters = inspect.signature(detectors.implementation(name)).parameters.values()
+    assert {p.name: p.default for p in parameters} == DEFAULTS[name]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
+    assert detectors.create(name).get_params() == DEFAULTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(GIVEN))
+def test_get_params_are_the_arguments_as_given_and_clone_is_unfitted(name):
+    detector = detectors.create(name, **GIVEN[name])
+    params = detector.get_params()
+    assert params == GIVEN[name]
+    assert {k: type(v) for k, v in params.items()} == {k: type(v) for k, v in GIVEN[name].items()}
+    features, labels, head = blobs(3)
+    detector.fit(outputs(features, labels, head))
+    copy = clone(detector)
+    assert type(copy) is type(detector) and copy is not detector
+    assert copy.get_params() == params and not copy.is_fitted
+    assert detector.get_params() == params  # fitting changes no parameter
+    copy.fit(outputs(features, labels, head))
+    np.testing.assert_array_equal(
+        copy.score(outputs(features, head=head)), detector.score(outputs(features, head=head))
+    )
+
+
+def test_params_are_read_only_and_set_params_validates():
+    detector = detectors.create("knn", k=3)
+    detector.params["k"] = 7  # a fresh dict: writing into it changes nothing
+    assert detector.k == 3
+    with pytest.raises(ValueError, match="parameter 'k' must be"):
+        detector.set_params(k=0)
+    assert detector.k == 3

@@ -1,5 +1,6 @@
 """MOS and OpenMax: known answers from plain loops (and scipy for the Weibull fits), layouts, errors."""
 
+import inspect
 import math
 import tempfile
 
@@ -11,7 +12,8 @@ from scipy.optimize import brentq
 from scipy.stats import weibull_min
 
 from oodguard import ModelOutputs
-from oodguard.detectors import create, load
+from oodguard.detectors import create, implementation, load
+from oodguard.detectors.base import clone
 from oodguard.detectors.openset import fit_weibull_high, mos_group_labels, mos_predict
 
 GROUPS = [2, 3, 1]  # 6 classes in 3 groups -> 9 logits: [o, a, b | o, c, d, e | o, f]
@@ -23,7 +25,7 @@ def softmax_row(row):
 
 
 def mos_reference(logits, group_sizes):
-    """Per sample, loop over groups: min "others" probability, and the spec's group-wise prediction."""
+    """Per sample, loop over groups: min "others" probability, and the official group-wise prediction."""
     scores, predictions = [], []
     for row in logits:
         start, first_class, others, best = 0, 0, [], (-1.0, None)
@@ -89,10 +91,39 @@ def test_mos_fit_save_load_and_width_check():
         mos_predict(np.zeros((2, 6)), GROUPS)
 
 
-@pytest.mark.parametrize("group_sizes", [None, [], [2, 0], [1.5, 2], "abc", [True, 2]])
+@pytest.mark.parametrize(
+    "group_sizes",
+    [
+        None,
+        [],
+        [2, 0],
+        [1.5, 2],
+        "abc",
+        [True, 2],
+        np.array([2, 0]),
+        np.array([1.5, 2.0]),
+        np.array([True, True]),
+        np.array([], dtype=np.int64),
+        np.array([[2, 3]]),
+        torch.tensor([2, -1]),
+    ],
+)
 def test_mos_bad_group_sizes(group_sizes):
-    with pytest.raises(ValueError, match="group_sizes"):
+    with pytest.raises(ValueError, match="mos: parameter 'group_sizes' must be"):
         create("mos", group_sizes=group_sizes)
+
+
+def test_mos_set_params_changes_the_layout_used_for_scoring():
+    detector = create("mos", group_sizes=GROUPS)
+    detector.score(ModelOutputs(logits=np.zeros((2, 9))))
+    detector.set_params(group_sizes=[3, 3])  # 6 classes in 2 groups -> 8 logits
+    logits = np.random.default_rng(3).normal(size=(4, 8))
+    np.testing.assert_array_equal(
+        detector.score(ModelOutputs(logits=logits)),
+        create("mos", group_sizes=[3, 3]).score(ModelOutputs(logits=logits)),
+    )
+    with pytest.raises(ValueError, match="8 logits"):
+        detector.score(ModelOutputs(logits=np.zeros((2, 9))))
 
 
 # ---------------------------------------------------------------------- Weibull fitting
@@ -217,8 +248,65 @@ def test_openmax_errors():
 
 
 @pytest.mark.parametrize(
-    "params", [{"alpha": 0}, {"tailsize": 1}, {"distance": "manhattan"}, {"eu_weight": -1.0}, {"alpha": 2.0}]
+    "params",
+    [
+        {"alpha": 0},
+        {"alpha": 2.0},
+        {"tailsize": 1},
+        {"tailsize": 20.0},
+        {"distance": "manhattan"},
+        {"distance": None},
+        {"eu_weight": -1.0},
+        {"eu_weight": 0},
+    ],
 )
 def test_openmax_bad_hyperparameters(params):
-    with pytest.raises(ValueError, match=next(iter(params))):
+    with pytest.raises(ValueError, match=f"openmax: parameter '{next(iter(params))}' must be"):
         create("openmax", **params)
+
+
+# ---------------------------------------------------------------------- declared parameters
+DEFAULTS = {
+    "mos": {"group_sizes": None},
+    "openmax": {"tailsize": 20, "alpha": 3, "distance": "euclidean", "eu_weight": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_signature_names_every_parameter_keyword_only_with_its_default(name):
+    parameters = inspect.signature(implementation(name)).parameters.values()
+    assert {p.name: p.default for p in parameters} == DEFAULTS[name]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
+
+
+def test_mos_group_sizes_is_required():
+    assert implementation("mos").required_params == ("group_sizes",)
+    with pytest.raises(ValueError, match="mos: parameter 'group_sizes' must be"):
+        create("mos")
+
+
+@pytest.mark.parametrize("group_sizes", [GROUPS, tuple(GROUPS), [np.int64(2), 3, 1]])
+def test_mos_get_params_are_the_arguments_as_given_and_clone_copies_them(group_sizes):
+    detector = create("mos", group_sizes=group_sizes)
+    assert detector.get_params() == {"group_sizes": group_sizes}
+    assert type(detector.group_sizes) is type(group_sizes)
+    assert [type(size) for size in detector.group_sizes] == [type(size) for size in group_sizes]
+    copy = clone(detector)
+    assert type(copy) is type(detector) and copy.get_params() == {"group_sizes": group_sizes}
+    assert copy.state_ is None
+    if isinstance(group_sizes, list):  # a deep copy: editing the clone's list leaves the original alone
+        assert copy.group_sizes is not detector.group_sizes
+    logits = ModelOutputs(logits=np.random.default_rng(4).normal(size=(3, 9)))
+    np.testing.assert_array_equal(copy.score(logits), detector.score(logits))
+
+
+def test_openmax_get_params_are_the_arguments_as_given_and_clone_is_unfitted():
+    given = {"tailsize": 10, "alpha": np.int64(2), "distance": "eucos", "eu_weight": 1}
+    logits, labels = openmax_data()
+    detector = create("openmax", **given).fit(ModelOutputs(logits=logits, labels=labels))
+    params = detector.get_params()
+    assert params == given and {k: type(v) for k, v in params.items()} == {k: type(v) for k, v in given.items()}
+    copy = clone(detector)
+    assert type(copy) is type(detector) and copy.get_params() == given and not copy.is_fitted
+    copy.fit(ModelOutputs(logits=logits, labels=labels))
+    np.testing.assert_array_equal(copy.score(ModelOutputs(logits=logits)), detector.score(ModelOutputs(logits=logits)))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
-from oodguard.detectors import create
+from oodguard.detectors import create, implementation
+from oodguard.detectors.base import clone
 from oodguard.detectors.shaping import kept_count, shape_activations
 
 
@@ -219,10 +222,15 @@ def test_float32_features_agree_with_float64(name):
         ("dice", {"percentile": -1}),
         ("react", {"percentile": 0}),
         ("react", {"percentile": 100.5}),
+        ("react", {"percentile": None}),
+        ("dice", {"percentile": float("inf")}),
+        ("ash", {"variant": "S"}),
+        ("ash", {"variant": None}),
     ],
 )
 def test_bad_parameters_are_refused(name, params):
-    with pytest.raises(ValueError, match="variant|percentile"):
+    (param,) = params
+    with pytest.raises(ValueError, match=f"{name}: parameter '{param}' must be"):
         create(name, **params)
 
 
@@ -241,3 +249,39 @@ def test_state_does_not_alias_the_callers_head(name):
     weight[:] = 0.0
     bias[:] = 0.0
     np.testing.assert_array_equal(detector.score({"features": queries}), before)
+
+
+# ---------------------------------------------------------------- declared parameters
+DEFAULTS = {
+    "react": {"percentile": 90},
+    "dice": {"percentile": 90},
+    "ash": {"variant": "s", "percentile": 90},
+    "scale": {"percentile": 85},
+}
+GIVEN = {
+    "react": {"percentile": 95},
+    "dice": {"percentile": 70.5},
+    "ash": {"variant": "b", "percentile": np.float32(65.0)},
+    "scale": {"percentile": 80},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_signature_names_every_parameter_keyword_only_with_its_default(name):
+    parameters = inspect.signature(implementation(name)).parameters.values()
+    assert {p.name: p.default for p in parameters} == DEFAULTS[name]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
+    assert create(name).get_params() == DEFAULTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(GIVEN))
+def test_get_params_are_the_arguments_as_given_and_clone_is_unfitted(name):
+    features, weight, bias, queries = _data()
+    detector = _fit(name, features, weight, bias, **GIVEN[name])
+    params = detector.get_params()
+    assert params == GIVEN[name]
+    assert {k: type(v) for k, v in params.items()} == {k: type(v) for k, v in GIVEN[name].items()}
+    copy = clone(detector)
+    assert type(copy) is type(detector) and copy.get_params() == params and not copy.is_fitted
+    copy.fit({"features": features, "head": (weight, bias)})
+    np.testing.assert_array_equal(copy.score({"features": queries}), detector.score({"features": queries}))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
-from oodguard.detectors import create
+from oodguard.detectors import create, implementation
+from oodguard.detectors.base import clone
 from oodguard.detectors.subspace import vim_principal_dim
 
 
@@ -147,7 +150,7 @@ def test_non_positive_alpha_warns():
 @pytest.mark.parametrize("dim", [0, -3, 2.5, True, "8"])
 def test_bad_dim_is_refused_at_construction(dim):
     for name in ("vim", "residual"):
-        with pytest.raises(ValueError, match="dim"):
+        with pytest.raises(ValueError, match=f"{name}: parameter 'dim' must be None or an integer >= 1"):
             create(name, dim=dim)
 
 
@@ -183,3 +186,24 @@ def test_state_does_not_alias_the_callers_head():
     before = detector.score({"features": queries})
     weight[:] = 0.0
     np.testing.assert_array_equal(detector.score({"features": queries}), before)
+
+
+# ---------------------------------------------------------------------- declared parameters
+@pytest.mark.parametrize("name", ["vim", "residual"])
+def test_signature_names_dim_keyword_only_with_its_default(name):
+    parameters = inspect.signature(implementation(name)).parameters
+    assert list(parameters) == ["dim"]
+    assert parameters["dim"].default is None and parameters["dim"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert create(name).get_params() == {"dim": None}
+
+
+@pytest.mark.parametrize("name", ["vim", "residual"])
+@pytest.mark.parametrize("dim", [None, 3, np.int32(5)])
+def test_get_params_are_the_arguments_as_given_and_clone_is_unfitted(name, dim):
+    features, weight, bias, queries = _data()
+    detector = create(name, dim=dim).fit({"features": features, "head": (weight, bias)})
+    assert detector.get_params() == {"dim": dim} and type(detector.dim) is type(dim)
+    copy = clone(detector)
+    assert type(copy) is type(detector) and copy.get_params() == {"dim": dim} and not copy.is_fitted
+    copy.fit({"features": features, "head": (weight, bias)})
+    np.testing.assert_array_equal(copy.score({"features": queries}), detector.score({"features": queries}))

@@ -159,24 +159,20 @@ class Mahalanobis(ClassStatistics):
     """Mahalanobis distance to the nearest class mean under a tied covariance (single layer, "MDS").
 
     Fit (ID training features and true labels): class means ``mu_c``, tied covariance
-    ``S = (1/N) sum_i (z_i - mu_{y_i})(z_i - mu_{y_i})^T`` (biased), precision ``P = pinv(S)``.
+    ``S = (1/N) sum_i (z_i - mu_{y_i})(z_i - mu_{y_i})^T`` (biased), precision ``P = pinv(S)`` (eigenvalues
+    below ``1e-10 * max`` dropped, so a singular covariance gives finite scores).
     Score: ``M_c(z) = (z - mu_c)^T P (z - mu_c)`` and the OOD score is ``min_c M_c(z)`` (the paper's
-    confidence is ``max_c -M_c``; higher here = more OOD).
-
-    Regularisation: ``P`` is the pseudo-inverse (eigenvalues below ``1e-10 * max`` dropped, as in
-    :func:`base.symmetric_pinv`), so a singular covariance (N <= D, dead units) gives finite scores; the
-    directions with no within-class variance are then ignored by the distance. sklearn's
-    ``EmpiricalCovariance`` (the reference) uses ``pinvh`` with a cutoff of about ``D * eps``.
-
-    Scoring factors ``P = W W`` once at fit (``W = P^{1/2}``, the symmetric root, unique so that refits
-    and partial fits give bit-identical float32 scores), so a score is one ``[n, D] x [D, D]`` and one
-    ``[n, D] x [D, C]`` product: ``y = (z - mu) W``, ``M_c = ||y - m_c||^2`` with ``m_c = (mu_c - mu) W``
-    (centring on the global mean ``mu`` avoids cancellation in float32). OpenOOD instead forms
-    ``(Z - mu_c) P (Z - mu_c)^T`` per class and takes the diagonal (O(B^2 D) per class per batch); the
-    official code uses ``-M_c / 2`` (same ranking).
+    confidence is ``max_c -M_c``; higher here = more OOD). No parameters.
 
     Fit statistics are class counts, class sums and ``sum_i z_i z_i^T`` in float64: exact
     ``partial_fit`` and ``merge``. Every class needs at least 2 fit samples.
+
+    Deviations from the official code: docs/detectors.md, section ``mahalanobis``.
+
+    Paper: Lee, Lee, Lee & Shin, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
+    Adversarial Attacks", NeurIPS 2018.
+    Code: pokaxpoka/deep_Mahalanobis_detector ``lib_generation.py`` (``sample_estimator``); OpenOOD
+    ``openood/postprocessors/mds_postprocessor.py``.
     """
 
     name = "mahalanobis"
@@ -217,12 +213,15 @@ class RelativeMahalanobis(ClassStatistics):
     Fit: ``mu_c``, tied ``S`` and ``P = pinv(S)`` as in :class:`Mahalanobis`; in addition the global mean
     ``mu_0`` and covariance ``S_0 = (1/N) sum_i (z_i - mu_0)(z_i - mu_0)^T`` with ``P_0 = pinv(S_0)``.
     Score: ``M_0(z) = (z - mu_0)^T P_0 (z - mu_0)``; the OOD score is ``min_c M_c(z) - M_0(z)`` (the
-    confidence of the paper and OpenOOD is ``max_c -(M_c - M_0)``).
+    confidence of the paper and OpenOOD is ``max_c -(M_c - M_0)``). No parameters.
 
-    Both precisions are pseudo-inverses (see :class:`Mahalanobis`) and both quadratic forms come from one
-    ``[n, D] x [D, 2D]`` product with the stacked symmetric roots ``[P^{1/2} | P_0^{1/2}]``. ``S_0`` derives from the
-    same sums as ``S``, so ``partial_fit`` and ``merge`` are exact. Only OpenOOD's implementation was
-    checked (no official code); it matches this formula.
+    ``S_0`` derives from the same sums as ``S``, so ``partial_fit`` and ``merge`` are exact.
+
+    Deviations from the reference code: docs/detectors.md, section ``rmds``.
+
+    Paper: Ren, Fort, Liu, Roy, Padhy & Lakshminarayanan, "A Simple Fix to Mahalanobis Distance for Improving
+    Near-OOD Detection", arXiv:2106.09022, 2021.
+    Code: no official code released; OpenOOD ``openood/postprocessors/rmds_postprocessor.py``.
     """
 
     name = "rmds"
@@ -267,9 +266,14 @@ class SimplifiedHopfieldEnergy(ClassStatistics):
     Score: ``s(x) = <z, m_yhat>`` with ``yhat = argmax_c f_c(x)``; the OOD score is ``-<z, m_yhat>``
     (the official code computes the same, as ``-LSE`` over the single stored pattern).
 
-    Fit statistics are the sums and counts of the correctly classified samples per class (float64), so
-    ``partial_fit`` and ``merge`` are exact. Every class needs at least one correctly classified fit
-    sample.
+    No parameters. Fit statistics are the sums and counts of the correctly classified samples per class
+    (float64), so ``partial_fit`` and ``merge`` are exact. Every class needs at least one correctly
+    classified fit sample.
+
+    Paper: Zhang, Fu, Wei, Wang & Yang, "Out-of-Distribution Detection based on In-Distribution Data Patterns
+    Memorization with Modern Hopfield Energy", ICLR 2023.
+    Code: zjs975584714/SHE_ood_detection ``generate_stored_pattern.py``, ``Utils/score_calculation.py``; OpenOOD
+    ``openood/postprocessors/she_postprocessor.py``.
     """
 
     name = "she"
@@ -331,11 +335,7 @@ class WDiscOOD(ClassStatistics):
     4. residual projector ``H = I - B^T B`` with ``B`` an orthonormal basis of ``rowspace(G)`` (SVD of ``G``).
 
     Score: ``d_G = min_c ||G z' - G mu'_c||``, ``d_H = ||H z' - H mu'||``; OOD score ``d_G + w d_H``
-    (the paper's confidence is ``-d_G - w d_H``). Whitening and both projections are folded at fit into
-    one ``(K + D) x D`` matrix ``[G W_h; H W_h]``, so a score is one ``[n, D] x [D, K + D]`` product plus a
-    ``K``-dimensional nearest-centre search ``[n, K] x [K, C]`` (the official code loops over samples).
-    ``H`` itself rather than a ``(D - K) x D`` basis of its range (which would save ``K`` columns) keeps
-    the fitted state unique, so refits, partial fits and merges give bit-identical float32 scores.
+    (the paper's confidence is ``-d_G - w d_H``).
 
     Parameters (official defaults, ``experiments/WDiscOOD_final.sh``, ResNet-50 ImageNet):
     ``feat_norm`` False (True for ViT-B/16 and SupCon), ``alpha`` 1e-5 (LDA ridge, must be > 0),
@@ -344,6 +344,10 @@ class WDiscOOD(ClassStatistics):
     ``res_weight`` ``w`` 5 (1 for ViT-B/16).
 
     Deviations from the official code: docs/detectors.md, section ``wdiscood``.
+
+    Paper: Chen, Li, Wang & Xu (and co-authors), "WDiscOOD: Out-of-Distribution Detection via Whitened Linear
+    Discriminant Analysis", ICCV 2023.
+    Code: ivalab/WDiscOOD ``ood_scores/scorer_dist.py`` (``WDiscOOD``), ``experiments/WDiscOOD_final.sh``.
     """
 
     name = "wdiscood"
@@ -355,6 +359,13 @@ class WDiscOOD(ClassStatistics):
     code = "https://github.com/ivalab/WDiscOOD (ood_scores/scorer_dist.py::WDiscOOD)"
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "labels"})
+
+    _parameter_constraints = {
+        "feat_norm": [Boolean()],
+        "alpha": [Interval(Real, 0, None, closed="neither")],
+        "num_disc": [None, Interval(Integral, 1, None)],
+        "res_weight": [Interval(Real, 0, None)],
+    }
 
     def __init__(
         self,
@@ -369,13 +380,6 @@ class WDiscOOD(ClassStatistics):
         self.num_disc = num_disc
         self.res_weight = res_weight
         super().__init__()
-
-    _parameter_constraints = {
-        "feat_norm": [Boolean()],
-        "alpha": [Interval(Real, 0, None, closed="neither")],
-        "num_disc": [None, Interval(Integral, 1, None)],
-        "res_weight": [Interval(Real, 0, None)],
-    }
 
     @staticmethod
     def default_num_disc(dim: int) -> int:
@@ -398,7 +402,7 @@ class WDiscOOD(ClassStatistics):
         between_w = diff.T @ diff / diff.shape[0]
         # 3. LDA: S_b v = lambda (S_w + alpha I) v, reduced with the Cholesky factor R of S_w + alpha I
         eye = torch.eye(dim, dtype=within.dtype, device=within.device)
-        ridge = 0.5 * (within_w + within_w.T) + self.alpha * eye
+        ridge = 0.5 * (within_w + within_w.T) + float(self.alpha) * eye
         chol = torch.linalg.cholesky(ridge)
         reduced = torch.linalg.solve_triangular(chol, between_w, upper=False)
         reduced = torch.linalg.solve_triangular(chol, reduced.T, upper=False)
@@ -407,7 +411,7 @@ class WDiscOOD(ClassStatistics):
         order = torch.argsort(ratios, descending=True)
         ratios, disc = ratios[order], disc[:, order]
         disc = disc / torch.linalg.vector_norm(disc, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
-        wanted = self.num_disc or self.default_num_disc(dim)
+        wanted = self.default_num_disc(dim) if self.num_disc is None else int(self.num_disc)
         top = float(ratios[0]) if ratios.numel() else 0.0
         nonzero = int((ratios > _PINV_RTOL * top).sum()) if top > 0 else 0
         k = min(wanted, dim, nonzero)
@@ -442,7 +446,7 @@ class WDiscOOD(ClassStatistics):
             y = (z - state["mean"]) @ state["proj"]  # centred first: no float32 cancellation for offset features
         k = state["centers"].shape[1]
         disc = _nearest_center_sq(y[:, :k], state["centers"], state["center_sq"]).sqrt_()
-        return disc + self.res_weight * torch.linalg.vector_norm(y[:, k:], dim=1)
+        return disc + float(self.res_weight) * torch.linalg.vector_norm(y[:, k:], dim=1)
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         state = self.state_ or {}
@@ -459,12 +463,9 @@ class KNN(OutputDetector):
     ``d_k`` from ``z / max(||z||, eps)`` to its k-th nearest bank vector; the OOD score is ``d_k`` (the
     confidence of the paper is ``-d_k``).
 
-    Exact search: ``d = sqrt(max(2 - 2 <z_hat, b_i>, 0))`` is decreasing in the inner product of unit
-    vectors, so a chunked ``[n, D] x [D, N_bank]`` product and ``topk`` of the similarities give the k-th
-    neighbour. The official code and OpenOOD search a faiss ``IndexFlatL2`` and return ``-d_k^2``: the
-    same ranking (``sqrt`` is increasing). The normaliser is ``z / max(||z||, 1e-10)``
-    (the CIFAR script divides by ``||z|| + 1e-10``, the ImageNet script and OpenOOD add 1e-10 after
-    dividing). A zero feature vector is at distance ``sqrt(2)`` from every bank vector.
+    Exact search: a chunked ``[n, D] x [D, N_bank]`` product and ``topk`` of the similarities, since
+    ``d = sqrt(max(2 - 2 <z_hat, b_i>, 0))``. A zero feature vector is at distance ``sqrt(2)`` from every
+    bank vector.
 
     Parameters: ``k`` 50 (official CIFAR value, ``run_cifar.py``; the ImageNet script uses 1000), ``ratio``
     1.0 (fraction of the fit rows kept in the bank), ``seed`` 0 (the subsample; the official scripts use
@@ -473,6 +474,12 @@ class KNN(OutputDetector):
     With ``ratio == 1`` the bank is concatenated across ``partial_fit`` chunks and ``merge`` (exact);
     a random subsample is not a sufficient statistic, so ``ratio < 1`` refuses both. The bank is kept in
     the dtype of the fit features (float32 stays float32: the bank is the memory cost, N x D).
+
+    Deviations from the official code: docs/detectors.md, section ``knn``.
+
+    Paper: Sun, Ming, Zhu & Li, "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022.
+    Code: deeplearning-wisc/knn-ood ``run_cifar.py``, ``run_imagenet.py``; OpenOOD
+    ``openood/postprocessors/knn_postprocessor.py``.
     """
 
     name = "knn"
@@ -531,7 +538,7 @@ class KNN(OutputDetector):
         z = outputs.features
         if self.ratio != 1:
             generator = torch.Generator().manual_seed(int(self.seed))
-            keep = max(1, int(self.ratio * len(z)))
+            keep = max(1, int(float(self.ratio) * len(z)))
             rows = torch.randperm(len(z), generator=generator)[:keep].sort().values
             z = z[rows.to(z.device)]
         return {"bank": normalize_rows(z.to(torch.float64)).to(z.dtype)}

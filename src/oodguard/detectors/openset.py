@@ -136,9 +136,10 @@ class MOS(OutputDetector):
     f^k_j]``, a strictly increasing transform of ``min_k p^k_0`` that does not saturate at 0 or 1. Computed with a
     segment log-sum-exp over all groups at once (float64).
 
-    Parameter ``group_sizes`` (required, list of ints): real classes per group, e.g. the ImageNet taxonomy
-    ``[398, 521, 9, 7, 52, 8, 3, 2]``. The head must be trained with the group-softmax loss (see
-    :func:`mos_group_labels`); use :func:`mos_predict` for its class predictions. No fit.
+    Parameter ``group_sizes`` (required; a list of ints or a 1-D integer array): real classes per group, e.g. the
+    ImageNet taxonomy ``[398, 521, 9, 7, 52, 8, 3, 2]``; the default None only marks it as required. The head
+    must be trained with the group-softmax loss (see :func:`mos_group_labels`); use :func:`mos_predict` for its
+    class predictions. No fit.
 
     Paper: Huang & Li, "MOS: Towards Scaling Out-of-distribution Detection for Large Semantic Space", CVPR 2021.
     Code: deeplearning-wisc/large_scale_ood ``test_mos.py``; OpenOOD ``mos_postprocessor.py`` (same score).
@@ -155,19 +156,26 @@ class MOS(OutputDetector):
     needs_fit = False
     _parameter_constraints = {"group_sizes": [SequenceOf(Interval(Integral, 1, None)), ArrayLikeParam(ndim=1)]}
 
-    def __init__(self, *, group_sizes: Sequence[int] | None = None) -> None:
+    def __init__(self, *, group_sizes: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> None:
         self.group_sizes = group_sizes
         super().__init__()
 
     def _check_param_combination(self) -> None:
-        check_group_sizes(self.group_sizes, self.name)  # the entries of an array
+        # The constraint table checks a list's entries; an array's entries are checked here.
+        if isinstance(self.group_sizes, (np.ndarray, torch.Tensor)):
+            entries = self.group_sizes.tolist()
+            if not entries or not all(type(size) is int and size >= 1 for size in entries):
+                raise self._param_error("group_sizes", "a non-empty list or 1-D integer array of integers >= 1")
 
     def _layout(self, device: torch.device) -> GroupLayout:
+        # Built where used and cached by layout, so that set_params(group_sizes=...) never meets a stale one.
+        sizes = check_group_sizes(self.group_sizes, self.name)
         if not hasattr(self, "_layouts"):
-            self._layouts: dict[str, GroupLayout] = {}
-        if str(device) not in self._layouts:
-            self._layouts[str(device)] = GroupLayout(check_group_sizes(self.group_sizes, self.name), device)
-        return self._layouts[str(device)]
+            self._layouts: dict[tuple[str, tuple[int, ...]], GroupLayout] = {}
+        key = (str(device), tuple(sizes))
+        if key not in self._layouts:
+            self._layouts[key] = GroupLayout(sizes, device)
+        return self._layouts[key]
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         self._layout(outputs.logits.device).check_width(outputs.logits, f"{self.name} fit")
@@ -299,6 +307,13 @@ class OpenMax(OutputDetector):
     requires = frozenset({"logits"})
     fit_requires = frozenset({"logits", "labels"})
 
+    _parameter_constraints = {
+        "tailsize": [Interval(Integral, 2, None)],
+        "alpha": [Interval(Integral, 1, None)],
+        "distance": [Options(OPENMAX_DISTANCES)],
+        "eu_weight": [Interval(Real, 0, None, closed="neither")],
+    }
+
     def __init__(
         self,
         *,
@@ -313,18 +328,15 @@ class OpenMax(OutputDetector):
         self.eu_weight = eu_weight
         super().__init__()
 
-    _parameter_constraints = {
-        "tailsize": [Interval(Integral, 2, None)],
-        "alpha": [Interval(Integral, 1, None)],
-        "distance": [Options(OPENMAX_DISTANCES)],
-        "eu_weight": [Interval(Real, 0, None, closed="neither")],
-    }
-
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         logits = outputs.logits.to(torch.float64)
         num_classes = logits.shape[1]
-        if self.alpha > num_classes:
-            raise ValueError(f"{self.name}: alpha={self.alpha} exceeds the number of classes C={num_classes}")
+        alpha = int(self.alpha)
+        if alpha > num_classes:
+            raise ValueError(
+                f"{self.name}: alpha={alpha} exceeds the number of classes C={num_classes}; lower alpha to at most "
+                f"{num_classes}"
+            )
         labels = outputs.labels
         class_counts(labels, num_classes, self.name, minimum=0)  # range check only
         correct = logits.argmax(dim=1) == labels
@@ -340,9 +352,8 @@ class OpenMax(OutputDetector):
         mav = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device)
         mav.index_add_(0, labels, logits)
         mav /= counts[:, None]
-        kind, eu_weight = self.distance, self.eu_weight
-        distances = _distances(logits, mav[labels], kind, eu_weight)
-        tails, mask = _largest_per_class(distances, labels, num_classes, self.tailsize)
+        distances = _distances(logits, mav[labels], self.distance, float(self.eu_weight))
+        tails, mask = _largest_per_class(distances, labels, num_classes, int(self.tailsize))
         try:
             shape, scale, loc = fit_weibull_high(tails, mask, what="class")
         except ValueError as error:
@@ -354,10 +365,10 @@ class OpenMax(OutputDetector):
         # The [n, C]-sized work runs in the logits' dtype; the Weibull CDFs of the [n, alpha] distances in float64.
         values = outputs.logits
         state = self.state(values.device)
-        alpha = self.alpha
+        alpha = int(self.alpha)
         ranked = torch.topk(values, alpha, dim=1).indices
         mav = self.state(values.device, values.dtype)["mav"]
-        distances = _distances(values[:, None, :], mav[ranked], self.distance, self.eu_weight)
+        distances = _distances(values[:, None, :], mav[ranked], self.distance, float(self.eu_weight))
         w_scores = weibull_cdf(
             distances.to(torch.float64),
             state["weibull_shape"][ranked],
@@ -370,7 +381,7 @@ class OpenMax(OutputDetector):
         return removed.sum(dim=1) - torch.logsumexp(revised, dim=1).to(torch.float64)
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
-        return 8 * (3 * self.alpha + 4) * (self.meta_.get("num_classes") or 1024)
+        return 8 * (3 * int(self.alpha) + 4) * (self.meta_.get("num_classes") or 1024)
 
 
 def _largest_per_class(

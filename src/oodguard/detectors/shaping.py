@@ -161,6 +161,10 @@ class ReAct(_HeadShapingDetector):
     **validation** images, giving ``c ~ 1.0`` for ResNet-50; OpenOOD: the whole ID validation split,
     APS sweep 85/90/95/99; the ViM repository uses the 0.99 quantile of training features). The head is
     copied into the state at fit. No ``partial_fit``: a percentile is not a sufficient statistic.
+
+    Paper: Sun, Guo & Li, "ReAct: Out-of-distribution Detection With Rectified Activations", NeurIPS 2021.
+    Code: deeplearning-wisc/react ``compute_threshold.py``, ``models/resnet.py`` (``forward_threshold``); OpenOOD
+    ``openood/postprocessors/react_postprocessor.py``.
     """
 
     name = "react"
@@ -208,8 +212,12 @@ class DICE(_HeadShapingDetector):
     Fit on in-distribution **training** features (official ``precompute.py``, test transform). The fit
     statistics are the feature sum and the row count (plus the head, which must be identical across
     chunks), so ``partial_fit`` and ``merge`` are exact; the percentile is taken in the finalisation.
-    The contributions are the signed ones (the ``abs`` variant is commented out in the official
-    ``route.py``). DICE + ReAct (the official ``--clip_threshold``) is not offered here.
+
+    Deviations from the official code: docs/detectors.md, section ``dice``.
+
+    Paper: Sun & Li, "DICE: Leveraging Sparsification for Out-of-Distribution Detection", ECCV 2022.
+    Code: deeplearning-wisc/dice ``models/route.py`` (``RouteDICE``), ``precompute.py``; OpenOOD
+    ``openood/postprocessors/dice_postprocessor.py``.
     """
 
     name = "dice"
@@ -303,6 +311,10 @@ class ASH(_TopKDetector):
     the features. Applied to the pooled penultimate feature (``n = D``), as the official ResNet code does.
 
     Deviations from the official code: docs/detectors.md, section ``ash``.
+
+    Paper: Djurisic, Bozanic, Ashok & Liu, "Extremely Simple Activation Shaping for Out-of-Distribution
+    Detection", ICLR 2023.
+    Code: andrijazz/ash ``ash.py`` (``ash_p``, ``ash_b``, ``ash_s``), ``config/*.yml``.
     """
 
     name = "ash"
@@ -340,9 +352,13 @@ class SCALE(_TopKDetector):
         65..95).
 
     No statistics are fitted: ``fit`` only records the final layer ``(W, b)``. Same assumption as ASH-S
-    (non-negative activations, ``s2 > 0``); all-zero rows get scale 1, other rows with ``s2 <= 0`` or an
-    overflowing scale raise ValueError instead of returning inf/NaN. The scale multiplies ``z W^T`` (same
-    value as scaling ``z``), in float64 whenever the input dtype could overflow.
+    (non-negative activations, ``s2 > 0``).
+
+    Deviations from the official code: docs/detectors.md, section ``scale``.
+
+    Paper: Xu, Chen, Franchi & Yao, "Scaling for Training Time and Post-hoc Out-of-distribution Detection
+    Enhancement", ICLR 2024.
+    Code: kai422/SCALE ``openood/networks/scale_net.py`` (``scale``), ``configs/postprocessors/scale.yml``.
     """
 
     name = "scale"

@@ -152,6 +152,9 @@ class ViM(_SubspaceDetector):
 
     Deviations from the official code: docs/detectors.md, section ``vim``.
 
+    Paper: Wang, Li, Feng & Zhang, "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022.
+    Code: haoqiwang/vim ``benchmark.py`` (ViM section); OpenOOD ``openood/postprocessors/vim_postprocessor.py``.
+
     Examples
     --------
     >>> import numpy as np
@@ -229,10 +232,15 @@ class Residual(_SubspaceDetector):
     dim : int or None
         Principal dimension ``k`` (``0 < k < D``); ``None`` (default) applies the official ViM rule.
 
-    Fit on in-distribution training features as in the ViM repository. OpenOOD fits on the ID
-    **validation** split with ``dim = 512``. ``N < D`` (even ``N <= k``) gives finite scores.
-    The official code's ``np.linalg.eig`` is replaced by float64 ``eigh``; see :class:`ViM` for how ``r``
-    is computed. No ``partial_fit`` (an eigendecomposition is not mergeable exactly).
+    Fit on in-distribution training features as in the ViM repository. ``N < D`` (even ``N <= k``) gives
+    finite scores. No ``partial_fit`` (an eigendecomposition is not mergeable exactly).
+
+    Deviations from the official code: docs/detectors.md, section ``residual``.
+
+    Paper: Wang, Li, Feng & Zhang, "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022 (the
+    Residual baseline).
+    Code: haoqiwang/vim ``benchmark.py`` (Residual section); OpenOOD
+    ``openood/postprocessors/residual_postprocessor.py``.
 
     Examples
     --------
