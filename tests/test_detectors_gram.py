@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from oodguard import ModelOutputs, detectors
 from oodguard.detectors import NotFittedError, base
+from oodguard.detectors.base import clone
 
 # Until detectors/__init__.py imports the gram module, importing it here would register "gram" for the whole
 # session, and suites that run every registered detector on data without layers would pick it up. So the
@@ -196,6 +200,9 @@ def test_no_partial_fit_and_not_fitted():
         ({"normalizer_fraction": 0}, "parameter 'normalizer_fraction' must be a finite number > 0 and < 1"),
         ({"normalizer_fraction": 1.0}, "parameter 'normalizer_fraction' must be a finite number > 0 and < 1"),
         ({"seed": 1.5}, "parameter 'seed' must be an integer"),
+        ({"seed": True}, "parameter 'seed' must be an integer"),
+        ({"layers": ["conv", ""]}, "parameter 'layers' must be None or a list"),
+        ({"normalizer_fraction": float("nan")}, "parameter 'normalizer_fraction' must be"),
     ],
 )
 def test_bad_parameters(params, match):
@@ -274,3 +281,45 @@ def test_end_to_end_on_digits_cnn(tmp_path):
     assert scores.shape == (12,) and torch.isfinite(scores).all()
     detector.save(tmp_path / "gram")
     np.testing.assert_array_equal(detectors.load(tmp_path / "gram").score(test).numpy(), scores.numpy())
+
+
+# ---------------------------------------------------------------------- declared parameters
+DEFAULTS = {"powers": 10, "layers": None, "grouping": "predicted", "normalizer_fraction": 0.1, "seed": 0}
+
+
+def test_signature_names_every_parameter_keyword_only_with_its_default():
+    parameters = inspect.signature(Gram).parameters.values()
+    assert {p.name: p.default for p in parameters} == DEFAULTS
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
+    assert set(Gram._parameter_constraints) == set(DEFAULTS)
+    assert Gram().get_params() == DEFAULTS == detectors.info("gram")["defaults"]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"powers": 2, "layers": ("vec", "conv"), "grouping": "label", "normalizer_fraction": 0.2, "seed": np.int64(5)},
+        {"powers": np.int32(3), "layers": ["vec"], "grouping": "predicted", "normalizer_fraction": 0.25, "seed": -1},
+    ],
+)
+def test_get_params_are_the_arguments_as_given_and_clone_is_unfitted(given):
+    detector = Gram(**given)
+    params = detector.get_params()
+    assert params == given and params["layers"] is given["layers"]  # a tuple stays a tuple, not a copy
+    assert {k: type(v) for k, v in params.items()} == {k: type(v) for k, v in given.items()}
+    fit, test = _outputs(_data(50, seed=3), labels=True), _outputs(_data(7, seed=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class may have no fit row
+        detector.fit(fit)
+        copy = clone(detector)
+        assert type(copy) is Gram and copy.get_params() == params and not copy.is_fitted
+        assert detector.get_params() == params  # fitting changes no parameter
+        np.testing.assert_array_equal(copy.fit(fit).score(test), detector.score(test))
+
+
+def test_set_params_validates_and_keeps_the_old_values_on_error():
+    detector = Gram(powers=3)
+    detector.params["powers"] = 7  # a fresh dict: writing into it changes nothing
+    with pytest.raises(ValueError, match="parameter 'normalizer_fraction' must be"):
+        detector.set_params(powers=4, normalizer_fraction=1.0)
+    assert detector.powers == 3 and detector.normalizer_fraction == 0.1

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from oodguard import ModelOutputs, detectors
+from oodguard.detectors.base import clone
 from oodguard.detectors.head import NAC, nac_bin_edges
 
 
@@ -154,7 +157,7 @@ def test_nnguide_bad_parameters(params):
 # ---------------------------------------------------------------------- GradNorm
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_gradnorm_closed_form_equals_autograd(temperature):
-    """The spec's check: L1 norm of dL/dW from a real backward pass through nn.Linear, one sample at a time."""
+    """The official computation: L1 norm of dL/dW from a real backward pass through nn.Linear, one sample at a time."""
     fit, test = random_outputs(5, c=5, d=7, seed=8), random_outputs(6, c=5, d=7, seed=9)
     layer = torch.nn.Linear(7, 5).double()
     with torch.no_grad():
@@ -177,8 +180,8 @@ def test_gradnorm_bad_temperature():
 
 
 # ---------------------------------------------------------------------- NAC
-def spec_edges(m: int) -> np.ndarray:
-    """The spec's construction, written out independently."""
+def reference_edges(m: int) -> np.ndarray:
+    """The official ``logspace(1e3, M)`` construction, written out independently."""
     h = m // 2
     x_l = np.array([math.log(t, 1000) for t in np.linspace(1, math.sqrt(1000), h)])
     x_r = (1 - x_l)[::-1]
@@ -188,10 +191,10 @@ def spec_edges(m: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("m", [4, 10, 50, 1000])
-def test_nac_bin_edges_follow_the_spec(m):
+def test_nac_bin_edges_follow_the_official_construction(m):
     edges = nac_bin_edges(m).numpy()
     assert edges.shape == (m,) and edges[0] == 0 and edges[-1] == 1.2 and edges[-2] == pytest.approx(1.01)
-    np.testing.assert_allclose(edges, spec_edges(m), rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(edges, reference_edges(m), rtol=1e-15, atol=1e-15)
     for i in range(1, m // 2):  # symmetric about 0.5, apart from the shifted edge 1.01
         assert edges[i] + edges[m - 2 - i] == pytest.approx(1.0, abs=1e-15)
     if m == 4:
@@ -224,7 +227,7 @@ def bin_of(state: float, edges: np.ndarray) -> int | None:
 def test_nac_known_answer_against_autograd_and_loops():
     alpha, m, o = 3.0, 10, 10
     fit, test = random_outputs(40, seed=10), random_outputs(8, seed=11)
-    edges = spec_edges(m)
+    edges = reference_edges(m)
     counts = np.zeros((m - 1, 6))
     for row in nac_states_by_autograd(fit, alpha):
         for n, state in enumerate(row):
@@ -290,3 +293,104 @@ def test_registry_metadata():
     assert detectors.info("fdbd")["partial_fit"] and detectors.info("nac")["partial_fit"]
     assert not detectors.info("nnguide")["partial_fit"] and not detectors.info("gradnorm")["partial_fit"]
     assert detectors.info("nac")["defaults"] == {"alpha": 100.0, "M": 50, "O": 50}
+
+
+# ---------------------------------------------------------------------- old spellings
+def test_gradnorm_mode_autograd_creates_gradnorm_autograd_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="gradnorm_autograd"):
+        detector = detectors.create("gradnorm", mode="autograd", temperature=2.0)
+    assert detector.name == "gradnorm_autograd" and detector.get_params() == {"temperature": 2.0}
+    with pytest.warns(DeprecationWarning, match="mode parameter is deprecated"):
+        closed = detectors.create("gradnorm", mode="closed_form")
+    assert closed.name == "gradnorm" and "mode" not in closed.get_params()
+
+
+def test_nac_layers_creates_nac_layers_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="nac_layers"):
+        detector = detectors.create("nac", layers=["layer1"], M=10)
+    assert detector.name == "nac_layers" and detector.get_params()["layers"] == ["layer1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # layers=None is the penultimate NAC: nothing deprecated
+        assert detectors.create("nac", layers=None).name == "nac"
+
+
+def test_gradnorm_and_nac_no_longer_take_the_switching_parameters():
+    with pytest.raises(TypeError, match="unknown parameter"):
+        detectors.implementation("gradnorm")().set_params(mode="autograd")
+    with pytest.raises(TypeError):
+        NAC(layers=["layer1"])  # type: ignore[call-arg]
+
+
+# ---------------------------------------------------------------------- declared parameters
+DEFAULTS = {
+    "fdbd": {},
+    "nnguide": {"bank_ratio": 0.01, "k": 10, "seed": 0, "react_percentile": None},
+    "gradnorm": {"temperature": 1.0},
+    "nac": {"alpha": 100.0, "M": 50, "O": 50},
+}
+GIVEN = {
+    "fdbd": {},
+    "nnguide": {"bank_ratio": 0.5, "k": 3, "seed": np.int64(7), "react_percentile": 80},
+    "gradnorm": {"temperature": 2},
+    "nac": {"alpha": 5, "M": 10, "O": 2.5},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_signature_names_every_parameter_keyword_only_with_its_default(name):
+    cls = detectors.implementation(name)
+    parameters = inspect.signature(cls).parameters.values()
+    assert {p.name: p.default for p in parameters} == DEFAULTS[name]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
+    assert set(cls._parameter_constraints) == set(DEFAULTS[name])
+    assert detectors.create(name).get_params() == DEFAULTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(GIVEN))
+def test_get_params_are_the_arguments_as_given_and_clone_is_unfitted(name):
+    detector = detectors.create(name, **GIVEN[name])
+    params = detector.get_params()
+    assert params == GIVEN[name]
+    assert {k: type(v) for k, v in params.items()} == {k: type(v) for k, v in GIVEN[name].items()}
+    fit, test = random_outputs(40, seed=1), random_outputs(7, seed=2)
+    detector.fit(fit)
+    assert detector.get_params() == params  # fitting changes no parameter
+    copy = clone(detector)
+    assert type(copy) is type(detector) and copy is not detector
+    assert copy.get_params() == params and not copy.is_fitted
+    np.testing.assert_array_equal(copy.fit(fit).score(test), detector.score(test))
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("nnguide", {"bank_ratio": 0.0}),
+        ("nnguide", {"bank_ratio": 1.01}),
+        ("nnguide", {"k": 0}),
+        ("nnguide", {"k": True}),
+        ("nnguide", {"seed": -1}),
+        ("nnguide", {"seed": 2**32}),
+        ("nnguide", {"react_percentile": 0}),
+        ("nnguide", {"react_percentile": 100.5}),
+        ("gradnorm", {"temperature": 0.0}),
+        ("gradnorm", {"temperature": "1"}),
+        ("nac", {"alpha": -1.0}),
+        ("nac", {"M": 2}),
+        ("nac", {"M": 51}),
+        ("nac", {"O": 0}),
+        ("nac", {"O": math.nan}),
+    ],
+)
+def test_each_constrained_parameter_names_itself_in_the_one_error_format(name, params):
+    (param,) = params
+    with pytest.raises(ValueError, match=rf"^{name}: parameter '{param}' must be .*; got "):
+        detectors.create(name, **params)
+
+
+def test_params_are_read_only_and_set_params_validates():
+    detector = detectors.create("nnguide", k=3)
+    detector.params["k"] = 7  # a fresh dict: writing into it changes nothing
+    assert detector.k == 3
+    with pytest.raises(ValueError, match="parameter 'k' must be"):
+        detector.set_params(k=0)
+    assert detector.k == 3

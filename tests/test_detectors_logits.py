@@ -1,5 +1,6 @@
 """Logit detectors: known answers from plain per-sample loops, numerics at extreme logits, fitting."""
 
+import inspect
 import math
 
 import numpy as np
@@ -9,7 +10,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp
 
 from oodguard import ModelOutputs
-from oodguard.detectors import create
+from oodguard.detectors import create, implementation, info
+from oodguard.detectors.base import clone
 from oodguard.detectors.logits import fit_temperature
 
 LOGITS = np.array(
@@ -116,7 +118,7 @@ def test_single_class_is_refused(name):
 
 # ---------------------------------------------------------------------- KL-matching
 def klm_reference(fit_logits, test_logits):
-    """Templates and min-KL by plain loops over samples and classes (spec section 2.2)."""
+    """Templates and min-KL by plain loops over samples and classes (OpenOOD ``kl_matching_postprocessor.py``)."""
     num_classes = fit_logits.shape[1]
     groups = {}
     for row in fit_logits:
@@ -228,3 +230,68 @@ def test_tempscale_needs_labels_in_range():
         create("tempscale").fit(ModelOutputs(logits=LOGITS, labels=[0, 1, 2, 3, 4]))
     with pytest.raises(ValueError, match="labels"):
         create("tempscale").fit(ModelOutputs(logits=LOGITS))
+
+
+# ---------------------------------------------------------------------- declared parameters
+DEFAULTS = {
+    "msp": {},
+    "maxlogit": {},
+    "energy": {"temperature": 1.0},
+    "gen": {"gamma": 0.1, "M": 100},
+    "klm": {},
+    "tempscale": {},
+}
+GIVEN = {"energy": {"temperature": 2}, "gen": {"gamma": 0.5, "M": np.int64(3)}}
+FIT = ModelOutputs(logits=LOGITS, labels=[0, 1, 1, 0, 2])
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_signature_names_every_parameter_keyword_only_with_its_default(name):
+    cls = implementation(name)
+    parameters = inspect.signature(cls).parameters.values()
+    assert {p.name: p.default for p in parameters} == DEFAULTS[name]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
+    assert set(cls._parameter_constraints) == set(DEFAULTS[name])
+    assert create(name).get_params() == DEFAULTS[name] == info(name)["defaults"]
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_get_params_are_the_arguments_as_given_and_clone_is_unfitted(name):
+    given = GIVEN.get(name, {})
+    detector = create(name, **given)
+    params = detector.get_params()
+    assert params == given
+    assert {k: type(v) for k, v in params.items()} == {k: type(v) for k, v in given.items()}
+    scores = detector.fit(FIT).score(FIT)
+    assert detector.get_params() == params  # fitting changes no parameter
+    copy = clone(detector)
+    assert type(copy) is type(detector) and copy is not detector and copy.get_params() == params
+    assert copy.is_fitted == (not copy.needs_fit) and copy.state_ is None
+    np.testing.assert_array_equal(copy.fit(FIT).score(FIT), scores)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("energy", {"temperature": 0.0}),
+        ("energy", {"temperature": math.inf}),
+        ("energy", {"temperature": None}),
+        ("gen", {"gamma": -0.1}),
+        ("gen", {"gamma": True}),
+        ("gen", {"M": 0}),
+        ("gen", {"M": 3.0}),
+    ],
+)
+def test_each_constrained_parameter_names_itself_in_the_one_error_format(name, params):
+    (param,) = params
+    with pytest.raises(ValueError, match=rf"^{name}: parameter '{param}' must be .*; got "):
+        create(name, **params)
+
+
+def test_params_are_read_only_and_set_params_validates():
+    detector = create("gen", M=5)
+    detector.params["M"] = 7  # a fresh dict: writing into it changes nothing
+    assert detector.M == 5
+    with pytest.raises(ValueError, match="parameter 'M' must be"):
+        detector.set_params(M=0)
+    assert detector.M == 5

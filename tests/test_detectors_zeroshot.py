@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from oodguard import detectors
 from oodguard.detectors import NotFittedError
+from oodguard.detectors.base import clone
 from oodguard.detectors.zeroshot import negative_groups
 
 D = 16
@@ -324,7 +326,7 @@ def test_all_zero_feature_rows_are_refused(space, name):
 
 def test_mcm_refuses_a_single_label_but_neglabel_clipn_and_lapt_take_one(space):
     one = space["labels"][:1]
-    with pytest.raises(ValueError, match="mcm: label_embeddings has 1 row.*at least 2"):
+    with pytest.raises(ValueError, match="mcm: parameter 'label_embeddings' must be at least 2 ID label embeddings"):
         detectors.create("mcm", label_embeddings=one)
     x = {"features": np.concatenate([space["id"], space["ood"]])}
     # with one label the others still rank inputs: NegLabel against the negatives, CLIPN against the no prompt
@@ -343,10 +345,18 @@ def test_mcm_refuses_a_single_label_but_neglabel_clipn_and_lapt_take_one(space):
         ("mcm", {"label_embeddings": np.ones(3)}, "with 2 dimensions"),
         ("mcm", {"label_embeddings": np.array([[1.0, np.nan]])}, "NaN"),
         ("mcm", {"label_embeddings": np.eye(2), "temperature": 0.0}, "temperature"),
-        ("neglabel", {"label_embeddings": np.eye(2), "negative_embeddings": np.ones((2, 3))}, "share one width"),
+        (
+            "neglabel",
+            {"label_embeddings": np.eye(2), "negative_embeddings": np.ones((2, 3))},
+            "parameter 'negative_embeddings' must be a matrix as wide",
+        ),
         ("neglabel", {"label_embeddings": np.eye(2), "negative_embeddings": np.eye(2), "groups": 0}, "groups"),
         ("neglabel", {"label_embeddings": np.eye(2), "negative_embeddings": np.eye(2), "scale": -1.0}, "scale"),
-        ("clipn", {"label_embeddings": np.eye(3), "no_label_embeddings": np.eye(3)[:2]}, "one no-prompt"),
+        (
+            "clipn",
+            {"label_embeddings": np.eye(3), "no_label_embeddings": np.eye(3)[:2]},
+            "parameter 'no_label_embeddings' must be one no-prompt",
+        ),
         ("clipn", {"label_embeddings": np.eye(2), "no_label_embeddings": np.eye(2), "rule": "max"}, "rule"),
         ("lapt", {"label_embeddings": np.eye(2), "negative_embeddings": np.eye(2), "lr": 0.0}, "lr"),
         ("lapt", {"label_embeddings": np.eye(2), "negative_embeddings": np.eye(2), "negative_samples": "x"}, "'label'"),
@@ -376,3 +386,120 @@ def test_the_written_out_sgd_step_equals_torch_sgd():
         optimizer.step()
         _sgd_step(ours, grad, velocity, 0.1, 0.9, 1e-2)
     torch.testing.assert_close(ours, reference.detach(), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------- declared parameters
+DEFAULTS = {
+    "mcm": {"label_embeddings": None, "temperature": 1.0},
+    "neglabel": {"label_embeddings": None, "negative_embeddings": None, "scale": 100.0, "groups": 100, "seed": 0},
+    "clipn": {"label_embeddings": None, "no_label_embeddings": None, "rule": "atd", "scale": 100.0},
+    "lapt": {
+        "label_embeddings": None, "negative_embeddings": None, "scale": 100.0, "groups": 100, "seed": 0,
+        "epochs": 10, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5, "alpha": 1.0,
+        "negative_samples": "transplant",
+    },
+}  # fmt: skip
+TEXT = {
+    "mcm": ("label_embeddings",),
+    "neglabel": ("label_embeddings", "negative_embeddings"),
+    "clipn": ("label_embeddings", "no_label_embeddings"),
+    "lapt": ("label_embeddings", "negative_embeddings"),
+}
+GIVEN = {
+    "mcm": {"temperature": 2},
+    "neglabel": {"scale": 50, "groups": np.int64(4), "seed": 3},
+    "clipn": {"rule": "ctw", "scale": 10},
+    "lapt": {
+        "scale": 50, "groups": 4, "seed": 1, "epochs": 2, "batch_size": 32, "lr": 0.05, "momentum": 0,
+        "weight_decay": 0, "alpha": 0.5, "negative_samples": "label",
+    },
+}  # fmt: skip
+
+
+def text_side(space: dict, name: str, torch_tensors: bool = False) -> dict:
+    source = {"label_embeddings": "labels", "negative_embeddings": "negatives", "no_label_embeddings": "no"}
+    text = {key: space[source[key]] for key in TEXT[name]}
+    return {k: torch.from_numpy(v) for k, v in text.items()} if torch_tensors else text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_signature_names_every_parameter_keyword_only_with_its_default(name):
+    cls = detectors.implementation(name)
+    parameters = inspect.signature(cls).parameters.values()
+    assert {p.name: p.default for p in parameters} == DEFAULTS[name]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
+    assert set(cls._parameter_constraints) == set(DEFAULTS[name])
+    assert set(cls.required_params) == set(TEXT[name])
+    assert detectors.info(name)["defaults"] == DEFAULTS[name]
+
+
+@pytest.mark.parametrize("torch_tensors", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_get_params_return_the_embeddings_as_given_and_clone_is_unfitted(space, name, torch_tensors):
+    text = text_side(space, name, torch_tensors)
+    given = {**text, **GIVEN[name]}
+    detector = detectors.create(name, **given)
+    params = detector.get_params()
+    for key, value in given.items():
+        assert params[key] is value  # the very object passed: no copy, no normalisation, no conversion
+    fit = {"features": space["id"], "labels": space["y"]}
+    x = {"features": np.concatenate([space["id"][:5], space["ood"][:5]])}
+    scores = detector.fit(fit).score(x)
+    assert all(detector.get_params()[key] is value for key, value in given.items())  # fitting changes none
+    copy = clone(detector)
+    assert type(copy) is type(detector) and copy.is_fitted == (not detector.needs_fit)
+    assert copy.state_ is None  # the normalised embeddings are built on first use, never at construction
+    for key, value in given.items():
+        copied = copy.get_params()[key]
+        assert type(copied) is type(value)
+        if key in text:
+            np.testing.assert_array_equal(np.asarray(copied), np.asarray(value))
+        else:
+            assert copied == value
+    np.testing.assert_array_equal(copy.fit(fit).score(x), scores)
+
+
+def test_construction_builds_no_state_and_set_params_rebuilds_it(space):
+    detector = detectors.create("mcm", label_embeddings=space["labels"])
+    assert detector.state_ is None
+    x = {"features": space["ood"][:4]}
+    before = detector.score(x)
+    assert detector.state_ is not None  # built on first use
+    detector.set_params(label_embeddings=space["labels"][::-1].copy(), temperature=0.5)
+    assert detector.state_ is None
+    expected = detectors.create("mcm", label_embeddings=space["labels"][::-1].copy(), temperature=0.5).score(x)
+    np.testing.assert_array_equal(detector.score(x), expected)
+    assert not np.array_equal(detector.score(x), before)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("mcm", {"label_embeddings": None}),
+        ("mcm", {"label_embeddings": np.ones((1, 2, 2))}),
+        ("mcm", {"temperature": -1.0}),
+        ("mcm", {"temperature": math.inf}),
+        ("neglabel", {"negative_embeddings": None}),
+        ("neglabel", {"negative_embeddings": np.ones(4)}),
+        ("neglabel", {"scale": 0}),
+        ("neglabel", {"groups": 2.0}),
+        ("neglabel", {"seed": -1}),
+        ("clipn", {"no_label_embeddings": None}),
+        ("clipn", {"no_label_embeddings": [[1.0, 0.0]]}),
+        ("clipn", {"rule": "ATD"}),
+        ("clipn", {"scale": "100"}),
+        ("lapt", {"negative_embeddings": torch.ones(3)}),
+        ("lapt", {"epochs": 0}),
+        ("lapt", {"batch_size": 0}),
+        ("lapt", {"lr": -0.1}),
+        ("lapt", {"momentum": 1.0}),
+        ("lapt", {"weight_decay": -1e-5}),
+        ("lapt", {"alpha": -1.0}),
+        ("lapt", {"negative_samples": None}),
+    ],
+)
+def test_each_constrained_parameter_names_itself_in_the_one_error_format(space, name, params):
+    (param,) = params
+    given = {**text_side(space, name), **params}
+    with pytest.raises(ValueError, match=rf"^{name}: parameter '{param}' must be .*; got "):
+        detectors.create(name, **given)

@@ -96,7 +96,8 @@ class Gram(OutputDetector):
         Group the fit rows for the min/max tables by the predicted class (official) or by the true labels
         (OpenOOD; needs labels at fit). Scoring always uses the predicted class (both codes do).
     normalizer_fraction : float in (0, 1), default 0.1
-        Fraction of the fit rows held out to estimate ``E_l`` (they do not enter the tables).
+        Fraction of the fit rows held out to estimate ``E_l`` (they do not enter the tables, so 1 would leave
+        no row for them).
     seed : int, default 0
         Seed of the held-out split (see :func:`normalizer_split`).
 
@@ -107,6 +108,10 @@ class Gram(OutputDetector):
     meta_ : ``layers`` (used names, in order), ``layer_shapes`` (per-row shapes), ``empty_classes``.
 
     Deviations from the official code: docs/detectors.md, section ``gram``.
+
+    Paper: Sastry & Oore, "Detecting Out-of-Distribution Examples with Gram Matrices", ICML 2020.
+    Official code: VectorInstitute/gram-ood-detection ``ResNet_Cifar10.ipynb`` (``G_p``, ``get_min_max``,
+    ``get_deviations``, ``detect``); OpenOOD ``openood/postprocessors/gram_postprocessor.py``.
     """
 
     name = "gram"

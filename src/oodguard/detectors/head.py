@@ -96,15 +96,12 @@ class FDBD(_HeadStatistics):
     class and class ``c``. The paper's ``1/(C-1)`` factor is a constant and omitted, as in the official code.
 
     Fit: ``mu_train`` (mean training feature, from the additive statistics sum and count, so
-    ``partial_fit``/``merge`` are exact) and the ``C x C`` matrix of ``||w_i - w_j||`` with diagonal 1.
-    Two identical weight rows would make a denominator zero: refused at fit with a ValueError.
-    A feature exactly at ``mu_train`` would divide by zero; ``||z - mu||`` is clamped at ``1e-12``, giving a
-    finite, very in-distribution score (the limit of the formula).
+    ``partial_fit``/``merge`` are exact) and the ``C x C`` matrix of ``||w_i - w_j||``.
+
+    No parameters. Deviations from the official code: docs/detectors.md, section ``fdbd``.
 
     Paper: Liu & Qin, "Fast Decision Boundary based Out-of-Distribution Detector", ICML 2024.
-    Official code: litianliu/fDBD-OOD ``run_imagenet.py`` (961621e). No hyperparameters.
-    OpenOOD difference: its APS mode may pick ``||z||`` instead of ``||z - mu_train||`` as the normaliser;
-    here it is always ``||z - mu_train||`` (official code).
+    Official code: litianliu/fDBD-OOD ``run_imagenet.py`` (961621e).
     """
 
     name = "fdbd"
@@ -174,23 +171,27 @@ class FDBD(_HeadStatistics):
 class NNGuide(OutputDetector):
     """NNGuide: energy guided by inner-product nearest neighbours in a confidence-scaled bank.
 
-    Fit: a random bank of ``floor(bank_ratio * N)`` fit samples (``numpy.random.RandomState(seed)``
-    shuffle, as the official ``subsample`` after ``np.random.seed(0)``); bank vectors
-    ``b_i = zhat_i * LSE(f(x_i))`` with ``zhat = z / max(||z||, 1e-12)`` (``F.normalize``, as official).
-    Score: ``s(x) = LSE(f(x)) * mean of the k largest <b_i, zhat(x)>``; OOD score ``-s(x)``.
+    Fit: a random bank of ``floor(bank_ratio * N)`` fit samples; bank vectors ``b_i = zhat_i * LSE(f(x_i))``
+    with ``zhat = z / max(||z||, 1e-12)``. Score: ``s(x) = LSE(f(x)) * mean of the k largest <b_i, zhat(x)>``;
+    OOD score ``-s(x)``. The fit is a random subsample, so there is no ``partial_fit``.
 
-    ``react_percentile`` (None by default): when set, features are clipped at that percentile (0-100,
-    numpy linear interpolation) of all bank feature entries before everything else, for the bank and at
-    score time, and the logits are recomputed from the clipped features: the official ResNet-50 engine
-    does this with 95 (``np.quantile(bank_features, 0.95)``).
+    Parameters
+    ----------
+    bank_ratio : float in (0, 1], default 0.01
+        Share of the fit rows kept in the bank (official); the fit set needs at least ``k / bank_ratio`` rows.
+    k : int >= 1, default 10
+        Neighbours averaged (official).
+    seed : int in [0, 2**32), default 0
+        Seed of the ``numpy.random.RandomState`` shuffle that draws the bank (official ``np.random.seed(0)``).
+    react_percentile : float in (0, 100] or None, default None
+        When set, features are clipped at this percentile of all bank feature entries, for the bank and at
+        score time (the official ResNet-50 engine uses 95).
+
+    Deviations from the official code: docs/detectors.md, section ``nnguide``.
 
     Paper: Park, Jung & Teoh, "Nearest Neighbor Guidance for Out-of-Distribution Detection", ICCV 2023.
     Official code: roomo7time/nnguide ``ood_detectors/nnguide.py``, ``dataloaders/factory.py``,
-    ``model_engines/resnet50_react.py`` (c123cac). Defaults: ``bank_ratio=0.01``, ``k=10``, ``seed=0``.
-    OpenOOD differences: K = 100, bank = first ~1 % of training batches, no ReAct.
-    With the defaults the fit set needs at least ``k / bank_ratio = 1000`` rows (raise ``bank_ratio``
-    for small fit sets). Like the official score, ``s`` changes sign when the energies are negative.
-    Exact search in torch (chunked matmul + top-k); the fit is a random subsample, so no partial_fit.
+    ``model_engines/resnet50_react.py`` (c123cac).
     """
 
     name = "nnguide"
@@ -218,20 +219,20 @@ class NNGuide(OutputDetector):
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         features = outputs.features
-        n, k, ratio = features.shape[0], int(self.k), self.bank_ratio
+        n, k, ratio = features.shape[0], int(self.k), float(self.bank_ratio)
         size = int(n * ratio)  # floor, as the official subsample
         if size < k:
             raise ValueError(
                 f"{self.name}: the bank holds {size} sample(s) (bank_ratio={ratio} of N={n}) but k={k}; "
                 f"raise bank_ratio (at most 1.0), fit on at least {math.ceil(k / ratio)} rows, or lower k"
             )
-        order = np.random.RandomState(self.seed).permutation(n)[:size]
+        order = np.random.RandomState(int(self.seed)).permutation(n)[:size]
         bank = features[torch.from_numpy(order).to(features.device)]
         weight, bias = (t.to(device=features.device) for t in outputs.head)
         state: dict[str, torch.Tensor] = {"weight": weight.to(_F64), "bias": bias.to(_F64)}
         if self.react_percentile is not None:
             # on the CPU: base.percentile falls back to numpy above 16M entries (a 1 % ImageNet bank has 26M)
-            clip = percentile(bank.cpu(), self.react_percentile).reshape(1).to(_F64)
+            clip = percentile(bank.cpu(), float(self.react_percentile)).reshape(1).to(_F64)
             state["clip"] = clip
             bank = bank.clamp_max(clip.to(device=bank.device, dtype=bank.dtype))  # in the dtype used at score
         bank = bank.to(_F64)
@@ -262,16 +263,16 @@ class GradNorm(OutputDetector):
 
     ``L = sum_c -log softmax(f / T)_c`` (all-ones target). The gradient ``dL/dW = (1/T)(C p - 1) z^T`` with
     ``p = softmax(f / T)`` is an outer product, so its L1 norm has the closed form
-    ``s(x) = (1/T) (sum_d |z_d|) (sum_c |C p_c - 1|)``; OOD score ``-s(x)``. No backward pass and no
-    batch-size-1 restriction (the official code forces batch 1 because a batch loss mixes samples).
+    ``s(x) = (1/T) (sum_d |z_d|) (sum_c |C p_c - 1|)``; OOD score ``-s(x)``. ``fit`` only records the head
+    ``(W, b)``. The gradient through the model is the separate detector ``gradnorm_autograd``
+    (:class:`oodguard.detectors.model.gradient.GradNormAutograd`).
 
-    ``fit`` only records the head ``(W, b)`` (so scoring needs only features); it uses no statistics of
-    the fit data. Default ``temperature=1`` (official ``--temperature_gradnorm``).
+    Parameters
+    ----------
+    temperature : float > 0, default 1.0
+        ``T`` (official ``--temperature_gradnorm``).
 
-    ``mode="autograd"`` (``create("gradnorm", mode="autograd")``) computes the true gradient through the
-    model instead (:class:`oodguard.detectors.model.gradient.GradNormAutograd`, which needs the model attached); it
-    equals this closed form whenever the logits are the final linear layer's output, and is exact also when
-    the model transforms them. The default ``mode="closed_form"`` needs only cached features.
+    Deviations from the official code: docs/detectors.md, section ``gradnorm``.
 
     Paper: Huang, Geng & Li, "On the Importance of Gradients for Detecting Distributional Shifts in the
     Wild", NeurIPS 2021. Official code: deeplearning-wisc/gradnorm_ood ``test_ood.py``
@@ -332,31 +333,30 @@ def nac_bin_edges(num_edges: int) -> torch.Tensor:
 class NAC(_HeadStatistics):
     """NAC-UE on the penultimate layer: how well the training data covered each neuron's state.
 
-    Neuron state, per sample and unit ``n`` (``o = z``: pooling is the identity for the pooled
-    penultimate vector; ``g = dL/dz`` in closed form, no autograd):
-    ``L = sum_c -(1/C) log softmax(f)_c`` so ``g = W^T (p - 1/C)``, ``p = softmax(f)``;
-    ``state_n = sigmoid(alpha * z_n * g_n)``, computed as the official ``1 / (1 + exp(-alpha * z * g))``.
-    Bins: ``M`` edges from :func:`nac_bin_edges` (``M`` even), ``M - 1`` right-open bins found with
-    ``searchsorted``. Fit: ``count[m, n]`` = fit samples whose state of unit ``n`` lies in bin ``m`` (all
-    samples, misclassified included; additive, so ``partial_fit``/``merge`` are exact);
+    Neuron state, per sample and unit ``n``: ``state_n = sigmoid(alpha * z_n * g_n)`` with ``g = dL/dz =
+    W^T (p - 1/C)`` the gradient of ``L = sum_c -(1/C) log softmax(f)_c`` (closed form, no autograd). Bins:
+    ``M`` edges from :func:`nac_bin_edges`, ``M - 1`` right-open bins. Fit: ``count[m, n]`` = fit samples whose
+    state of unit ``n`` lies in bin ``m`` (additive, so ``partial_fit``/``merge`` are exact);
     ``cov = min(count / O, 1)``. Score: ``s(x) = mean_n cov[bin(state_n(x)), n]``; OOD score ``-s(x)``.
-    A state outside every bin (below edge 0 or at/above 1.2; impossible for a sigmoid) counts as
-    coverage 0, as in the official code.
+    NAC on inner layers, with gradients through the model, is the separate detector ``nac_layers``
+    (:class:`oodguard.detectors.model.nac_layers.NACLayers`).
 
-    Defaults ``alpha=100, M=50, O=50``: the official avgpool (penultimate) setting for ResNet-18 CIFAR-10.
-    Other official penultimate settings (O, M, alpha): ResNet-18 CIFAR-100 (50, 50, 50); ResNet-50
-    ImageNet (10, 50, 3000); ViT-B/16 ImageNet final LayerNorm CLS token (500, 50, 100). The official
-    fit set is 1000 class-balanced training images (ViT: 50 000); choose the fit rows accordingly.
+    Parameters
+    ----------
+    alpha : float > 0, default 100.0
+        Sigmoid steepness.
+    M : even int >= 4, default 50
+        Number of bin edges.
+    O : float > 0, default 50
+        Count at which a bin is fully covered.
+
+    The defaults are the official penultimate setting for ResNet-18 CIFAR-10; docs/detectors.md, section
+    ``nac``, lists the other official settings and the deviations from the official code.
 
     Paper: Liu, Tian, Li, Ma & Wang, "Neuron Activation Coverage: Rethinking Out-of-distribution Detection
     and Generalization", ICLR 2024. Official code: BierOne/ood_coverage
     ``openood/postprocessors/nac/{coverage,instr_state,utils}.py`` (``KMNC``, ``Estimator``, ``logspace``,
     ``kl_grad``, ``sigmoid``; b002780).
-    ``create("nac", layers=[...])`` runs NAC on inner layers instead, with gradients through the model
-    (:class:`oodguard.detectors.model.nac_layers.NACLayers`; the official best results average the penultimate
-    layer with layer1-3). Deviations of this closed form: the reference's ``[B, M, D]`` comparison with
-    every edge is replaced by ``searchsorted`` (same bins); the gradient is the closed form of the
-    official autograd ``kl_grad`` (equal up to rounding).
     """
 
     name = "nac"
@@ -414,7 +414,7 @@ class NAC(_HeadStatistics):
     def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         z = outputs.features
         weight, bias = (t.to(device=z.device, dtype=z.dtype) for t in outputs.head)
-        edges = self._edges_for(nac_bin_edges(self.M), z.dtype).to(z.device)
+        edges = self._edges_for(nac_bin_edges(int(self.M)), z.dtype).to(z.device)
         m, d = edges.numel(), z.shape[1]
         counts = torch.zeros((m + 1) * d, dtype=_F64, device=z.device)
         units = torch.arange(d, device=z.device)
@@ -431,7 +431,7 @@ class NAC(_HeadStatistics):
         zero = coverage.new_zeros(1, coverage.shape[1])
         return {
             "coverage": torch.cat([zero, coverage, zero]),  # [M + 1, D], see _slots
-            "edges": nac_bin_edges(self.M),
+            "edges": nac_bin_edges(int(self.M)),
             "weight": weight,
             "bias": bias,
         }

@@ -6,9 +6,9 @@ ID label embeddings ``t_k`` and, per method, negative label or "no" embeddings (
 :mod:`oodguard.encoders.dual` for making them). Those are ``required_params``, so the benchmark runner runs these
 detectors only where a benchmark supplies them.
 
-Tensor parameters live in the detector's state (``state_``, saved to ``state.safetensors``); ``params`` records
-them as ``None`` so that the saved ``config.json`` stays plain JSON, and :func:`oodguard.detectors.load` restores
-them from the state. Scores follow the library convention, higher = more OOD: each is ``1 - S`` for the method's
+The embedding parameters are stored as given (the tensor or array the caller passed; ``get_params`` returns them
+and saving writes them as tensors). Their checked, L2-normalised float32 copies are state, built on first use by
+``fit`` or ``score``. Scores follow the library convention, higher = more OOD: each is ``1 - S`` for the method's
 ID confidence ``S`` in ``[0, 1]`` (the same ranking as the official ``-S``), computed as the OOD mass itself
 (a sum of sigmoids or of non-maximum softmax terms, in float64) so that confident ID inputs do not all round to
 the same score.
@@ -80,7 +80,7 @@ def _sgd_step(
 
 
 class _ZeroShot(OutputDetector):
-    """Shared validation and storage of the tensor (text-side) parameters."""
+    """Shared checks of the text-side embedding parameters and their normalised copies in the state."""
 
     requires = frozenset({"features"})
     fit_requires = frozenset({"features"})
@@ -89,13 +89,17 @@ class _ZeroShot(OutputDetector):
     tensor_params: ClassVar[tuple[str, ...]] = ()
 
     def _check_param_combination(self) -> None:
+        # checked here so that bad embeddings fail at construction; the normalised copies are discarded
+        # (they become state on first use, see _text_state)
         text = self._checked_text()
-        dims = {key: value.shape[1] for key, value in text.items()}
-        if len(set(dims.values())) > 1:
-            shown = ", ".join(f"{key} D={dim}" for key, dim in dims.items())
-            raise ValueError(
-                f"{self.name}: the text-side embeddings must share one width ({shown}); embed them with one encoder"
-            )
+        first, width = self.tensor_params[0], text[self.tensor_params[0]].shape[1]
+        for key, value in text.items():
+            if value.shape[1] != width:
+                raise self._param_error(
+                    key,
+                    f"a matrix as wide as {first} (D={width}; it has D={value.shape[1]}): embed the text side "
+                    "with one encoder",
+                )
         self._check_text(text)
 
     def set_params(self, **params: Any) -> _ZeroShot:
@@ -105,7 +109,7 @@ class _ZeroShot(OutputDetector):
 
     # -- hooks for subclasses
     def _check_text(self, text: dict[str, torch.Tensor]) -> None:
-        """Further checks of the text side (e.g. equal row counts)."""
+        """Further checks of the checked text side (e.g. equal row counts); raise via ``_param_error``."""
 
     def _initial_state(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(text)
@@ -182,15 +186,16 @@ class MCM(_ZeroShot):
 
     def _check_text(self, text: dict[str, torch.Tensor]) -> None:
         # with one label the softmax is 1 for every input: the score would be a constant 0
-        if "label_embeddings" in text and text["label_embeddings"].shape[0] < 2:
-            raise ValueError(
-                "mcm: label_embeddings has 1 row, but MCM's maximum softmax over one label is 1 for every input "
-                "(a constant score); give at least 2 ID label embeddings (or use neglabel, which also works with one)"
+        if text["label_embeddings"].shape[0] < 2:
+            raise self._param_error(
+                "label_embeddings",
+                "at least 2 ID label embeddings (rows): MCM's maximum softmax over one label is 1 for every input, "
+                "a constant score (neglabel also works with one label)",
             )
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         v = self._features(outputs, "score")
-        logits = (v @ self._text_state()["label_embeddings"].T).to(torch.float64) / self.temperature
+        logits = (v @ self._text_state()["label_embeddings"].T).to(torch.float64) / float(self.temperature)
         top = logits.argmax(dim=1, keepdim=True)
         shifted = (logits - logits.gather(1, top)).scatter_(1, top, -math.inf)
         others = torch.exp(shifted).sum(dim=1)  # sum_{j != max} e^{(s_j - s_max)/T} = (1 - S) / S
@@ -261,7 +266,7 @@ class NegLabel(_ZeroShot):
         v = self._features(outputs, "score")
         state = self._text_state()
         return neglabel_ood_score(
-            v, state["label_embeddings"], state["negative_embeddings"], state["group_index"], self.scale
+            v, state["label_embeddings"], state["negative_embeddings"], state["group_index"], float(self.scale)
         )
 
 
@@ -278,11 +283,9 @@ class CLIPN(_ZeroShot):
       ``p_no_y = sigmoid(s-_y - s_y)``. Decision: OOD iff the score exceeds 0.5.
 
     Parameters: ``label_embeddings`` ``[K, D]`` and ``no_label_embeddings`` ``[K, D]`` (row ``k`` = the no-prompt
-    embedding of class ``k``; both required), ``rule`` ``"atd"`` (default) or ``"ctw"``, ``scale`` 100 (official).
-    No fit. The no-embeddings must come from CLIPN's trained "no" text encoder for the method to be CLIPN; this
-    library only applies the rules (training the no-encoder needs the text tower and paired data). With any other
-    source of "no" embeddings (e.g. negated prompts through an ordinary encoder) the rules still apply, but it is
-    not the published method.
+    embedding of class ``k``, from CLIPN's trained "no" text encoder; both required), ``rule`` ``"atd"`` (default)
+    or ``"ctw"``, ``scale`` 100 (official). No fit. What this implementation leaves out: docs/detectors.md, section
+    ``clipn``.
 
     Paper: Wang, Li, Yao & Li, "CLIPN for Zero-Shot OOD Detection: Teaching CLIP to Say No", ICCV 2023.
     Code: github.com/xmed-lab/CLIPN ``src/zero_shot_infer.py`` (the CTW and ATD scores), ``src/classification.py``.
@@ -319,16 +322,18 @@ class CLIPN(_ZeroShot):
     }
 
     def _check_text(self, text: dict[str, torch.Tensor]) -> None:
-        if len(text) == 2 and text["label_embeddings"].shape[0] != text["no_label_embeddings"].shape[0]:
-            raise ValueError(
-                f"clipn: no_label_embeddings has {text['no_label_embeddings'].shape[0]} rows but label_embeddings "
-                f"has {text['label_embeddings'].shape[0]}; give one no-prompt embedding per class, in class order"
+        rows, no_rows = text["label_embeddings"].shape[0], text["no_label_embeddings"].shape[0]
+        if rows != no_rows:
+            raise self._param_error(
+                "no_label_embeddings",
+                f"one no-prompt embedding per class, in class order ({rows} rows, as label_embeddings; it has "
+                f"{no_rows})",
             )
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         v = self._features(outputs, "score")
         state = self._text_state()
-        scale = self.scale
+        scale = float(self.scale)
         yes = (scale * (v @ state["label_embeddings"].T)).to(torch.float64)
         no = (scale * (v @ state["no_label_embeddings"].T)).to(torch.float64)
         p_no = torch.sigmoid(no - yes)  # 1 - p_yes, without cancellation
@@ -341,30 +346,21 @@ class CLIPN(_ZeroShot):
 class LAPT(NegLabel):
     """LAPT-style tuning of the ID and negative label embeddings on frozen embeddings, then the NegLabel score.
 
-    Official LAPT learns shared CoOp context vectors through CLIP's text encoder on images synthesised or
-    retrieved for every ID and negative label. Without the text tower or image synthesis, this version learns a
-    residual for each label embedding: ``t'_c = normalize(t_c + delta_c)`` for the ``K`` ID and ``M`` negative labels
-    (``delta`` starts at zero, i.e. at NegLabel), trained in :meth:`fit` with
+    Learns a residual for each label embedding, ``t'_c = normalize(t_c + delta_c)`` for the ``K`` ID and ``M``
+    negative labels (``delta`` starts at zero, i.e. at NegLabel), by the released training recipe (multi-class
+    cross-entropy over ``K + M`` classes on ``scale * x . t'_c``, wccm cross-modal mixing, SGD with Nesterov momentum
+    and a per-step cosine schedule) on the fit split's labelled ID embeddings plus one pseudo-input per negative
+    label per epoch; then scores as :class:`NegLabel` with the tuned embeddings.
 
-    * **data**: the fit split's ID embeddings with their labels ``0..K-1``, plus one pseudo-input per negative label
-      per epoch, labelled ``K + j``, standing in for the images LAPT synthesises or retrieves for it.
-      ``negative_samples="transplant"`` (default): a random ID input ``v_i`` whose component along its own label
-      is moved onto the negative label, ``normalize(v_i - (v_i . t_y)(t_y - e_j))``; it relates to ``e_j`` as real
-      inputs relate to their labels (same similarity, same offset from the text side). ``"label"``: the negative
-      label embedding ``e_j`` itself (for a text encoder a real encoding of real text); it matches its own label
-      with similarity 1, so the scaled softmax is saturated and it contributes almost no gradient;
-    * **multice**: cross-entropy over the ``K + M`` classes on ``scale * x . t'_c`` (soft labels = one-hot here:
-      no cross-distribution mixing, ``beta = 0`` as in the released ``train.sh``);
-    * **wccm** cross-modal mixing, as the released ``mix_strategy=wccm``: each sample's embedding is *replaced* by
-      ``normalize(lam v + (1 - lam) t_y)`` with ``t_y`` the frozen label embedding of its own class (one template
-      here; the official code draws one of 7 prompt templates) and ``lam ~ Beta(alpha, alpha)``, one per batch
-      (``alpha = 0`` turns mixing off);
-    * **optimiser**: SGD with Nesterov momentum 0.9, lr 0.01, weight decay 1e-5, 10 epochs, per-step cosine schedule
-      (the released ``train.sh``), but batch 256 instead of 32: every step updates all ``K + M`` label rows, so
-      batch 32 costs ~10 s on one CPU core for N = 1000, M = 2000, D = 384 (batch 256: ~2 s); seeded (``seed``
-      drives the batch order, the pseudo-inputs, the mixing and the grouping).
+    Parameters: ``label_embeddings``, ``negative_embeddings``, ``scale``, ``groups`` as :class:`NegLabel`;
+    ``seed`` 0 (batch order, pseudo-inputs, mixing and grouping); ``epochs`` 10, ``lr`` 0.01, ``momentum`` 0.9,
+    ``weight_decay`` 1e-5 (the released ``train.sh``); ``batch_size`` 256 (official 32); ``alpha`` 1.0 (wccm's
+    ``Beta(alpha, alpha)``; 0 turns mixing off); ``negative_samples`` ``"transplant"`` (a random ID input whose
+    component along its own label is moved onto the negative label) or ``"label"`` (the negative label embedding
+    itself).
 
-    Deviations from the official code: docs/detectors.md, section ``lapt``.
+    How this differs from official LAPT (which tunes shared prompt vectors through CLIP's text encoder on
+    synthesised or retrieved images): docs/detectors.md, section ``lapt``.
 
     Paper: Zhang, Zhu, He & Zhang, "LAPT: Label-driven Automated Prompt Tuning for OOD Detection with
     Vision-Language Models", ECCV 2024. Code: github.com/YBZh/OpenOOD-VLM ``openood/trainers/oodmixup_trainer.py``
@@ -437,32 +433,34 @@ class LAPT(NegLabel):
     def _tune(
         self, v: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.params
+        epochs, batch_size, seed = int(self.epochs), int(self.batch_size), int(self.seed)
+        scale, alpha, base_lr = float(self.scale), float(self.alpha), float(self.lr)
+        momentum, weight_decay = float(self.momentum), float(self.weight_decay)
         anchors = torch.cat([labels, negatives])  # frozen label embeddings: starting point and wccm partners
         targets = torch.cat([y, labels.shape[0] + torch.arange(negatives.shape[0])])
         delta = torch.zeros_like(anchors, requires_grad=True)
         velocity = torch.zeros_like(anchors)
-        total = p["epochs"] * math.ceil(len(targets) / p["batch_size"])
+        total = epochs * math.ceil(len(targets) / batch_size)
         step = 0
-        generator = torch.Generator().manual_seed(p["seed"])
-        mixing = np.random.default_rng(p["seed"])
+        generator = torch.Generator().manual_seed(seed)
+        mixing = np.random.default_rng(seed)
         along = (v * labels[y]).sum(dim=1, keepdim=True)  # each ID input's component along its own label
         residuals = v - along * labels[y]
-        for _ in range(p["epochs"]):
+        for _ in range(epochs):
             inputs = torch.cat([v, self._negative_samples(negatives, along, residuals, generator)])
             order = torch.randperm(len(inputs), generator=generator)
-            for start in range(0, len(inputs), p["batch_size"]):
-                batch = order[start : start + p["batch_size"]]
+            for start in range(0, len(inputs), batch_size):
+                batch = order[start : start + batch_size]
                 x, target = inputs[batch], targets[batch]
-                if p["alpha"] > 0:
-                    lam = float(mixing.beta(p["alpha"], p["alpha"]))
+                if alpha > 0:
+                    lam = float(mixing.beta(alpha, alpha))
                     x = F.normalize(lam * x + (1 - lam) * anchors[target], dim=1, eps=_NORM_EPS)
                 tuned = F.normalize(anchors + delta, dim=1, eps=_NORM_EPS)
-                (grad,) = torch.autograd.grad(F.cross_entropy(p["scale"] * x @ tuned.T, target), delta)
+                (grad,) = torch.autograd.grad(F.cross_entropy(scale * x @ tuned.T, target), delta)
                 # the official cosine_annealing(step, total, 1, 1e-8) factor on the learning rate
-                lr = p["lr"] * (1e-8 + (1 - 1e-8) * 0.5 * (1 + math.cos(step / total * math.pi)))
+                lr = base_lr * (1e-8 + (1 - 1e-8) * 0.5 * (1 + math.cos(step / total * math.pi)))
                 with torch.no_grad():
-                    _sgd_step(delta, grad, velocity, lr, p["momentum"], p["weight_decay"])
+                    _sgd_step(delta, grad, velocity, lr, momentum, weight_decay)
                 step += 1
         with torch.no_grad():
             tuned = F.normalize(anchors + delta, dim=1, eps=_NORM_EPS)
@@ -486,4 +484,6 @@ class LAPT(NegLabel):
         state = self.state_
         if state is None or "tuned_labels" not in state:
             raise NotFittedError("lapt: call fit(...) on in-distribution outputs before score(...)")
-        return neglabel_ood_score(v, state["tuned_labels"], state["tuned_negatives"], state["group_index"], self.scale)
+        return neglabel_ood_score(
+            v, state["tuned_labels"], state["tuned_negatives"], state["group_index"], float(self.scale)
+        )
