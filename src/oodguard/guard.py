@@ -153,7 +153,7 @@ class _Calibration:
 
     def pvalues(self, scores: np.ndarray) -> np.ndarray:
         p = sorted_pvalues(self.scores, scores)  # conformal_pvalues without re-checking the calibration scores
-        if self.correction is not None:
+        if self.correction is not None and self.delta is not None:
             p = calibration_conditional(p, self.n, self.delta, self.correction, _simes=self.simes)
         return p
 
@@ -184,7 +184,7 @@ def _make_calibration(
         alpha=alpha,
         delta=delta,
         correction=correction,
-        simes=simes_sequence(n, delta) if correction == "simes" else None,
+        simes=simes_sequence(n, delta) if correction == "simes" and delta is not None else None,
         false_alarm_rate=rate,
     )
 
@@ -822,10 +822,10 @@ def load_guard(
     )
     if "head.weight" in tensors and "head.bias" in tensors:
         guard.head_ = (tensors["head.weight"], tensors["head.bias"])
-    scores = tensors.get("scores")
-    if scores is None or scores.ndim != 1 or scores.numel() == 0 or not bool(torch.isfinite(scores).all()):
+    stored = tensors.get("scores")
+    if stored is None or stored.ndim != 1 or stored.numel() == 0 or not bool(torch.isfinite(stored).all()):
         raise ValueError(f"{calibration_path}: expected finite calibration scores [n], n >= 1; damaged guard")
-    scores = scores.to(torch.float64).numpy()
+    scores = stored.to(torch.float64).numpy()
     if (np.diff(scores) < 0).any():
         raise ValueError(f"{calibration_path}: calibration scores are not sorted; damaged guard")
     rule = _entry(decision, "rule", config_path, str)

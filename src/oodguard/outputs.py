@@ -248,7 +248,7 @@ class ModelOutputs:
 
     def with_fields(self, **fields: Any) -> ModelOutputs:
         """A copy with some fields replaced (validated again)."""
-        current = {
+        current: dict[str, Any] = {
             "logits": self.logits,
             "features": self.features,
             "labels": self.labels,
@@ -276,8 +276,9 @@ class ModelOutputs:
                     f"concat: part {i} has fields {part.fields()} / layers {sorted(part.layers)}, "
                     f"part 0 has {first.fields()} / {sorted(first.layers)}; give every part the same fields"
                 )
-            if first.head is not None and not (
-                torch.equal(first.head[0], part.head[0]) and torch.equal(first.head[1], part.head[1])
+            if first.head is not None and (
+                part.head is None
+                or not (torch.equal(first.head[0], part.head[0]) and torch.equal(first.head[1], part.head[1]))
             ):
                 raise ValueError(f"concat: part {i} has a different head than part 0; outputs of one model only")
 
@@ -397,7 +398,7 @@ def read_outputs(path: str | Path) -> ModelOutputs:
             logits=arrays.get("logits"),
             features=arrays.get("features"),
             labels=arrays.get("labels"),
-            head=None if weight is None else (weight, bias),
+            head=None if weight is None or bias is None else (weight, bias),
         )
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error

@@ -95,7 +95,7 @@ SOURCES = {
 
 # --------------------------------------------------------------------------------------------------- arrays
 def _data_key(seed: int) -> str:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in _PACKAGES:
         try:
             versions[package] = metadata.version(package)

@@ -149,13 +149,13 @@ def render_letters(count: int, seed: int) -> torch.Tensor:
         stroke = int(rng.integers(0, 3))
         canvas = Image.new("L", (96, 96), 0)
         ImageDraw.Draw(canvas).text((48, 48), letter, fill=255, font=font, anchor="mm", stroke_width=stroke)
-        canvas = canvas.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR)
+        canvas = canvas.rotate(float(rng.uniform(-20, 20)), resample=Image.Resampling.BILINEAR)
         glyph = canvas.crop(canvas.getbbox())
         scale = rng.uniform(16, 20) / max(glyph.size)
         aspect = rng.uniform(0.8, 1.15)
         width = int(np.clip(round(glyph.width * scale * aspect), 2, 20))
         height = int(np.clip(round(glyph.height * scale), 2, 20))
-        glyph_array = np.asarray(glyph.resize((width, height), Image.LANCZOS), dtype=np.float32) / 255.0
+        glyph_array = np.asarray(glyph.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
         images[i] = _place_centred(np.clip(glyph_array, 0.0, 1.0), rng.uniform(-1.5, 1.5, size=2))
     return _as_images(images)
 

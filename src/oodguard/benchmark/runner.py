@@ -140,7 +140,7 @@ MOS_HEAD = "mos"
 
 
 def _mos_job(
-    fit: ModelOutputs, test: ModelOutputs, ood: list[tuple[str, str, ModelOutputs]], params: dict[str, Any]
+    fit: ModelOutputs, test: ModelOutputs, ood: list[tuple[str, str, ModelOutputs]], params: Mapping[str, Any]
 ) -> Callable[[], dict]:
     """MOS needs a head trained with the group softmax: train one on the fit features, then score its logits.
 
@@ -162,9 +162,9 @@ def _mos_job(
         finally:
             torch.set_num_threads(threads)
         detector = head.detector()
-        scores = {"id": np.asarray(detector.score(head.outputs(test.features)))}
+        scores = {"id": np.asarray(detector.score(head.outputs(test)))}  # the head reads their features
         for set_name, _, outputs in ood:
-            scores[set_name] = np.asarray(detector.score(head.outputs(outputs.features)))
+            scores[set_name] = np.asarray(detector.score(head.outputs(outputs)))
         return scores
 
     return job

@@ -42,7 +42,7 @@ CLASS_NAMES = ("animal", "plant", "food", "artifact", "person")
 
 #: Zero-shot settings. NegLabel's prompts ("the nice {}" for ID classes and nouns, "This is a {} photo" for
 #: adjectives) are adapted to definitions; ID labels and nouns share one template, as in the official code.
-ZERO_SHOT = {
+ZERO_SHOT: dict[str, Any] = {
     "label_template": "a definition of {}.",
     "noun_template": "a definition of {}.",
     "adjective_template": "a definition of something {}.",

@@ -193,7 +193,7 @@ def write_text_data(data: dict[str, Any], license_text: str, directory: str | Pa
 
 
 def _shipped(name: str) -> Any:
-    return resources.files("oodguard.benchmark").joinpath("data", name)
+    return resources.files("oodguard.benchmark").joinpath("data").joinpath(name)
 
 
 def load_text_data() -> dict[str, Any]:

@@ -355,15 +355,15 @@ def run_training_benchmark(
 
     def compute_margins() -> tuple[float, float]:
         if not margins:
-            margins.append(auto_margins(benchmark.model, DataLoader(fit_data, batch_size=512),
-                                        DataLoader(outliers, batch_size=512)))  # fmt: skip
+            margins.append(auto_margins(benchmark.model, DataLoader(TensorDataset(fit_data), batch_size=512),
+                                        DataLoader(TensorDataset(outliers), batch_size=512)))  # fmt: skip
         return margins[0]
 
     context["margins"] = compute_margins
     plain = dataclasses.replace(benchmark, layers=[])
     evaluations: dict[str, Results] = {}
     facts: dict[str, dict[str, Any]] = {BASELINE: {"score": "msp, energy", "seconds": None}}
-    own_scores = {BASELINE: None}
+    own_scores: dict[str, str | None] = {BASELINE: None}
 
     def evaluate(label: str, model: torch.nn.Module, own: str | None) -> None:
         outputs = extract_benchmark(dataclasses.replace(plain, model=model), cache_dir=outputs_cache_dir,
@@ -373,7 +373,7 @@ def run_training_benchmark(
             names = [benchmark.test.name, *(split.name for split in benchmark.ood)]
 
             def absent_job() -> dict[str, np.ndarray]:
-                scores = {name: absent_class_score(outputs[name].logits.numpy()) for name in names}
+                scores = {name: np.asarray(absent_class_score(_logits(outputs[name]).numpy())) for name in names}
                 return {"id": scores.pop(benchmark.test.name), **scores}
 
             extra[ABSENT_CLASS] = absent_job
@@ -393,6 +393,12 @@ def run_training_benchmark(
         own_scores[label] = method.score
         evaluate(label, model, method.score)
     return _combine(benchmark.name, evaluations, own_scores, facts, n_boot, seed)
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    if outputs.logits is None:
+        raise ValueError("the model's outputs hold no logits; the absent-class score needs them")
+    return outputs.logits
 
 
 def _combine(

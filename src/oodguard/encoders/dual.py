@@ -143,12 +143,12 @@ class OpenClipEncoder:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"OpenClipEncoder: batch_size must be an integer >= 1, got {batch_size!r}")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model: Any = model.to(self.device).eval()  # an open_clip model: encode_image / encode_text
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.progress = progress
 
-    def _run(self, items: Sequence[Any], encode: Callable[[Any], torch.Tensor], prepare, what: str) -> torch.Tensor:
+    def _run(self, items: Any, encode: Callable[..., Any], prepare: Callable[[Any], Any], what: str) -> torch.Tensor:
         starts = range(0, len(items), self.batch_size)
         pieces = []
         with torch.no_grad():

@@ -219,7 +219,7 @@ class ImageFolder(Dataset):
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = []
         for name in self.classes:
-            found = []
+            found: list[str] = []
             for directory, _, files in os.walk(self.root / name, followlinks=True):
                 found.extend(os.path.join(directory, f) for f in files if f.lower().endswith(suffixes))
             if not found:

@@ -130,7 +130,8 @@ def _run(
 
     def feature_hook(module: nn.Module, args: tuple) -> None:
         value = args[0] if args else None
-        captured["features"] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+        if isinstance(value, torch.Tensor):
+            captured["features"] = value.detach().clone()
 
     modes = [(module, module.training) for module in model.modules()]
     try:
@@ -336,7 +337,7 @@ def extract(
     head = find_head(model, feature_layer)
     batches = Batches(data, labels, batch_size)
     total = batches.num_batches()
-    run_args = dict(
+    run_args: dict[str, Any] = dict(
         total=total,
         device=resolved_device,
         input_dtype=input_dtype,

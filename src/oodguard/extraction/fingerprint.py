@@ -20,7 +20,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if tensor.is_quantized:
         tensor = tensor.dequantize()
     tensor = tensor.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    return memoryview(tensor.view(torch.uint8).numpy())
+    return memoryview(tensor.view(torch.uint8).numpy().data)
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -489,7 +489,7 @@ class ModelRunner:
         per-sample gradients from batches: see the module docstring (BatchNorm must use running statistics).
         """
         batches = self.gradient_batches(x, loss, layers=layers, wrt_layers=False, progress=progress)
-        return _concat_rows(batch.input_gradient for batch in batches)
+        return _concat_rows(batch.input_gradient for batch in batches if batch.input_gradient is not None)
 
     def perturb(
         self,

@@ -90,7 +90,7 @@ class _LossLayout:
 
     def target_columns(self, labels: torch.Tensor) -> torch.Tensor:
         """``[N, K]`` column of each group's target: its "others" column + the group target (0 = "others")."""
-        return self.groups.others + mos_group_labels(labels, self.group_sizes)
+        return self.groups.others + torch.as_tensor(mos_group_labels(labels, self.group_sizes))
 
     def group_lse(self, logits: torch.Tensor) -> torch.Tensor:
         """Log-sum-exp of every group's logits (``"others"`` included), ``[N, K]``: one segment reduction.
@@ -236,10 +236,10 @@ class MOSHead:
         """
         outputs, is_numpy = _features_in(features, labels, "MOSHead.outputs")
         logits = self._logits(outputs, "MOSHead.outputs")
-        head = (self.weight, self.bias)
         if is_numpy:
-            logits, head = logits.cpu().numpy(), (self.weight.cpu().numpy(), self.bias.cpu().numpy())
-        return outputs.with_fields(logits=logits, head=head)
+            head = (self.weight.cpu().numpy(), self.bias.cpu().numpy())
+            return outputs.with_fields(logits=logits.cpu().numpy(), head=head)
+        return outputs.with_fields(logits=logits, head=(self.weight, self.bias))
 
     def predict(self, features: ArrayLike | ModelOutputs) -> ArrayLike:
         """Class predictions ``0..C-1`` by the official MOS rule (:func:`~oodguard.detectors.openset.mos_predict`)."""

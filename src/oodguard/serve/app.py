@@ -19,6 +19,7 @@ import hmac
 import os
 import time
 import uuid
+from collections.abc import MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -42,7 +43,8 @@ _PATHS = ("/v1/score", "/healthz", "/metrics")
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Matrix = list[list[FiniteNumber]]
 # Rows of any rank: [N, D], [N, C, H, W], ... (validated strictly: numbers only, finite).
-NestedNumbers = TypeAliasType("NestedNumbers", list[FiniteNumber] | list["NestedNumbers"])
+# mypy cannot resolve a recursive alias built at run time; pydantic can, and validates with it.
+NestedNumbers = TypeAliasType("NestedNumbers", list[FiniteNumber] | list["NestedNumbers"])  # type: ignore[misc]
 
 
 class ScoreRequest(BaseModel):
@@ -191,7 +193,7 @@ class _RequestGate:
         started = time.perf_counter()
         status = [500]
 
-        async def send_and_record(message: dict[str, Any]) -> None:
+        async def send_and_record(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)

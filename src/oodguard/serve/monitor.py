@@ -295,9 +295,9 @@ class ServiceMetrics:
         family("oodguard_request_duration_seconds", "histogram", "Time to handle an HTTP request, by path.")
         for path, counts in latency.items():
             cumulative = 0.0
-            for bound, count in zip(self.buckets + (math.inf,), counts[:-1], strict=True):
-                cumulative += count
-                labels = _labels(path=path, le=_number(bound))
+            for upper, hits in zip(self.buckets + (math.inf,), counts[:-1], strict=True):
+                cumulative += hits
+                labels = _labels(path=path, le=_number(upper))
                 lines.append(f"oodguard_request_duration_seconds_bucket{labels} {_number(cumulative)}")
             lines.append(f"oodguard_request_duration_seconds_sum{_labels(path=path)} {_number(counts[-1])}")
             lines.append(f"oodguard_request_duration_seconds_count{_labels(path=path)} {_number(cumulative)}")

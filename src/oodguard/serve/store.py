@@ -75,7 +75,7 @@ def _engine(path_or_url: str | Path, *, create_dirs: bool) -> sa.Engine:
     if is_sqlite and url.database in (None, "", ":memory:"):
         raise ValueError("decision log: an in-memory SQLite database is not shared between threads; give a file")
     if is_sqlite and create_dirs:
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = sa.create_engine(url)
     except (ImportError, sa.exc.ArgumentError) as error:

@@ -180,7 +180,7 @@ def train(
     model.train()
     with tqdm(total=total_steps, initial=step, desc=f"train {method.name}", disable=not progress) as bar:
         for epoch in range(start_epoch, recipe.epochs):
-            outliers_iter = _Cycle(outlier_loader) if method.needs_outliers else None
+            outliers_iter = _Cycle(outlier_loader) if method.needs_outliers and outlier_loader is not None else None
             total, count = 0.0, 0
             for batch in id_loader:
                 inputs, labels = _inputs_and_labels(batch, "id_loader")
@@ -209,6 +209,7 @@ def train(
             last = epoch + 1 == recipe.epochs
             if checkpoint_every is not None and ((epoch + 1) % checkpoint_every == 0 or last):
                 meta = {**identity, "epoch": epoch + 1, "epoch_losses": result.epoch_losses}
+                assert checkpoint_dir is not None  # checked on entry
                 path = Path(checkpoint_dir) / f"epoch-{epoch + 1:04d}.safetensors"
                 states = _random_states(generator, device, id_loader, outlier_loader)
                 save_checkpoint(path, model, optimizer, meta=meta, tensors=states)

@@ -33,8 +33,8 @@ def rand_bbox(height: int, width: int, lam: float, generator: torch.Generator | 
     cut = (1.0 - lam) ** 0.5
     cut_h, cut_w = int(height * cut), int(width * cut)
     centre = (
-        torch.randint(0, height, (1,), generator=generator).item(),
-        torch.randint(0, width, (1,), generator=generator).item(),
+        int(torch.randint(0, height, (1,), generator=generator).item()),
+        int(torch.randint(0, width, (1,), generator=generator).item()),
     )
     top = min(max(centre[0] - cut_h // 2, 0), height)
     bottom = min(max(centre[0] + cut_h // 2, 0), height)

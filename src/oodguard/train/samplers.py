@@ -66,6 +66,8 @@ def kmeans(
         inertia = float(distances.gather(1, labels[:, None]).sum())
         if best is None or inertia < best[2]:
             best = (labels, centres, inertia)
+    if best is None:  # n_init >= 1 is checked by the caller
+        raise ValueError("kmeans: n_init must be at least 1")
     return best
 
 
@@ -143,7 +145,7 @@ class DiverseOutlierSampler:
         if found is None:
             raise ValueError("DiverseOutlierSampler needs the model's penultimate features: pass head_name= naming "
                              "the final linear layer")  # fmt: skip
-        captured = {}
+        captured: dict[str, torch.Tensor] = {}
         handle = found[1].register_forward_pre_hook(lambda module, args: captured.__setitem__("h", args[0]))
         modes = [(module, module.training) for module in model.modules()]
         try:

@@ -263,14 +263,14 @@ def _motion_blur(x: torch.Tensor, radius: float, sigma: float, angles: torch.Ten
         return x
     taps = torch.arange(width, dtype=torch.float64)
     weights = torch.exp(-(taps**2) / (2 * sigma**2))
-    weights = (weights / weights.sum()).tolist()
+    taps_weight = (weights / weights.sum()).tolist()
     n, _, h, w = x.shape
     ys, xs = _grid(n, h, w, x.dtype, x.device)
     radians = torch.deg2rad(angles.to(x.dtype)).view(n, 1, 1)
     step_y, step_x = torch.sin(radians), torch.cos(radians)
-    out = x * weights[0]
+    out = x * taps_weight[0]
     for i in range(1, width):  # a loop over kernel taps (at most ~41), never over images
-        out = out + weights[i] * _bilinear(x, ys + i * step_y, xs + i * step_x, "nearest")
+        out = out + taps_weight[i] * _bilinear(x, ys + i * step_y, xs + i * step_x, "nearest")
     return out
 
 
@@ -1100,7 +1100,7 @@ class ViewDataset(Dataset):
                 if chunk_labels is not None:
                     labels = chunk_labels.new_empty(index.numel())
             images[mask] = chunk_images[index[mask] - chunk * self.chunk_rows]
-            if labels is not None:
+            if labels is not None and chunk_labels is not None:
                 labels[mask] = chunk_labels[index[mask] - chunk * self.chunk_rows]
         if images is None:
             return []
