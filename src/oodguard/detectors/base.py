@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from oodguard.detectors.params import validate_params
+from oodguard.detectors.params import shown, validate_params
 from oodguard.outputs import ModelOutputs, as_outputs
 
 #: Version 2: one safetensors file with a digest (version 1: config.json + state.safetensors, still read).
@@ -193,7 +193,7 @@ class Detector:
 
     def _param_error(self, param: str, must: str) -> ValueError:
         """The one error format of parameter validation."""
-        return ValueError(f"{self.name}: parameter {param!r} must be {must}; got {getattr(self, param)!r}")
+        return ValueError(f"{self.name}: parameter {param!r} must be {must}; got {shown(getattr(self, param))}")
 
     @classmethod
     def _unknown_params_message(cls, unknown: list[str]) -> str:

@@ -30,6 +30,7 @@ __all__ = [
     "SequenceOf",
     "Text",
     "describe",
+    "shown",
     "validate_params",
 ]
 
@@ -181,14 +182,15 @@ def validate_params(owner: str, constraints: MappingABC[str, list], params: Mapp
         alternatives = constraints[name]
         if any(value is None if a is None else a.is_satisfied_by(value) for a in alternatives):
             continue
-        raise ValueError(f"{owner}: parameter {name!r} must be {describe(alternatives)}; got {_shown(value)}")
+        raise ValueError(f"{owner}: parameter {name!r} must be {describe(alternatives)}; got {shown(value)}")
 
 
 def _number(value: float) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A parameter value as error messages show it: arrays by type and shape, long values cut."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return f"{type(value).__name__} of shape {tuple(value.shape)}"
     text = repr(value)
