@@ -236,6 +236,21 @@ def test_abet_with_a_last_batch_of_one_says_drop_last():
     assert torch.isfinite(result.model(inputs[:1])).all()  # eval mode: one row is fine
 
 
+def test_a_checkpoint_of_a_model_with_tied_weights_round_trips(tmp_path):
+    def tied(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        model[2].weight = model[0].weight
+        return model
+
+    model = tied(0)
+    path = save_checkpoint(tmp_path / "tied.safetensors", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    other = tied(1)
+    load_checkpoint(path, other)
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_checkpoint_of_the_first_release_still_loads(tmp_path):
     """save_checkpoint of the first release, line for line: a "format" header, no kind, no digest."""
     import json
