@@ -213,6 +213,9 @@ def test_weight_cache_hit_miss_and_format(tmp_path, monkeypatch):
     load_or_train(images, labels, 10, **kwargs)  # an unreadable file is retrained and replaced
     with safe_open(str(path), framework="pt") as f:
         assert json.loads(f.metadata()["oodguard"])["model_version"] == digits_model.MODEL_VERSION
+    (tmp_path / "a-file").write_text("where the cache folder should be")
+    third = load_or_train(images, labels, 10, **{**kwargs, "cache_dir": tmp_path / "a-file"})  # trains, no error
+    assert all(torch.equal(first.state_dict()[k], third.state_dict()[k]) for k in first.state_dict())
 
 
 def test_training_key_follows_config_and_data():

@@ -316,6 +316,26 @@ def test_round_trip_model_mode(tmp_path, model_guard, no_unpickling):
     assert config["model"]["factory"] == "guard_factory:make_model" and "model.safetensors" in config["files"]
 
 
+def test_a_guard_saved_in_format_version_1_still_loads(tmp_path, model_guard, no_unpickling):
+    """Version 1 wrote calibration.safetensors with plain save_file and model.safetensors with save_model (no
+    oodguard header): rewrite a saved guard that way, with its checksums, and load it."""
+    from safetensors.torch import save_file, save_model
+
+    from oodguard import persist
+
+    *_, test = model_and_data()
+    directory = tmp_path / "g"
+    model_guard.save(directory)
+    calibration, _ = persist.load(directory / "calibration.safetensors", kind="guard_calibration", versions=1)
+    save_file(calibration, str(directory / "calibration.safetensors"))
+    save_model(model_guard.model, str(directory / "model.safetensors"))
+    config = json.loads((directory / "guard.json").read_text())
+    config["format_version"] = 1
+    config["files"] = {name: persist.sha256_of_file(directory / name) for name in config["files"]}
+    (directory / "guard.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    assert_same_results(model_guard.guard(test), load_guard(directory).guard(test))
+
+
 @pytest.mark.parametrize("name", ["calibration.safetensors", "detector/detector.safetensors", "model.safetensors"])
 def test_tampered_file_is_refused(tmp_path, model_guard, name):
     model_guard.save(tmp_path / "g")

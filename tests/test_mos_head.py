@@ -197,6 +197,22 @@ def test_save_load_round_trip(trained, tmp_path):
         MOSHead.load(tmp_path / "missing.safetensors")
 
 
+def test_a_head_saved_by_the_first_release_still_loads(trained, tmp_path):
+    """MOSHead.save of the first release, line for line: a "format" header, no kind, no digest."""
+    import json
+
+    from safetensors.torch import save_file
+
+    features, _, head = trained
+    header = {"format": "oodguard.MOSHead", "format_version": 1, "group_sizes": head.group_sizes,
+              "training": head.training}  # fmt: skip
+    tensors = {"weight": head.weight.detach().contiguous().cpu(), "bias": head.bias.detach().contiguous().cpu()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"oodguard": json.dumps(header)})
+    loaded = MOSHead.load(tmp_path / "old.safetensors")
+    assert loaded.group_sizes == head.group_sizes and loaded.training == head.training
+    np.testing.assert_array_equal(loaded.logits(features), head.logits(features))
+
+
 # ------------------------------------------------------------------------------------------------ a real CNN
 def test_end_to_end_on_digits_cnn_features():
     torch.manual_seed(0)

@@ -115,6 +115,55 @@ def test_load_refuses_unknown_version(tmp_path):
         ModelOutputs.load(tmp_path / "v.safetensors")
 
 
+def write_first_release(outputs, path):
+    """ModelOutputs.save of the first release, line for line: a "format" header, no kind, no digest."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {f: getattr(outputs, f).contiguous().cpu() for f in ("logits", "features", "labels")}
+    for index, value in enumerate(outputs.layers.values()):
+        tensors[f"layers.{index}"] = value.contiguous().cpu()
+    tensors["head.weight"] = outputs.head[0].contiguous().cpu()
+    tensors["head.bias"] = outputs.head[1].contiguous().cpu()
+    header = {
+        "format": "oodguard.ModelOutputs",
+        "format_version": 1,
+        "layer_names": list(outputs.layers),
+        "array_type": outputs.array_type,
+        "num_rows": len(outputs),
+    }
+    save_file(tensors, str(path), metadata={"oodguard": json.dumps(header)})
+
+
+def test_files_of_the_first_release_still_load(tmp_path):
+    from oodguard.outputs import read_outputs
+
+    out = make()
+    write_first_release(out, tmp_path / "old.safetensors")
+    for back in (ModelOutputs.load(tmp_path / "old.safetensors"), read_outputs(tmp_path / "old.safetensors")):
+        for field in ("logits", "features", "labels"):
+            assert torch.equal(getattr(back, field), getattr(out, field))
+        assert torch.equal(back.layers["block"], out.layers["block"]) and torch.equal(back.head[1], out.head[1])
+        assert back.array_type == "numpy"
+
+
+def test_read_outputs_refuses_an_edited_outputs_file(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from oodguard.outputs import read_outputs
+
+    make().save(tmp_path / "o.safetensors")
+    with safe_open(str(tmp_path / "o.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    tensors["logits"][0, 0] += 1
+    save_file(tensors, str(tmp_path / "o.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="modified after it was written"):
+        read_outputs(tmp_path / "o.safetensors")
+
+
 def test_as_outputs_from_mapping_and_npz(tmp_path):
     np.savez(tmp_path / "o.npz", logits=np.zeros((3, 2)), labels=np.array([0, 1, 0]))
     out = as_outputs(np.load(tmp_path / "o.npz"))

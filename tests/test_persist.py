@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -45,6 +47,34 @@ def test_round_trip_of_dtypes_shapes_shared_memory_and_header(tmp_path):
     assert sorted(os.listdir(path.parent)) == ["x.safetensors"]  # no temporary file left
 
 
+def test_the_digest_is_sha256_over_the_header_and_each_tensor_length_framed(tmp_path):
+    """Worked out independently of persist: the canonical serialisation must never drift, or files already
+    written stop loading."""
+    path = persist.save(
+        tmp_path / "x.safetensors",
+        {"b": torch.tensor([1, 2], dtype=torch.int16), "a": torch.zeros(0, 3)},
+        kind="k",
+        version=4,
+        header={"z": 1},
+    )
+    text = '{"format_version": 4, "kind": "k", "z": 1}'
+    parts = [text.encode(), b"a", b"torch.float32|[0, 3]", b"", b"b", b"torch.int16|[2]", b"\x01\x00\x02\x00"]
+    expected = hashlib.sha256(b"".join(len(p).to_bytes(8, "little") + p for p in parts)).hexdigest()
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == {persist.HEADER_KEY: text, persist.DIGEST_KEY: expected}
+    assert persist.verify(path) == {"z": 1, "kind": "k", "format_version": 4}
+
+
+def test_saved_files_get_the_permissions_of_a_plain_open(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    path = persist.save(tmp_path / "x.safetensors", {"w": torch.ones(1)}, kind="k", version=1)
+    side = persist.write_json_atomic(tmp_path / "x.json", {})
+    direct = persist.save(tmp_path / "y.safetensors", {"w": torch.ones(1)}, kind="k", version=1, atomic=False)
+    for written in (path, side, direct):
+        assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode), written
+
+
 def rewrite(path, metadata=None, tensors_=None):
     with safe_open(str(path), framework="pt") as handle:
         old_metadata = handle.metadata()
@@ -65,6 +95,17 @@ def test_edited_header_and_changed_tensor_are_refused(tmp_path):
     rewrite(path, tensors_={"w": torch.tensor([1.0, 1.0, 2.0])})
     with pytest.raises(ValueError, match="modified after it was written"):
         persist.load(path, kind="k", versions=1)
+
+
+def test_a_file_whose_digest_was_removed_is_refused(tmp_path):
+    path = persist.save(tmp_path / "x.safetensors", {"w": torch.ones(3)}, kind="k", version=1)
+    with safe_open(str(path), framework="pt") as handle:
+        header_text = handle.metadata()[persist.HEADER_KEY]
+    rewrite(path, metadata={persist.HEADER_KEY: header_text}, tensors_={"w": torch.zeros(3)})
+    with pytest.raises(ValueError, match="modified after it was written .*digest is missing"):
+        persist.load(path, kind="k", versions=1)
+    with pytest.raises(ValueError, match="digest is missing"):
+        persist.verify(path)
 
 
 def test_a_flipped_byte_is_refused(tmp_path):
@@ -94,6 +135,14 @@ def test_truncated_foreign_wrong_kind_and_unknown_version_are_refused(tmp_path):
         persist.load(path, kind="detector", versions=1)
     with pytest.raises(FileNotFoundError):
         persist.load(tmp_path / "missing.safetensors", kind="detector", versions=2)
+    with pytest.raises(FileNotFoundError):
+        persist.read_header(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        persist.read_header(tmp_path / "cut.safetensors")
+    header = {"format": "somebody.else", "format_version": 1}
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"oodguard": json.dumps(header)})
+    with pytest.raises(ValueError, match="holds no kind oodguard knows \\(format 'somebody.else'\\), not a 'detector'"):
+        persist.load(tmp_path / "other.safetensors", kind="detector", versions=1)
 
 
 def test_header_must_be_plain_json(tmp_path):
@@ -103,6 +152,10 @@ def test_header_must_be_plain_json(tmp_path):
         persist.save(tmp_path / "x.safetensors", {}, kind="k", version=1, header={"x": object()})
     with pytest.raises(TypeError, match="expected a torch.Tensor"):
         persist.save(tmp_path / "x.safetensors", {"a": [1, 2]}, kind="k", version=1)
+    with pytest.raises(ValueError, match=r"must not set \['kind'\]; pass them as kind= and version="):
+        persist.save(tmp_path / "x.safetensors", {}, kind="k", version=1, header={"kind": "other"})
+    with pytest.raises(TypeError, match="version must be an int"):
+        persist.save(tmp_path / "x.safetensors", {}, kind="k", version="1")
     assert not list(tmp_path.iterdir())
 
 
@@ -158,31 +211,43 @@ def test_an_unwritable_cache_folder_is_not_an_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_in_the_middle_of_saves_never_leaves_a_file_that_loads_wrong(tmp_path):
-    """A process saving a large file over and over is killed with SIGKILL; the path then holds a complete,
-    verified file or nothing."""
-    target = tmp_path / "big.safetensors"
+@pytest.mark.parametrize("phase, delay", [("write_bytes_atomic", 0.01), ("write_bytes_atomic", 0.05), ("save", 0.05),
+                                          ("save", 0.3)])  # fmt: skip
+def test_kill_9_in_the_middle_of_a_write_never_leaves_a_torn_file(tmp_path, phase, delay):
+    """A process writing large files over and over is killed with SIGKILL just after it starts a write (its first
+    round completed); each path then holds one complete, verified version and no visible temporary file. (Recent
+    safetensors write atomically themselves: the side file checks write_bytes_atomic on its own.)"""
+    target, side = tmp_path / "big.safetensors", tmp_path / "side.bin"
     script = textwrap.dedent(
         f"""
         import torch
         from oodguard import persist
-        big = torch.zeros(40_000_000)  # 160 MB
+        big = torch.zeros(40_000_000)  # 160 MB: a write takes a good fraction of a second
         i = 0
         while True:
+            data = b"%08d" % i + bytes(200_000_000)
+            print("write_bytes_atomic", i, flush=True)
+            persist.write_bytes_atomic({str(side)!r}, data)
             big[0] = i
+            print("save", i, flush=True)
             persist.save({str(target)!r}, {{"w": big}}, kind="k", version=1, header={{"i": i}})
             i += 1
         """
     )
-    for delay in (0.3, 1.1, 2.3):
-        process = subprocess.Popen([sys.executable, "-c", script])
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.split() == [phase, "1"]:
+                break
         time.sleep(delay)
+    finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-        if target.exists():
-            loaded, header = persist.load(target, kind="k", versions=1)
-            assert float(loaded["w"][0]) == header["i"]
-        leftovers = [p.name for p in tmp_path.iterdir() if p.name != "big.safetensors"]
-        for name in leftovers:  # hidden temporary files of the killed write may remain; never the target
-            assert name.startswith("."), name
-            (tmp_path / name).unlink()
+        if process.stdout is not None:
+            process.stdout.close()
+    loaded, header = persist.load(target, kind="k", versions=1)
+    assert float(loaded["w"][0]) == header["i"] and header["i"] >= 0
+    assert side.stat().st_size == 200_000_008
+    for path in tmp_path.iterdir():  # a killed write may leave its hidden temporary file; never a visible one
+        assert path in (target, side) or path.name.startswith("."), path.name

@@ -114,6 +114,7 @@ def test_save_writes_every_format(results, tmp_path):
     assert "| rank | detector |" in markdown and "failed:" in markdown
     page = paths["html"].read_text()
     assert "<script src" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())  # no temporaries
 
 
 def _chromium() -> str | None:

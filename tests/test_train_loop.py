@@ -236,6 +236,51 @@ def test_abet_with_a_last_batch_of_one_says_drop_last():
     assert torch.isfinite(result.model(inputs[:1])).all()  # eval mode: one row is fine
 
 
+def test_a_checkpoint_of_a_model_with_tied_weights_round_trips(tmp_path):
+    def tied(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        model[2].weight = model[0].weight
+        return model
+
+    model = tied(0)
+    path = save_checkpoint(tmp_path / "tied.safetensors", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    other = tied(1)
+    load_checkpoint(path, other)
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_checkpoint_of_the_first_release_still_loads(tmp_path):
+    """save_checkpoint of the first release, line for line: a "format" header, no kind, no digest."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = toy_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    inputs, labels, _ = toy_data()
+    nn.functional.cross_entropy(model(inputs), labels).backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    stored = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    stored.update({f"optimizer.{i}.{k}": v.clone() for i, e in state["state"].items() for k, v in e.items()})
+    stored["extra.rng"] = torch.get_rng_state()
+    optimizer_json = {"type": "SGD", "param_groups": state["param_groups"], "scalars": {}}
+    header = {"format": "oodguard.train.checkpoint", "format_version": 1, "optimizer": optimizer_json,
+              "meta": {"epoch": 1}}  # fmt: skip
+    save_file(stored, str(tmp_path / "old.safetensors"), metadata={"oodguard": json.dumps(header, sort_keys=True)})
+    other = toy_model(seed=9)
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.5, momentum=0.9)
+    meta, extra = load_checkpoint(tmp_path / "old.safetensors", other, other_optimizer)
+    assert meta == {"epoch": 1} and torch.equal(extra["rng"], stored["extra.rng"])
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert other_optimizer.state_dict()["param_groups"] == state["param_groups"]
+    for index, entry in state["state"].items():
+        assert torch.equal(other_optimizer.state_dict()["state"][index]["momentum_buffer"], entry["momentum_buffer"])
+
+
 def test_truncated_or_foreign_checkpoints_raise_value_errors_naming_the_file(tmp_path):
     path = save_checkpoint(tmp_path / "ckpt.safetensors", toy_model(), meta={"epoch": 1})
     data = path.read_bytes()

@@ -1,10 +1,10 @@
-"""The one file format of oodguard: outputs, detectors, heads, guards' tensors, checkpoints and caches.
+"""One file format for everything oodguard writes: outputs, detectors, heads, guards' tensors, checkpoints, caches.
 
-One safetensors file per object. Its metadata holds ``"oodguard"``, the JSON header ``{"kind": ..., "format_version":
-..., ...}``, and ``"oodguard.sha256"``, a digest over the header and every tensor (name, dtype, shape, bytes), so a
-flipped byte or an edited header is refused on load. Writes are atomic: a temporary file in the same folder,
-flushed and fsynced, then renamed over the target, so a crash mid-save leaves the old file or nothing, never a
-torn one. Files written before the digest existed (header key ``"format"``) still load, without the check.
+One safetensors file per object; its metadata holds ``"oodguard"``, the JSON header ``{"kind", "format_version", ...}``,
+and ``"oodguard.sha256"``, a digest over the header text and every tensor (by sorted name: name, dtype, shape, bytes,
+each length-framed), so a flipped byte or an edited header is refused on load. Writes go to a temporary file in the
+same folder, fsynced and renamed over the target: a crash leaves the old file or the new one, never a torn one. Files
+of the first release (header ``"format"``, see :data:`LEGACY_FORMATS`) carry no digest; they load unchecked.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Collection, Mapping
+import secrets
+import stat
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "save",
     "save_cache",
     "sha256_of_file",
+    "verify",
     "write_bytes_atomic",
     "write_json_atomic",
 ]
@@ -38,6 +40,7 @@ LEGACY_FORMATS = {
     "oodguard.MOSHead": "mos_head",
     "oodguard.train.checkpoint": "checkpoint",
 }
+_RESERVED = ("kind", "format_version")
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -50,22 +53,19 @@ def save(
     header: Mapping[str, Any] | None = None,
     atomic: bool = True,
 ) -> Path:
-    """Write ``tensors`` and a JSON ``header`` of the given ``kind`` and format ``version`` to one file."""
+    """Write ``tensors`` and a JSON ``header`` of the given ``kind`` and format ``version`` to one file.
+
+    Tensors are stored detached, contiguous and on the CPU. ``header`` must be plain JSON (no NaN) and must not
+    set ``kind`` or ``format_version``. Returns ``path``.
+    """
     path = Path(path)
+    text = _header_text(path, kind, version, header)
     stored = _prepared(tensors)
-    full_header = {**dict(header or {}), "kind": kind, "format_version": version}
-    try:
-        text = json.dumps(full_header, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"{path}: the header must be plain JSON (no NaN, no objects): {error}") from error
     metadata = {HEADER_KEY: text, DIGEST_KEY: _digest(text, stored)}
     from safetensors.torch import save_file
 
-    if not atomic:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(stored, str(path), metadata=metadata)
-        return path
-    return _write_atomic(path, lambda temporary: save_file(stored, temporary, metadata=metadata))
+    write = lambda target: save_file(stored, str(target), metadata=metadata)
+    return _write_atomic(path, write) if atomic else _write_in_place(path, write)
 
 
 def save_cache(
@@ -86,11 +86,11 @@ def save_cache(
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, fsync and an atomic rename."""
-    return _write_atomic(Path(path), lambda temporary: Path(temporary).write_bytes(data))
+    return _write_atomic(Path(path), lambda temporary: temporary.write_bytes(data))
 
 
 def write_json_atomic(path: str | os.PathLike, value: Any) -> Path:
-    """Write ``value`` as indented JSON, atomically."""
+    """Write ``value`` as indented JSON with sorted keys, atomically."""
     return write_bytes_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -98,30 +98,25 @@ def write_json_atomic(path: str | os.PathLike, value: Any) -> Path:
 def load(
     path: str | os.PathLike, *, kind: str, versions: Collection[int] | int
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and header of a file written by :func:`save`, after checking its kind, version and digest."""
-    from safetensors import safe_open
+    """The tensors and the full header (``kind`` and ``format_version`` included) of a file written by :func:`save`.
 
+    Raises FileNotFoundError for a missing file and ValueError, naming the file, for one that is not safetensors
+    or is truncated, has no oodguard header, holds another kind or an unsupported version, or fails its digest.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:  # safetensors raises its own error types for truncated and foreign files
-        raise ValueError(f"{path} is not a readable safetensors file ({error}); write it again") from error
+    metadata, tensors = _read(path)
     header = _header(path, metadata)
     found = header.get("kind")
     if found != kind:
-        raise ValueError(f"{path} holds a {found!r}, not a {kind!r}")
+        what = f"a {found!r}" if found is not None else f"no kind oodguard knows (format {header.get('format')!r})"
+        raise ValueError(f"{path} holds {what}, not a {kind!r}")
     accepted = {versions} if isinstance(versions, int) else set(versions)
     if header.get("format_version") not in accepted:
         raise ValueError(
             f"{path}: {kind} format version {header.get('format_version')!r} is not supported (this oodguard reads "
             f"version {', '.join(map(str, sorted(accepted)))}); write it again with this version of oodguard"
         )
-    if DIGEST_KEY in metadata and _digest(metadata[HEADER_KEY], tensors) != metadata[DIGEST_KEY]:
-        raise ValueError(f"{path} was modified after it was written or is damaged (sha256 mismatch); write it again")
+    _check_digest(path, metadata, tensors)
     return tensors, header
 
 
@@ -136,16 +131,28 @@ def load_cache(
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of an oodguard file, without reading its tensors."""
+    """The JSON header of an oodguard file, without reading its tensors (and so without checking its digest)."""
     from safetensors import safe_open
 
-    path = Path(path)
+    path = _existing(Path(path))
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-    except Exception as error:
+    except Exception as error:  # safetensors raises its own error types for truncated and foreign files
         raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
     return _header(path, metadata)
+
+
+def verify(path: str | os.PathLike) -> dict[str, Any]:
+    """Check an oodguard file of any kind against its digest; return its header. Errors as in :func:`load`.
+
+    A first-release file has no digest: it passes when it is readable.
+    """
+    path = Path(path)
+    metadata, tensors = _read(path)
+    header = _header(path, metadata)
+    _check_digest(path, metadata, tensors)
+    return header
 
 
 def sha256_of_file(path: str | os.PathLike) -> str:
@@ -158,24 +165,81 @@ def sha256_of_file(path: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _write_atomic(path: Path, write: Any) -> Path:
-    """``write(temporary_path)``, then fsync it and rename it over ``path``; the temporary file never survives."""
+def _header_text(path: Path, kind: str, version: int, header: Mapping[str, Any] | None) -> str:
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"{path}: kind must be a non-empty string, got {kind!r}")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise TypeError(f"{path}: version must be an int, got {version!r}")
+    header = dict(header or {})
+    clash = [key for key in _RESERVED if key in header]
+    if clash:
+        raise ValueError(f"{path}: the header must not set {clash}; pass them as kind= and version=")
+    try:
+        return json.dumps({**header, "kind": kind, "format_version": version}, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{path}: the header must be plain JSON (no NaN, no objects): {error}") from error
+
+
+def _write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(temporary)``, then fsync it and rename it over ``path``; the temporary file never survives."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    temporary, mode = _new_temporary(path)
     try:
         write(temporary)
+        os.chmod(temporary, mode)  # recent safetensors swap in a file of their own, readable by its owner only
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
+        if os.path.lexists(temporary):
             os.remove(temporary)
     _fsync_folder(path.parent)
     return path
 
 
+def _write_in_place(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(path)`` directly (a crash leaves a torn file); a new file gets the permissions of a plain ``open``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))  # an existing file keeps its permissions
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    write(path)
+    os.chmod(path, mode)
+    return path
+
+
+def _new_temporary(path: Path) -> tuple[Path, int]:
+    """A new empty file beside ``path`` and the permissions a plain ``open`` gives (0o666 less the umask), which
+    the target gets (mkstemp's would make it readable by its owner only)."""
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return temporary, stat.S_IMODE(os.stat(temporary).st_mode)
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for truncated and foreign files
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); write it again") from error
+    return metadata, tensors
+
+
 def _header(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The parsed header; a first-release header gets the ``kind`` its ``format`` stands for."""
     if HEADER_KEY not in metadata:
         raise ValueError(f"{path} was not written by oodguard (its metadata has no {HEADER_KEY!r} header)")
     try:
@@ -187,6 +251,17 @@ def _header(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
     if "kind" not in header and header.get("format") in LEGACY_FORMATS:
         header = {**header, "kind": LEGACY_FORMATS[header["format"]]}
     return header
+
+
+def _check_digest(path: Path, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Only first-release files (no ``kind`` in the stored header) may lack the digest; they cannot be checked."""
+    damaged = f"{path} was modified after it was written or is damaged"
+    if DIGEST_KEY not in metadata:
+        if "kind" in json.loads(metadata[HEADER_KEY]):
+            raise ValueError(f"{damaged} (its sha256 digest is missing); write it again")
+        return
+    if _digest(metadata[HEADER_KEY], tensors) != metadata[DIGEST_KEY]:
+        raise ValueError(f"{damaged} (sha256 mismatch); write it again")
 
 
 def _prepared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -213,11 +288,13 @@ def _digest(header_text: str, tensors: Mapping[str, torch.Tensor]) -> str:
         tensor = tensors[name].detach().to("cpu").contiguous()
         _framed(digest, name.encode())
         _framed(digest, f"{tensor.dtype}|{list(tensor.shape)}".encode())
-        _framed(digest, tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # the bytes as a uint8 view: hashed in place, no copy of a large tensor
+        _framed(digest, tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
-def _framed(digest: Any, data: bytes) -> None:
+def _framed(digest: Any, data: Any) -> None:
+    """``len(data)`` as 8 little-endian bytes, then ``data`` (bytes or a 1-d uint8 array)."""
     digest.update(len(data).to_bytes(8, "little"))
     digest.update(data)
 

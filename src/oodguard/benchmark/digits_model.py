@@ -219,7 +219,8 @@ def load_or_train(
 
     Weights are stored as safetensors (never pickle) in ``cache_dir`` (default ``default_cache_dir()``) under
     a name keyed by ``training_key``; a changed config or training set gets a new key and is trained anew.
-    An unreadable cache file is replaced. The write is atomic (temporary file + rename).
+    An unreadable cache file is replaced. The write is atomic (temporary file + rename); an unwritable cache
+    folder only means training again next time.
 
     Returns
     -------
@@ -237,7 +238,7 @@ def load_or_train(
             pass  # weights of another architecture: retrain and overwrite them below
     model = _train(images, labels, config, progress)
     header = {"model_version": MODEL_VERSION, "config": asdict(config)}
-    persist.save(path, model.state_dict(), kind=CACHE_KIND, version=1, header=header)
+    persist.save_cache(path, model.state_dict(), kind=CACHE_KIND, version=1, header=header)
     return model
 
 

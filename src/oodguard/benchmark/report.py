@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from oodguard import metrics
+from oodguard import metrics, persist
 
 if TYPE_CHECKING:
     from oodguard.benchmark.results import Results
@@ -72,7 +72,7 @@ def write_report(results: Results, path: str | Path) -> Path:
     path = Path(path)
     data = json.dumps(report_data(results), allow_nan=False, default=str).replace("</", "<\\/")
     title = html.escape(f"oodguard — {results.benchmark}")
-    path.write_text(_TEMPLATE.replace("__TITLE__", title).replace("__DATA__", data))
+    persist.write_bytes_atomic(path, _TEMPLATE.replace("__TITLE__", title).replace("__DATA__", data).encode())
     return path
 
 

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from oodguard import persist
+
 #: Metrics reported per detector and OOD set, each with a bootstrap interval.
 REPORTED = {
     "auroc": "auroc",
@@ -69,7 +71,7 @@ class Results:
             "markdown": directory / "leaderboard.md",
             "html": directory / "report.html",
         }
-        self.table.to_csv(paths["csv"], index=False)
+        persist.write_bytes_atomic(paths["csv"], self.table.to_csv(index=False).encode())
         payload = {
             "benchmark": self.benchmark,
             "id_accuracy": self.id_accuracy,
@@ -80,8 +82,8 @@ class Results:
             "results": self.table.to_dict(orient="records"),
             "leaderboard": self.leaderboard().to_dict(orient="records"),
         }
-        paths["json"].write_text(json.dumps(payload, indent=2, default=_json_default))
-        paths["markdown"].write_text(self.to_markdown())
+        persist.write_bytes_atomic(paths["json"], json.dumps(payload, indent=2, default=_json_default).encode())
+        persist.write_bytes_atomic(paths["markdown"], self.to_markdown().encode())
         write_report(self, paths["html"])
         return paths
 

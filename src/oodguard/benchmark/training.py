@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from oodguard import metrics
+from oodguard import metrics, persist
 from oodguard.benchmark.results import Results
 from oodguard.benchmark.runner import extract_benchmark, run_on_outputs
 from oodguard.benchmark.spec import Benchmark
@@ -302,10 +302,11 @@ class TrainingResults:
         """Write the runner's files (CSV, JSON, HTML report) plus ``leaderboard.md`` (this summary followed by
         the per-row group means) and ``training.json`` (summary and runs)."""
         paths = self.results.save(directory)
-        paths["markdown"].write_text(self.to_markdown() + "\n## All rows\n\n" + self.results.to_markdown())
+        markdown = self.to_markdown() + "\n## All rows\n\n" + self.results.to_markdown()
+        persist.write_bytes_atomic(paths["markdown"], markdown.encode())
         paths["training"] = Path(directory) / "training.json"
         payload = {"reference": self.reference, "summary": self.summary.to_dict(orient="records"), "runs": self.runs}
-        paths["training"].write_text(json.dumps(payload, indent=2, default=str))
+        persist.write_bytes_atomic(paths["training"], json.dumps(payload, indent=2, default=str).encode())
         return paths
 
 

@@ -57,7 +57,7 @@ def save_checkpoint(
     path = Path(path)
     stored: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        stored[f"model.{name}"] = tensor.detach().cpu().clone().contiguous()  # clone: tied weights share memory
+        stored[f"model.{name}"] = tensor  # persist copies tied weights (shared memory) itself
     optimizer_json: dict[str, Any] | None = None
     if optimizer is not None:
         state = optimizer.state_dict()
@@ -65,13 +65,13 @@ def save_checkpoint(
         for index, entry in state["state"].items():
             for key, value in entry.items():
                 if isinstance(value, torch.Tensor):
-                    stored[f"optimizer.{index}.{key}"] = value.detach().cpu().clone().contiguous()
+                    stored[f"optimizer.{index}.{key}"] = value
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         optimizer_json = {"type": type(optimizer).__name__, "param_groups": _encode(state["param_groups"]),
                           "scalars": _encode(scalars)}  # fmt: skip
     for name, tensor in (tensors or {}).items():
-        stored[f"extra.{name}"] = tensor.detach().cpu().clone().contiguous()
+        stored[f"extra.{name}"] = tensor
     header = {"optimizer": optimizer_json, "meta": dict(meta or {})}
     try:
         json.dumps(header, allow_nan=False)
