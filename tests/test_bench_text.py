@@ -101,6 +101,7 @@ def hashed(tmp_path_factory):
     return text_benchmark(cache_dir=cache, progress=False, encoder=HashingEncoder()), cache
 
 
+@pytest.mark.slow  # builds the whole text benchmark
 def test_benchmark_structure(hashed):
     bench, _ = hashed
     assert bench.name == "text"
@@ -115,6 +116,7 @@ def test_benchmark_structure(hashed):
         assert bench.model(bench.fit.data).shape == (1500, len(CLASS_NAMES))
 
 
+@pytest.mark.slow  # builds the whole text benchmark
 def test_zero_shot_params_follow_neglabel_mining(hashed):
     bench, _ = hashed
     params = bench.detector_params
@@ -137,6 +139,7 @@ def test_zero_shot_params_follow_neglabel_mining(hashed):
     assert params["neglabel"]["groups"] == params["lapt"]["groups"] == 7  # about 100 negatives per group
 
 
+@pytest.mark.slow  # builds the whole text benchmark
 def test_zero_shot_detectors_run_by_default(hashed):
     bench, cache = hashed
     fit = extract_benchmark(bench, cache_dir=cache / "outputs", progress=False)["fit"]

@@ -205,6 +205,7 @@ def test_save_load_round_trip(cnn, images, tmp_path):
     torch.testing.assert_close(loaded.base_detector().state_["basis"], det.base_detector().state_["basis"])
 
 
+@pytest.mark.slow  # trains a CNN
 def test_direction_noise_scores_higher():
     """A CNN trained briefly on ten noisy templates: uniform-noise images score higher than held-out digits."""
     g = torch.Generator().manual_seed(0)

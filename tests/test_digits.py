@@ -240,6 +240,7 @@ def test_default_cache_dir_reads_environment(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------- benchmark
+@pytest.mark.slow  # builds the whole benchmark and trains its CNN
 def test_benchmark_structure(bench):
     assert bench.name == "digits" and bench.validation is not None
     assert [len(s.data) for s in (bench.fit, bench.validation, bench.test)] == [3000, 1000, 1000]
@@ -266,12 +267,14 @@ def test_benchmark_structure(bench):
     assert "BSD-3" in bench.notes["mnist"] and "DejaVu" in bench.notes["letters"]
 
 
+@pytest.mark.slow  # builds the whole benchmark and trains its CNN
 def test_benchmark_splits_are_disjoint(bench):
     fit, validation, test = (_rows(s.data) for s in (bench.fit, bench.validation, bench.test))
     assert len(fit) == 3000 and len(validation) == 1000 and len(test) == 1000, "no repeated rows"
     assert not fit & validation and not fit & test and not validation & test
 
 
+@pytest.mark.slow  # builds the whole benchmark and trains its CNN
 def test_benchmark_model_accuracy(bench):
     model = bench.model
     assert not model.training and isinstance(list(model.modules())[-1], torch.nn.Linear)
@@ -280,6 +283,7 @@ def test_benchmark_model_accuracy(bench):
     assert accuracy >= 0.97
 
 
+@pytest.mark.slow  # builds the whole benchmark and trains its CNN
 def test_benchmark_second_call_uses_caches(bench, cache, monkeypatch):
     monkeypatch.setattr(digits, "_build_arrays", lambda seed: pytest.fail("arrays should come from the cache"))
     monkeypatch.setattr(digits_model, "_train", lambda *a: pytest.fail("weights should come from the cache"))
@@ -288,6 +292,7 @@ def test_benchmark_second_call_uses_caches(bench, cache, monkeypatch):
     assert torch.equal(again.model.head.weight, bench.model.head.weight)
 
 
+@pytest.mark.slow  # builds the whole benchmark and trains its CNN
 def test_open_set_benchmark(open_bench, arrays):
     bench = open_bench
     assert bench.name == "digits-open-set" and bench.model.head.out_features == 6

@@ -157,6 +157,7 @@ def test_determinism_with_seed():
     assert torch.equal(mixed[0].weight, mixed[1].weight) and not torch.equal(mixed[0].weight, first.weight)
 
 
+@pytest.mark.slow  # SGD needs many steps
 def test_sgd_official_optimiser_runs_and_learns():
     features, labels = clusters(per_class=20)
     head = train_mos_head(features, labels, GROUPS, optimizer="sgd", lr=0.003, progress=False)

@@ -31,6 +31,7 @@ def test_same_optimum_as_sklearn_logistic_regression():
     np.testing.assert_allclose(probabilities, reference.predict_proba(x.numpy().astype(np.float64)), atol=1e-4)
 
 
+@pytest.mark.slow  # three trainings to convergence
 def test_stronger_weight_decay_gives_smaller_weights_and_seed_does_not_matter():
     x, y = blobs()
     weak, strong = train_linear_head(x, y, weight_decay=1e-3), train_linear_head(x, y, weight_decay=1.0)
@@ -51,6 +52,7 @@ def test_extract_finds_the_head_and_features_are_the_embeddings():
     torch.testing.assert_close(outputs.head[1], head.linear.bias.detach())
 
 
+@pytest.mark.slow  # three trainings to convergence
 def test_head_cache_reuses_and_retrains_on_new_data(tmp_path):
     x, y = blobs()
     first = load_or_train_head(x, y, 3, cache_dir=tmp_path)
