@@ -183,3 +183,24 @@ def test_model_detectors_that_need_images_are_left_out_for_other_inputs():
     assert set(_model_detectors_for(torch.zeros(3, 1, 8, 8))) == every - {"nac_layers"}
     assert set(_model_detectors_for(torch.zeros(3, 384), params)) == every - {"cover"}
     assert set(_model_detectors_for(object(), params)) == every  # not inspectable: kept, failures are reported
+
+
+def test_run_refuses_bad_parameters_before_running_the_model(monkeypatch):
+    from oodguard.benchmark import runner
+    from oodguard.benchmark.spec import Benchmark
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("the model ran before the parameters were checked")
+
+    monkeypatch.setattr(runner, "extract_benchmark", no_extraction)
+    benchmark = Benchmark.__new__(Benchmark)  # only detector_params is read before extraction
+    object.__setattr__(benchmark, "detector_params", {})
+    with pytest.raises(ValueError, match="knn: parameter 'k' must be an integer >= 1; got 0"):
+        runner.run(benchmark, ["knn"], params={"knn": {"k": 0}}, progress=False)
+
+
+def test_clone_is_exported_from_the_detector_package():
+    from oodguard import detectors
+
+    twin = detectors.clone(detectors.create("knn", k=5))
+    assert twin.get_params() == {"k": 5, "ratio": 1.0, "seed": 0} and not twin.is_fitted

@@ -85,6 +85,8 @@ def run(
     """
     from oodguard.extraction.model_runner import ModelRunner
 
+    given = merge_params(benchmark.detector_params, params)
+    check_params([name for name in given if name in detector_registry.available()], given)  # before any work
     outputs = extract_benchmark(benchmark, device=device, cache_dir=cache_dir, progress=progress)
     fit = outputs[benchmark.fit.name]
     params = merge_params(benchmark.detector_params, params)

@@ -6,12 +6,16 @@ Every detector returns scores where **higher = more likely out-of-distribution**
 from oodguard.detectors.base import (
     Detector,
     NotFittedError,
+    OutputDetector,
+    Source,
     available,
+    clone,
     create,
     implementation,
     info,
     load,
     needs_model,
+    protocol,
     register,
 )
 
@@ -22,10 +26,14 @@ from oodguard.detectors import model  # noqa: E402,F401  isort: skip
 __all__ = [
     "Detector",
     "NotFittedError",
+    "OutputDetector",
+    "Source",
     "available",
+    "clone",
     "create",
     "implementation",
     "info",
+    "protocol",
     "load",
     "needs_model",
     "register",
