@@ -147,8 +147,8 @@ def mos_loss(
 
 
 # --------------------------------------------------------------------------------------------- the head
-def _features_in(features: Any, labels: Any, where: str) -> tuple[ModelOutputs, bool]:
-    """Validated rows as a ModelOutputs (features, optional labels) and whether the caller gave numpy."""
+def _features_in(features: Any, labels: Any, where: str) -> tuple[ModelOutputs, torch.Tensor, bool]:
+    """Validated rows as a ModelOutputs (features, optional labels), the features and whether numpy was given."""
     if isinstance(features, ModelOutputs):
         if features.features is None:
             raise ValueError(
@@ -157,9 +157,12 @@ def _features_in(features: Any, labels: Any, where: str) -> tuple[ModelOutputs, 
             )
         if labels is not None:
             features = features.with_fields(labels=labels)
-        return features, features.array_type == "numpy"
-    outputs = ModelOutputs(features=features, labels=labels)
-    return outputs, outputs.array_type == "numpy"
+        outputs = features
+    else:
+        outputs = ModelOutputs(features=features, labels=labels)
+    if outputs.features is None:
+        raise ValueError(f"{where}: features are required; pass an array [N, D] or ModelOutputs with features")
+    return outputs, outputs.features, outputs.array_type == "numpy"
 
 
 class MOSHead:
@@ -186,7 +189,8 @@ class MOSHead:
     ) -> None:
         self.group_sizes = check_group_sizes(group_sizes, "MOSHead")
         checked = ModelOutputs(head=(weight, bias))  # shape, dtype and finite checks
-        self.weight, self.bias = checked.head  # type: ignore[misc]
+        assert checked.head is not None  # given above
+        self.weight, self.bias = checked.head
         width = sum(self.group_sizes) + len(self.group_sizes)
         if self.weight.shape[0] != width:
             raise ValueError(
@@ -210,8 +214,7 @@ class MOSHead:
     def __repr__(self) -> str:
         return f"MOSHead(C={self.num_classes}, K={self.num_groups}, D={self.feature_dim}, groups={self.group_sizes})"
 
-    def _logits(self, outputs: ModelOutputs, where: str) -> torch.Tensor:
-        features = outputs.features
+    def _logits(self, features: torch.Tensor, where: str) -> torch.Tensor:
         if features.shape[1] != self.feature_dim:
             raise ValueError(
                 f"{where}: features have D={features.shape[1]} columns but this head was trained on D="
@@ -223,8 +226,8 @@ class MOSHead:
 
     def logits(self, features: ArrayLike | ModelOutputs) -> ArrayLike:
         """The ``C + K`` group-softmax logits ``[N, C + K]`` (numpy in, numpy out)."""
-        outputs, is_numpy = _features_in(features, None, "MOSHead.logits")
-        logits = self._logits(outputs, "MOSHead.logits")
+        _, rows, is_numpy = _features_in(features, None, "MOSHead.logits")
+        logits = self._logits(rows, "MOSHead.logits")
         return logits.cpu().numpy() if is_numpy else logits
 
     def outputs(self, features: ArrayLike | ModelOutputs, labels: ArrayLike | None = None) -> ModelOutputs:
@@ -234,8 +237,8 @@ class MOSHead:
         fields (layers, labels) are kept and logits and head are replaced. The outputs' ``num_classes`` is then
         ``C + K`` (the head's width): feed them to MOS, not to detectors that read the classes from the logits.
         """
-        outputs, is_numpy = _features_in(features, labels, "MOSHead.outputs")
-        logits = self._logits(outputs, "MOSHead.outputs")
+        outputs, rows, is_numpy = _features_in(features, labels, "MOSHead.outputs")
+        logits = self._logits(rows, "MOSHead.outputs")
         if is_numpy:
             head = (self.weight.cpu().numpy(), self.bias.cpu().numpy())
             return outputs.with_fields(logits=logits.cpu().numpy(), head=head)
@@ -253,11 +256,11 @@ class MOSHead:
 
     def loss(self, features: ArrayLike | ModelOutputs, labels: ArrayLike | None = None) -> float:
         """Mean group-softmax loss of this head on labelled features (labels ``0..C-1``), in float64."""
-        outputs, _ = _features_in(features, labels, "MOSHead.loss")
+        outputs, rows, _ = _features_in(features, labels, "MOSHead.loss")
         if outputs.labels is None:
             raise ValueError("MOSHead.loss: labels are required; pass labels=[N] class ids")
         _check_labels(outputs.labels, self.num_classes, "MOSHead.loss")
-        logits = self._logits(outputs, "MOSHead.loss").to(torch.float64)
+        logits = self._logits(rows, "MOSHead.loss").to(torch.float64)
         return float(mos_loss(logits, outputs.labels.to(logits.device), self.group_sizes))
 
     # ------------------------------------------------------------------ saving
@@ -277,7 +280,10 @@ class MOSHead:
         if set(tensors) != {"weight", "bias"}:
             raise ValueError(f"{path}: expected tensors 'weight' and 'bias', found {sorted(tensors)}")
         try:
-            return cls(tensors["weight"], tensors["bias"], header.get("group_sizes"), header.get("training"))
+            group_sizes = header.get("group_sizes")
+            if group_sizes is None:
+                raise ValueError("the header has no group_sizes; save the head with MOSHead.save")
+            return cls(tensors["weight"], tensors["bias"], group_sizes, header.get("training"))
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
 
@@ -385,7 +391,7 @@ def train_mos_head(
     >>> head.logits(features).shape  # C + K = 6 + 2
     (120, 8)
     """
-    outputs, _ = _features_in(features, labels, "train_mos_head")
+    outputs, x, _ = _features_in(features, labels, "train_mos_head")
     sizes = check_group_sizes(group_sizes, "train_mos_head")
     if outputs.labels is None:
         raise ValueError("train_mos_head: labels are required; pass labels=[N] class ids 0..C-1")
@@ -403,7 +409,6 @@ def train_mos_head(
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"train_mos_head: seed must be an integer, got {seed!r}")
 
-    x = outputs.features
     device, dtype = x.device, x.dtype
     layout = _LossLayout(sizes, device)
     targets = layout.target_columns(outputs.labels.to(device))
