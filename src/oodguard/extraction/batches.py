@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import numpy as np
@@ -122,7 +122,9 @@ class Batches:
     def __len__(self) -> int:
         if self.arrays is not None:
             return -(-self.arrays.shape[0] // self.batch_size)
-        return len(self.iterable)  # type: ignore[arg-type]  # TypeError when unknown, handled by callers
+        if not isinstance(self.iterable, Sized):  # a generator or iterator; callers handle the TypeError
+            raise TypeError(f"{type(self.iterable).__name__} has no len()")
+        return len(self.iterable)
 
     def num_batches(self) -> int | None:
         try:
@@ -137,9 +139,10 @@ class Batches:
                 labels = None if self.labels is None else self.labels[start:stop]
                 yield self.arrays[start:stop], labels
             return
+        assert self.iterable is not None  # set on construction whenever arrays is not
         offset = 0
         has_labels: bool | None = None
-        for index, batch in enumerate(self.iterable):  # type: ignore[arg-type]
+        for index, batch in enumerate(self.iterable):
             inputs, labels = _split_batch(batch, index)
             rows = inputs.shape[0]
             if labels is not None:

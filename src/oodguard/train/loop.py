@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,9 @@ def train(
     if checkpoint_every is not None and (checkpoint_dir is None or checkpoint_every < 1):
         raise ValueError("checkpoint_every needs a checkpoint_dir and must be >= 1")
     try:
-        steps_per_epoch = len(id_loader)  # type: ignore[arg-type]
+        if not isinstance(id_loader, Sized):
+            raise TypeError
+        steps_per_epoch = len(id_loader)
     except TypeError:
         raise TypeError("id_loader must have a length (e.g. a DataLoader); the schedule needs the step count") from None
     if steps_per_epoch == 0:

@@ -98,7 +98,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -1060,13 +1060,16 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         if self._images is not None:
             return self._images.shape[0]
-        return len(self._dataset)  # type: ignore[arg-type]
+        if not isinstance(self._dataset, Sized):
+            raise TypeError(f"{type(self._dataset).__name__} has no len(); pass a map-style Dataset with __len__")
+        return len(self._dataset)
 
     def _read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._images is not None:
             labels = None if self._labels is None else self._labels[start:stop]
             return self._images[start:stop], labels
-        items = [self._dataset[i] for i in range(start, stop)]  # type: ignore[index]  # map-style: one at a time
+        assert self._dataset is not None  # set on construction whenever images are not
+        items = [self._dataset[i] for i in range(start, stop)]  # map-style: one at a time
         if isinstance(items[0], (tuple, list)):
             images = torch.stack([torch.as_tensor(np.asarray(item[0])) for item in items])
             labels = torch.as_tensor(np.asarray([int(item[1]) for item in items]))
