@@ -85,11 +85,10 @@ def run(
     """
     from oodguard.extraction.model_runner import ModelRunner
 
-    given = merge_params(benchmark.detector_params, params)
-    check_params([name for name in given if name in detector_registry.available()], given)  # before any work
+    params = merge_params(benchmark.detector_params, params)
+    check_params(list(params), params)  # a typo must not cost the extraction
     outputs = extract_benchmark(benchmark, device=device, cache_dir=cache_dir, progress=progress)
     fit = outputs[benchmark.fit.name]
-    params = merge_params(benchmark.detector_params, params)
     if detectors is None:
         names = default_detectors(fit, params)
         if model_detectors:

@@ -21,6 +21,7 @@ Parameters follow scikit-learn: the constructor names every parameter with its d
 
 from __future__ import annotations
 
+import abc
 import copy
 import inspect
 import json
@@ -97,7 +98,7 @@ class Source:
         return as_outputs(self._outputs)
 
 
-class Detector:
+class Detector(abc.ABC):
     """Base of every detector: declared parameters, fitted state, saving, registry metadata.
 
     Class attributes
@@ -190,6 +191,7 @@ class Detector:
 
     def _check_param_combination(self) -> None:
         """Rules that tie several parameters together; raise ValueError via :meth:`_param_error`."""
+        return None  # most detectors have none
 
     def _param_error(self, param: str, must: str) -> ValueError:
         """The one error format of parameter validation."""
@@ -246,13 +248,13 @@ class Detector:
         return self._state_cache[key]
 
     # ------------------------------------------------------------------ the consumers' protocol
+    @abc.abstractmethod
     def fit_from(self, source: Source) -> Detector:
         """Fit on a :class:`Source` (outputs or inputs, whichever this detector's protocol takes); returns self."""
-        raise NotImplementedError(f"{type(self).__name__} must implement fit_from")
 
+    @abc.abstractmethod
     def score_from(self, source: Source) -> np.ndarray | torch.Tensor:
         """OOD scores of a :class:`Source`, higher = more likely OOD."""
-        raise NotImplementedError(f"{type(self).__name__} must implement score_from")
 
     # ------------------------------------------------------------------ saving
     def save(self, directory: str | Path) -> Path:
