@@ -314,3 +314,33 @@ def test_a_class_with_a_single_fit_sample_is_refused_or_handled(name):
         assert "class 2" in str(error)
     else:  # methods that need only a mean or a posterior per class may fit; their scores must then be finite
         assert np.isfinite(detector.score(id_outputs(2, seed=2, detector=name))).all()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda h: h["params"].update(k=-1), "parameter 'k' must be"),
+        (lambda h: h["params"].update(evil=1), "damaged or was edited"),
+        (lambda h: h.update(name="os.system"), "unknown detector 'os.system'"),
+        (lambda h: h.update(params=[1]), "damaged or was edited"),
+        (lambda h: h.update(state_aliases={"bank": "nope"}), "damaged or was edited"),
+    ],
+)
+def test_a_header_edited_with_a_recomputed_digest_is_still_refused_loudly(tmp_path, edit, message):
+    """Someone who rewrites the header and its digest still cannot load invalid settings or another class."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from oodguard import persist
+
+    path = fitted("knn", k=3).save(tmp_path / "knn")
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        header = json.loads(handle.metadata()[persist.HEADER_KEY])
+    edit(header)
+    text = json.dumps(header, sort_keys=True)
+    save_file(
+        tensors, str(path), metadata={persist.HEADER_KEY: text, persist.DIGEST_KEY: persist._digest(text, tensors)}
+    )
+    with pytest.raises(ValueError, match=message):
+        detectors.load(tmp_path / "knn")
