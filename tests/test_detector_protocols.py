@@ -149,7 +149,7 @@ def test_guard_fits_calibrates_guards_saves_and_loads_every_model_detector(name,
     assert result.score.shape == (6,) and np.isfinite(result.score).all()
     assert result.prediction.shape == (6,) and (result.prediction >= 0).all()
     guard.save(tmp_path / "guard")
-    loaded = load_guard(tmp_path / "guard")
+    loaded = load_guard(tmp_path / "guard", model_factory=FACTORY)
     assert loaded.detector.name == name and loaded.detector.protocol == "model"
     np.testing.assert_allclose(loaded.score(test), guard.score(test), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(loaded.guard(test).is_ood, result.is_ood)

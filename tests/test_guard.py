@@ -1,4 +1,6 @@
 import doctest
+import copy
+import dataclasses
 import json
 import pickle
 import time
@@ -88,8 +90,8 @@ def test_guard_result_agrees_with_its_parts(knn_guard):
 
 def test_records_are_plain_python(knn_guard):
     records = knn_guard.guard(far_outputs(2, seed=7)).to_records()
-    assert len(records) == 2 and set(records[0]) == {"prediction", "score", "pvalue", "is_ood"}
-    assert [type(v) for v in records[0].values()] == [int, float, float, bool]
+    assert len(records) == 2 and set(records[0]) == {"prediction", "score", "pvalue", "is_ood", "reason"}
+    assert [type(v) for v in records[0].values()] == [int, float, float, bool, type(None)]
     json.dumps(records)
 
 
@@ -158,10 +160,14 @@ def test_refitting_drops_the_calibration():
 def test_bad_inputs_are_refused_with_clear_messages(knn_guard):
     with pytest.raises(ValueError, match=r"features: expected shape \[N, D\]"):
         knn_guard.guard({"features": np.zeros(32)})
-    with pytest.raises(ValueError, match="NaN"):
-        knn_guard.guard({"features": np.full((1, 32), np.nan)})
-    with pytest.raises(ValueError, match="D=5"):
+    nan_row = knn_guard.guard({"features": np.full((1, 32), np.nan)})  # a broken input is decided OOD, with why
+    assert nan_row.is_ood[0] and "NaN" in nan_row.reason[0]
+    with pytest.raises(
+        ValueError, match=r"features rows have shape \[5\], but the guard was fitted on rows of shape \[32\]"
+    ):
         knn_guard.guard({"features": np.zeros((1, 5))})
+    with pytest.raises(ValueError, match="D=5"):
+        knn_guard.detector.score({"features": np.zeros((1, 5))})
     with pytest.raises(ValueError, match="needs features"):
         knn_guard.guard({"logits": np.zeros((1, 6))})
     with pytest.raises(ValueError, match="no model"):
@@ -251,14 +257,24 @@ def model_guard():
 def test_model_mode_runs_the_model(model_guard):
     model, *_, test = model_and_data()
     result = model_guard.guard(test)
+    scored = np.array([reason is None for reason in result.reason])
+    assert scored[:6].all() and not scored.all()  # the far inputs lie outside the pixel range seen at fit
     with torch.no_grad():
-        np.testing.assert_array_equal(result.prediction, model(test).argmax(1).numpy())
+        np.testing.assert_array_equal(result.prediction[scored], model(test).argmax(1).numpy()[scored])
+    assert (result.prediction[~scored] == -1).all() and np.isinf(result.score[~scored]).all()
+    assert (result.pvalue[~scored] == 0).all()
     assert result.is_ood[6:].all()
     assert model_guard.false_alarm_rate_ <= 0.1
     from oodguard.extraction.extract import extract
 
     outputs = extract(model_guard.model, test, progress=False)
-    np.testing.assert_array_equal(model_guard.guard(outputs).score, result.score)
+    # the same rows, batched without the unscored ones: equal up to float32 rounding
+    np.testing.assert_allclose(model_guard.guard(outputs).score[scored], result.score[scored], rtol=1e-6)
+    unchecked = copy.copy(model_guard)  # the same guard with the range check off: every row is scored
+    unchecked.input_contract_ = dataclasses.replace(model_guard.input_contract_, margin=None)
+    everything = unchecked.guard(test)
+    assert all(reason is None for reason in everything.reason)
+    np.testing.assert_array_equal(everything.score, model_guard.guard(outputs).score)
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -309,31 +325,57 @@ def test_round_trip_pvalue_rule(tmp_path, correction):
 def test_round_trip_model_mode(tmp_path, model_guard, no_unpickling):
     *_, test = model_and_data()
     model_guard.save(tmp_path / "g")
-    loaded = load_guard(tmp_path / "g")
+    loaded = load_guard(tmp_path / "g", model_factory="guard_factory:make_model")
     assert loaded.model is not model_guard.model and loaded.model_factory == "guard_factory:make_model"
     assert_same_results(model_guard.guard(test), loaded.guard(test))
     config = json.loads((tmp_path / "g" / "guard.json").read_text())
     assert config["model"]["factory"] == "guard_factory:make_model" and "model.safetensors" in config["files"]
+    lambda_loaded = load_guard(tmp_path / "g", model_factory=lambda: guard_factory.make_model())
+    assert_same_results(model_guard.guard(test), lambda_loaded.guard(test))
+    assert lambda_loaded.model_factory is None  # a lambda cannot be named for the next save
 
 
-def test_a_guard_saved_in_format_version_1_still_loads(tmp_path, model_guard, no_unpickling):
-    """Version 1 wrote calibration.safetensors with plain save_file and model.safetensors with save_model (no
-    oodguard header): rewrite a saved guard that way, with its checksums, and load it."""
+def rewrite_as_version(directory, version, model=None):
+    """Rewrite a saved guard as an older release wrote it: no seal, input contract or model fingerprints (and in
+    version 1 plain safetensors files without an oodguard header)."""
     from safetensors.torch import save_file, save_model
 
     from oodguard import persist
 
+    config = json.loads((directory / "guard.json").read_text())
+    if version == 1:
+        calibration, _ = persist.load(directory / "calibration.safetensors", kind="guard_calibration", versions=1)
+        save_file(calibration, str(directory / "calibration.safetensors"))
+        if model is not None:
+            save_model(model, str(directory / "model.safetensors"))
+    for name in ("seal", "input"):
+        config.pop(name)
+    if config["model"] is not None:
+        for name in ("architecture_sha256", "weights_sha256"):
+            config["model"].pop(name)
+    config["format_version"] = version
+    config["files"] = {name: persist.sha256_of_file(directory / name) for name in config["files"]}
+    (directory / "guard.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_guard_saved_by_the_previous_release_still_loads(tmp_path, model_guard, knn_guard, version, no_unpickling):
+    """Versions 1 and 2 (the previous releases) load with the same decisions; their model guards need the factory
+    from the caller, like every model guard now."""
     *_, test = model_and_data()
     directory = tmp_path / "g"
     model_guard.save(directory)
-    calibration, _ = persist.load(directory / "calibration.safetensors", kind="guard_calibration", versions=1)
-    save_file(calibration, str(directory / "calibration.safetensors"))
-    save_model(model_guard.model, str(directory / "model.safetensors"))
-    config = json.loads((directory / "guard.json").read_text())
-    config["format_version"] = 1
-    config["files"] = {name: persist.sha256_of_file(directory / name) for name in config["files"]}
-    (directory / "guard.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    assert_same_results(model_guard.guard(test), load_guard(directory).guard(test))
+    rewrite_as_version(directory, version, model_guard.model)
+    with pytest.raises(ValueError, match="Pass model_factory= to load_guard"):
+        load_guard(directory)
+    loaded = load_guard(directory, model_factory=guard_factory.make_model)
+    unchecked = copy.copy(model_guard)  # old guards have no input contract: every row is scored
+    unchecked.input_contract_ = None
+    assert_same_results(unchecked.guard(test), loaded.guard(test))
+    knn_guard.save(tmp_path / "k")
+    rewrite_as_version(tmp_path / "k", version)
+    test_outputs = ModelOutputs.concat([id_outputs(5, seed=15), far_outputs(10, seed=16)])
+    assert_same_results(knn_guard.guard(test_outputs), load_guard(tmp_path / "k").guard(test_outputs))
 
 
 @pytest.mark.parametrize("name", ["calibration.safetensors", "detector/detector.safetensors", "model.safetensors"])
@@ -344,7 +386,7 @@ def test_tampered_file_is_refused(tmp_path, model_guard, name):
     data[-1] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=f"{name}: sha256 checksum mismatch"):
-        load_guard(tmp_path / "g")
+        load_guard(tmp_path / "g", model_factory=guard_factory.make_model)
 
 
 def edit_config(directory, change):
@@ -359,8 +401,8 @@ def test_unknown_version_and_format_are_refused(tmp_path, knn_guard):
     edit_config(tmp_path / "g", lambda c: c.update(format_version=99))
     with pytest.raises(ValueError, match=r"guard.json: guard format version 99 is not supported"):
         load_guard(tmp_path / "g")
-    edit_config(tmp_path / "g", lambda c: c.update(format_version=1) or c["decision"].pop("rule"))
-    with pytest.raises(ValueError, match="entry 'rule' is missing"):
+    edit_config(tmp_path / "g", lambda c: c.update(format_version=2) or c["decision"].pop("rule"))
+    with pytest.raises(ValueError, match="field 'decision.rule' is missing"):
         load_guard(tmp_path / "g")
     edit_config(tmp_path / "g", lambda c: c.update(format="something.else"))
     with pytest.raises(ValueError, match="not an oodguard guard"):
@@ -374,34 +416,37 @@ def test_unknown_version_and_format_are_refused(tmp_path, knn_guard):
 
 def test_files_outside_the_directory_and_unlisted_files_are_refused(tmp_path, knn_guard):
     knn_guard.save(tmp_path / "g")
+    rewrite_as_version(tmp_path / "g", 2)  # no seal: the path checks themselves must refuse
     edit_config(tmp_path / "g", lambda c: c.update(calibration="../elsewhere.safetensors"))
     with pytest.raises(ValueError, match="outside the guard directory"):
         load_guard(tmp_path / "g")
     edit_config(tmp_path / "g", lambda c: c.update(calibration="calibration.safetensors", files={}))
-    with pytest.raises(ValueError, match="no checksum recorded"):
+    with pytest.raises(ValueError, match="holds files the guard does not list"):
         load_guard(tmp_path / "g")
 
 
 def test_model_factory_errors(tmp_path, model_guard):
     model_guard.save(tmp_path / "g")
-    edit_config(tmp_path / "g", lambda c: c["model"].update(factory="no_such_module_xyz:make_model"))
     with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
-        load_guard(tmp_path / "g")
+        load_guard(tmp_path / "g", model_factory="no_such_module_xyz:make_model")
     with pytest.raises(ValueError, match="has no attribute 'missing'"):
         load_guard(tmp_path / "g", model_factory="guard_factory:missing")
     with pytest.raises(ValueError, match="returned a int"):
         load_guard(tmp_path / "g", model_factory="guard_factory:not_a_model")
     with pytest.raises(ValueError, match="does not fit the model built by"):
         load_guard(tmp_path / "g", model_factory=guard_factory.make_other_model)
-    loaded = load_guard(tmp_path / "g", model_factory=guard_factory.make_model)  # an override that fits
+    loaded = load_guard(tmp_path / "g", model_factory=guard_factory.make_model)
     assert loaded.model_factory == "guard_factory:make_model"
 
 
-def test_saving_a_model_guard_needs_a_working_factory(tmp_path, model_guard):
-    model, fit, calibration, _ = model_and_data()
+def test_saving_a_model_guard_checks_a_given_factory(tmp_path, model_guard):
+    model, fit, calibration, test = model_and_data()
     guard = Guard(model, "energy").calibrate(calibration)
-    with pytest.raises(ValueError, match="needs model_factory"):
-        guard.save(tmp_path / "a")
+    guard.save(tmp_path / "a")  # no factory needed to save: the caller names one at load
+    assert json.loads((tmp_path / "a" / "guard.json").read_text())["model"]["factory"] is None
+    assert_same_results(
+        guard.guard(test), load_guard(tmp_path / "a", model_factory=guard_factory.make_model).guard(test)
+    )
     guard.model_factory = "guard_factory:make_other_model"
     with pytest.raises(ValueError, match="does not match"):
         guard.save(tmp_path / "b")
@@ -446,4 +491,4 @@ def test_saving_over_a_guard_keeps_other_files(tmp_path, knn_guard):
     (tmp_path / "g" / "decisions.sqlite").write_bytes(b"log")
     knn_guard.save(tmp_path / "g", overwrite=True)
     assert (tmp_path / "g" / "decisions.sqlite").read_bytes() == b"log"
-    load_guard(tmp_path / "g")  # an extra file in the folder does not stop loading
+    load_guard(tmp_path / "g")  # the service's decision log is the one file a guard folder may hold besides its own

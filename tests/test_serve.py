@@ -115,7 +115,8 @@ def test_score_model_inputs(model_guard):
             bad = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
             assert bad.status_code == 422 and message in bad.json()["detail"], bad.text
         shape = client.post("/v1/score", json={"inputs": [[1.0, 2.0]]})  # the model wants 4 inputs
-        assert shape.status_code == 422 and "cannot run on inputs of shape [1, 2]" in shape.json()["detail"]
+        assert shape.status_code == 422 and "rows have shape [2]" in shape.json()["detail"]
+        assert "fitted on rows of shape [4]" in shape.json()["detail"]
         assert client.post("/v1/score", json={"inputs": inputs.tolist()}).status_code == 200
 
 

@@ -46,8 +46,9 @@ import shutil
 import threading
 import uuid
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,17 @@ from oodguard.detectors import base as detector_base
 from oodguard.detectors.base import Detector, NotFittedError, Source
 from oodguard.extraction.extract import extract
 from oodguard.extraction.model_runner import ModelRunner
+from oodguard.guard_manifest import (
+    DECISION_LOG_FILES,
+    architecture_digest,
+    check_folder_contents,
+    check_seal,
+    seal,
+    signing_key,
+    verified_file,
+    weights_digest,
+)
+from oodguard.input_contract import DEFAULT_MARGIN, InputContract
 from oodguard.metrics import threshold_at_tpr
 from oodguard.outputs import ModelOutputs, as_outputs
 from oodguard.persist import sha256_of_file
@@ -78,9 +90,10 @@ __all__ = ["Guard", "GuardResult", "load_guard", "FORMAT_VERSION"]
 
 FORMAT = "oodguard.guard"
 #: Version of the saved-guard layout; :func:`load_guard` refuses any other.
-#: Version 2: calibration and model files in oodguard's file format (version 1: plain safetensors, still read).
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+#: Version 3: one seal (or signature) over every setting and checksum, model fingerprints, the input contract.
+#: Version 2: calibration and model files in oodguard's file format (version 1: plain safetensors); both still read.
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
 GUARD_FILE = "guard.json"
 CALIBRATION_FILE = "calibration.safetensors"
 MODEL_FILE = "model.safetensors"
@@ -106,29 +119,43 @@ class GuardResult:
         Small = unlike the ID calibration data.
     is_ood : bool ``[N]``
         The decision.
+    reason : list of str or None, length ``N``
+        Why an input was decided OOD without being scored: a value outside the range seen at fit, NaN or
+        infinity (see :class:`~oodguard.input_contract.InputContract`). Such inputs have score ``inf``,
+        p-value 0 and prediction -1. ``None`` for inputs that were scored.
     """
 
     prediction: np.ndarray
     score: np.ndarray
     pvalue: np.ndarray
     is_ood: np.ndarray
+    reason: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.reason:
+            object.__setattr__(self, "reason", [None] * int(self.score.shape[0]))
 
     def __len__(self) -> int:
         return int(self.score.shape[0])
 
     def to_records(self) -> list[dict[str, Any]]:
-        """One plain-Python dict per input (JSON-serialisable).
+        """One plain-Python dict per input (JSON-serialisable: the score of an unscored input is ``None``).
 
         Examples
         --------
         >>> r = GuardResult(np.array([2]), np.array([0.5]), np.array([0.25]), np.array([False]))
         >>> r.to_records()
-        [{'prediction': 2, 'score': 0.5, 'pvalue': 0.25, 'is_ood': False}]
+        [{'prediction': 2, 'score': 0.5, 'pvalue': 0.25, 'is_ood': False, 'reason': None}]
         """
         return [
-            {"prediction": a, "score": b, "pvalue": c, "is_ood": d}
-            for a, b, c, d in zip(
-                self.prediction.tolist(), self.score.tolist(), self.pvalue.tolist(), self.is_ood.tolist(), strict=True
+            {"prediction": a, "score": b if np.isfinite(b) else None, "pvalue": c, "is_ood": d, "reason": e}
+            for a, b, c, d, e in zip(
+                self.prediction.tolist(),
+                self.score.tolist(),
+                self.pvalue.tolist(),
+                self.is_ood.tolist(),
+                self.reason,
+                strict=True,
             )
         ]
 
@@ -253,6 +280,27 @@ def _build_model(name: str) -> torch.nn.Module:
     return model
 
 
+def _rows(value: Any, keep: np.ndarray) -> Any:
+    """The kept rows of one entry of an outputs dict (``head`` is not per row; ``layers`` is a dict of arrays)."""
+    if isinstance(value, Mapping):
+        return {name: _rows(inner, keep) for name, inner in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value[torch.from_numpy(keep).to(value.device)]
+    if isinstance(value, np.ndarray) or isinstance(value, list):
+        array = np.asarray(value)
+        if array.ndim >= 1 and array.shape[0] == keep.shape[0]:
+            return array[keep]
+    return value
+
+
+def _as_dtype(values: Any, dtype: str | None) -> Any:
+    """``values`` as a tensor of the dtype seen at fit (JSON numbers arrive as float64 or int64)."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(values))
+    if dtype is None or not hasattr(torch, dtype):
+        return tensor
+    return tensor.to(getattr(torch, dtype))
+
+
 def _library_version() -> str:
     from oodguard import __version__  # imported late: the package may import this module before defining it
 
@@ -285,6 +333,11 @@ class Guard:
         model architecture; the saved state dict is then loaded strictly. Needed to ``save`` a model guard.
     progress : bool
         Show a progress bar while extracting in ``fit`` and ``calibrate``.
+    range_margin : float or None, default 0.25
+        ``fit`` and ``calibrate`` record the shape, dtype and value range of the inputs (model mode) or of the
+        logits/features; ``guard`` decides OOD, without scoring, any row with a value outside the seen range
+        widened by this fraction of its span, or with NaN or infinity (``GuardResult.reason`` says why).
+        ``None``: check shapes only. Applies to arrays, tensors and dicts of arrays.
 
     Attributes
     ----------
@@ -299,6 +352,8 @@ class Guard:
     false_alarm_rate_ : float
         Expected fraction of fresh ID inputs flagged, averaged over calibration draws (exact for continuous
         scores, an upper bound with ties): the baseline against which to monitor the live OOD rate.
+    input_contract_ : InputContract or None
+        Row shape, dtype and value range of each input field seen at fit and calibration.
 
     Examples
     --------
@@ -307,8 +362,12 @@ class Guard:
     >>> guard = Guard(detector="energy").fit({"logits": rng.normal(size=(100, 3))})
     >>> guard = guard.calibrate({"logits": rng.normal(size=(200, 3))}, tpr=0.95)
     >>> result = guard.guard({"logits": np.array([[0.1, 0.0, -0.2], [-9.0, -9.0, -9.0]])})
-    >>> result.prediction.tolist(), result.is_ood.tolist()
-    ([0, 0], [False, True])
+    >>> result.prediction.tolist(), result.is_ood.tolist()  # the second row lies far outside the logits seen at fit
+    ([0, -1], [False, True])
+    >>> result.reason[1].split(" outside")[0]
+    'logits: value -9'
+    >>> guard.guard({"logits": np.array([[-2.0, -2.0, -2.0]])}).to_records()[0]["is_ood"]  # in range, scored
+    True
     """
 
     def __init__(
@@ -323,6 +382,7 @@ class Guard:
         batch_size: int = 256,
         model_factory: str | Callable[[], torch.nn.Module] | None = None,
         progress: bool = False,
+        range_margin: float | None = DEFAULT_MARGIN,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(
@@ -352,6 +412,12 @@ class Guard:
         self.batch_size = batch_size
         self.model_factory = None if model_factory is None else _factory_name(model_factory)
         self.progress = progress
+        if range_margin is not None and (
+            not isinstance(range_margin, (int, float)) or isinstance(range_margin, bool) or not range_margin >= 0
+        ):
+            raise ValueError(f"range_margin: expected a number >= 0 or None (no range check), got {range_margin!r}")
+        self.range_margin = range_margin
+        self.input_contract_: InputContract | None = None
         self.head_: tuple[torch.Tensor, torch.Tensor] | None = None
         self._fit_fingerprint: str | None = None
         self._calibration: _Calibration | None = None
@@ -402,6 +468,76 @@ class Guard:
             )
         return self._runner
 
+    # ------------------------------------------------------------------ the input contract
+    @contextmanager
+    def _recording_inputs(self, contract: InputContract) -> Iterator[None]:
+        """Record the model's input batches into ``contract`` while the block runs (model mode)."""
+        if self.model is None:
+            yield
+            return
+
+        def observe(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                contract.observe("inputs", args[0])
+
+        handle = self.model.register_forward_pre_hook(observe)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _observe_outputs(self, contract: InputContract, source: Source) -> None:
+        if self.model is None:
+            for name in ("logits", "features"):
+                values = getattr(source.outputs, name)
+                if values is not None:
+                    contract.observe(name, values)
+
+    def _screen(self, x: Any) -> tuple[Any, np.ndarray | None, list[str | None]]:
+        """Rows of ``x`` inside the input contract, which rows those are (None: all, unchecked) and, per row, why
+        it is not. Shapes that disagree with the contract raise a ValueError."""
+        contract = self.input_contract_
+        if contract is None:
+            return x, None, []
+        if self.model is not None and isinstance(x, (torch.Tensor, np.ndarray)):
+            named = {"inputs": x}
+        elif self.model is None and isinstance(x, Mapping) and not isinstance(x, ModelOutputs):
+            named = {name: x[name] for name in ("logits", "features") if x.get(name) is not None}
+        else:
+            named = {}
+        if not named:
+            return x, None, []
+        arrays: dict[str, Any] = {}
+        for name, values in named.items():
+            if isinstance(values, torch.Tensor):
+                array: Any = values.detach().cpu()
+                usable = array.ndim >= 1 and not array.is_complex()
+            else:
+                try:
+                    array = np.asarray(values)
+                except ValueError:  # ragged rows: the usual validation names the problem
+                    return x, None, []
+                usable = array.ndim >= 1 and array.dtype.kind in "iufb"
+            # rows of rank 1 for outputs [N, D]: left to the usual validation, which names the problem
+            if not usable or (self.model is None and array.ndim != 2):
+                return x, None, []
+            contract.check_shape(name, np.empty((0, *array.shape[1:])), "x")
+            arrays[name] = array
+        reasons: list[str | None] = []
+        for name, array in arrays.items():
+            found = contract.out_of_range(name, array)
+            reasons = found if not reasons else [a or b for a, b in zip(reasons, found, strict=True)]
+        keep = np.array([reason is None for reason in reasons], dtype=bool)
+        dtypes = {name: known.dtype for name, known in contract.fields.items()}
+        if self.model is not None:
+            inputs = arrays["inputs"]
+            kept = inputs[torch.from_numpy(keep)] if isinstance(inputs, torch.Tensor) else inputs[keep]
+            return _as_dtype(kept, dtypes.get("inputs")), keep, reasons
+        screened = {name: _rows(value, keep) for name, value in x.items()}
+        for name in arrays:
+            screened[name] = _as_dtype(screened[name], dtypes.get(name))
+        return screened, keep, reasons
+
     # ------------------------------------------------------------------ fitting and calibration
     def fit(self, id_data: Any, labels: Any = None) -> Guard:
         """Fit the detector on in-distribution data and return ``self``.
@@ -414,8 +550,11 @@ class Guard:
             Class ids, for detectors that need them (e.g. ``mahalanobis``).
         """
         source = self._source(id_data, "id_data", labels=labels, progress=self.progress)
-        with self._model_lock:
+        contract = InputContract(margin=self.range_margin)
+        with self._model_lock, self._recording_inputs(contract):
             self.detector.fit_from(source)
+        self._observe_outputs(contract, source)
+        self.input_contract_ = contract
         # The head predicts classes for outputs that hold features only (model-agnostic guards).
         self.head_ = source.outputs.head if self.model is None else None
         self._head_cache = {}
@@ -475,7 +614,11 @@ class Guard:
                 "otherwise the threshold is too low and the p-values are not valid",
                 stacklevel=2,
             )
-        scores = np.sort(self._score(source))
+        contract = self.input_contract_ or InputContract(margin=self.range_margin)
+        with self._recording_inputs(contract):
+            scores = np.sort(self._score(source))
+        self._observe_outputs(contract, source)
+        self.input_contract_ = contract
         n = scores.shape[0]
         if correction == "simes" and n < 2:
             raise ValueError("id_validation: correction='simes' needs at least 2 calibration samples")
@@ -582,10 +725,27 @@ class Guard:
             :class:`ModelOutputs` (rank 2, finite values).
         """
         calibration = self._require_calibration("guard")
-        source = self._source(x, "x")
-        scores = self._score(source)
-        pvalues = calibration.pvalues(scores)
-        return GuardResult(self._predict(source.outputs), scores, pvalues, calibration.decide(scores, pvalues))
+        predictions, scores, pvalues, scored, reasons = self._scored(x)
+        is_ood = np.ones(len(scores), dtype=bool)
+        is_ood[scored] = calibration.decide(scores[scored], pvalues[scored])
+        return GuardResult(predictions, scores, pvalues, is_ood, reasons)
+
+    def _scored(self, x: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str | None]]:
+        """Predictions, scores and p-values of the rows inside the input contract; the others get -1, inf and 0."""
+        calibration = self._require_calibration("guard")
+        screened, keep, reasons = self._screen(x)
+        if keep is None:
+            source = self._source(x, "x")
+            scores = self._score(source)
+            return self._predict(source.outputs), scores, calibration.pvalues(scores), np.ones(len(scores), bool), []
+        n = keep.shape[0]
+        predictions, scores, pvalues = np.full(n, -1, np.int64), np.full(n, np.inf), np.zeros(n)
+        if keep.any():
+            source = self._source(screened, "x")
+            scores[keep] = self._score(source)
+            pvalues[keep] = calibration.pvalues(scores[keep])
+            predictions[keep] = self._predict(source.outputs)
+        return predictions, scores, pvalues, keep, reasons
 
     def guard_batch(self, x: Any, fdr: float = 0.1) -> GuardResult:
         """Like :meth:`guard`, but decide the whole batch with Benjamini-Hochberg at false discovery rate ``fdr``.
@@ -593,25 +753,27 @@ class Guard:
         The expected fraction of ID inputs among the flagged ones is at most ``fdr`` (times the fraction of
         ID inputs in the batch), because conformal p-values sharing a calibration set are PRDS.
         """
-        calibration = self._require_calibration("guard_batch")
+        self._require_calibration("guard_batch")
         fdr = check_fraction(fdr, "fdr")
-        source = self._source(x, "x")
-        scores = self._score(source)
-        pvalues = calibration.pvalues(scores)
-        return GuardResult(self._predict(source.outputs), scores, pvalues, benjamini_hochberg(pvalues, fdr))
+        predictions, scores, pvalues, scored, reasons = self._scored(x)
+        is_ood = benjamini_hochberg(pvalues, fdr) | ~scored  # unscored rows have p-value 0: always rejected anyway
+        return GuardResult(predictions, scores, pvalues, is_ood, reasons)
 
     __call__ = guard
 
     # ------------------------------------------------------------------ saving
-    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write the calibrated guard to ``directory`` (JSON + safetensors, a sha256 checksum per file).
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False, key: str | bytes | None = None) -> None:
+        """Write the calibrated guard to ``directory``: settings and checksums under one seal, tensors in safetensors.
 
-        Layout: ``guard.json``, ``calibration.safetensors``, ``detector/detector.safetensors`` and, with a model,
-        ``model.safetensors``. The directory is written in a
-        temporary sibling and moved into place, so a reader never sees half a guard. An existing non-empty
-        directory is replaced only with ``overwrite=True`` and only if it holds a saved guard.
+        Layout: ``guard.json`` (settings, a sha256 per file, the seal), ``calibration.safetensors``,
+        ``detector/detector.safetensors`` and, with a model, ``model.safetensors`` (its state dict, with the
+        architecture and weight fingerprints in ``guard.json``). With a signing key (``key=`` or the environment
+        variable ``OODGUARD_GUARD_KEY``) the seal is an HMAC-SHA256 that only holders of the key can recompute.
+        The directory is written in a temporary sibling and moved into place, so a reader never sees half a guard.
+        An existing non-empty directory is replaced only with ``overwrite=True`` and only if it holds a saved guard.
         """
         calibration = self._require_calibration("save")
+        signing = signing_key(key)
         directory = Path(directory)
         if directory.exists():
             if not directory.is_dir():
@@ -623,27 +785,44 @@ class Guard:
                     raise ValueError(f"{directory} is not empty and holds no saved guard; refusing to replace it")
         model_spec = None
         if self.model is not None:
-            if self.model_factory is None:
-                raise ValueError(
-                    "save: a guard with a model needs model_factory='package.module:function' (a function returning "
-                    "the model architecture) so that load_guard can rebuild the model without unpickling"
-                )
-            # Check now that the factory rebuilds this architecture, rather than when someone loads the guard.
-            try:
-                _build_model(self.model_factory).load_state_dict(self.model.state_dict(), strict=True)
-            except RuntimeError as error:
-                raise ValueError(
-                    f"model_factory {self.model_factory!r} builds a model whose state dict does not match the "
-                    f"guard's model: {error}"
-                ) from error
+            if self.model_factory is not None:
+                # Check now that the factory rebuilds this architecture, rather than when someone loads the guard.
+                try:
+                    _build_model(self.model_factory).load_state_dict(self.model.state_dict(), strict=True)
+                except RuntimeError as error:
+                    raise ValueError(
+                        f"model_factory {self.model_factory!r} builds a model whose state dict does not match the "
+                        f"guard's model: {error}"
+                    ) from error
             model_spec = {
-                "factory": self.model_factory,
                 "state_dict": MODEL_FILE,
                 "class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "factory": self.model_factory,  # a hint for whoever loads it; never imported by load_guard
+                "architecture_sha256": architecture_digest(self.model),
+                "weights_sha256": weights_digest(self.model),
                 "layers": self.layers,
                 "feature_layer": self.feature_layer,
                 "batch_size": self.batch_size,
             }
+        settings = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "oodguard_version": _library_version(),
+            "decision": {
+                "rule": calibration.rule,
+                "tpr": calibration.tpr,
+                "alpha": calibration.alpha,
+                "delta": calibration.delta,
+                "correction": calibration.correction,
+                "threshold": calibration.threshold,
+                "num_calibration": calibration.n,
+                "false_alarm_rate": calibration.false_alarm_rate,
+            },
+            "detector": {"name": self.detector.name, "directory": DETECTOR_DIR},
+            "calibration": CALIBRATION_FILE,
+            "model": model_spec,
+            "input": None if self.input_contract_ is None else self.input_contract_.to_json(),
+        }
 
         directory.parent.mkdir(parents=True, exist_ok=True)
         temporary = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -653,34 +832,23 @@ class Guard:
             tensors = {"scores": torch.from_numpy(calibration.scores.copy())}
             if self.head_ is not None:
                 tensors["head.weight"], tensors["head.bias"] = self.head_
-            persist.save(temporary / CALIBRATION_FILE, tensors, kind="guard_calibration", version=1)
+            # The settings travel in the calibration file too, so that an edit of guard.json can be named.
+            persist.save(
+                temporary / CALIBRATION_FILE,
+                tensors,
+                kind="guard_calibration",
+                version=1,
+                header={"settings": settings},
+            )
             if self.model is not None:
                 persist.save(temporary / MODEL_FILE, self.model.state_dict(), kind="model_state", version=1)
             files = sorted(p for p in temporary.rglob("*") if p.is_file())
-            config = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "oodguard_version": _library_version(),
-                "decision": {
-                    "rule": calibration.rule,
-                    "tpr": calibration.tpr,
-                    "alpha": calibration.alpha,
-                    "delta": calibration.delta,
-                    "correction": calibration.correction,
-                    "threshold": calibration.threshold,
-                    "num_calibration": calibration.n,
-                    "false_alarm_rate": calibration.false_alarm_rate,
-                },
-                "detector": {"name": self.detector.name, "directory": DETECTOR_DIR},
-                "calibration": CALIBRATION_FILE,
-                "model": model_spec,
-                "files": {p.relative_to(temporary).as_posix(): sha256_of_file(p) for p in files},
-            }
-            persist.write_json_atomic(temporary / GUARD_FILE, config)
+            sealed = {**settings, "files": {p.relative_to(temporary).as_posix(): sha256_of_file(p) for p in files}}
+            persist.write_json_atomic(temporary / GUARD_FILE, {**sealed, "seal": seal(sealed, signing)})
             if directory.exists():
-                # keep what is not the guard's own, e.g. the service's decision log in DIR/decisions.sqlite
+                # keep the service's decision log (DIR/decisions.sqlite); the rest of the old guard goes
                 for entry in directory.iterdir():
-                    if entry.name not in (GUARD_FILE, CALIBRATION_FILE, DETECTOR_DIR, MODEL_FILE):
+                    if entry.name in DECISION_LOG_FILES:
                         os.replace(entry, temporary / entry.name)
                 shutil.rmtree(directory)
             os.replace(temporary, directory)
@@ -700,34 +868,88 @@ class Guard:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _entry(mapping: Mapping[str, Any], key: str, config_path: Path, kind: type) -> Any:
+_SETTINGS: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "format_version": int,
+    "oodguard_version": str,
+    "decision": dict,
+    "detector": dict,
+    "calibration": str,
+    "model": (dict, type(None)),
+    "input": (dict, type(None)),
+    "files": dict,
+    "seal": dict,
+}
+_DECISION_FIELDS = ("rule", "tpr", "alpha", "delta", "correction", "threshold", "num_calibration", "false_alarm_rate")
+_MODEL_FIELDS = (
+    "state_dict",
+    "class",
+    "factory",
+    "architecture_sha256",
+    "weights_sha256",
+    "layers",
+    "feature_layer",
+    "batch_size",
+)
+
+
+def _entry(mapping: Mapping[str, Any], key: str, config_path: Path, kind: type, where: str = "") -> Any:
     """``mapping[key]``, which must exist and be of ``kind`` (an int is accepted as a float)."""
     value = mapping.get(key)
     accepted = (int, float) if kind is float else kind
     if value is None or isinstance(value, bool) or not isinstance(value, accepted):
         raise ValueError(
-            f"{config_path}: entry {key!r} is missing or not a {kind.__name__} (got {value!r}); the file is damaged"
+            f"{config_path}: field {where + key!r} is missing or not a {kind.__name__} (got {value!r}); the file is "
+            "damaged"
         )
     return value
 
 
-def _verified(directory: Path, files: Mapping[str, Any], relative: str) -> Path:
-    """The path of a listed file after checking it lies inside ``directory`` and matches its checksum."""
-    path = (directory / relative).resolve()
-    if not path.is_relative_to(directory.resolve()):
-        raise ValueError(f"{directory / GUARD_FILE}: file {relative!r} lies outside the guard directory; refusing")
-    expected = files.get(relative)
-    if not isinstance(expected, str):
-        raise ValueError(f"{directory / GUARD_FILE}: no checksum recorded for {relative!r}; the guard is damaged")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the saved guard")
-    actual = sha256_of_file(path)
-    if actual != expected:
+def _check_keys(mapping: Mapping[str, Any], expected: Sequence[str], config_path: Path, where: str) -> None:
+    unknown = sorted(set(mapping) - set(expected))
+    missing = [name for name in expected if name not in mapping]
+    if unknown or missing:
+        name = (unknown or missing)[0]
+        problem = "is not a setting of a saved guard" if unknown else "is missing"
+        raise ValueError(f"{config_path}: field {where + name!r} {problem}; the file is damaged or was edited")
+
+
+def _read_config(directory: Path) -> tuple[Path, dict[str, Any], int]:
+    config_path = directory / GUARD_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no saved guard ({GUARD_FILE} is missing)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error})") from error
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{config_path} is not an oodguard guard config (format {FORMAT!r} expected)")
+    version = config.get("format_version")
+    if version not in _READABLE_VERSIONS or isinstance(version, bool):
         raise ValueError(
-            f"{path}: sha256 checksum mismatch (recorded {expected[:12]}..., file has {actual[:12]}...); the file "
-            "was modified or damaged after saving. Refusing to load it; save the guard again"
+            f"{config_path}: guard format version {version!r} is not supported (oodguard {_library_version()} "
+            f"reads versions {', '.join(map(str, _READABLE_VERSIONS))}); save the guard again with this version of "
+            "oodguard"
         )
-    return path
+    if version >= 3:
+        _check_keys(config, list(_SETTINGS), config_path, "")
+        for name, kind in _SETTINGS.items():
+            if not isinstance(config[name], kind) or isinstance(config[name], bool):
+                raise ValueError(f"{config_path}: field {name!r} has the wrong type ({config[name]!r}); damaged file")
+    return config_path, config, version
+
+
+def _saved_settings(directory: Path, config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The copy of the settings inside the calibration file, or None when it cannot be read."""
+    name = config.get("calibration")
+    if not isinstance(name, str) or Path(name).name != name:
+        name = CALIBRATION_FILE
+    try:
+        header = persist.load(directory / name, kind="guard_calibration", versions=1)[1]
+    except (OSError, ValueError):
+        return None
+    settings = header.get("settings")
+    return {**settings, "files": config.get("files")} if isinstance(settings, dict) else None
 
 
 def _read_tensors(path: Path, kind: str, guard_version: int) -> dict[str, torch.Tensor]:
@@ -742,84 +964,176 @@ def _read_tensors(path: Path, kind: str, guard_version: int) -> dict[str, torch.
     return persist.load(path, kind=kind, versions=1)[0]
 
 
+def _load_model(
+    directory: Path,
+    config_path: Path,
+    spec: Mapping[str, Any],
+    files: Mapping[str, Any],
+    version: int,
+    model_factory: str | Callable[[], torch.nn.Module] | None,
+    device: str | torch.device,
+) -> tuple[torch.nn.Module, str | None]:
+    """Rebuild a guard's model with the caller's factory, then check it against the recorded fingerprints."""
+    if version >= 3:
+        _check_keys(spec, _MODEL_FIELDS, config_path, "model.")
+    recorded_class, hint = spec.get("class"), spec.get("factory")
+    if model_factory is None:
+        saved_with = f"; it was saved with model_factory={hint!r}" if isinstance(hint, str) else ""
+        raise ValueError(
+            f"{config_path}: this guard holds a model ({recorded_class}){saved_with}. Pass model_factory= to "
+            "load_guard (or --model-factory to `oodguard serve`): a function of your own code, or its "
+            "'module:function' name, that builds the architecture. load_guard never imports code named inside a guard "
+            "folder"
+        )
+    model_path = verified_file(directory, files, _entry(spec, "state_dict", config_path, str, "model."), config_path)
+    if isinstance(model_factory, str):
+        name: str | None = _factory_name(model_factory)
+        model = _build_model(model_factory)
+    elif callable(model_factory):
+        try:
+            name = _factory_name(model_factory)
+        except ValueError:
+            name = None  # a lambda or local function: fine to load with, not a name to save
+        model = model_factory()
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(
+                f"model_factory {model_factory!r}: returned a {type(model).__name__}, expected a torch.nn.Module"
+            )
+    else:
+        raise ValueError(f"model_factory: expected 'package.module:function' or a function, got {model_factory!r}")
+    shown = name or repr(model_factory)
+    try:
+        model.load_state_dict(_read_tensors(model_path, "model_state", version), strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{model_path}: does not fit the model built by {shown} ({error}); use a factory that builds the "
+            f"architecture the guard was saved with ({recorded_class})"
+        ) from error
+    if version >= 3:
+        checks = [("architecture_sha256", architecture_digest, "architecture"), ("weights_sha256", weights_digest,
+                  "weights after loading the saved state")]  # fmt: skip
+        for entry, digest, what in checks:
+            recorded = _entry(spec, entry, config_path, str, "model.")
+            if digest(model) != recorded:
+                raise ValueError(
+                    f"{config_path}: field 'model.{entry}': the model built by {shown} has other {what} than the "
+                    f"saved model ({recorded_class}); use the factory the guard was saved with"
+                )
+    return model.to(device).eval(), name
+
+
+def _decision_settings(
+    decision: Mapping[str, Any], config_path: Path, version: int, scores: np.ndarray
+) -> _Calibration:
+    """The calibration rebuilt from the recorded decision settings, every one checked."""
+    if version >= 3:
+        _check_keys(decision, _DECISION_FIELDS, config_path, "decision.")
+    rule = _entry(decision, "rule", config_path, str, "decision.")
+    alpha, delta, correction = decision.get("alpha"), decision.get("delta"), decision.get("correction")
+    if rule not in RULES or (rule == "pvalue") != (alpha is not None):
+        raise ValueError(f"{config_path}: field 'decision.rule': inconsistent rule {rule!r} with alpha={alpha!r}")
+    if (
+        correction not in (None, *CORRECTIONS)
+        or (correction is None) != (delta is None)
+        or (correction == "simes" and scores.size < 2)
+    ):
+        raise ValueError(
+            f"{config_path}: field 'decision.correction': inconsistent correction {correction!r} with delta={delta!r}"
+        )
+    try:
+        calibration = _make_calibration(
+            scores,
+            check_fraction(_entry(decision, "tpr", config_path, float, "decision."), "tpr", allow_one=True),
+            None if alpha is None else check_fraction(alpha, "alpha"),
+            None if delta is None else check_fraction(delta, "delta"),
+            correction,
+        )
+    except ValueError as error:
+        raise ValueError(f"{config_path}: field 'decision': {error}") from error
+    recorded = {"threshold": calibration.threshold}
+    if version >= 3:
+        recorded |= {"num_calibration": calibration.n, "false_alarm_rate": calibration.false_alarm_rate}
+    for name, value in recorded.items():
+        if decision.get(name) != value:
+            raise ValueError(
+                f"{config_path}: field 'decision.{name}' is {decision.get(name)!r} but the calibration scores give "
+                f"{value!r}; the guard is damaged"
+            )
+    return calibration
+
+
 def load_guard(
     directory: str | os.PathLike,
     *,
     device: str | torch.device = "cpu",
     model_factory: str | Callable[[], torch.nn.Module] | None = None,
+    key: str | bytes | None = None,
 ) -> Guard:
-    """Load a guard written by :meth:`Guard.save`, without unpickling anything.
+    """Load a guard written by :meth:`Guard.save`, without importing or unpickling anything from the folder.
 
-    Every file's sha256 is checked against ``guard.json`` before it is read, and an unknown format or version
-    is refused. A model guard is rebuilt by importing and calling the recorded factory (``module:function``;
-    ``model_factory=`` overrides it), then loading ``model.safetensors`` strictly and moving it to ``device``.
-    Note that ``guard.json`` names the factory: load guards only from sources you trust to name code of
-    your environment (no code is ever read from the directory itself).
+    The seal over every setting and file checksum is checked first (an HMAC-SHA256 signature when a key is set:
+    ``key=`` or the environment variable ``OODGUARD_GUARD_KEY``; a signed guard needs the key, and with a key
+    set an unsigned guard is refused), then that the folder holds no file the guard does not list, then every
+    file's sha256, then every setting. A model guard needs ``model_factory``: a function of the caller's code, or
+    its ``"module:function"`` name, that builds the architecture; the saved weights are loaded into it strictly
+    and the result must match the architecture and weight fingerprints recorded at save. Any tampering is a
+    ``ValueError`` naming the file and the field.
     """
     directory = Path(directory)
-    config_path = directory / GUARD_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} holds no saved guard ({GUARD_FILE} is missing)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON ({error})") from error
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{config_path} is not an oodguard guard config (format {FORMAT!r} expected)")
-    version = config.get("format_version")
-    if version not in _READABLE_VERSIONS:
+    config_path, config, version = _read_config(directory)
+    signing = signing_key(key)
+    if version < 3 and signing is not None:
         raise ValueError(
-            f"{config_path}: guard format version {version!r} is not supported (oodguard {_library_version()} "
-            f"reads versions {', '.join(map(str, _READABLE_VERSIONS))}); save the guard again with this version of "
-            "oodguard"
+            f"{config_path}: guard format version {version} has no signature, but a signing key is set; load it "
+            "without the key and save it again (guard.save(dir, overwrite=True)) to sign it"
         )
     files = _entry(config, "files", config_path, dict)
+    check_folder_contents(directory, set(files), GUARD_FILE)
+    if version >= 3:
+        sealed = {name: value for name, value in config.items() if name != "seal"}
+        check_seal(config_path, sealed, config["seal"], signing, lambda: _saved_settings(directory, config))
     decision = _entry(config, "decision", config_path, dict)
     detector_spec = _entry(config, "detector", config_path, dict)
     model_spec = config.get("model")
     if model_spec is not None and not isinstance(model_spec, dict):
-        raise ValueError(f"{config_path}: entry 'model' must be null or an object; the file is damaged")
+        raise ValueError(f"{config_path}: field 'model' must be null or an object; the file is damaged")
+    if version >= 3:
+        _check_keys(detector_spec, ("name", "directory"), config_path, "detector.")
 
-    calibration_path = _verified(directory, files, _entry(config, "calibration", config_path, str))
+    calibration_path = verified_file(directory, files, _entry(config, "calibration", config_path, str), config_path)
     tensors = _read_tensors(calibration_path, "guard_calibration", version)
-    detector_name = _entry(detector_spec, "directory", config_path, str)
-    detector_files = sorted(name for name in files if name.startswith(f"{detector_name}/"))
+    detector_dir = _entry(detector_spec, "directory", config_path, str, "detector.")
+    detector_files = sorted(name for name in files if name.startswith(f"{detector_dir}/"))
     if not detector_files:
-        raise ValueError(f"{config_path}: lists no file of the detector folder {detector_name!r}; the file is damaged")
+        raise ValueError(f"{config_path}: field 'files' lists no file of the detector folder {detector_dir!r}")
     for name in detector_files:
-        _verified(directory, files, name)
-    detector = detector_base.load(directory / detector_name)
+        verified_file(directory, files, name, config_path)
+    detector = detector_base.load(directory / detector_dir)
     if detector.name != detector_spec.get("name"):
         raise ValueError(
-            f"{config_path}: records detector {detector_spec.get('name')!r} but {directory / detector_name} holds "
-            f"{detector.name!r}"
+            f"{config_path}: field 'detector.name' records {detector_spec.get('name')!r} but "
+            f"{directory / detector_dir} holds {detector.name!r}"
         )
-
-    model = None
-    factory = None
+    model, factory = None, None
     if model_spec is not None:
-        model_path = _verified(directory, files, _entry(model_spec, "state_dict", config_path, str))
-        recorded = _entry(model_spec, "factory", config_path, str)
-        factory = _factory_name(recorded if model_factory is None else model_factory)
-        model = _build_model(factory)
-        try:
-            model.load_state_dict(_read_tensors(model_path, "model_state", version), strict=True)
-        except RuntimeError as error:
-            raise ValueError(
-                f"{model_path}: does not fit the model built by {factory!r} ({error}); use the factory the guard "
-                "was saved with"
-            ) from error
-        model = model.to(device).eval()
+        model, factory = _load_model(directory, config_path, model_spec, files, version, model_factory, device)
+    elif model_factory is not None:
+        raise ValueError(f"model_factory: {directory} holds a model-agnostic guard (no model to build)")
+    contract = None
+    if version >= 3 and config["input"] is not None:
+        contract = InputContract.from_json(config["input"], f"{config_path}: field 'input'")
 
     guard = Guard(
         model,
         detector,
-        layers=_entry(model_spec, "layers", config_path, list) if model_spec else (),
+        layers=_entry(model_spec, "layers", config_path, list, "model.") if model_spec else (),
         feature_layer=model_spec.get("feature_layer") if model_spec else None,
         device=device,
-        batch_size=_entry(model_spec, "batch_size", config_path, int) if model_spec else 256,
-        model_factory=factory,
+        batch_size=_entry(model_spec, "batch_size", config_path, int, "model.") if model_spec else 256,
+        range_margin=DEFAULT_MARGIN if contract is None else contract.margin,
     )
+    guard.model_factory = factory
+    guard.input_contract_ = contract
     if "head.weight" in tensors and "head.bias" in tensors:
         guard.head_ = (tensors["head.weight"], tensors["head.bias"])
     stored = tensors.get("scores")
@@ -828,23 +1142,5 @@ def load_guard(
     scores = stored.to(torch.float64).numpy()
     if (np.diff(scores) < 0).any():
         raise ValueError(f"{calibration_path}: calibration scores are not sorted; damaged guard")
-    rule = _entry(decision, "rule", config_path, str)
-    alpha, delta, correction = decision.get("alpha"), decision.get("delta"), decision.get("correction")
-    if rule not in RULES or (rule == "pvalue") != (alpha is not None):
-        raise ValueError(f"{config_path}: inconsistent decision rule {rule!r} with alpha={alpha!r}")
-    if (
-        correction not in (None, *CORRECTIONS)
-        or (correction is None) != (delta is None)
-        or (correction == "simes" and scores.size < 2)
-    ):
-        raise ValueError(f"{config_path}: inconsistent correction {correction!r} with delta={delta!r}")
-    guard._calibration = _make_calibration(
-        scores,
-        check_fraction(_entry(decision, "tpr", config_path, float), "tpr", allow_one=True),
-        None if alpha is None else check_fraction(alpha, "alpha"),
-        None if delta is None else check_fraction(delta, "delta"),
-        correction,
-    )
-    if guard._calibration.threshold != decision.get("threshold"):
-        raise ValueError(f"{config_path}: recorded threshold disagrees with the calibration scores; damaged guard")
+    guard._calibration = _decision_settings(decision, config_path, version, scores)
     return guard
