@@ -294,13 +294,14 @@ def monitor(
         pad_edge=False,
     )  # fmt: skip
     table.add_column("window start (UTC)", no_wrap=True)
-    for column in ("requests", "decisions", "OOD", "OOD rate", "p-value"):
+    for column in ("replicas", "requests", "decisions", "OOD", "OOD rate", "p-value"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("alert")
     for row in shown.itertuples(index=False):
         alert = "" if pd.isna(row.alert) else ("[red]ALERT[/red]" if row.alert else "ok")
         pvalue = "" if pd.isna(row.pvalue) else f"{row.pvalue:.2g}"
-        table.add_row(row.start.strftime("%Y-%m-%d %H:%M:%S"), str(row.requests), str(row.n), str(row.n_ood),
+        table.add_row(row.start.strftime("%Y-%m-%d %H:%M:%S"), str(row.replicas), str(row.requests), str(row.n),
+                      str(row.n_ood),
                       f"{100 * row.ood_rate:.2f} %", pvalue, alert)  # fmt: skip
     console.print(table)
 

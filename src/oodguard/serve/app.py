@@ -1,49 +1,68 @@
-"""The HTTP service of a guard (FastAPI): scores and decisions, health, Prometheus metrics.
+"""The HTTP service of a guard (FastAPI): scores and decisions, its input schema, health, Prometheus metrics.
 
 ``POST /v1/score`` takes model outputs (``logits`` and/or ``features``, for a model-agnostic guard) or
 model inputs (``inputs``, for a guard that runs its model) and returns, per input, the model's
-prediction, the OOD score (higher = more likely OOD), the conformal p-value and the decision.
-``GET /healthz`` answers while the service runs; ``GET /metrics`` exposes request counts, latencies and
-the rolling OOD rate with its alert in the Prometheus text format. The OpenAPI schema is at
-``/openapi.json`` (interactive documentation at ``/docs``).
+prediction, the OOD score (higher = more likely OOD), the conformal p-value, the decision and, for inputs
+decided OOD without scoring (outside the value range seen at fit, or beyond what a float can hold), the
+reason. ``GET /v1/schema`` says what input the guard expects, with an example request. ``GET /healthz``
+answers while the service runs; ``GET /metrics`` exposes request counts, latencies and the rolling OOD rate
+with its alert (``prometheus_client``). The OpenAPI schema is at ``/openapi.json`` (documentation at
+``/docs``; both can be switched off).
 
-Every malformed request gets a 4xx status and a JSON body ``{"detail": "<what was wrong>"}``; the
-service keeps serving. Requests larger than ``max_body_bytes`` get 413, whether they announce their size
-(``Content-Length``) or not (chunked). With a token in the environment variable ``token_env``, scoring
-and metrics need ``Authorization: Bearer <token>`` (compared in constant time); health never does.
+Order of work per request, cheapest refusal first: the bearer token (every path but ``/healthz``, before any
+byte of the body is read), the announced size, a bound on bodies in flight, the body itself within a
+deadline and a size limit, then the JSON. Every malformed request gets a 4xx status and a JSON body
+``{"detail": "<what was wrong>"}``; the service keeps serving. With a decision log, the response is sent
+only after the request's rows are committed (group commit across concurrent requests); when they cannot be,
+the request gets 503 and no decision is acknowledged (``allow_unlogged=True`` serves anyway, with
+``X-Decision-Logged: false``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import os
+import re
 import time
 import uuid
 from collections.abc import MutableMapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypeAliasType
 
 from oodguard.serve.monitor import OODRateMonitor, ServiceMetrics
-from oodguard.serve.store import DecisionLog
+from oodguard.serve.store import DecisionLog, DecisionLogError
 
-__all__ = ["ScoreRequest", "ScoreResponse", "create_app"]
+__all__ = ["ScoreRequest", "ScoreResponse", "create_app", "app_from_environment", "parse_score_request"]
 
 #: Default request size limit: 1 MiB holds ~50,000 numbers, e.g. a batch of 100 feature vectors of 512.
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-_PATHS = ("/v1/score", "/healthz", "/metrics")
+#: Seconds a client has to send its whole body.
+DEFAULT_BODY_TIMEOUT = 10.0
+#: Request bodies read or held at once; more get 503 at once (bounds the memory clients can hold).
+DEFAULT_MAX_BODIES_IN_FLIGHT = 64
+#: Seconds a request waits for its decisions to be committed before it gets 503.
+DEFAULT_COMMIT_TIMEOUT = 10.0
+#: Deepest JSON nesting accepted (a model input [N, C, H, W] nests 4 deep inside the body object).
+MAX_JSON_DEPTH = 32
+_OPEN_PATHS = ("/healthz",)
+_PATHS = ("/v1/score", "/v1/schema", "/healthz", "/metrics", "/docs", "/openapi.json")
+SETTINGS_ENV = "OODGUARD_SERVE_SETTINGS"
 
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Matrix = list[list[FiniteNumber]]
-# Rows of any rank: [N, D], [N, C, H, W], ... (validated strictly: numbers only, finite).
-# mypy cannot resolve a recursive alias built at run time; pydantic can, and validates with it.
+# Rows of any rank: [N, D], [N, C, H, W], ... (documents the request body; the service parses it itself).
+# mypy cannot resolve a recursive alias built at run time; pydantic can.
 NestedNumbers = TypeAliasType("NestedNumbers", list[FiniteNumber] | list["NestedNumbers"])  # type: ignore[misc]
 
 
@@ -75,19 +94,34 @@ class ScoreRequest(BaseModel):
 
 
 class ScoreResponse(BaseModel):
-    """Per input (same order as the request): prediction, OOD score, p-value and decision."""
+    """Per input (same order as the request): prediction, OOD score, p-value, decision and its reason."""
 
     request_id: str = Field(description="Identifier of this request, also in the decision log and X-Request-ID.")
     predictions: list[int | None] = Field(description="The model's predicted class (null when unknown).")
-    scores: list[float] = Field(description="OOD scores, higher = more likely out-of-distribution.")
+    scores: list[float | None] = Field(
+        description="OOD scores, higher = more likely out-of-distribution (null: decided without scoring)."
+    )
     pvalues: list[float | None] = Field(description="Conformal p-values (small = unlike the calibration data).")
     is_ood: list[bool] = Field(description="The guard's decision: true = flagged as out-of-distribution.")
+    reasons: list[str | None] = Field(
+        description="Why an input was decided OOD without scoring (outside the range seen at fit, not finite)."
+    )
 
 
 class Health(BaseModel):
     status: str = Field(description='"ok" while the service runs.')
     mode: str = Field(description='"outputs" (send logits/features) or "inputs" (send model inputs).')
     false_alarm_rate: float = Field(description="Expected fraction of ID inputs the guard flags (alert baseline).")
+
+
+class InputSchema(BaseModel):
+    mode: str = Field(description='"outputs" (send logits/features) or "inputs" (send model inputs).')
+    fields: dict[str, Any] = Field(
+        description="Per field: row shape, dtype, the value range seen at fit and the range accepted before an "
+        "input is decided OOD without scoring."
+    )
+    example: dict[str, Any] = Field(description="A request body that fits (one row, mid-range values).")
+    max_body_bytes: int = Field(description="Larger request bodies get 413.")
 
 
 class ErrorMessage(BaseModel):
@@ -97,13 +131,131 @@ class ErrorMessage(BaseModel):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorMessage, "description": text}
     for code, text in [
-        (400, "Body is not valid JSON"),
+        (400, "Body is not valid JSON, not UTF-8, or nested too deeply"),
         (401, "Missing or wrong bearer token"),
+        (408, "Body not received within the deadline"),
         (413, "Body larger than the size limit"),
         (415, "Body not sent as application/json"),
-        (422, "Well-formed JSON but wrong fields, shapes, dtypes or non-finite numbers"),
+        (422, "Well-formed JSON but wrong fields, shapes or types"),
+        (503, "Too many requests in flight, or the decision log cannot commit the decisions (retry)"),
     ]
 }
+
+
+class RequestProblem(Exception):
+    """A request the service refuses: an HTTP status and a message that says what to fix."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ---------------------------------------------------------------------------- parsing a request body
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A score request after parsing: arrays of float64 by field (``inputs``, ``logits``, ``features``) and ``fdr``."""
+
+    arrays: dict[str, np.ndarray]
+    fdr: float | None
+
+
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_FIELDS = ("logits", "features", "inputs", "fdr")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    names: dict[type, str] = {str: "a string", dict: "an object", list: "a list"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _nesting_depth(body: bytes) -> int:
+    """The deepest nesting of ``[`` and ``{`` in a JSON text (brackets inside strings ignored)."""
+    text = np.frombuffer(_STRINGS.sub(b'""', body), dtype=np.uint8)
+    steps = np.isin(text, (ord("["), ord("{"))).astype(np.int32) - np.isin(text, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _first_non_number(values: Any, where: str) -> tuple[str, Any] | None:
+    """Where the first entry that is not a JSON number (or a list of them) lies, depth first."""
+    stack = [(values, where)]
+    while stack:
+        value, place = stack.pop()
+        if isinstance(value, list):
+            stack.extend((inner, f"{place}[{i}]") for i, inner in reversed(list(enumerate(value))))
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            return place, value
+    return None
+
+
+def _numbers(values: Any, field: str, body: bytes) -> np.ndarray:
+    """A JSON field of nested lists of numbers -> a float64 array ``[N, ...]``, or a RequestProblem naming the fault.
+
+    Numbers too large for a float64 (``1e400``) become infinite: the guard decides such rows OOD with a reason.
+    """
+    if not isinstance(values, list):
+        raise RequestProblem(422, f"{field}: expected a list of rows, got {_json_type(values)}")
+    if b"true" in body or b"false" in body or b"null" in body:  # numpy would read true as 1 and null as an object
+        found = _first_non_number(values, field)
+        if found is not None:
+            raise RequestProblem(422, f"{found[0]}: expected a number, got {_json_type(found[1])}")
+    try:
+        array = np.array(values)
+    except (ValueError, OverflowError):  # ragged nesting
+        raise RequestProblem(
+            422, f"{field}: rows of different lengths or shapes; every row must have the same shape"
+        ) from None
+    if array.dtype.kind not in "iuf":
+        found = _first_non_number(values, field)
+        if found is not None:
+            raise RequestProblem(422, f"{found[0]}: expected a number, got {_json_type(found[1])}")
+        with np.errstate(over="ignore"):
+            array = np.array(values, dtype=np.float64)  # integers beyond int64: finite text, infinite as a float
+    if array.ndim == 0 or array.shape[0] == 0:
+        raise RequestProblem(422, f"{field}: empty; send at least one row")
+    if array.size == 0:
+        raise RequestProblem(422, f"{field}: empty rows; send at least one number per row")
+    return array.astype(np.float64, copy=False)
+
+
+def _reject_constant(name: str) -> Any:
+    raise RequestProblem(422, f"{name} is not a finite number: send finite JSON numbers")
+
+
+def parse_score_request(body: bytes) -> ParsedRequest:
+    """Parse and check the body of ``POST /v1/score``; a :class:`RequestProblem` says what is wrong and where."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RequestProblem(400, f"body is not UTF-8 text (invalid byte at position {error.start})") from None
+    if not text.strip():
+        raise RequestProblem(422, 'body is empty: send a JSON object such as {"features": [[...]]}')
+    depth = _nesting_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise RequestProblem(400, f"body nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as error:
+        where = f"{error.msg} at line {error.lineno} column {error.colno}"
+        raise RequestProblem(400, f"body is not valid JSON ({where})") from None
+    except RecursionError:
+        raise RequestProblem(400, "body nests too deeply to parse") from None
+    if not isinstance(payload, dict):
+        raise RequestProblem(
+            422, f'body: expected a JSON object such as {{"features": [[...]]}}, got {_json_type(payload)}'
+        )
+    unknown = sorted(set(payload) - set(_FIELDS))
+    if unknown:
+        raise RequestProblem(422, f"{unknown[0]}: not a field of a score request (fields: {', '.join(_FIELDS)})")
+    fdr = payload.get("fdr")
+    if fdr is not None and (isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0 < fdr < 1):
+        raise RequestProblem(422, f"fdr: expected a number in (0, 1), got {fdr!r}")
+    arrays = {name: _numbers(payload[name], name, body) for name in _FIELDS[:3] if payload.get(name) is not None}
+    return ParsedRequest(arrays, None if fdr is None else float(fdr))
 
 
 # ---------------------------------------------------------------------------- the guard behind the service
@@ -119,72 +271,89 @@ class GuardAdapter:
         detector = getattr(guard, "detector", None)
         if detector is not None and getattr(detector, "is_fitted", False):
             _ = detector.state_  # finalise a lazily fitted state now, not concurrently in the first requests
+        contract = getattr(guard, "input_contract_", None)
+        self.contract = contract if contract is not None and contract.fields else None
 
-    def decide(self, request: ScoreRequest) -> dict[str, list[Any]]:
-        """Run the guard on a validated request; a ``ValueError`` means the input does not fit the guard."""
+    def decide(self, request: ParsedRequest) -> dict[str, list[Any]]:
+        """Run the guard on a parsed request; a ``RequestProblem`` means the input does not fit the guard."""
+        arrays = request.arrays
         if self.mode == "inputs":
-            if request.inputs is None or request.logits is not None or request.features is not None:
-                raise ValueError("this guard runs its model: send the model's inputs as {'inputs': [...]}")
-            import torch
-
-            x: Any = torch.from_numpy(_numeric_array(request.inputs, "inputs", min_rank=1))
+            if "inputs" not in arrays or len(arrays) > 1:
+                raise RequestProblem(422, "this guard runs its model: send the model's inputs as {'inputs': [...]}")
+            x: Any = self._typed(arrays["inputs"], "inputs")
         else:
-            if request.inputs is not None:
-                raise ValueError("this guard scores model outputs: send 'logits' and/or 'features', not 'inputs'")
-            if request.logits is None and request.features is None:
-                raise ValueError("send 'logits' [N, C] and/or 'features' [N, D] (whichever the guard's detector needs)")
-            x = {
-                name: _numeric_array(values, name, min_rank=2)
-                for name, values in (("logits", request.logits), ("features", request.features))
-                if values is not None
-            }
+            if "inputs" in arrays:
+                raise RequestProblem(
+                    422, "this guard scores model outputs: send 'logits' and/or 'features', not 'inputs'"
+                )
+            if not arrays:
+                raise RequestProblem(
+                    422, "send 'logits' [N, C] and/or 'features' [N, D] (whichever the guard's detector needs)"
+                )
+            for name, array in arrays.items():
+                if array.ndim != 2:
+                    raise RequestProblem(
+                        422, f"{name}: expected a list of rows [N, D] (rank 2), got shape {list(array.shape)}"
+                    )
+            x = {name: self._typed(array, name) for name, array in arrays.items()}
         try:
             result = self.guard.guard(x) if request.fdr is None else self.guard.guard_batch(x, fdr=request.fdr)
+        except (ValueError, FloatingPointError) as error:
+            raise RequestProblem(422, " ".join(str(error).split())) from error
         except RuntimeError as error:
             if self.mode != "inputs":
                 raise
             # torch's complaint about well-formed numbers: inputs of the wrong shape for the model
-            raise ValueError(f"the model cannot run on inputs of shape {list(x.shape)}: {error}") from error
-        predictions = np.asarray(result.prediction).tolist()
+            shape = list(arrays["inputs"].shape)
+            raise RequestProblem(422, f"the model cannot run on inputs of shape {shape}: {error}") from error
+        scores = np.asarray(result.score, dtype=np.float64)
         return {
-            "predictions": [None if p < 0 else p for p in predictions],  # -1: no logits and no head to predict from
-            "scores": np.asarray(result.score, dtype=np.float64).tolist(),
+            "predictions": [None if p < 0 else p for p in np.asarray(result.prediction).tolist()],
+            "scores": [v if np.isfinite(v) else None for v in scores.tolist()],
             "pvalues": np.asarray(result.pvalue, dtype=np.float64).tolist(),
             "is_ood": np.asarray(result.is_ood, dtype=bool).tolist(),
+            "reasons": list(getattr(result, "reason", None) or [None] * len(scores)),
         }
 
+    def _typed(self, array: np.ndarray, name: str) -> np.ndarray:
+        """float64 for a guard with an input contract (it screens the values, then casts); float32 otherwise, with
+        values beyond float32 left infinite, which the guard decides OOD."""
+        if self.contract is not None and name in self.contract.fields:
+            return array
+        with np.errstate(over="ignore"):
+            return array.astype(np.float32)
 
-def _numeric_array(values: list[Any], field: str, min_rank: int) -> np.ndarray:
-    """Nested lists of numbers -> a finite float32 array ``[N, ...]``, or a ValueError naming the problem."""
-    try:
-        array = np.array(values)
-    except (ValueError, TypeError) as error:  # ragged nesting
-        raise ValueError(f"{field}: rows of different lengths or shapes; every row must have the same shape") from error
-    if array.dtype.kind not in "iuf":  # already excluded by the request model; kept for direct callers
-        raise ValueError(f"{field}: expected numbers only, got dtype {array.dtype}; send JSON numbers")
-    if array.ndim < min_rank:
-        raise ValueError(f"{field}: expected a list of rows (rank >= {min_rank}), got shape {list(array.shape)}")
-    if array.shape[0] == 0 or array.size == 0:
-        raise ValueError(f"{field}: empty; send at least one row")
-    with np.errstate(over="ignore"):
-        array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError(f"{field}: contains NaN or infinite values (or numbers beyond float32); send finite numbers")
-    return array
+    def schema(self, max_body_bytes: int) -> dict[str, Any]:
+        fields = {} if self.contract is None else self.contract.describe()
+        example = {} if self.contract is None else self.contract.example()
+        return {"mode": self.mode, "fields": fields, "example": example, "max_body_bytes": max_body_bytes}
 
 
-# ---------------------------------------------------------------------------- size limit and request metrics
+# ---------------------------------------------------------------------------- refusals before the application
 class _RequestGate:
-    """ASGI middleware: body size limit (413) and per-request metrics (status and latency by path).
+    """ASGI middleware: the token, size limit, bodies in flight and body deadline, then per-request metrics.
 
-    The body is read here, up to the limit, before the application sees it: a request over the limit is
-    refused as soon as its ``Content-Length`` or its bytes exceed the limit, whatever the route.
+    Everything is refused before a byte of the body is read where it can be: a missing or wrong token (401),
+    an announced size over the limit (413), too many bodies in flight (503). The body is then read within
+    ``body_timeout`` seconds (else 408) and up to the limit (else 413), before the application sees it.
     """
 
-    def __init__(self, app: Any, metrics: ServiceMetrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: Any,
+        metrics: ServiceMetrics,
+        max_body_bytes: int,
+        token: str | None,
+        body_timeout: float,
+        max_bodies_in_flight: int,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.expected_authorization = None if token is None else f"Bearer {token}".encode()
+        self.body_timeout = body_timeout
+        self.max_bodies_in_flight = max_bodies_in_flight
+        self.bodies_in_flight = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -199,40 +368,68 @@ class _RequestGate:
             await send(message)
 
         try:
-            refusal = self._check_length(scope)
-            body = b""
+            refusal = self._check_token(scope) or self._check_length(scope)
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                body, refusal = await self._read_body(receive)
+                if self.bodies_in_flight >= self.max_bodies_in_flight:
+                    refusal = 503, f"{self.bodies_in_flight} requests are already being received; retry shortly", {
+                        "Retry-After": "1"}  # fmt: skip
+                else:
+                    self.bodies_in_flight += 1
+                    try:
+                        body, refusal = await self._read_body(receive)
+                        if refusal is None:
+                            await self.app(scope, _replay(body, receive), send_and_record)
+                            return
+                    finally:
+                        self.bodies_in_flight -= 1
             if refusal is not None:
-                code, message = refusal
-                await JSONResponse({"detail": message}, status_code=code)(scope, receive, send_and_record)
+                code, message, headers = refusal
+                await JSONResponse({"detail": message}, status_code=code, headers=headers)(
+                    scope, receive, send_and_record
+                )
                 return
-            await self.app(scope, _replay(body, receive), send_and_record)
+            await self.app(scope, receive, send_and_record)
         finally:
             path = scope["path"] if scope["path"] in _PATHS else "other"
             self.metrics.observe_request(path, status[0], time.perf_counter() - started)
 
-    def _check_length(self, scope: dict[str, Any]) -> tuple[int, str] | None:
+    def _check_token(self, scope: dict[str, Any]) -> tuple[int, str, dict[str, str]] | None:
+        if self.expected_authorization is None or scope["path"] in _OPEN_PATHS:
+            return None
+        given = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if given is None:
+            return 401, "missing bearer token: send 'Authorization: Bearer <token>'", challenge
+        if not hmac.compare_digest(given, self.expected_authorization):
+            return 401, "wrong bearer token", challenge
+        return None
+
+    def _check_length(self, scope: dict[str, Any]) -> tuple[int, str, dict[str, str]] | None:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     length = int(value)
                 except ValueError:
-                    return 400, "Content-Length is not a number"
+                    return 400, "Content-Length is not a number", {}
                 if length > self.max_body_bytes:
-                    return 413, f"request body of {length} bytes exceeds the limit of {self.max_body_bytes} bytes"
+                    return 413, f"request body of {length} bytes exceeds the limit of {self.max_body_bytes} bytes", {}
         return None
 
-    async def _read_body(self, receive: Any) -> tuple[bytes, tuple[int, str] | None]:
+    async def _read_body(self, receive: Any) -> tuple[bytes, tuple[int, str, dict[str, str]] | None]:
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while True:
-            message = await receive()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(remaining, 0.0))
+            except TimeoutError:
+                return b"", (408, f"request body not received within {self.body_timeout:g} s", {"Connection": "close"})
             if message["type"] == "http.disconnect":
-                return b"", (400, "client disconnected before sending the whole body")
+                return b"", (400, "client disconnected before sending the whole body", {})
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                return b"", (413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                return b"", (413, f"request body exceeds the limit of {self.max_body_bytes} bytes", {})
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None
@@ -250,38 +447,12 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replayed
 
 
+# Declares the bearer scheme in the OpenAPI schema; the gate has already checked the token.
 _BEARER = HTTPBearer(auto_error=False, description="The token in the server's environment (OODGUARD_TOKEN by default).")
 
 
-class _TokenCheck:
-    """Dependency: the request carries ``Authorization: Bearer <token>``, compared in constant time."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token.encode()
-
-    def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
-        if credentials is None:
-            raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        if not hmac.compare_digest(credentials.credentials.encode(), self.token):
-            raise HTTPException(401, "wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-
-def _validation_message(error: RequestValidationError) -> tuple[int, str]:
-    problems = error.errors()
-    if any(p.get("type") == "json_invalid" for p in problems):
-        detail = next(p for p in problems if p.get("type") == "json_invalid").get("ctx", {}).get("error", "")
-        return 400, f"body is not valid JSON ({detail})" if detail else "body is not valid JSON"
-    parts: list[str] = []
-    for problem in problems:
-        # Drop "body" and the union branches pydantic names in nested inputs ("list[float]", ...).
-        location = [str(x) for x in problem.get("loc", ()) if x != "body" and not (isinstance(x, str) and "[" in x)]
-        where = location[0] + "".join(f"[{x}]" for x in location[1:]) if location else "body"
-        part = f"{where}: {problem.get('msg', 'invalid')}"
-        if part not in parts:
-            parts.append(part)
-    more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
-    return 422, "; ".join(parts[:3]) + more
+def _documented_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+    return None
 
 
 # ---------------------------------------------------------------------------- the application
@@ -295,6 +466,11 @@ def create_app(
     significance: float = 0.01,
     false_alarm_rate: float | None = None,
     clock: Any = time.time,
+    allow_unlogged: bool = False,
+    docs: bool = True,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_bodies_in_flight: int = DEFAULT_MAX_BODIES_IN_FLIGHT,
+    commit_timeout: float = DEFAULT_COMMIT_TIMEOUT,
 ) -> FastAPI:
     """A FastAPI application serving ``guard``.
 
@@ -305,6 +481,7 @@ def create_app(
         inputs, a model-agnostic one takes logits and/or features.
     token_env : str, default ``"OODGUARD_TOKEN"``
         Environment variable holding the bearer token. Unset: no authentication. Set but empty: error.
+        With a token, every path but ``/healthz`` needs it (``/docs`` and ``/openapi.json`` included).
     max_body_bytes : int, default 1 MiB
         Larger request bodies get 413.
     log_url : str, optional
@@ -315,10 +492,20 @@ def create_app(
     significance : float, default 0.01
         Level of the binomial test behind the OOD-rate alert.
     false_alarm_rate : float, optional
-        The false-alarm rate the alert tests against; default: the guard's ``false_alarm_rate_`` (the
-        expected fraction of ID inputs it flags, from its calibration).
+        The false-alarm rate the alert tests against; default: the guard's ``false_alarm_rate_``.
     clock : callable, default ``time.time``
         Time source of the monitor and the log (seconds since the epoch).
+    allow_unlogged : bool, default False
+        When the decision log cannot commit a request's rows: False answers 503 (nothing acknowledged that is
+        not logged); True answers 200 with ``X-Decision-Logged: false``.
+    docs : bool, default True
+        Serve ``/docs`` and ``/openapi.json``.
+    body_timeout : float, default 10
+        Seconds a client has to send its body (else 408).
+    max_bodies_in_flight : int, default 64
+        Request bodies received or held at once; beyond it requests get 503 with ``Retry-After``.
+    commit_timeout : float, default 10
+        Seconds a request waits for its decisions to be committed before it gets 503.
 
     Returns
     -------
@@ -327,6 +514,11 @@ def create_app(
     """
     if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes: expected a positive number of bytes, got {max_body_bytes!r}")
+    for name, value in (("body_timeout", body_timeout), ("commit_timeout", commit_timeout)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise ValueError(f"{name}: expected a positive number of seconds, got {value!r}")
+    if not isinstance(max_bodies_in_flight, int) or isinstance(max_bodies_in_flight, bool) or max_bodies_in_flight < 1:
+        raise ValueError(f"max_bodies_in_flight: expected a positive integer, got {max_bodies_in_flight!r}")
     token = os.environ.get(token_env) if token_env else None
     if token is not None and not token.strip():
         raise ValueError(f"environment variable {token_env} is set but empty; unset it or set a token")
@@ -361,45 +553,62 @@ def create_app(
         summary="Out-of-distribution guard of a trained model: scores, p-values and decisions per input.",
         version=_version(),
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.guard = guard
     app.state.metrics = metrics
     app.state.monitor = monitor
     app.state.decision_log = decision_log
+    protected = [Depends(_documented_token)] if token is not None else []
 
-    protected = [Depends(_TokenCheck(token))] if token is not None else []
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if request.method == "POST" and not (kind == "application/json" or kind.endswith("+json")):
-            return JSONResponse({"detail": f"send the body as JSON with 'Content-Type: application/json' (got "
-                                           f"{kind or 'no content type'})"}, status_code=415)  # fmt: skip
-        code, message = _validation_message(error)
-        return JSONResponse({"detail": message}, status_code=code)
+    @app.exception_handler(RequestProblem)
+    async def _refused(_request: Request, problem: RequestProblem) -> JSONResponse:
+        return JSONResponse({"detail": problem.message}, status_code=problem.status)
 
     @app.exception_handler(Exception)
     async def _failed(_request: Request, _error: Exception) -> JSONResponse:
         return JSONResponse({"detail": "internal error while scoring; see the server log"}, status_code=500)
+
+    request_body = {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}},
+    }
 
     @app.post(
         "/v1/score",
         response_model=ScoreResponse,
         responses=_ERRORS,
         dependencies=protected,
+        openapi_extra={"requestBody": request_body},
         summary="Score inputs: prediction, OOD score, p-value and decision per input",
     )
-    def score(body: ScoreRequest, response: Response) -> dict[str, Any]:
-        try:
-            decided = adapter.decide(body)
-        except (ValueError, FloatingPointError) as error:  # input that does not fit the guard
-            raise HTTPException(422, " ".join(str(error).split())) from error
+    async def score(request: Request) -> Response:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not (kind == "application/json" or kind.endswith("+json")):
+            shown = kind or "no content type"
+            raise RequestProblem(415, f"send the body as JSON with 'Content-Type: application/json' (got {shown})")
+        parsed = parse_score_request(await request.body())
+        decided = await run_in_threadpool(adapter.decide, parsed)
         request_id = uuid.uuid4().hex
-        metrics.observe_decisions(decided["is_ood"])
+        headers = {"X-Request-ID": request_id, "X-Decision-Logged": "off"}
         if decision_log is not None:
-            decision_log.log(request_id, timestamp=clock(), **decided)
-        response.headers["X-Request-ID"] = request_id
-        return {"request_id": request_id, **decided}
+            headers["X-Decision-Logged"] = await _commit(decision_log, request_id, decided, clock(), commit_timeout,
+                                                         allow_unlogged)  # fmt: skip
+        metrics.observe_decisions(decided["is_ood"])
+        content = json.dumps({"request_id": request_id, **decided}, separators=(",", ":"), allow_nan=False)
+        return Response(content, media_type="application/json", headers=headers)
+
+    @app.get(
+        "/v1/schema",
+        response_model=InputSchema,
+        dependencies=protected,
+        responses={401: _ERRORS[401]},
+        summary="The input the guard expects: fields, row shapes, dtypes, value ranges and an example request",
+    )
+    def schema() -> dict[str, Any]:
+        return adapter.schema(max_body_bytes)
 
     @app.get("/healthz", response_model=Health, summary="Liveness: answers while the service runs")
     def healthz() -> dict[str, Any]:
@@ -407,16 +616,73 @@ def create_app(
 
     @app.get(
         "/metrics",
-        response_class=PlainTextResponse,
         dependencies=protected,
         responses={401: _ERRORS[401], 200: {"content": {"text/plain": {}}}},
         summary="Prometheus metrics: requests, latency histogram, OOD rate and alert",
     )
-    def prometheus_metrics() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
-    app.add_middleware(_RequestGate, metrics=metrics, max_body_bytes=max_body_bytes)
+    _document_request_model(app)
+    app.add_middleware(
+        _RequestGate,
+        metrics=metrics,
+        max_body_bytes=max_body_bytes,
+        token=token,
+        body_timeout=float(body_timeout),
+        max_bodies_in_flight=max_bodies_in_flight,
+    )
     return app
+
+
+async def _commit(
+    decision_log: DecisionLog,
+    request_id: str,
+    decided: dict[str, list[Any]],
+    timestamp: float,
+    timeout: float,
+    allow_unlogged: bool,
+) -> str:
+    """Wait until the request's rows are committed: ``"true"``; on failure 503, or ``"false"`` when allowed."""
+    try:
+        committed = decision_log.log(request_id, timestamp=timestamp, block=False, **decided)
+        await asyncio.wait_for(asyncio.wrap_future(committed), timeout=timeout)
+        return "true"
+    except (DecisionLogError, TimeoutError) as error:
+        if allow_unlogged:
+            return "false"
+        why = str(error) or f"not committed within {timeout:g} s"
+        raise RequestProblem(
+            503, f"the decision could not be logged ({why}); nothing was acknowledged, retry"
+        ) from None
+
+
+def _document_request_model(app: FastAPI) -> None:
+    """Add ScoreRequest (parsed by the service itself, for speed and exact messages) to the OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            request = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request.pop("$defs", {}))
+            components["ScoreRequest"] = request
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------------- several worker processes
+def app_from_environment() -> FastAPI:
+    """The application described by the JSON in :data:`SETTINGS_ENV` (how ``oodguard serve --workers N`` starts
+    each worker process: ``directory``, ``model_factory`` and the keyword arguments of :func:`create_app`)."""
+    from oodguard.guard import load_guard
+
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    guard = load_guard(settings.pop("directory"), model_factory=settings.pop("model_factory", None))
+    return create_app(guard, **settings)
 
 
 def _version() -> str:

@@ -2,22 +2,28 @@
 
 SQLite by default (a file; WAL mode so that readers such as ``oodguard monitor`` never block the
 writer), any SQLAlchemy URL otherwise (e.g. ``postgresql+psycopg://...``, with its driver installed).
-One row per decision: time, request id, index in the request's batch, prediction, score, p-value and
-decision.
+One row per decision: time, request id, index in the request's batch, prediction, score, p-value,
+decision, the reason of a decision made without scoring, and the replica (host and process) that made it,
+so that several replicas behind a load balancer can share one log (PostgreSQL, or SQLite on one machine).
 
 Writes go through a single writer thread fed by a bounded queue: request threads never contend for the
-database, rows are inserted in batches (one transaction per batch), a full queue makes requests wait
-rather than drop rows, and :meth:`DecisionLog.close` writes everything still queued.
+database. The writer takes everything queued and commits it in one transaction (group commit), then
+resolves the :class:`~concurrent.futures.Future` that :meth:`DecisionLog.log` returned for each request,
+so that the service acknowledges a request only once its rows are committed. SQLite runs in WAL mode with
+``synchronous=FULL``: a committed row survives a crash of the process and of the machine.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +33,7 @@ import sqlalchemy as sa
 
 from oodguard.serve.monitor import ood_rate_pvalue
 
-__all__ = ["DecisionLog", "database_url", "read_decisions", "read_info", "summarise"]
+__all__ = ["DecisionLog", "DecisionLogError", "database_url", "read_decisions", "read_info", "summarise"]
 
 log = logging.getLogger("oodguard.serve")
 
@@ -40,10 +46,14 @@ decisions_table = sa.Table(
     sa.Column("request_id", sa.String(64), nullable=False, index=True),
     sa.Column("batch_index", sa.Integer, nullable=False, comment="row of the input within its request"),
     sa.Column("prediction", sa.Integer, nullable=True, comment="the model's predicted class"),
-    sa.Column("score", sa.Float, nullable=False, comment="OOD score, higher = more likely OOD"),
+    sa.Column("score", sa.Float, nullable=False, comment="OOD score, higher = more likely OOD (inf: not scored)"),
     sa.Column("pvalue", sa.Float, nullable=True, comment="conformal p-value"),
     sa.Column("is_ood", sa.Boolean, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True, comment="why the input was decided OOD without scoring"),
+    sa.Column("replica", sa.String(128), nullable=True, comment="host:pid of the service replica that decided"),
 )
+#: Columns added since the first release: added to an existing log when it is opened.
+_ADDED_COLUMNS = ("reason", "replica")
 # Settings the summary needs to test the OOD rate: the guard's false-alarm rate and the test's level.
 info_table = sa.Table(
     "oodguard_log_info",
@@ -85,10 +95,10 @@ def _engine(path_or_url: str | Path, *, create_dirs: bool) -> sa.Engine:
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection: Any, _record: Any) -> None:
             cursor = connection.cursor()
-            # WAL: readers (monitoring) and the writer do not block each other. NORMAL sync in WAL mode
-            # survives a crash of the process (not of the machine) without losing committed rows.
+            # WAL: readers (monitoring) and the writer do not block each other.
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a committed row (and so an acknowledged request) survives a power loss, not only a crash.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA busy_timeout=10000")
             cursor.close()
 
@@ -108,8 +118,23 @@ def _nullable(values: Any, n: int, kind: type) -> list[Any]:
     return out
 
 
+class DecisionLogError(RuntimeError):
+    """The decision log could not take or commit a request's rows (full queue, database refused them, closed)."""
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """Bring a log written by an earlier release up to the current columns (nullable ones only, no data rewritten)."""
+    present = {column["name"] for column in sa.inspect(engine).get_columns(decisions_table.name)}
+    with engine.begin() as connection:
+        for name in _ADDED_COLUMNS:
+            if name not in present:
+                column = decisions_table.c[name]
+                kind = column.type.compile(dialect=engine.dialect)
+                connection.execute(sa.text(f"ALTER TABLE {decisions_table.name} ADD COLUMN {name} {kind}"))
+
+
 class DecisionLog:
-    """Append-only log of guard decisions in a database, written by one background thread.
+    """Append-only log of guard decisions in a database, written by one background thread with group commit.
 
     Parameters
     ----------
@@ -120,25 +145,29 @@ class DecisionLog:
     significance : float, optional
         Level of the alert test, stored likewise.
     max_pending : int, default 10_000
-        Requests waiting to be written before :meth:`log` blocks (back pressure instead of lost rows).
+        Requests waiting to be written; beyond it :meth:`log` waits (``block=True``) or raises
+        :class:`DecisionLogError` (``block=False``, as the service does: it answers 503 rather than stall).
     batch_rows : int, default 5_000
-        Most rows written in one transaction.
+        Most rows committed in one transaction.
+    replica : str, optional
+        Name of this writer in the ``replica`` column; default ``host:pid``.
 
     Attributes
     ----------
     url : str
         The database URL.
     rows_written, rows_failed : int
-        Rows inserted so far, and rows the database refused after retries (reported in the service's
-        metrics and logged; the service keeps serving).
+        Rows committed so far, and rows the database refused after retries (their requests' futures fail).
 
     Examples
     --------
     >>> import tempfile, os
     >>> folder = tempfile.mkdtemp()
     >>> with DecisionLog(os.path.join(folder, "log.db"), alpha=0.05) as decisions:
-    ...     decisions.log("req-1", predictions=[3, 1], scores=[0.2, 4.0], pvalues=[0.4, 0.001],
-    ...                   is_ood=[False, True], timestamp=0.0)
+    ...     committed = decisions.log("req-1", predictions=[3, 1], scores=[0.2, 4.0], pvalues=[0.4, 0.001],
+    ...                               is_ood=[False, True], timestamp=0.0)
+    ...     committed.result(timeout=10)  # rows committed
+    2
     >>> read_decisions(os.path.join(folder, "log.db"))[["batch_index", "prediction", "is_ood"]].values.tolist()
     [[0, 3, False], [1, 1, True]]
     """
@@ -151,11 +180,14 @@ class DecisionLog:
         significance: float | None = None,
         max_pending: int = 10_000,
         batch_rows: int = 5_000,
+        replica: str | None = None,
     ) -> None:
         self.url = database_url(path_or_url)
+        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
         self._engine = _engine(path_or_url, create_dirs=True)
         try:
             _metadata.create_all(self._engine)
+            _add_missing_columns(self._engine)
             with self._engine.begin() as connection:
                 for key, value in (("alpha", alpha), ("significance", significance)):
                     if value is not None:
@@ -170,7 +202,7 @@ class DecisionLog:
         self.rows_written = 0
         self.rows_failed = 0
         self._rows_queued = 0
-        self._queue: queue.Queue[list[dict[str, Any]] | None] = queue.Queue(maxsize=max_pending)
+        self._queue: queue.Queue[tuple[list[dict[str, Any]], Future[int]] | None] = queue.Queue(maxsize=max_pending)
         self._done = threading.Condition()
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="oodguard-decision-log", daemon=True)
@@ -184,22 +216,31 @@ class DecisionLog:
         self,
         request_id: str,
         *,
-        predictions: Sequence[int] | np.ndarray | None,
-        scores: Sequence[float] | np.ndarray,
-        pvalues: Sequence[float] | np.ndarray | None,
+        predictions: Sequence[int | None] | np.ndarray | None,
+        scores: Sequence[float | None] | np.ndarray,
+        pvalues: Sequence[float | None] | np.ndarray | None,
         is_ood: Sequence[bool] | np.ndarray,
+        reasons: Sequence[str | None] | None = None,
         timestamp: float | None = None,
-    ) -> None:
-        """Queue one request's decisions (row ``i`` of each array is input ``i`` of the request)."""
+        block: bool = True,
+    ) -> Future[int]:
+        """Queue one request's decisions (row ``i`` of each array is input ``i`` of the request).
+
+        Returns a future that resolves to the number of rows once they are committed, or fails with
+        :class:`DecisionLogError` when the database refused them. ``block=False``: raise
+        :class:`DecisionLogError` at once when the queue is full instead of waiting. A score of ``None`` (an input
+        decided without scoring) is stored as ``inf``.
+        """
         if self._closed:
-            raise RuntimeError("decision log: already closed")
-        scores_list = np.asarray(scores, dtype=np.float64).reshape(-1).tolist()
+            raise DecisionLogError("decision log: already closed")
+        scores_list = [math.inf if v is None else float(v) for v in np.asarray(scores, dtype=object).reshape(-1)]
         n = len(scores_list)
         decisions = np.asarray(is_ood, dtype=bool).reshape(-1).tolist()
         predicted = _nullable(predictions, n, int)
         pvals = _nullable(pvalues, n, float)
-        if not (len(decisions) == len(predicted) == len(pvals) == n):
-            raise ValueError("decision log: predictions, scores, pvalues and is_ood must have the same length")
+        why = [None] * n if reasons is None else list(reasons)
+        if not (len(decisions) == len(predicted) == len(pvals) == len(why) == n):
+            raise ValueError("decision log: predictions, scores, pvalues, is_ood and reasons must have the same length")
         when = time.time() if timestamp is None else float(timestamp)
         rows = [
             {
@@ -210,22 +251,33 @@ class DecisionLog:
                 "score": scores_list[i],
                 "pvalue": pvals[i],
                 "is_ood": decisions[i],
+                "reason": why[i],
+                "replica": self.replica,
             }
             for i in range(n)
         ]
+        committed: Future[int] = Future()
         if not rows:
-            return
+            committed.set_result(0)
+            return committed
+        try:
+            self._queue.put((rows, committed), block=block)  # blocking: back pressure, never dropped rows
+        except queue.Full:
+            raise DecisionLogError(
+                f"decision log: {self._queue.maxsize} requests already wait to be written; the database is too slow"
+            ) from None
         with self._done:
             self._rows_queued += n
-        self._queue.put(rows)  # blocks when the writer is behind: back pressure, never dropped rows
+        return committed
 
     def _write_loop(self) -> None:
         while True:
             first = self._queue.get()
             if first is None:
                 return
-            batch, stop = list(first), False
-            while len(batch) < self.batch_rows:
+            batch, stop = [first], False
+            size = len(first[0])
+            while size < self.batch_rows:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
@@ -233,28 +285,40 @@ class DecisionLog:
                 if more is None:
                     stop = True
                     break
-                batch.extend(more)
-            self._insert(batch)
+                batch.append(more)
+                size += len(more[0])
+            self._commit(batch)
             if stop:
                 return
 
-    def _insert(self, rows: list[dict[str, Any]]) -> None:
+    def _commit(self, batch: list[tuple[list[dict[str, Any]], Future[int]]]) -> None:
+        """One transaction for every request in ``batch`` (group commit), then resolve their futures."""
+        rows = [row for request_rows, _ in batch for row in request_rows]
+        failure: Exception | None = None
         for attempt in range(3):
             try:
                 with self._engine.begin() as connection:
                     connection.execute(sa.insert(decisions_table), rows)
-                written, failed = len(rows), 0
+                failure = None
                 break
             except sa.exc.SQLAlchemyError as error:
-                if attempt == 2:
-                    log.error("decision log: %d row(s) not written to %s: %s", len(rows), self._safe_url(), error)
-                    written, failed = 0, len(rows)
-                else:
+                failure = error
+                if attempt < 2:
                     time.sleep(0.05 * (attempt + 1))
+        if failure is not None:
+            log.error("decision log: %d row(s) not written to %s: %s", len(rows), self._safe_url(), failure)
         with self._done:
-            self.rows_written += written
-            self.rows_failed += failed
+            if failure is None:
+                self.rows_written += len(rows)
+            else:
+                self.rows_failed += len(rows)
             self._done.notify_all()
+        for request_rows, committed in batch:
+            if failure is None:
+                committed.set_result(len(request_rows))
+            else:
+                message = f"decision log: the database refused the rows ({failure.__class__.__name__}: {failure})"
+                committed.set_exception(DecisionLogError(message))
 
     @property
     def pending_rows(self) -> int:
@@ -344,7 +408,8 @@ def summarise(
     Returns
     -------
     pandas.DataFrame
-        One row per window: ``start``, ``end`` (UTC timestamps), ``requests``, ``n``, ``n_ood``,
+        One row per window: ``start``, ``end`` (UTC timestamps), ``replicas`` (service processes that
+        wrote to the log in it), ``requests``, ``n``, ``n_ood``,
         ``ood_rate``, ``mean_score``, ``pvalue`` (exact one-sided binomial test of rate <= alpha) and
         ``alert`` (``pvalue < significance``). ``frame.attrs`` holds ``alpha`` and ``significance``.
     """
@@ -354,18 +419,20 @@ def summarise(
     alpha = info.get("alpha") if alpha is None else alpha
     significance = info.get("significance", 0.01) if significance is None else significance
     decisions = read_decisions(path_or_url)
-    columns = ["start", "end", "requests", "n", "n_ood", "ood_rate", "mean_score", "pvalue", "alert"]
+    columns = ["start", "end", "replicas", "requests", "n", "n_ood", "ood_rate", "mean_score", "pvalue", "alert"]
     if decisions.empty:
         frame = pd.DataFrame(columns=columns)
     else:
         window = np.floor(decisions["timestamp"].to_numpy() / window_seconds).astype(np.int64)
-        grouped = decisions.assign(window=window).groupby("window", sort=True)
+        finite = decisions["score"].where(np.isfinite(decisions["score"]))
+        grouped = decisions.assign(window=window, finite_score=finite).groupby("window", sort=True)
         frame = pd.DataFrame(
             {
+                "replicas": grouped["replica"].nunique(),  # service processes that decided (all share the log)
                 "requests": grouped["request_id"].nunique(),
                 "n": grouped.size(),
                 "n_ood": grouped["is_ood"].sum().astype(np.int64),
-                "mean_score": grouped["score"].mean(),
+                "mean_score": grouped["finite_score"].mean(),  # inputs decided without scoring have score inf
             }
         )
         starts = frame.index.to_numpy() * window_seconds
