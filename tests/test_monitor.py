@@ -153,10 +153,10 @@ def test_metrics_text_format_and_values():
     assert samples['oodguard_requests_total{path="/v1/score",status="200"}'] == 5
     assert samples['oodguard_requests_total{path="/v1/score",status="422"}'] == 1
     assert samples['oodguard_requests_total{path="odd\\"path\\\\",status="404"}'] == 1
-    bucket = 'oodguard_request_duration_seconds_bucket{{path="/v1/score",le="{}"}}'
+    bucket = 'oodguard_request_duration_seconds_bucket{{le="{}",path="/v1/score"}}'
     assert samples[bucket.format("0.0005")] == 1
     assert samples[bucket.format("0.005")] == 4  # cumulative: 0.0004, 0.001, 0.003, 0.003
-    assert samples[bucket.format("10")] == 5
+    assert samples[bucket.format("10.0")] == 5
     assert samples[bucket.format("+Inf")] == 6
     assert samples['oodguard_request_duration_seconds_count{path="/v1/score"}'] == 6
     assert samples['oodguard_request_duration_seconds_sum{path="/v1/score"}'] == pytest.approx(67.0074)

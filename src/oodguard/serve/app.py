@@ -413,7 +413,7 @@ def create_app(
         summary="Prometheus metrics: requests, latency histogram, OOD rate and alert",
     )
     def prometheus_metrics() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
     app.add_middleware(_RequestGate, metrics=metrics, max_body_bytes=max_body_bytes)
     return app
