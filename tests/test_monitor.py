@@ -11,10 +11,12 @@ import threading
 import numpy as np
 import pandas as pd
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from oodguard.serve import monitor as monitor_module
 from oodguard.serve import store as store_module
-from oodguard.serve.monitor import OODRateMonitor, ServiceMetrics, ood_rate_pvalue
+from oodguard.serve.monitor import LATENCY_BUCKETS, OODRateMonitor, ServiceMetrics, ood_rate_pvalue
 from oodguard.serve.store import DecisionLog, database_url, read_decisions, read_info, summarise
 
 
@@ -153,10 +155,10 @@ def test_metrics_text_format_and_values():
     assert samples['oodguard_requests_total{path="/v1/score",status="200"}'] == 5
     assert samples['oodguard_requests_total{path="/v1/score",status="422"}'] == 1
     assert samples['oodguard_requests_total{path="odd\\"path\\\\",status="404"}'] == 1
-    bucket = 'oodguard_request_duration_seconds_bucket{{path="/v1/score",le="{}"}}'
+    bucket = 'oodguard_request_duration_seconds_bucket{{le="{}",path="/v1/score"}}'
     assert samples[bucket.format("0.0005")] == 1
     assert samples[bucket.format("0.005")] == 4  # cumulative: 0.0004, 0.001, 0.003, 0.003
-    assert samples[bucket.format("10")] == 5
+    assert samples[bucket.format("10.0")] == 5
     assert samples[bucket.format("+Inf")] == 6
     assert samples['oodguard_request_duration_seconds_count{path="/v1/score"}'] == 6
     assert samples['oodguard_request_duration_seconds_sum{path="/v1/score"}'] == pytest.approx(67.0074)
@@ -171,6 +173,116 @@ def test_metrics_text_format_and_values():
     samples = parse_prometheus(metrics.render())
     assert (samples["oodguard_ood_alert"], samples["oodguard_rolling_decisions"]) == (0, 0)
     assert samples["oodguard_decisions_total"] == 100
+
+
+#: Every family the service exposes (the parser names counters without ``_total``): type, help text.
+FAMILIES = {
+    "oodguard_requests": ("counter", "HTTP requests handled, by path and status code."),
+    "oodguard_request_duration_seconds": ("histogram", "Time to handle an HTTP request, by path."),
+    "oodguard_decisions": ("counter", "Inputs scored (one decision per input)."),
+    "oodguard_ood_decisions": ("counter", "Inputs flagged as out-of-distribution."),
+    "oodguard_ood_rate": ("gauge", "Fraction of inputs flagged as OOD since the service started."),
+    "oodguard_rolling_window_seconds": ("gauge", "Length of the rolling monitoring window."),
+    "oodguard_rolling_decisions": ("gauge", "Inputs scored in the rolling window."),
+    "oodguard_rolling_ood_rate": ("gauge", "Fraction of inputs flagged as OOD in the rolling window."),
+    "oodguard_false_alarm_rate": ("gauge", "Expected false-alarm rate alpha of the guard (its OOD rate on ID data)."),
+    "oodguard_ood_rate_pvalue": ("gauge", "Exact one-sided binomial test of rolling OOD rate <= alpha."),
+    "oodguard_alert_significance": ("gauge", "Significance level of the OOD-rate alert."),
+    "oodguard_ood_alert": ("gauge", "1 when the rolling OOD rate significantly exceeds the false-alarm rate."),
+    "oodguard_decision_log_pending_rows": ("gauge", "Decisions queued for the database."),
+}
+
+
+def library_samples(text: str) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, frozenset], float]]:
+    """Families {name: (type, help)} and samples {(name, labels): value} as prometheus_client parses them."""
+    families, samples = {}, {}
+    for family in text_string_to_metric_families(text):
+        assert family.name not in families
+        families[family.name] = (family.type, family.documentation)
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in samples
+            samples[key] = sample.value
+    return families, samples
+
+
+def test_metrics_parsed_by_prometheus_client():
+    clock = FakeClock(0.0)
+    metrics = ServiceMetrics(OODRateMonitor(0.2, window_seconds=30, significance=0.05, clock=clock))
+    pending = [7]
+    metrics.add_gauge("oodguard_decision_log_pending_rows", "Decisions queued for the database.", lambda: pending[0])
+    for seconds in (0.0005, 0.02, 3.0):
+        metrics.observe_request("/v1/score", 200, seconds)
+    metrics.observe_request("/healthz", 200, 0.0001)
+    metrics.observe_request("/v1/score", 413, 0.0001)
+    metrics.observe_decisions([True] * 4 + [False] * 6)
+    metrics.observe_decisions(np.array([False, False]))
+    families, samples = library_samples(metrics.render())
+    assert families == FAMILIES
+
+    def value(name: str, **labels: str) -> float:
+        return samples[name, frozenset(labels.items())]
+
+    requests = {key: v for key, v in samples.items() if key[0] == "oodguard_requests_total"}
+    assert {labels: v for (_, labels), v in requests.items()} == {
+        frozenset({("path", "/v1/score"), ("status", "200")}): 3,
+        frozenset({("path", "/healthz"), ("status", "200")}): 1,
+        frozenset({("path", "/v1/score"), ("status", "413")}): 1,
+    }
+    edges = [*(str(b) for b in LATENCY_BUCKETS), "+Inf"]
+    score_buckets = [value("oodguard_request_duration_seconds_bucket", le=le, path="/v1/score") for le in edges]
+    assert score_buckets == [2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4]  # cumulative, upper bounds inclusive
+    assert value("oodguard_request_duration_seconds_count", path="/v1/score") == 4
+    assert value("oodguard_request_duration_seconds_sum", path="/v1/score") == pytest.approx(3.0206)
+    assert value("oodguard_request_duration_seconds_count", path="/healthz") == 1
+    assert not any(name.endswith("_created") for name, _ in samples)
+    assert value("oodguard_decisions_total") == 12 and value("oodguard_ood_decisions_total") == 4
+    assert value("oodguard_ood_rate") == pytest.approx(4 / 12)
+    assert value("oodguard_rolling_window_seconds") == 30 and value("oodguard_rolling_decisions") == 12
+    assert value("oodguard_rolling_ood_rate") == pytest.approx(4 / 12)
+    assert value("oodguard_false_alarm_rate") == 0.2 and value("oodguard_alert_significance") == 0.05
+    assert value("oodguard_ood_rate_pvalue") == pytest.approx(binomial_upper_tail(4, 12, 0.2))
+    assert value("oodguard_ood_alert") == 0
+    assert value("oodguard_decision_log_pending_rows") == 7
+    # Scrape-time values: the window and the added gauge are read again at every render.
+    clock.now = 100.0
+    pending[0] = 0
+    metrics.observe_decisions([True] * 10)
+    _, samples = library_samples(metrics.render())
+    assert value("oodguard_rolling_decisions") == 10 and value("oodguard_rolling_ood_rate") == 1
+    assert value("oodguard_ood_alert") == 1 and value("oodguard_decisions_total") == 22
+    assert value("oodguard_decision_log_pending_rows") == 0
+
+
+def test_metrics_have_a_registry_each():
+    first = ServiceMetrics(OODRateMonitor(0.1, clock=FakeClock()))
+    second = ServiceMetrics(OODRateMonitor(0.1, clock=FakeClock()))
+    first.add_gauge("oodguard_decision_log_pending_rows", "Decisions queued for the database.", lambda: 1)
+    second.add_gauge("oodguard_decision_log_pending_rows", "Decisions queued for the database.", lambda: 2)
+    first.observe_request("/v1/score", 200, 0.01)
+    first.observe_decisions([True])
+    _, samples = library_samples(second.render())
+    assert not any(name == "oodguard_requests_total" for name, _ in samples)
+    assert samples["oodguard_decisions_total", frozenset()] == 0
+    assert samples["oodguard_decision_log_pending_rows", frozenset()] == 2
+    assert first.registry is not second.registry
+    assert "oodguard_ood_alert" not in generate_latest(REGISTRY).decode()  # never the process-wide registry
+    assert first.content_type == CONTENT_TYPE_LATEST
+
+
+def test_add_gauge_replaces_its_own_name_and_refuses_others():
+    metrics = ServiceMetrics(OODRateMonitor(0.1, clock=FakeClock()))
+    metrics.add_gauge("oodguard_queue", "First.", lambda: 1)
+    metrics.add_gauge("oodguard_queue", "Second.", lambda: 2)
+    families, samples = library_samples(metrics.render())
+    assert families["oodguard_queue"] == ("gauge", "Second.") and samples["oodguard_queue", frozenset()] == 2
+    for name in ("oodguard_ood_alert", "oodguard_decisions_total", "oodguard_request_duration_seconds_count"):
+        with pytest.raises(ValueError, match="Duplicated"):
+            metrics.add_gauge(name, "Clash.", lambda: 0)
+    with pytest.raises(ValueError, match="not a Prometheus metric name"):
+        metrics.add_gauge("queue rows", "Spaces.", lambda: 0)
+    expected = FAMILIES.keys() - {"oodguard_decision_log_pending_rows"} | {"oodguard_queue"}
+    assert library_samples(metrics.render())[0].keys() == expected  # the refused gauges left nothing behind
 
 
 # ---------------------------------------------------------------------------- decision log

@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from oodguard.cli import main
 from oodguard.guard import Guard
@@ -257,23 +258,25 @@ def test_metrics_and_alert_on_a_shifted_stream(guard, tmp_path):
         for seed in range(5):
             response = client.post("/v1/score", json={"features": features(6, seed=10 + seed)})
             flagged += sum(response.json()["is_ood"])
-        assert flagged <= 2 and "oodguard_ood_alert 0" in client.get("/metrics").text.splitlines()
+        assert flagged <= 2 and "oodguard_ood_alert 0.0" in client.get("/metrics").text.splitlines()
         clock.now += 30
         for seed in range(5):  # a stream of far-away inputs: all flagged
             response = client.post("/v1/score", json={"features": features(8, seed=20 + seed, far=True)})
             assert response.json()["is_ood"] == [True] * 8
             flagged += 8
         client.post("/v1/score", content="{", headers={"content-type": "application/json"})
-        lines = client.get("/metrics").text.splitlines()
-        assert "oodguard_ood_alert 1" in lines and "oodguard_decisions_total 70" in lines
-        assert f"oodguard_ood_decisions_total {flagged}" in lines
-        assert 'oodguard_requests_total{path="/v1/score",status="200"} 10' in lines
-        assert 'oodguard_requests_total{path="/v1/score",status="400"} 1' in lines
-        assert 'oodguard_requests_total{path="/metrics",status="200"} 1' in lines
-        assert 'oodguard_request_duration_seconds_count{path="/v1/score"} 11' in lines
-        assert "oodguard_decision_log_failed_rows 0" in lines
+        scraped = client.get("/metrics")
+        assert scraped.headers["content-type"] == CONTENT_TYPE_LATEST
+        lines = scraped.text.splitlines()
+        assert "oodguard_ood_alert 1.0" in lines and "oodguard_decisions_total 70.0" in lines
+        assert f"oodguard_ood_decisions_total {flagged}.0" in lines
+        assert 'oodguard_requests_total{path="/v1/score",status="200"} 10.0' in lines
+        assert 'oodguard_requests_total{path="/v1/score",status="400"} 1.0' in lines
+        assert 'oodguard_requests_total{path="/metrics",status="200"} 1.0' in lines
+        assert 'oodguard_request_duration_seconds_count{path="/v1/score"} 11.0' in lines
+        assert "oodguard_decision_log_failed_rows 0.0" in lines
         clock.now += 120  # the shift is over: the rolling window empties
-        assert "oodguard_ood_alert 0" in client.get("/metrics").text.splitlines()
+        assert "oodguard_ood_alert 0.0" in client.get("/metrics").text.splitlines()
     # Leaving the client shut the app down, which wrote every queued decision.
     rows = read_decisions(tmp_path / "log.sqlite")
     assert len(rows) == 70 and rows["is_ood"].sum() == flagged and rows["request_id"].nunique() == 10
@@ -375,10 +378,10 @@ def test_server_refuses_bad_requests_and_keeps_serving(servers):
         response = client.post("/v1/score", json=good, headers=token)
         assert response.status_code == 200 and len(response.json()["scores"]) == 2
         lines = client.get("/metrics", headers=token).text.splitlines()
-        assert 'oodguard_requests_total{path="/v1/score",status="401"} 2' in lines
-        assert 'oodguard_requests_total{path="/v1/score",status="413"} 2' in lines
-        assert 'oodguard_requests_total{path="/v1/score",status="200"} 1' in lines
-        assert "oodguard_decisions_total 2" in lines
+        assert 'oodguard_requests_total{path="/v1/score",status="401"} 2.0' in lines
+        assert 'oodguard_requests_total{path="/v1/score",status="413"} 2.0' in lines
+        assert 'oodguard_requests_total{path="/v1/score",status="200"} 1.0' in lines
+        assert "oodguard_decisions_total 2.0" in lines
 
 
 @pytest.mark.slow

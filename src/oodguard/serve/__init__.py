@@ -1,6 +1,6 @@
 """The HTTP service of a guard, its OOD-rate monitoring and its decision log.
 
-Needs the ``serve`` extra (FastAPI, uvicorn, SQLAlchemy): ``pip install oodguard[serve]``.
+Needs the ``serve`` extra (FastAPI, uvicorn, SQLAlchemy, prometheus_client): ``pip install oodguard[serve]``.
 """
 
 from oodguard.serve.app import create_app

@@ -16,16 +16,20 @@ Use the calibration-conditional level of the guard, if it has one, as ``alpha`` 
 
 from __future__ import annotations
 
-import bisect
 import math
+import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from scipy.stats import binomtest
 
 __all__ = ["OODRateMonitor", "ServiceMetrics", "WindowStatus", "ood_rate_pvalue"]
@@ -212,29 +216,93 @@ class OODRateMonitor:
 #: Upper bounds (seconds) of the request latency histogram's buckets.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
-def _labels(**labels: str) -> str:
-    escaped = (
-        f'{key}="{value.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), "")}"'
-        for key, value in labels.items()
-    )
-    return "{" + ",".join(escaped) + "}"
+#: Counters read from the monitor at scrape time: family name (exposed with ``_total``), help text.
+_DECISION_COUNTERS = (
+    ("oodguard_decisions", "Inputs scored (one decision per input)."),
+    ("oodguard_ood_decisions", "Inputs flagged as out-of-distribution."),
+)
+#: Gauges read from the monitor at scrape time: name, help text.
+_MONITOR_GAUGES = (
+    ("oodguard_ood_rate", "Fraction of inputs flagged as OOD since the service started."),
+    ("oodguard_rolling_window_seconds", "Length of the rolling monitoring window."),
+    ("oodguard_rolling_decisions", "Inputs scored in the rolling window."),
+    ("oodguard_rolling_ood_rate", "Fraction of inputs flagged as OOD in the rolling window."),
+    ("oodguard_false_alarm_rate", "Expected false-alarm rate alpha of the guard (its OOD rate on ID data)."),
+    ("oodguard_ood_rate_pvalue", "Exact one-sided binomial test of rolling OOD rate <= alpha."),
+    ("oodguard_alert_significance", "Significance level of the OOD-rate alert."),
+    ("oodguard_ood_alert", "1 when the rolling OOD rate significantly exceeds the false-alarm rate."),
+)
 
 
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(int(value)) if float(value).is_integer() and abs(value) < 2**53 else repr(float(value))
+class _MonitorCollector(Collector):
+    """The decision counters and rolling-window gauges of a monitor, read when the registry is scraped.
+
+    One :meth:`OODRateMonitor.status` per scrape, so the window's count, rate, p-value and alert agree.
+    """
+
+    def __init__(self, monitor: OODRateMonitor) -> None:
+        self.monitor = monitor
+
+    def describe(self) -> Iterator[Metric]:
+        """The families' names and types without reading the monitor (lets the registry refuse clashes)."""
+        for name, help_text in _DECISION_COUNTERS:
+            yield CounterMetricFamily(name, help_text)
+        for name, help_text in _MONITOR_GAUGES:
+            yield GaugeMetricFamily(name, help_text)
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.monitor
+        window = m.status()
+        total, total_ood = m.total, m.total_ood
+        values = {
+            "oodguard_decisions": total,
+            "oodguard_ood_decisions": total_ood,
+            "oodguard_ood_rate": total_ood / total if total else 0.0,
+            "oodguard_rolling_window_seconds": m.window_seconds,
+            "oodguard_rolling_decisions": window.n,
+            "oodguard_rolling_ood_rate": window.ood_rate,
+            "oodguard_false_alarm_rate": m.alpha,
+            "oodguard_ood_rate_pvalue": window.pvalue,
+            "oodguard_alert_significance": m.significance,
+            "oodguard_ood_alert": float(window.alert),
+        }
+        for name, help_text in _DECISION_COUNTERS:
+            yield CounterMetricFamily(name, help_text, value=values[name])  # no created timestamp: no _created
+        for name, help_text in _MONITOR_GAUGES:
+            yield GaugeMetricFamily(name, help_text, value=values[name])
+
+
+class _WithoutCreated(Collector):
+    """The families of the library's counters and histograms, less their ``_created`` samples.
+
+    prometheus_client adds a ``_created`` timestamp to every counter and histogram; turning that off is a
+    process-wide switch, so this registry drops the samples itself instead.
+    """
+
+    def __init__(self, *metrics: MetricWrapperBase) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        for metric in self.metrics:
+            yield from metric.describe()
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.metrics:
+            for family in metric.collect():
+                family.samples = [s for s in family.samples if s.name != family.name + "_created"]
+                yield family
 
 
 class ServiceMetrics:
-    """Counters of the HTTP service, rendered in the Prometheus text exposition format (version 0.0.4).
+    """Counters of the HTTP service, exposed in the Prometheus text format by ``prometheus_client``.
 
     Requests are counted by path and status code with a latency histogram per path; decisions are
     counted in total and as OOD, and the rolling window of an :class:`OODRateMonitor` gives the current
-    OOD rate, its binomial-test p-value and the alert gauge. Thread-safe.
+    OOD rate, its binomial-test p-value and the alert gauge, read when the metrics are scraped. Each
+    instance has its own registry (``registry``), so several services in one process do not share
+    metrics. Thread-safe.
 
     Examples
     --------
@@ -242,87 +310,64 @@ class ServiceMetrics:
     >>> metrics.observe_request("/v1/score", 200, 0.0015)
     >>> metrics.observe_decisions([False, True])
     >>> text = metrics.render()
-    >>> 'oodguard_requests_total{path="/v1/score",status="200"} 1' in text.splitlines()
+    >>> 'oodguard_requests_total{path="/v1/score",status="200"} 1.0' in text.splitlines()
     True
-    >>> 'oodguard_ood_decisions_total 1' in text.splitlines()
+    >>> 'oodguard_ood_decisions_total 1.0' in text.splitlines()
+    True
+    >>> metrics.content_type.startswith("text/plain")
     True
     """
+
+    #: Media type of :meth:`render`'s text.
+    content_type: str = CONTENT_TYPE_LATEST
 
     def __init__(self, monitor: OODRateMonitor, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.monitor = monitor
         self.buckets = tuple(sorted(buckets))
-        self._lock = threading.Lock()
-        self._requests: dict[tuple[str, str], int] = {}
-        self._latency: dict[str, list[float]] = {}  # path -> [count per bucket..., +Inf count, sum]
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            "oodguard_requests", "HTTP requests handled, by path and status code.", ["path", "status"], registry=None
+        )
+        self._latency = Histogram(
+            "oodguard_request_duration_seconds",
+            "Time to handle an HTTP request, by path.",
+            ["path"],
+            buckets=self.buckets,
+            registry=None,
+        )
+        self.registry.register(_WithoutCreated(self._requests, self._latency))
+        self.registry.register(_MonitorCollector(monitor))
         self.extra_gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._extra: dict[str, Gauge] = {}
+        self._extra_lock = threading.Lock()
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         """Count one HTTP request with its status code and latency in seconds."""
-        slot = bisect.bisect_left(self.buckets, seconds)
-        with self._lock:
-            key = (path, str(status))
-            self._requests[key] = self._requests.get(key, 0) + 1
-            counts = self._latency.get(path)
-            if counts is None:
-                counts = self._latency[path] = [0.0] * (len(self.buckets) + 2)
-            counts[slot] += 1
-            counts[-1] += seconds
+        self._requests.labels(path=path, status=str(status)).inc()
+        self._latency.labels(path=path).observe(seconds)
 
     def observe_decisions(self, is_ood: Any) -> None:
         """Count a request's decisions (True = OOD) and feed them to the rolling monitor."""
         self.monitor.record(is_ood)
 
     def add_gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        """Expose ``read()`` as gauge ``name`` (read at every scrape)."""
-        self.extra_gauges[name] = (help_text, read)
+        """Expose ``read()`` as gauge ``name`` (read at every scrape).
+
+        Adding a gauge under the name of one added before replaces it; a name that is not a valid metric
+        name, or that another metric of the service uses, raises ``ValueError``.
+        """
+        if not _METRIC_NAME.fullmatch(name):
+            raise ValueError(f"add_gauge: {name!r} is not a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)")
+        gauge = Gauge(name, help_text, registry=None)
+        gauge.set_function(lambda: float(read()))
+        with self._extra_lock:
+            previous = self._extra.get(name)
+            if previous is not None:
+                self.registry.unregister(previous)
+            self.registry.register(gauge)  # refuses a name that another metric of the service uses
+            self._extra[name] = gauge
+            self.extra_gauges[name] = (help_text, read)
 
     def render(self) -> str:
-        """All metrics in the Prometheus text format."""
-        with self._lock:
-            requests = sorted(self._requests.items())
-            latency = {path: list(counts) for path, counts in sorted(self._latency.items())}
-        window = self.monitor.status()
-        total, total_ood = self.monitor.total, self.monitor.total_ood
-        lines: list[str] = []
-
-        def family(name: str, kind: str, help_text: str) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-
-        family("oodguard_requests_total", "counter", "HTTP requests handled, by path and status code.")
-        for (path, status), count in requests:
-            lines.append(f"oodguard_requests_total{_labels(path=path, status=status)} {count}")
-        family("oodguard_request_duration_seconds", "histogram", "Time to handle an HTTP request, by path.")
-        for path, counts in latency.items():
-            cumulative = 0.0
-            for upper, hits in zip(self.buckets + (math.inf,), counts[:-1], strict=True):
-                cumulative += hits
-                labels = _labels(path=path, le=_number(upper))
-                lines.append(f"oodguard_request_duration_seconds_bucket{labels} {_number(cumulative)}")
-            lines.append(f"oodguard_request_duration_seconds_sum{_labels(path=path)} {_number(counts[-1])}")
-            lines.append(f"oodguard_request_duration_seconds_count{_labels(path=path)} {_number(cumulative)}")
-        family("oodguard_decisions_total", "counter", "Inputs scored (one decision per input).")
-        lines.append(f"oodguard_decisions_total {total}")
-        family("oodguard_ood_decisions_total", "counter", "Inputs flagged as out-of-distribution.")
-        lines.append(f"oodguard_ood_decisions_total {total_ood}")
-        family("oodguard_ood_rate", "gauge", "Fraction of inputs flagged as OOD since the service started.")
-        lines.append(f"oodguard_ood_rate {_number(total_ood / total if total else 0.0)}")
-        m = self.monitor
-        gauges = [
-            ("oodguard_rolling_window_seconds", "Length of the rolling monitoring window.", m.window_seconds),
-            ("oodguard_rolling_decisions", "Inputs scored in the rolling window.", window.n),
-            ("oodguard_rolling_ood_rate", "Fraction of inputs flagged as OOD in the rolling window.", window.ood_rate),
-            ("oodguard_false_alarm_rate", "Expected false-alarm rate alpha of the guard (its OOD rate on ID data).",
-             m.alpha),
-            ("oodguard_ood_rate_pvalue", "Exact one-sided binomial test of rolling OOD rate <= alpha.", window.pvalue),
-            ("oodguard_alert_significance", "Significance level of the OOD-rate alert.", m.significance),
-            ("oodguard_ood_alert", "1 when the rolling OOD rate significantly exceeds the false-alarm rate.",
-             float(window.alert)),
-        ]  # fmt: skip
-        for name, help_text, value in gauges:
-            family(name, "gauge", help_text)
-            lines.append(f"{name} {_number(float(value))}")
-        for name, (help_text, read) in sorted(self.extra_gauges.items()):
-            family(name, "gauge", help_text)
-            lines.append(f"{name} {_number(float(read()))}")
-        return "\n".join(lines) + "\n"
+        """All metrics in the Prometheus text format (media type :attr:`content_type`)."""
+        return generate_latest(self.registry).decode()
