@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -21,3 +23,28 @@ def cnn():
 def images():
     """12 seeded random 28 x 28 gray images in [0, 1]."""
     return torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server (Debian's postgresql package) on a free loopback port, for the whole session.
+
+    Without the server programs (or the psycopg driver) the tests that use it are skipped, except under CI
+    (the CI environment variable set), where they fail: the CI script installs the package.
+    """
+    from postgres_server import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required under CI: {error}", pytrace=False)
+        pytest.skip(f"no PostgreSQL to test against: {error}")
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server):
+    """SQLAlchemy URL of the session's PostgreSQL database: ``postgresql+psycopg://user@127.0.0.1:PORT/db``."""
+    return postgres_server.url
