@@ -139,26 +139,13 @@ def open_at_once(url: str, replicas: int, **settings) -> list[BaseException]:
     return errors
 
 
-# Known races in DecisionLog.__init__ on PostgreSQL (store.py is not changed here): replicas started together
-# fail with ValueError("decision log: cannot open ...") instead of sharing the log.
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=False,  # a race: now and then every replica gets through
-    reason="metadata.create_all checks for the tables, then creates them: replicas that start together on a new "
-    "database collide (UniqueViolation on pg_type_typname_nsp_index, or DuplicateTable)",
-)
+# Replicas started together share the log: table creation retries and settings are stored by an upsert.
 def test_replicas_start_together_on_a_new_database(pg_url):
     errors = open_at_once(pg_url, 4)
     assert errors == []
     assert len(read_decisions(pg_url)) == 8
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=False,  # a race: now and then every replica gets through
-    reason="the settings are stored by DELETE then INSERT in one READ COMMITTED transaction: replicas that start "
-    "together collide on the key (UniqueViolation on oodguard_log_info_pkey)",
-)
 def test_replicas_start_together_and_store_the_settings(pg_url):
     DecisionLog(pg_url).close()  # the tables exist: only the settings are written concurrently
     errors = open_at_once(pg_url, 8, alpha=0.05, significance=0.01)

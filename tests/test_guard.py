@@ -1,6 +1,6 @@
-import doctest
 import copy
 import dataclasses
+import doctest
 import json
 import pickle
 import time

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
@@ -224,40 +224,61 @@ def serve(
     directory: Annotated[Path, typer.Argument(help="saved guard folder (written by Guard.save)")],
     host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    model_factory: Annotated[
+        str | None,
+        typer.Option(help="for a guard with a model: 'module:function' of your code that builds the architecture"),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="worker processes, each with the guard, sharing the decision log")] = 1,
     log: Annotated[
         str | None,
         typer.Option("--log", help=f"decision log: SQLite file or SQLAlchemy URL (default DIR/{_DEFAULT_LOG})"),
     ] = None,
     no_log: Annotated[bool, typer.Option("--no-log", help="do not log decisions")] = False,
+    allow_unlogged: Annotated[
+        bool, typer.Option(help="answer 200 when the log cannot commit a decision (default: 503, nothing lost)")
+    ] = False,
     max_body_bytes: Annotated[int, typer.Option(help="larger request bodies are refused (413)")] = 1 << 20,
+    body_timeout: Annotated[float, typer.Option(help="seconds a client has to send its body (else 408)")] = 10.0,
+    max_bodies_in_flight: Annotated[int, typer.Option(help="bodies received at once; more get 503")] = 64,
+    shutdown_timeout: Annotated[int, typer.Option(help="seconds open requests get to finish on shutdown")] = 5,
+    docs: Annotated[bool, typer.Option(help="serve /docs and /openapi.json (behind the token when one is set)")] = True,
     window: Annotated[float, typer.Option(help="rolling window of the OOD-rate alert, in seconds")] = 60.0,
     significance: Annotated[float, typer.Option(help="level of the OOD-rate alert's binomial test")] = 0.01,
     token_env: Annotated[str, typer.Option(help="environment variable holding the bearer token")] = "OODGUARD_TOKEN",
 ) -> None:
-    """Serve a saved guard over HTTP: POST /v1/score, GET /healthz, GET /metrics, docs at /docs."""
+    """Serve a saved guard over HTTP: POST /v1/score, GET /v1/schema, GET /healthz, GET /metrics, docs at /docs."""
     try:
         import uvicorn
 
-        from oodguard.serve.app import create_app
+        from oodguard.serve.app import SETTINGS_ENV, create_app
     except ImportError as error:
         raise RuntimeError(f"serving needs FastAPI and uvicorn ({error}); pip install 'oodguard[serve]'") from error
+    import json
     import os
 
     from oodguard.guard import load_guard
 
     if log is not None and no_log:
         raise ValueError("--log and --no-log exclude each other")
+    if workers < 1:
+        raise ValueError(f"--workers: expected at least 1, got {workers}")
     log_url = None if no_log else (log or str(directory / _DEFAULT_LOG))
-    guard = load_guard(directory)
-    service = create_app(
-        guard, token_env=token_env, max_body_bytes=max_body_bytes, log_url=log_url,
-        window_seconds=window, significance=significance,
-    )  # fmt: skip
+    guard = load_guard(directory, model_factory=model_factory)  # refuses a tampered guard before anything listens
+    settings: dict[str, Any] = {
+        "token_env": token_env, "max_body_bytes": max_body_bytes, "log_url": log_url, "window_seconds": window,
+        "significance": significance, "allow_unlogged": allow_unlogged, "docs": docs, "body_timeout": body_timeout,
+        "max_bodies_in_flight": max_bodies_in_flight,
+    }  # fmt: skip
+    service: Any = create_app(guard, **settings) if workers == 1 else "oodguard.serve.app:app_from_environment"
+    if workers > 1:
+        os.environ[SETTINGS_ENV] = json.dumps({"directory": str(directory.resolve()), "model_factory": model_factory,
+                                              **settings})  # fmt: skip
     if token_env not in os.environ and host not in ("127.0.0.1", "localhost", "::1"):
         errors.print(f"warning: listening on {host} without authentication; set {token_env} to require a token")
-    console.print(f"serving {guard!r} on http://{host}:{port} (decision log: {log_url or 'off'})", highlight=False,
-                  soft_wrap=True)  # fmt: skip
-    uvicorn.run(service, host=host, port=port, log_level="warning", access_log=False)
+    console.print(f"serving {guard!r} on http://{host}:{port} with {workers} worker(s) (decision log: "
+                  f"{log_url or 'off'})", highlight=False, soft_wrap=True)  # fmt: skip
+    uvicorn.run(service, host=host, port=port, log_level="warning", access_log=False, workers=workers,
+                factory=workers > 1, timeout_graceful_shutdown=shutdown_timeout)  # fmt: skip
 
 
 @app.command()

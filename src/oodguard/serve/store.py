@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 
 from oodguard.serve.monitor import ood_rate_pvalue
 
@@ -133,6 +135,32 @@ def _add_missing_columns(engine: sa.Engine) -> None:
                 connection.execute(sa.text(f"ALTER TABLE {decisions_table.name} ADD COLUMN {name} {kind}"))
 
 
+def _create_tables(engine: sa.Engine, attempts: int = 5) -> None:
+    """Create the log's tables if missing. Replicas starting together race between 'does it exist' and 'create' (a
+    unique violation in PostgreSQL's catalogue): whoever loses finds the tables there on the next attempt."""
+    for attempt in range(attempts):
+        try:
+            _metadata.create_all(engine)
+            _add_missing_columns(engine)
+            return
+        except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _store_setting(connection: sa.Connection, key: str, value: str) -> None:
+    """Insert or replace one setting in a single statement (replicas store theirs concurrently)."""
+    dialect = connection.dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        module = sa.dialects.postgresql if dialect == "postgresql" else sa.dialects.sqlite
+        statement = module.insert(info_table).values(key=key, value=value)
+        connection.execute(statement.on_conflict_do_update(index_elements=["key"], set_={"value": value}))
+    else:
+        connection.execute(sa.delete(info_table).where(info_table.c.key == key))
+        connection.execute(sa.insert(info_table).values(key=key, value=value))
+
+
 class DecisionLog:
     """Append-only log of guard decisions in a database, written by one background thread with group commit.
 
@@ -186,13 +214,11 @@ class DecisionLog:
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
         self._engine = _engine(path_or_url, create_dirs=True)
         try:
-            _metadata.create_all(self._engine)
-            _add_missing_columns(self._engine)
+            _create_tables(self._engine)
             with self._engine.begin() as connection:
                 for key, value in (("alpha", alpha), ("significance", significance)):
                     if value is not None:
-                        connection.execute(sa.delete(info_table).where(info_table.c.key == key))
-                        connection.execute(sa.insert(info_table).values(key=key, value=repr(float(value))))
+                        _store_setting(connection, key, repr(float(value)))
         except sa.exc.SQLAlchemyError as error:
             self._engine.dispose()
             raise ValueError(
