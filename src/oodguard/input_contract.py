@@ -33,7 +33,9 @@ class FieldContract:
     high: float
 
     def bounds(self, margin: float) -> tuple[float, float]:
-        span = max(self.high - self.low, abs(self.high), abs(self.low), 1e-12)
+        span = self.high - self.low
+        if span <= 0:  # one value seen: widen by a share of its magnitude (or by the margin itself around 0)
+            span = max(abs(self.high), 1.0)
         return self.low - margin * span, self.high + margin * span
 
     def to_json(self) -> dict[str, Any]:

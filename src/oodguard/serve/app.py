@@ -682,7 +682,8 @@ async def _commit(
     """Wait until the request's rows are committed: ``"true"``; on failure 503, or ``"false"`` when allowed."""
     try:
         committed = decision_log.log(request_id, timestamp=timestamp, block=False, **decided)
-        await asyncio.wait_for(asyncio.wrap_future(committed), timeout=timeout)
+        # shield: a request that stops waiting must not cancel the commit itself
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(committed)), timeout=timeout)
         return "true"
     except (DecisionLogError, TimeoutError) as error:
         if allow_unlogged:

@@ -340,6 +340,8 @@ class DecisionLog:
                 self.rows_failed += len(rows)
             self._done.notify_all()
         for request_rows, committed in batch:
+            if not committed.set_running_or_notify_cancel():
+                continue  # its request stopped waiting (cancelled): nobody to tell
             if failure is None:
                 committed.set_result(len(request_rows))
             else:
