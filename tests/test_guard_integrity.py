@@ -263,3 +263,39 @@ def test_short_keys_are_refused(tmp_path, outputs_guard, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "short")
     with pytest.raises(ValueError, match=f"{KEY_ENV}: a signing key needs at least 16 bytes"):
         outputs_guard.save(tmp_path / "g")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda h: h["params"].update(k=-1), "parameter 'k' must be"),
+        (lambda h: h["params"].update(evil=1), "damaged or was edited"),
+        (lambda h: h.update(name="os.system"), "unknown detector 'os.system'"),
+        (lambda h: h.update(params=[1]), "damaged or was edited"),
+    ],
+)
+def test_a_detector_rewritten_with_every_digest_recomputed_is_refused_with_a_value_error(
+    tmp_path, outputs_guard, edit, message
+):
+    """Someone who rewrites the detector's header, its digest, the guard's checksum and the seal (no key set) still
+    cannot make load_guard fail with anything but a ValueError naming the problem."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from oodguard import persist
+
+    directory = tmp_path / "g"
+    outputs_guard.save(directory)
+    path = directory / "detector" / "detector.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        header = json.loads(handle.metadata()[persist.HEADER_KEY])
+    edit(header)
+    text = json.dumps(header, sort_keys=True)
+    digest = persist._digest(text, tensors)
+    save_file(tensors, str(path), metadata={persist.HEADER_KEY: text, persist.DIGEST_KEY: digest})
+    config = read(directory)
+    config["files"]["detector/detector.safetensors"] = persist.sha256_of_file(path)
+    write(directory, config, reseal=True)
+    with pytest.raises(ValueError, match=message):
+        load_guard(directory)
