@@ -312,15 +312,15 @@ def test_bad_hyperparameters_are_refused(name, params, match):
 
 # ---------------------------------------------------------------------- declared parameters
 DEFAULTS = {
-    "mahalanobis": {},
-    "rmds": {},
+    "mahalanobis": {"shrinkage": None},
+    "rmds": {"shrinkage": None},
     "she": {},
     "wdiscood": {"feat_norm": False, "alpha": 1e-05, "num_disc": None, "res_weight": 5.0},
     "knn": {"k": 50, "ratio": 1.0, "seed": 0},
 }
 GIVEN = {
-    "mahalanobis": {},
-    "rmds": {},
+    "mahalanobis": {"shrinkage": "ledoit_wolf"},
+    "rmds": {"shrinkage": np.float32(0.25)},
     "she": {},
     "wdiscood": {"feat_norm": True, "alpha": 1e-3, "num_disc": np.int64(2), "res_weight": 2},
     "knn": {"k": 3, "ratio": 0.5, "seed": 7},

@@ -8,6 +8,7 @@ samples the detector keeps accumulating and ``score`` says what is missing; ``fi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from oodguard.detectors.base import Detector, OutputDetector, class_counts, infer_num_classes, register
-from oodguard.detectors.params import Boolean, Integral, Interval, Real
+from oodguard.detectors.params import Boolean, Integral, Interval, Options, Real
 from oodguard.outputs import ModelOutputs
 
 #: Features are divided by ``max(||z||, _NORM_EPS)`` wherever a method L2-normalises them.
@@ -26,6 +27,10 @@ _PINV_RTOL = 1e-10
 
 # ---------------------------------------------------------------------- numerics shared by the detectors
 def pinv_sqrt(matrix: torch.Tensor, rtol: float = _PINV_RTOL) -> torch.Tensor:
+    return pinv_sqrt_and_rank(matrix, rtol)[0]
+
+
+def pinv_sqrt_and_rank(matrix: torch.Tensor, rtol: float = _PINV_RTOL) -> tuple[torch.Tensor, int]:
     """Symmetric square root ``W = pinv(matrix)^{1/2}`` of a symmetric PSD matrix (float64).
 
     ``W @ W == symmetric_pinv(matrix)``: eigenvalues at or below ``rtol * max|eigenvalue|`` are treated
@@ -38,10 +43,34 @@ def pinv_sqrt(matrix: torch.Tensor, rtol: float = _PINV_RTOL) -> torch.Tensor:
     matrix = matrix.to(torch.float64)
     values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
     if values.numel() == 0:
-        return matrix
+        return matrix, 0
     keep = values > rtol * max(float(values.abs().max()), torch.finfo(torch.float64).eps)
     values, vectors = values[keep], vectors[:, keep]
-    return (vectors * values.rsqrt()) @ vectors.T
+    return (vectors * values.rsqrt()) @ vectors.T, int(keep.sum())
+
+
+def ledoit_wolf_intensity(covariance: torch.Tensor, fourth_moment: float, n: int) -> float:
+    """The Ledoit-Wolf shrinkage intensity of a covariance ``S = (1/n) sum_i x_i x_i^T`` of centred rows ``x_i``.
+
+    ``fourth_moment`` is ``sum_i ||x_i||^4``. With ``mu = tr(S)/D``, ``delta = ||S - mu I||_F^2 / D`` and
+    ``beta = (fourth_moment / n - ||S||_F^2) / (D n)``, the intensity is ``min(beta, delta) / delta`` (0 when
+    ``delta`` is 0): Ledoit & Wolf, "A well-conditioned estimator for large-dimensional covariance matrices",
+    J. Multivariate Analysis 88(2), 2004, in the form of scikit-learn's ``ledoit_wolf_shrinkage``.
+    """
+    covariance = covariance.to(torch.float64)
+    dim = covariance.shape[0]
+    mu = float(torch.trace(covariance)) / dim
+    squared = float(covariance.square().sum())
+    delta = (squared - 2.0 * mu * float(torch.trace(covariance)) + dim * mu * mu) / dim
+    beta = min((fourth_moment / n - squared) / (dim * n), delta)
+    return 0.0 if beta == 0 or delta <= 0 else beta / delta
+
+
+def shrink(covariance: torch.Tensor, intensity: float) -> torch.Tensor:
+    """``(1 - s) S + s mu I`` with ``mu = tr(S) / D``: shrinkage toward a scaled identity."""
+    dim = covariance.shape[0]
+    mu = torch.trace(covariance) / dim
+    return (1.0 - intensity) * covariance + intensity * mu * torch.eye(dim, dtype=covariance.dtype)
 
 
 def normalize_rows(z: torch.Tensor) -> torch.Tensor:
@@ -84,6 +113,48 @@ class ClassStatistics(OutputDetector):
     _class_keys: ClassVar[tuple[str, ...]] = ("counts", "sums")
     _min_per_class: ClassVar[int] = 2
     _count_what: ClassVar[str] = "fit samples"
+    #: Set by the detectors with a ``shrinkage`` parameter (None, "ledoit_wolf" or an intensity in [0, 1]).
+    shrinkage: float | str | None = None
+
+    # -- the covariances: degenerate fits refused or reported, optional shrinkage
+    def _precision_root(self, covariance: torch.Tensor, stats: dict[str, torch.Tensor], fourth: str) -> torch.Tensor:
+        """``pinv(S')^{1/2}`` of the covariance after shrinkage; refuses a zero covariance, warns when singular."""
+        what = "within classes" if fourth == "fourth" else "around their mean"
+        dim = covariance.shape[0]
+        if float(torch.trace(covariance)) <= 0.0:
+            raise ValueError(
+                f"{self.name}: the fit features do not vary {what} (their covariance is zero), so every input would "
+                "score the same; fit on features that vary (are they all constant, e.g. a layer of dead units?)"
+            )
+        n = int(stats["counts"].sum())
+        if self.shrinkage is not None:
+            if self.shrinkage == "ledoit_wolf":
+                intensity = ledoit_wolf_intensity(covariance, float(stats[fourth]), n)
+            else:
+                intensity = float(self.shrinkage)
+            if intensity > 0:
+                return pinv_sqrt(shrink(covariance, intensity))
+        root, rank = pinv_sqrt_and_rank(covariance)
+        constant = int((covariance.diagonal() <= _PINV_RTOL * float(covariance.diagonal().max())).sum())
+        # Constant columns alone (dead units) carry no information: ignoring them is exactly right, and silent.
+        if rank < dim - constant:
+            columns = f"; {constant} feature column(s) are constant {what}" if constant else ""
+            warnings.warn(
+                f"{self.name}: the covariance of the fit features {what} is singular (rank {rank} of D={dim}, from "
+                f"N={n} samples{columns}); a pseudo-inverse ignores the {dim - rank} direction(s) without variance. "
+                "With few samples, pass shrinkage='ledoit_wolf' for a well-conditioned estimate",
+                UserWarning,
+                stacklevel=5,
+            )
+        return root
+
+    def _shrinkage_statistics(self, z: torch.Tensor, labels: torch.Tensor, means: torch.Tensor) -> dict[str, Any]:
+        """sum_i ||z_i - mu_{y_i}||^4 and sum_i ||z_i - mu||^4 for Ledoit-Wolf (from this fit call's means)."""
+        if self.shrinkage != "ledoit_wolf":
+            return {}
+        within = (z - means[labels]).square().sum(1)
+        around = (z - z.mean(0)).square().sum(1)
+        return {"fourth": within.square().sum(), "fourth_global": around.square().sum()}
 
     # -- statistics
     def _fit_features(self, outputs: ModelOutputs) -> torch.Tensor:
@@ -95,9 +166,16 @@ class ClassStatistics(OutputDetector):
         num_classes = infer_num_classes(outputs)
         counts = class_counts(labels, num_classes, self.name, minimum=0)  # validates the label range
         sums = z.new_zeros(num_classes, z.shape[1]).index_add_(0, labels, z)
-        return {"counts": counts, "sums": sums, "outer": z.T @ z}
+        means = sums / counts.clamp_min(1).to(z.dtype)[:, None]
+        return {"counts": counts, "sums": sums, "outer": z.T @ z, **self._shrinkage_statistics(z, labels, means)}
 
     def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.shrinkage == "ledoit_wolf":
+            raise ValueError(
+                f"{self.name}: shrinkage='ledoit_wolf' estimates its intensity from all fit rows at once, which "
+                "partial_fit and merge cannot combine exactly; call fit on all the data, or pass a fixed "
+                "shrinkage=<intensity in [0, 1]>, which partial fits combine exactly"
+            )
         width = max(a["counts"].shape[0], b["counts"].shape[0])
 
         def pad(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -162,7 +240,11 @@ class Mahalanobis(ClassStatistics):
     ``S = (1/N) sum_i (z_i - mu_{y_i})(z_i - mu_{y_i})^T`` (biased), precision ``P = pinv(S)`` (eigenvalues
     below ``1e-10 * max`` dropped, so a singular covariance gives finite scores).
     Score: ``M_c(z) = (z - mu_c)^T P (z - mu_c)`` and the OOD score is ``min_c M_c(z)`` (the paper's
-    confidence is ``max_c -M_c``; higher here = more OOD). No parameters.
+    confidence is ``max_c -M_c``; higher here = more OOD).
+
+    ``shrinkage``: None (the estimate above), an intensity ``s`` in [0, 1] or ``"ledoit_wolf"`` (Ledoit & Wolf,
+    J. Multivariate Analysis 2004): ``S`` becomes ``(1 - s) S + s (tr(S)/D) I`` before inversion, for small N.
+    A covariance that is zero is refused; one that is singular for other reasons than constant columns warns.
 
     Fit statistics are class counts, class sums and ``sum_i z_i z_i^T`` in float64: exact
     ``partial_fit`` and ``merge``. Every class needs at least 2 fit samples.
@@ -187,10 +269,15 @@ class Mahalanobis(ClassStatistics):
     )
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "labels"})
+    _parameter_constraints = {"shrinkage": [None, Options(["ledoit_wolf"]), Interval(Real, 0, 1)]}
+
+    def __init__(self, *, shrinkage: float | str | None = None) -> None:
+        self.shrinkage = shrinkage
+        super().__init__()
 
     def _finalize_complete(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         means, mean, within = self._means(stats)
-        root = pinv_sqrt(within)
+        root = self._precision_root(within, stats, "fourth")
         centers = (means - mean) @ root
         return {"proj": root, "mean": mean, "centers": centers, "center_sq": centers.square().sum(1)}
 
@@ -213,7 +300,8 @@ class RelativeMahalanobis(ClassStatistics):
     Fit: ``mu_c``, tied ``S`` and ``P = pinv(S)`` as in :class:`Mahalanobis`; in addition the global mean
     ``mu_0`` and covariance ``S_0 = (1/N) sum_i (z_i - mu_0)(z_i - mu_0)^T`` with ``P_0 = pinv(S_0)``.
     Score: ``M_0(z) = (z - mu_0)^T P_0 (z - mu_0)``; the OOD score is ``min_c M_c(z) - M_0(z)`` (the
-    confidence of the paper and OpenOOD is ``max_c -(M_c - M_0)``). No parameters.
+    confidence of the paper and OpenOOD is ``max_c -(M_c - M_0)``). ``shrinkage`` as in :class:`Mahalanobis`,
+    applied to both covariances. Needs at least 2 classes (with one, every score would be 0).
 
     ``S_0`` derives from the same sums as ``S``, so ``partial_fit`` and ``merge`` are exact.
 
@@ -234,12 +322,23 @@ class RelativeMahalanobis(ClassStatistics):
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "labels"})
 
+    _parameter_constraints = {"shrinkage": [None, Options(["ledoit_wolf"]), Interval(Real, 0, 1)]}
+
+    def __init__(self, *, shrinkage: float | str | None = None) -> None:
+        self.shrinkage = shrinkage
+        super().__init__()
+
     def _finalize_complete(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if stats["counts"].shape[0] < 2:
+            raise ValueError(
+                f"{self.name}: needs at least 2 classes, got 1: with one class the class Gaussian and the background "
+                "Gaussian are the same and every score would be 0; use mahalanobis for one class"
+            )
         means, mean, within = self._means(stats)
         total = stats["counts"].sum().to(torch.float64)
         background = stats["outer"] / total - torch.outer(mean, mean)
-        root = pinv_sqrt(within)
-        proj = torch.cat([root, pinv_sqrt(background)], dim=1)
+        root = self._precision_root(within, stats, "fourth")
+        proj = torch.cat([root, self._precision_root(background, stats, "fourth_global")], dim=1)
         centers = (means - mean) @ root
         return {"proj": proj, "mean": mean, "centers": centers, "center_sq": centers.square().sum(1)}
 
