@@ -375,7 +375,12 @@ def test_a_guard_saved_by_the_previous_release_still_loads(tmp_path, model_guard
     knn_guard.save(tmp_path / "k")
     rewrite_as_version(tmp_path / "k", version)
     test_outputs = ModelOutputs.concat([id_outputs(5, seed=15), far_outputs(10, seed=16)])
-    assert_same_results(knn_guard.guard(test_outputs), load_guard(tmp_path / "k").guard(test_outputs))
+    old_guard = load_guard(tmp_path / "k")
+    assert_same_results(knn_guard.guard(test_outputs), old_guard.guard(test_outputs))
+    broken = test_outputs.features.numpy()[:2].copy()
+    broken[1, 0] = np.inf  # no recorded range, but a row that is not finite is still decided OOD, not refused
+    result = old_guard.guard({"features": broken})
+    assert result.reason[0] is None and result.is_ood[1] and "infinite" in result.reason[1]
 
 
 @pytest.mark.parametrize("name", ["calibration.safetensors", "detector/detector.safetensors", "model.safetensors"])

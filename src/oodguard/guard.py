@@ -1119,7 +1119,8 @@ def load_guard(
         model, factory = _load_model(directory, config_path, model_spec, files, version, model_factory, device)
     elif model_factory is not None:
         raise ValueError(f"model_factory: {directory} holds a model-agnostic guard (no model to build)")
-    contract = None
+    # Guards of earlier formats recorded no ranges: they still decide rows with NaN or infinity OOD, unscored.
+    contract = InputContract(margin=None)
     if version >= 3 and config["input"] is not None:
         contract = InputContract.from_json(config["input"], f"{config_path}: field 'input'")
 
@@ -1130,7 +1131,7 @@ def load_guard(
         feature_layer=model_spec.get("feature_layer") if model_spec else None,
         device=device,
         batch_size=_entry(model_spec, "batch_size", config_path, int, "model.") if model_spec else 256,
-        range_margin=DEFAULT_MARGIN if contract is None else contract.margin,
+        range_margin=contract.margin,
     )
     guard.model_factory = factory
     guard.input_contract_ = contract
