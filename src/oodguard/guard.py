@@ -23,12 +23,13 @@ is at most ``a``. See :mod:`oodguard.conformal`.
 
 Saving
 ------
-``guard.save(dir)`` writes ``guard.json`` (format, version, decision rule, detector, model spec, and a
-sha256 checksum of every other file), ``calibration.safetensors``, the detector (``detector/``, via
-:meth:`Detector.save`) and, for a model guard, ``model.safetensors`` (the state dict). :func:`load_guard`
-refuses an unknown format version or a file whose checksum does not match, and never unpickles anything:
-the model is rebuilt by calling a factory ``"module:function"`` importable in the loading environment
-(code of that environment, never code from the directory), then its weights are loaded strictly.
+``guard.save(dir)`` writes ``guard.json`` (format, version, decision rule, detector, model description with
+architecture and weight fingerprints, input contract, a sha256 checksum of every other file, and a seal over all
+of it: sha256, or HMAC-SHA256 with a signing key), ``calibration.safetensors``, the detector (``detector/``, via
+:meth:`Detector.save`) and, for a model guard, ``model.safetensors`` (the state dict). :func:`load_guard` checks
+the seal, refuses files the guard does not list, checks every checksum and setting, and never imports, runs or
+unpickles anything from the folder: a model guard is rebuilt by a factory the *caller* names, and must match the
+recorded fingerprints (see :mod:`oodguard.guard_manifest`).
 
 ``torch.export`` programs are not offered as a model format: ``torch.export.load`` unpickles parts of the
 archive (its documentation warns "uses pickle under the hood"; weights and constants may be stored with
