@@ -530,11 +530,13 @@ class Guard:
             reasons = found if not reasons else [a or b for a, b in zip(reasons, found, strict=True)]
         keep = np.array([reason is None for reason in reasons], dtype=bool)
         dtypes = {name: known.dtype for name, known in contract.fields.items()}
+        everything = bool(keep.all())  # the usual case: no copy of the rows
         if self.model is not None:
             inputs = arrays["inputs"]
-            kept = inputs[torch.from_numpy(keep)] if isinstance(inputs, torch.Tensor) else inputs[keep]
-            return _as_dtype(kept, dtypes.get("inputs")), keep, reasons
-        screened = {name: _rows(value, keep) for name, value in x.items()}
+            if not everything:
+                inputs = inputs[torch.from_numpy(keep)] if isinstance(inputs, torch.Tensor) else inputs[keep]
+            return _as_dtype(inputs, dtypes.get("inputs")), keep, reasons
+        screened = dict(x) if everything else {name: _rows(value, keep) for name, value in x.items()}
         for name in arrays:
             screened[name] = _as_dtype(screened[name], dtypes.get(name))
         return screened, keep, reasons
