@@ -1,6 +1,7 @@
 import copy
 import json
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -106,18 +107,44 @@ def test_unknown_names_list_available_modules():
         run(model, x, layers=["1", "1"])
 
 
-def test_without_linear_head_only_logits():
+class CosineClassifier(nn.Module):
+    """logits = s * cos(features, class prototypes): no linear layer outputs them."""
+
+    def __init__(self, dim: int = 12, classes: int = 3) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(dim, 8), nn.ReLU())
+        self.prototypes = nn.Parameter(torch.randn(classes, 8))
+
+    def forward(self, x):
+        z = nn.functional.normalize(self.backbone(x), dim=1)
+        return 10 * z @ nn.functional.normalize(self.prototypes, dim=1).T
+
+
+def test_without_a_linear_head_only_logits_with_a_warning_naming_feature_layer():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.Softmax(dim=1))
-    out = run(model, torch.randn(5, 3, 2, 2))
+    with pytest.warns(UserWarning, match="no nn.Linear layer of CosineClassifier outputs its logits.*feature_layer="):
+        out = run(CosineClassifier(), torch.randn(5, 3, 2, 2))
     assert out.logits.shape == (5, 3) and out.features is None and out.head is None
+    named = run(CosineClassifier(), torch.randn(5, 3, 2, 2), feature_layer="backbone")  # any module: its output
+    assert named.features.shape == (5, 8) and named.head is None
+
+
+@pytest.mark.parametrize("last", [nn.Softmax(dim=1), nn.LogSoftmax(dim=1)])
+def test_probabilities_and_log_probabilities_are_refused(last):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), last)
+    kind = "log-probabilities" if isinstance(last, nn.LogSoftmax) else "probabilities"
+    with pytest.raises(
+        ValueError, match=rf"every row of the model output is {kind}.*Remove the final {type(last).__name__}"
+    ):
+        run(model, torch.randn(5, 3, 2, 2))
 
 
 def test_explicit_feature_layer_and_missing_bias():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3, bias=False), nn.Softmax(dim=1))
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3, bias=False), nn.Hardtanh(-0.1, 0.1))
     x = torch.randn(9, 6)
-    with pytest.warns(UserWarning, match="logits differ"):  # the softmax changes the logits after the layer
+    with pytest.warns(UserWarning, match="logits differ"):  # the clipping changes the logits after the layer
         out = run(model, x, feature_layer="2")
     assert out.features.shape == (9, 4) and torch.equal(out.head[1], torch.zeros(3))
 
@@ -228,14 +255,106 @@ def test_bad_batches(data, message):
 
 
 def test_model_output_must_be_logits_matrix():
-    class Pair(nn.Module):
+    class Nested(nn.Module):
         def forward(self, x):
-            return x, x
+            return {"a": x, "b": x}
 
-    with pytest.raises(ValueError, match="is a tuple, expected a tensor"):
-        run(Pair(), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"keys \['a', 'b'\] and none is 'logits'; pass output_key="):
+        run(Nested(), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"output_key='c': the model returned a dict with keys \['a', 'b'\]"):
+        run(Nested(), torch.zeros(2, 3), output_key="c")
     with pytest.raises(ValueError, match="logits must be \\[B, C\\]"):
         run(nn.Identity(), torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="returns a single tensor; leave output_key out"):
+        run(make_model(), make_inputs(2), output_key="logits")
+
+
+class Wrapped(nn.Module):
+    """The test model, returning its logits inside another structure."""
+
+    def __init__(self, shape: str) -> None:
+        super().__init__()
+        self.inner = make_model()
+        self.shape = shape
+
+    def forward(self, x):
+        logits = self.inner(x)
+        extra = torch.ones(x.shape[0], 2)
+        if self.shape == "dict":
+            return {"embedding": extra, "logits": logits}
+        if self.shape == "tuple":
+            return (logits, extra)
+        if self.shape == "namedtuple":
+            return Outputs(extra, logits)
+        if self.shape == "model_output":
+            return FakeModelOutput(logits=logits, hidden_states=extra)
+        if self.shape == "keyed":
+            return {"main": logits, "aux": extra}
+        raise AssertionError(self.shape)
+
+
+class Outputs(NamedTuple):
+    embedding: torch.Tensor
+    logits: torch.Tensor
+
+
+class FakeModelOutput(dict):
+    """Like transformers' ModelOutput: a dict whose entries are also attributes."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+@pytest.mark.parametrize("shape, key", [("dict", None), ("tuple", None), ("namedtuple", None),
+                                        ("model_output", None), ("keyed", "main"), ("tuple", 0)])  # fmt: skip
+def test_dicts_tuples_namedtuples_and_model_outputs_give_the_same_outputs(shape, key):
+    inputs = make_inputs(7)
+    plain = run(make_model(), inputs)
+    wrapped = Wrapped(shape)
+    wrapped.inner.load_state_dict(make_model().state_dict())
+    out = run(wrapped, inputs, output_key=key)
+    torch.testing.assert_close(out.logits, plain.logits)
+    torch.testing.assert_close(out.features, plain.features)  # the final linear layer is found in any case
+    torch.testing.assert_close(out.head[0], plain.head[0])
+
+
+def test_the_head_is_found_by_its_output_when_it_is_registered_before_the_backbone():
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+            self.backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+
+        def forward(self, x):
+            return self.fc(self.backbone(x))
+
+    torch.manual_seed(0)
+    model, x = HeadFirst(), torch.randn(6, 4)
+    out = run(model, x)  # the last registered module is a ReLU: the head is the linear layer that outputs the logits
+    torch.testing.assert_close(out.features, model.backbone(x).detach())
+    torch.testing.assert_close(out.head[0], model.fc.weight.detach())
+    torch.testing.assert_close(out.features @ out.head[0].T + out.head[1], out.logits)
+
+
+def test_feature_layer_may_name_any_module_whose_output_is_pooled():
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.body(x).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Conv(), torch.randn(5, 1, 6, 6)
+    out = run(model, x, feature_layer="body")  # [B, 4, 6, 6] -> global average pooling -> [B, 4]
+    torch.testing.assert_close(out.features, model.body(x).mean(dim=(2, 3)).detach())
+    assert out.head is not None  # the final linear layer reads these features: it is the head
+    torch.testing.assert_close(out.features @ out.head[0].T + out.head[1], out.logits, rtol=1e-5, atol=1e-5)
+    tokens = run(nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Flatten(1), nn.Linear(18, 2)), torch.randn(3, 3, 4),
+                 feature_layer="1")  # fmt: skip
+    assert tokens.features.shape == (3, 6) and tokens.head is None  # [B, T, D] -> mean over tokens
 
 
 # ---------------------------------------------------------------------------------------------- devices

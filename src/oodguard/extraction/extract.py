@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from oodguard import persist
 from oodguard.extraction.batches import Batches, check_rows
 from oodguard.extraction.fingerprint import ContentHash, content_hash, model_fingerprint, tensor_bytes
+from oodguard.extraction.forward import check_logits_not_probabilities, logits_of, pooled_features
 from oodguard.extraction.modules import (
     check_head,
     check_model_device,
@@ -102,6 +103,28 @@ class _Collector:
         return None
 
 
+def _linear_producing(calls: list[tuple[str, nn.Linear, Any, Any]], logits: torch.Tensor) -> int | None:
+    """Index of the last linear layer called whose output is the model's logits, if any."""
+    scale = 1e-5 * (1.0 + float(logits.abs().max()))
+    for index in range(len(calls) - 1, -1, -1):
+        output = calls[index][3]
+        if isinstance(output, torch.Tensor) and output.shape == logits.shape:
+            if float((output.to(logits.dtype) - logits).abs().max()) <= scale:
+                return index
+    return None
+
+
+def _no_head_warning(model: nn.Module) -> None:
+    last = type(list(model.modules())[-1]).__name__
+    warnings.warn(
+        f"extract: no nn.Linear layer of {type(model).__name__} outputs its logits (its last module is a {last}; a "
+        "cosine or scaled classifier, or a softmax after the head?), so only the logits are extracted and detectors "
+        "that need features or the head (knn, vim, mahalanobis, ...) will refuse them. Pass feature_layer= naming "
+        "the final linear layer, or the module whose output are the features",
+        stacklevel=4,
+    )
+
+
 def _run(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
@@ -112,13 +135,20 @@ def _run(
     layer_names: Sequence[str],
     head: tuple[str, nn.Linear] | None,
     head_found_automatically: bool,
+    feature_module: tuple[str, nn.Module] | None,
+    output_key: str | int | None,
     collector: _Collector,
     content_hash: ContentHash | None,
     progress: bool,
     desc: str | None,
-) -> None:
-    captured: dict[str, torch.Tensor] = {}
+) -> tuple[str, nn.Linear] | None:
+    """Run the model over every batch into ``collector``; returns the head (found on the first batch when the
+    model's last module is not its final linear layer)."""
+    captured: dict[str, Any] = {}
     handles = []
+    # Without a head or a feature module named, the first batch looks for the linear layer that outputs the logits.
+    search_head = head is None and feature_module is None and head_found_automatically
+    linear_calls: list[tuple[str, nn.Linear, Any, Any]] = []
 
     def layer_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -133,14 +163,35 @@ def _run(
         if isinstance(value, torch.Tensor):
             captured["features"] = value.detach().clone()
 
+    def feature_module_hook(module: nn.Module, args: Any, output: Any) -> None:
+        captured["feature_output"] = output.detach().clone() if isinstance(output, torch.Tensor) else output
+
+    def linear_search_hook(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            value = args[0] if args else None
+            if isinstance(value, torch.Tensor) and isinstance(module, nn.Linear):
+                linear_calls.append((name, module, value.detach().clone(), output.detach()))
+
+        return hook
+
     modes = [(module, module.training) for module in model.modules()]
+    search_handles = []
     try:
         for name in layer_names:
             handles.append(get_module(model, name, "layers").register_forward_hook(layer_hook(name)))
         if head is not None:
             handles.append(head[1].register_forward_pre_hook(feature_hook))
+        if feature_module is not None:
+            handles.append(feature_module[1].register_forward_hook(feature_module_hook))
+        if search_head:
+            search_handles = [
+                module.register_forward_hook(linear_search_hook(name))
+                for name, module in model.named_modules()
+                if isinstance(module, nn.Linear)
+            ]
         model.eval()
         head_checked = False
+        first = True
         with torch.no_grad():
             iterator = tqdm(batches, total=total, desc=desc or "extract", unit="batch", disable=not progress)
             for index, (inputs, labels) in enumerate(iterator):
@@ -153,15 +204,45 @@ def _run(
                 x = inputs.to(device)
                 if input_dtype is not None and x.dtype.is_floating_point and x.dtype != input_dtype:
                     x = x.to(input_dtype)
-                logits = model(x)
-                fix = "wrap the model so that forward returns the logits tensor [B, C]"
+                logits = logits_of(model(x), output_key)
+                fix = "wrap the model so that forward returns the logits tensor [B, C], or pass output_key="
                 check_rows(logits, rows, f"batch {index}: the model output", fix)
                 if logits.ndim != 2:
                     raise ValueError(
                         f"batch {index}: the model output has shape {tuple(logits.shape)}; logits must be [B, C]. {fix}"
                     )
+                if first:
+                    check_logits_not_probabilities(logits, f"batch {index}")
+                    if search_head:
+                        for handle in search_handles:
+                            handle.remove()
+                        search_handles = []
+                        found = _linear_producing(linear_calls, logits)
+                        if found is None:
+                            _no_head_warning(model)
+                        else:
+                            name, module, features_in, _ = linear_calls[found]
+                            head = (name, module)
+                            captured["features"] = features_in
+                            handles.append(module.register_forward_pre_hook(feature_hook))
+                        linear_calls.clear()
+                    first = False
                 fields = {"logits": logits.detach().to("cpu", torch.float32)}
-                if head is not None:
+                if feature_module is not None:
+                    if "feature_output" not in captured:
+                        raise ValueError(
+                            f"feature_layer: the module {feature_module[0]!r} was not called during forward"
+                        )
+                    features = pooled_features(captured["feature_output"], feature_module[0])
+                    check_rows(features, rows, f"feature_layer: the output of {feature_module[0]!r}", "")
+                    if head is not None and not head_checked:
+                        if features.shape[1] == head[1].in_features:
+                            check_head(head, features, logits, "found automatically")
+                        else:
+                            head = None  # the final linear layer does not read these features
+                        head_checked = True
+                    fields["features"] = features.detach().to("cpu", torch.float32)
+                elif head is not None:
                     how = "found automatically" if head_found_automatically else "given as feature_layer"
                     if "features" not in captured:
                         raise ValueError(
@@ -192,10 +273,11 @@ def _run(
                     fields["labels"] = labels
                 collector.add(fields)
     finally:
-        for handle in handles:
+        for handle in handles + search_handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
+        for submodule, training in modes:
+            submodule.training = training
+    return head
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -237,6 +319,7 @@ def extract(
     labels: Any = None,
     layers: Sequence[str] | str = (),
     feature_layer: str | None = None,
+    output_key: str | int | None = None,
     device: str | torch.device = "cpu",
     batch_size: int = 256,
     progress: bool = True,
@@ -334,7 +417,13 @@ def extract(
         raise ValueError(f"layers: {duplicates} requested more than once; give each layer name once")
     for name in layer_names:
         get_module(model, name, "layers")
-    head = find_head(model, feature_layer)
+    feature_module: tuple[str, nn.Module] | None = None
+    if feature_layer is not None and not isinstance(get_module(model, feature_layer, "feature_layer"), nn.Linear):
+        # any module: its output, pooled, are the features; the final linear layer is the head if it reads them
+        feature_module = (feature_layer, get_module(model, feature_layer, "feature_layer"))
+        head = find_head(model)
+    else:
+        head = find_head(model, feature_layer)
     batches = Batches(data, labels, batch_size)
     total = batches.num_batches()
     run_args: dict[str, Any] = dict(
@@ -344,13 +433,15 @@ def extract(
         layer_names=layer_names,
         head=head,
         head_found_automatically=feature_layer is None,
+        feature_module=feature_module,
+        output_key=output_key,
         progress=progress,
         desc=desc,
     )
 
     if cache_dir is None:
         collector = _Collector(None, chunk_rows, layer_names)
-        _run(model, batches, collector=collector, content_hash=None, **run_args)
+        head = _run(model, batches, collector=collector, content_hash=None, **run_args)
         outputs = collector.finish()
         if outputs is None:
             raise ValueError("data: produced no rows; nothing to extract")
@@ -384,8 +475,12 @@ def extract(
         "model": model_fingerprint(model),
         "data": key_data,
         "layers": layer_names,
-        "feature_layer": None if head is None else head[0],
+        # the head's name; a named module that is not linear; or a marker for "the linear layer that outputs the
+        # logits, found on the first batch" (older entries of such models hold no features: a new key)
+        "feature_layer": feature_layer if feature_module is not None else head[0] if head else "(found by its output)",
     }
+    if output_key is not None:  # only when given, so that existing entries keep their keys
+        key_payload["output_key"] = output_key
     key = hashlib.sha256(json.dumps(key_payload, sort_keys=True).encode()).hexdigest()
     root = Path(cache_dir)
     entry = root / key
@@ -402,7 +497,7 @@ def extract(
     try:
         collector = _Collector(temporary, chunk_rows, layer_names)
         second_pass = None if first_pass is None else ContentHash()
-        _run(model, batches, collector=collector, content_hash=second_pass, **run_args)
+        head = _run(model, batches, collector=collector, content_hash=second_pass, **run_args)
         collector.finish()
         if not collector.rows:
             raise ValueError("data: produced no rows; nothing to extract")
