@@ -45,3 +45,11 @@ def test_model_cost_script_counts_forward_pass_equivalents():
     rows = cost.run(["odin", "cover", "nac_layers", "gradnorm_autograd"], digits_n=8, resnet_n=2, repeats=1)
     assert {row["detector"] for row in rows} >= {"odin", "cover", "nac_layers", "gradnorm_autograd"}
     assert not [row for row in rows if "skipped" in row]
+
+
+def test_extraction_overhead_script_compares_extract_with_a_bare_loop():
+    overhead = load("extraction_overhead")
+    rows = overhead.run(n=64, batch_size=32, repeats=1)
+    assert [row["output"] for row in rows] == ["tensor", "dict", "ModelOutput-like"]
+    assert all(row["bare_s"] > 0 and row["extract_s"] > 0 for row in rows)
+    assert "| dict |" in overhead.table(rows, 64)

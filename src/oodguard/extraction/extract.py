@@ -333,9 +333,12 @@ def extract(
     Parameters
     ----------
     model : torch.nn.Module
-        Any module whose ``forward`` takes one tensor batch and returns logits ``[B, C]``. It must already be
-        on ``device`` (it is never moved). It runs in ``eval()`` mode under ``torch.no_grad()``; the training
-        flag of every submodule is restored afterwards, also on error.
+        Any module whose ``forward`` takes one tensor batch and returns the logits ``[B, C]``: as a tensor, or
+        inside a dict, a tuple or namedtuple, or a Hugging Face ``ModelOutput`` (see ``output_key``). Outputs
+        that are probabilities or log-probabilities (every row sums to one) are refused: detectors need the
+        logits before the softmax. The model must already be on ``device`` (it is never moved). It runs in
+        ``eval()`` mode under ``torch.no_grad()``; the training flag of every submodule is restored afterwards,
+        also on error.
     data : DataLoader, Dataset, iterable of batches, or array
         A ``DataLoader`` is iterated as is; a ``Dataset`` is wrapped in ``DataLoader(data, batch_size,
         shuffle=False)``; an array (numpy or torch) of inputs ``[N, ...]`` is cut into batches. Otherwise
@@ -349,11 +352,19 @@ def extract(
         Module names (as in ``model.named_modules()``) whose outputs to record, each kept at its full shape
         ``[N, ...]`` in ``outputs.layers[name]``. Each must return one tensor with the batch first.
     feature_layer : str, optional
-        Name of the final linear layer; its input becomes ``features`` and its ``(weight, bias)`` the head
-        (bias zeros when the layer has none). When omitted the head is found by :func:`find_head`: the model's
-        last module in ``named_modules()`` order, if it is an ``nn.Linear``. **When no such layer is found,
-        only logits (and labels and layers) are extracted, without features and head.** A warning is given
-        when the logits differ from ``features @ weight.T + bias`` (a model that rescales its logits).
+        A module name. An ``nn.Linear``: the final linear layer; its input becomes ``features`` and its
+        ``(weight, bias)`` the head (bias zeros when the layer has none). Any other module: its output, pooled to
+        one row per input (``[B, D]`` as is, ``[B, C, H, W]`` averaged over positions, ``[B, T, D]`` averaged
+        over tokens, other ranks flattened), becomes ``features``; the head is then the model's final linear
+        layer if it reads features of that width, else there is none. When omitted the head is the model's last
+        module if it is an ``nn.Linear``, else the linear layer whose output is the logits (found on the first
+        batch); when there is none (a cosine classifier, say) only logits are extracted, with a warning naming
+        ``feature_layer``. A warning is also given when the logits differ from ``features @ weight.T + bias``
+        (a model that rescales its logits).
+    output_key : str or int, optional
+        Where the logits are in the model's output: a key of a dict or ``ModelOutput``, a field of a namedtuple,
+        an index of a tuple. Default: ``"logits"`` (or the only tensor) of a dict, the ``logits`` field of a
+        namedtuple, the first item of a tuple, the ``.logits`` attribute of other objects.
     device : "cpu", "cuda", "cuda:N", "mps" or torch.device
         Where the model runs; inputs are moved there, outputs come back to the CPU as float32.
     batch_size : int
