@@ -99,3 +99,17 @@ def _head_outputs() -> ModelOutputs:
     weight, bias = rng.normal(size=(3, 5)), np.zeros(3)
     features = np.abs(rng.normal(size=(30, 5)))
     return ModelOutputs(features=features, logits=features @ weight.T, head=(weight, bias))
+
+
+def test_a_plain_array_is_the_one_field_a_detector_reads():
+    from oodguard.detectors import create
+
+    logits = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    energy = create("energy").fit({"logits": logits})
+    assert torch.equal(energy.score(logits[:5]), energy.score({"logits": logits[:5]}))
+    np.testing.assert_array_equal(energy.score(logits[:5].numpy()), energy.score({"logits": logits[:5].numpy()}))
+    mcm = create("mcm", label_embeddings=torch.randn(3, 8))
+    assert mcm.score(torch.randn(2, 8)).shape == (2,)
+    she = create("she")  # reads logits and features: one array cannot say which
+    with pytest.raises(ValueError, match=r"she: score reads features, logits; pass them as a dict"):
+        she.score(torch.randn(2, 8))

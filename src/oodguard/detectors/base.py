@@ -374,8 +374,18 @@ class OutputDetector(Detector):
         self._statistics_changed()
         return self
 
-    def score(self, outputs: ModelOutputs | Mapping[str, Any]) -> np.ndarray | torch.Tensor:
-        """OOD scores ``[N]``, higher = more likely OOD. Numpy outputs give numpy, torch gives torch."""
+    def score(self, outputs: ModelOutputs | Mapping[str, Any] | torch.Tensor | np.ndarray) -> np.ndarray | torch.Tensor:
+        """OOD scores ``[N]``, higher = more likely OOD. Numpy outputs give numpy, torch gives torch.
+
+        A plain tensor or array is accepted for a detector that reads one field: it is that field (the logits of
+        ``energy``, the image embeddings of ``mcm``, ...)."""
+        if isinstance(outputs, (torch.Tensor, np.ndarray)):
+            if len(self.requires) != 1:
+                raise ValueError(
+                    f"{self.name}: score reads {', '.join(sorted(self.requires))}; pass them as a dict such as "
+                    f"{{{', '.join(repr(f) + ': ...' for f in sorted(self.requires))}}}, not one array"
+                )
+            outputs = {next(iter(self.requires)): outputs}
         outputs = as_outputs(outputs)
         if not self.is_fitted:
             raise NotFittedError(f"{self.name}: call fit(...) on in-distribution outputs before score(...)")
