@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.numpy import save_file
@@ -78,6 +79,34 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     assert {row["detector"] for row in payload["leaderboard"]} == {"msp", "energy", "vim"}
     assert {row["ood_set"] for row in payload["results"]} == {"cluster", "copy"}
     assert payload["settings"]["params"] == {"vim": {"dim": 3}, "energy": {"temperature": 2.5}}
+
+
+def test_eval_lists_what_it_skipped_and_fails_loudly_on_requested_detectors(tmp_path, capsys):
+    write_npz(tmp_path / "fit.npz", id_outputs(40, seed=1), with_head=False)  # no head: several detectors cannot run
+    write_npz(tmp_path / "id.npz", id_outputs(10, seed=2), with_head=False)
+    write_npz(tmp_path / "far.npz", far_outputs(50, seed=3), with_head=False)
+    common = ["eval", "--fit", str(tmp_path / "fit.npz"), "--id", str(tmp_path / "id.npz"), "--ood",
+              f"far:cluster={tmp_path / 'far.npz'}", "--n-boot", "5", "-q"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "all"), "--scores", str(tmp_path / "scores.csv")]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    payload = json.loads((tmp_path / "all" / "results.json").read_text())
+    skipped = payload["skipped"]
+    assert "needs head, which the outputs lack" in skipped["vim"] and "vim: needs head" in shown
+    assert "needs parameter label_embeddings (--param mcm.label_embeddings=...)" in skipped["mcm"]
+    assert "runs the model itself" in skipped["odin"]
+    ran = {row["detector"] for row in payload["leaderboard"]}
+    assert not ran & set(skipped) and len(ran) + len(skipped) >= 30
+    assert "Not run (" in (tmp_path / "all" / "leaderboard.md").read_text()
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert set(scores.columns) == {"detector", "set", "index", "score"}
+    ok = {row["detector"] for row in payload["status"] if row["status"] == "ok"}
+    assert set(scores["detector"]) == ok and ok
+    msp_id = scores[(scores["detector"] == "msp") & (scores["set"] == "id")].sort_values("index")
+    assert len(msp_id) == len(id_outputs(10, seed=2)) and msp_id["index"].tolist() == list(range(len(msp_id)))
+    code = main([*common, "--out", str(tmp_path / "asked"), "-d", "vim,msp"])  # vim needs the head: it fails
+    assert code == 1
+    error = " ".join(capsys.readouterr().err.split())
+    assert "vim failed: ValueError:" in error and "head" in error
 
 
 @pytest.mark.parametrize(

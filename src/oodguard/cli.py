@@ -28,6 +28,9 @@ if not console.is_terminal:  # piped or logged: no terminal width to respect, ke
 _SHORT_GROUP = {"covariate": "covar.", "synthetic": "synth."}
 errors = Console(stderr=True)
 
+ScoresOption = Annotated[
+    Path | None, typer.Option("--scores", help="also write every per-sample score to this .csv or .parquet file")
+]
 DetectorsOption = Annotated[
     list[str] | None,
     typer.Option("--detectors", "-d", help="detector names, repeated or comma-separated (default: all that apply)"),
@@ -99,14 +102,40 @@ def _show_leaderboard(results) -> None:
     console.print(table)
 
 
-def _finish(results, out: Path) -> None:
+def _finish(results, out: Path, *, requested: bool, scores: Path | None = None) -> None:
+    """Show and save the results; list what was skipped and why; exit non-zero when a requested detector failed."""
     _show_leaderboard(results)
     paths = results.save(out)
+    if scores is not None:
+        _write_scores(results, scores)
+        console.print(f"per-sample scores: {scores}")
+    if results.skipped:
+        console.print(f"not run ({len(results.skipped)}):", highlight=False)
+        for name, reason in sorted(results.skipped.items()):
+            console.print(f"  {name}: {reason}", highlight=False, soft_wrap=True)
     failed = results.status[results.status["status"] != "ok"]
-    if len(failed):
-        errors.print(f"{len(failed)} detector(s) failed; their errors are in {paths['json']}")
+    for row in failed.itertuples(index=False):
+        errors.print(f"{row.detector} failed: {row.error}", highlight=False, soft_wrap=True)
     console.print(f"report: {paths['html']}")
     console.print(f"tables: {paths['csv']}, {paths['markdown']}, {paths['json']}")
+    if len(failed) and requested:
+        raise typer.Exit(1)  # the user asked for these detectors: a failure must not look like success
+
+
+def _write_scores(results, path: Path) -> None:
+    frame = results.scores_frame()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        try:
+            frame.to_parquet(path, index=False)
+        except ImportError as error:
+            raise RuntimeError(
+                f"--scores {path}: writing parquet needs pyarrow ({error}); pip install pyarrow"
+            ) from error
+    elif path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        raise ValueError(f"--scores {path}: expected a .csv or .parquet file name")
 
 
 @app.command()
@@ -123,6 +152,7 @@ def bench(
     model_detectors: Annotated[
         bool, typer.Option(help="include the model detectors, which run the model themselves (odin, cover, ...)")
     ] = True,
+    scores: ScoresOption = None,
 ) -> None:
     """Run every detector on an embedded benchmark: leaderboard, tables and an HTML report."""
     from oodguard.benchmark import presets
@@ -136,7 +166,7 @@ def bench(
         benchmark, names, params=params, full_spectrum=full_spectrum, n_boot=n_boot, device=device,
         cache_dir=outputs_cache, progress=not quiet, model_detectors=model_detectors,
     )  # fmt: skip
-    _finish(results, out or Path("results") / name)
+    _finish(results, out or Path("results") / name, requested=names is not None, scores=scores)
 
 
 @app.command("eval")
@@ -155,6 +185,7 @@ def evaluate(
     full_spectrum: Annotated[bool, typer.Option(help="count covariate-shift sets as ID")] = False,
     n_boot: Annotated[int, typer.Option(help="bootstrap replicates for the 95 % intervals")] = 200,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    scores: ScoresOption = None,
 ) -> None:
     """Evaluate detectors on outputs from any framework (arrays logits/features/labels, optional head)."""
     from oodguard.benchmark.runner import run_on_outputs
@@ -174,7 +205,7 @@ def evaluate(
         full_spectrum=full_spectrum, n_boot=n_boot, progress=not quiet,
         split_names=(str(fit), str(id_)),
     )  # fmt: skip
-    _finish(results, out)
+    _finish(results, out, requested=names is not None, scores=scores)
 
 
 @app.command("train-bench")

@@ -34,6 +34,8 @@ class Results:
     id_accuracy: float
     full_spectrum: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
+    #: Detectors not run, with why (missing fields or parameters, no model); failed ones are in ``status``.
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def leaderboard(self) -> pd.DataFrame:
         """One row per detector: mean AUROC and FPR@95 per group (unweighted over sets), sorted best first.
@@ -79,6 +81,7 @@ class Results:
             "settings": self.settings,
             "groups": self.groups,
             "status": self.status.to_dict(orient="records"),
+            "skipped": self.skipped,
             "results": self.table.to_dict(orient="records"),
             "leaderboard": self.leaderboard().to_dict(orient="records"),
         }
@@ -106,7 +109,27 @@ class Results:
                 continue
             cells = " | ".join("" if pd.isna(values[c]) else f"{100 * values[c]:.2f}" for c in columns)
             lines.append(f"| {rank} | {values['detector']} | {cells} |")
+        if self.skipped:
+            listed = "; ".join(f"`{name}` ({reason})" for name, reason in sorted(self.skipped.items()))
+            lines += ["", f"Not run ({len(self.skipped)}): {listed}."]
         return "\n".join(lines) + "\n"
+
+    def scores_frame(self) -> pd.DataFrame:
+        """Every per-sample score, long format: ``detector``, ``set`` (``"id"`` or an OOD set), ``index``, ``score``."""
+        frames = [
+            pd.DataFrame(
+                {
+                    "detector": detector,
+                    "set": set_name,
+                    "index": np.arange(len(values)),
+                    "score": np.asarray(values, dtype=np.float64),
+                }
+            )  # fmt: skip
+            for detector, per_set in self.scores.items()
+            for set_name, values in per_set.items()
+        ]
+        columns = ["detector", "set", "index", "score"]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def _one_line(text: str) -> str:

@@ -97,6 +97,11 @@ def run(
             names.append(MOS_HEAD)
     else:
         names = list(detectors)
+    skipped = (
+        skipped_detectors(fit, names, params, inputs=benchmark.fit.data, model_detectors=model_detectors)
+        if detectors is None
+        else {}  # the user chose: the others were not asked for
+    )
     # The runner shares the outputs cache: the outputs of test-time views (CoVer) are cached like datasets.
     runner = ModelRunner(benchmark.model, device=device, cache_dir=cache_dir)
 
@@ -115,6 +120,7 @@ def run(
         seed=seed,
         progress=progress,
         split_names=(benchmark.fit.name, benchmark.test.name),
+        skipped=skipped,
     )
 
 
@@ -217,6 +223,7 @@ def run_on_outputs(
             f"{', '.join(model_detectors)} run the model themselves (gradients through it); evaluate them with "
             "oodguard.benchmark.runner.run on a Benchmark that holds the model"
         )
+    skipped = skipped_detectors(fit, [*names, *(extra_jobs or {})], params) if detectors is None else {}
     return _evaluate(
         name,
         Source(fit),
@@ -230,6 +237,7 @@ def run_on_outputs(
         progress=progress,
         split_names=split_names,
         extra_jobs=extra_jobs,
+        skipped=skipped,
     )
 
 
@@ -247,6 +255,7 @@ def _evaluate(
     progress: bool,
     split_names: tuple[str, str],
     extra_jobs: Mapping[str, Callable[[], dict]] | None = None,
+    skipped: Mapping[str, str] | None = None,
 ) -> Results:
     params = {key: dict(value) for key, value in (params or {}).items()}
     extra_jobs = dict(extra_jobs or {})
@@ -325,6 +334,7 @@ def _evaluate(
         full_spectrum=full_spectrum,
         settings={"n_boot": n_boot, "seed": seed, "params": _describe_params(params), "fit_split": split_names[0],
                   "id_split": split_names[1]},
+        skipped=dict(skipped or {}),
     )  # fmt: skip
 
 
@@ -347,6 +357,51 @@ def default_detectors(outputs: ModelOutputs, params: Mapping[str, Mapping[str, A
         if needs <= available and set(meta.get("required_params") or ()) <= set(params.get(name, {})):
             chosen.append(name)
     return chosen
+
+
+def skipped_detectors(
+    outputs: ModelOutputs,
+    chosen: Iterable[str],
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    inputs: Any = None,
+    model_detectors: bool = True,
+) -> dict[str, str]:
+    """Every registered detector not in ``chosen``, with why it was not run (missing fields, parameters, model).
+
+    ``inputs`` are the fit split's model inputs when a model is available (``None``: outputs only).
+    """
+    chosen = set(chosen)
+    available = set(outputs.fields())
+    reasons = {}
+    for name in detector_registry.available():
+        if name in chosen:
+            continue
+        meta = detector_registry.info(name)
+        missing_params = sorted(set(meta.get("required_params") or ()) - set((params or {}).get(name, {})))
+        if meta["protocol"] == "model":
+            if inputs is None:
+                reasons[name] = "runs the model itself (gradients or test-time views); these are outputs only"
+                continue
+            if not model_detectors:
+                reasons[name] = "a model detector, and model detectors were turned off"
+                continue
+            wanted = getattr(detector_registry.implementation(name), "input_ndim", None)
+            ndim = getattr(inputs, "ndim", None)
+            if wanted is not None and ndim is not None and ndim != wanted:
+                reasons[name] = f"needs inputs of rank {wanted} (images [N, C, H, W]); these have rank {ndim}"
+                continue
+        else:
+            needs = sorted((set(meta["fit_requires"]) | set(meta["requires"])) - available)
+            if needs:
+                reasons[name] = (
+                    f"needs {', '.join(needs)}, which the outputs lack (they hold {', '.join(sorted(available))})"
+                )
+                continue
+        if missing_params:
+            given = " ".join(f"--param {name}.{p}=..." for p in missing_params)
+            reasons[name] = f"needs parameter {', '.join(missing_params)} ({given})"
+    return reasons
 
 
 def check_params(names: Iterable[str], params: Mapping[str, Mapping[str, Any]]) -> None:
