@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from oodguard import detectors
@@ -120,14 +121,16 @@ def test_bad_params(params, match):
 def test_signature_defaults_and_constraints():
     signature = inspect.signature(CoVer)
     defaults = {name: p.default for name, p in signature.parameters.items()}
-    assert defaults == {"base": "msp", "base_params": None, "views": "recommended", "seed": 0, "pixel_scale": None}
+    assert defaults == {"base": "msp", "base_params": None, "views": "recommended", "seed": 0, "pixel_scale": None,
+                        "mean": None, "std": None}  # fmt: skip
     assert all(p.kind is p.KEYWORD_ONLY for p in signature.parameters.values())
     assert set(CoVer._parameter_constraints) == set(defaults)
     assert detectors.info("cover")["protocol"] == "model"
 
 
 def test_get_params_are_the_arguments_as_given_and_clone(cnn, images):
-    given = {"base": "vim", "base_params": {"dim": 8}, "views": ("identity", "fog-1"), "seed": 3, "pixel_scale": 1}
+    given = {"base": "vim", "base_params": {"dim": 8}, "views": ("identity", "fog-1"), "seed": 3, "pixel_scale": 1,
+             "mean": (0.5,), "std": [0.25]}  # fmt: skip
     det = CoVer(**given)
     params = det.get_params()
     assert params == given and type(params["views"]) is tuple and type(params["pixel_scale"]) is int
@@ -231,3 +234,32 @@ def test_direction_noise_scores_higher():
     scores = torch.cat([det.score(id_x), det.score(ood_x)]).numpy()
     auroc = roc_auc_score(np.r_[np.zeros(64), np.ones(64)], scores)
     assert auroc > 0.9
+
+
+def test_normalised_inputs_are_corrupted_in_pixel_space_and_normalised_again():
+    """A Normalize pipeline: CoVer(mean, std) on normalised images scores as CoVer on the pixels with the
+    normalisation inside the model."""
+    torch.manual_seed(0)
+    mean, std = (0.3,), (0.2,)
+    pixels = torch.rand(6, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    normalised = (pixels - mean[0]) / std[0]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 5))
+
+    class NormaliseFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner((x - mean[0]) / std[0])
+
+    views = ["identity", "brightness-1", "fog-2"]
+    on_normalised = CoVer(views=views, mean=mean, std=std, pixel_scale=1.0).attach(model).score(normalised)
+    on_pixels = CoVer(views=views, pixel_scale=1.0).attach(NormaliseFirst()).score(pixels)
+    torch.testing.assert_close(on_normalised, on_pixels, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="values must lie in \\[0, 1\\].*give them \\(CoVer\\(mean=..., std=...\\)"):
+        CoVer(views=views, pixel_scale=1.0).attach(model).score(normalised)
+    with pytest.raises(ValueError, match="undoing the normalisation .* gives values in"):
+        CoVer(views=views, mean=(0.0,), std=(1.0,), pixel_scale=1.0).attach(model).score(normalised)
+    with pytest.raises(ValueError, match="parameter 'std'"):
+        CoVer(mean=(0.5, 0.5), std=(0.2,))

@@ -95,6 +95,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -828,6 +829,22 @@ def _check_pixel_scale(pixel_scale: Any) -> float | None:
     return float(pixel_scale)
 
 
+def _check_normalisation(mean: Any, std: Any) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        raise ValueError("mean, std: give both (the per-channel normalisation of the images) or neither")
+    try:
+        means, stds = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise ValueError(f"mean, std: expected sequences of numbers, got {mean!r} and {std!r}") from None
+    if not means or len(means) != len(stds):
+        raise ValueError(f"mean, std: expected one value per channel in each, got {len(means)} and {len(stds)}")
+    if not all(math.isfinite(v) for v in means) or not all(math.isfinite(v) and v > 0 for v in stds):
+        raise ValueError(f"mean, std: expected finite means and positive stds, got {means} and {stds}")
+    return means, stds
+
+
 def _check_images(images: Any) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"images: expected a float torch tensor [N, C, H, W], got {type(images).__name__}")
@@ -843,8 +860,9 @@ def _check_images(images: Any) -> torch.Tensor:
         low, high = float(images.min()), float(images.max())
         if not (low >= 0.0 and high <= 1.0):  # also catches NaN
             raise ValueError(
-                f"images: values must lie in [0, 1] (got min {low:.4g}, max {high:.4g}); corrupt the images before "
-                "normalising them (apply the mean/std normalisation inside the model or after the view)"
+                f"images: values must lie in [0, 1] (got min {low:.4g}, max {high:.4g}); for images normalised with "
+                "a mean and std, give them (CoVer(mean=..., std=...), View(..., mean=..., std=...)) so that the view "
+                "corrupts the pixels and normalises again"
             )
     return images
 
@@ -912,6 +930,9 @@ class View:
     severity : 1-5 for a corruption; ignored (use 0) for the identity.
     seed : seed of the corruption's random draws.
     pixel_scale : see :func:`corrupt`; ``None`` scales the 224-pixel tables to the image size.
+    mean, std : per-channel normalisation of the images, optional. When given, the images are normalised
+        (``(pixels - mean) / std``, as a torchvision ``Normalize`` makes them): the view undoes the normalisation,
+        corrupts the pixels in [0, 1], and normalises the result again.
 
     Examples
     --------
@@ -927,6 +948,8 @@ class View:
     severity: int = 0
     seed: int = 0
     pixel_scale: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -938,6 +961,9 @@ class View:
             raise ValueError(f"severity: the identity view (corruption=None) takes no severity, got {self.severity!r}")
         object.__setattr__(self, "seed", _check_seed(self.seed))
         object.__setattr__(self, "pixel_scale", _check_pixel_scale(self.pixel_scale))
+        mean, std = _check_normalisation(self.mean, self.std)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
 
     @property
     def key(self) -> str:
@@ -947,36 +973,67 @@ class View:
         key = f"{self.corruption}-s{self.severity}-seed{self.seed}"
         if self.pixel_scale is not None:
             key += f"-px{self.pixel_scale!r}"
+        if self.mean is not None:
+            key += f"-norm{list(self.mean)}/{list(self.std or ())}"
         if VIEWS_VERSION != 1:
             key += f"-v{VIEWS_VERSION}"
         return key
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """The view of ``images`` (``[N, C, H, W]`` floats in [0, 1]); the identity returns them unchanged."""
+        """The view of ``images`` (``[N, C, H, W]`` floats in [0, 1], or normalised with ``mean`` and ``std``); the
+        identity returns them unchanged."""
+        if self.mean is None or self.std is None:
+            if self.corruption is None:
+                return _check_images(images)
+            return corrupt(images, self.corruption, self.severity, self.seed, pixel_scale=self.pixel_scale)
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != len(self.mean):
+            shape = tuple(getattr(images, "shape", ()))
+            raise ValueError(
+                f"images: expected [N, {len(self.mean)}, H, W] (one mean and std per channel), got shape {shape}"
+            )
         if self.corruption is None:
-            return _check_images(images)
-        return corrupt(images, self.corruption, self.severity, self.seed, pixel_scale=self.pixel_scale)
+            return images
+        mean = torch.tensor(self.mean, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype).view(1, -1, 1, 1)
+        pixels = images * std + mean
+        low, high = float(pixels.min()), float(pixels.max())
+        tolerance = 1e-4  # the float rounding of normalising and undoing it
+        if not (low >= -tolerance and high <= 1 + tolerance):
+            raise ValueError(
+                f"images: undoing the normalisation (mean {list(self.mean)}, std {list(self.std)}) gives values in "
+                f"[{low:.4g}, {high:.4g}], not [0, 1]; give the mean and std the images were normalised with"
+            )
+        corrupted = corrupt(pixels.clamp(0, 1), self.corruption, self.severity, self.seed, pixel_scale=self.pixel_scale)
+        return (corrupted - mean) / std
 
 
-def _views(corruptions: Sequence[str], severities: Sequence[int], seed: int, pixel_scale: float | None) -> list[View]:
-    views = [View("identity")]
+def _views(
+    corruptions: Sequence[str], severities: Sequence[int], seed: int, pixel_scale: float | None, **normalisation: Any
+) -> list[View]:
+    views = [View("identity", **normalisation)]
     for corruption in corruptions:
         for severity in severities:
-            views.append(View(f"{corruption}-{severity}", corruption, severity, seed, pixel_scale))
+            views.append(View(f"{corruption}-{severity}", corruption, severity, seed, pixel_scale, **normalisation))
     return views
 
 
-def recommended_views(seed: int = 0, *, pixel_scale: float | None = None) -> list[View]:
+def recommended_views(
+    seed: int = 0, *, pixel_scale: float | None = None, mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> list[View]:  # fmt: skip
     """CoVer's recommended set: the identity plus brightness, fog, saturate, motion_blur, defocus_blur and
     gaussian_blur at severities 1 and 2 (13 views; the commented "recommended corruption types from validation
     set" block of ``eval_ood_detection.py``)."""
-    return _views(RECOMMENDED_CORRUPTIONS, (1, 2), seed, pixel_scale)
+    return _views(RECOMMENDED_CORRUPTIONS, (1, 2), seed, pixel_scale, mean=mean, std=std)
 
 
-def all_views(seed: int = 0, *, pixel_scale: float | None = None) -> list[View]:
+def all_views(
+    seed: int = 0, *, pixel_scale: float | None = None, mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> list[View]:  # fmt: skip
     """The identity plus every available corruption at severities 1-5: ``1 + 5 * len(CORRUPTIONS)`` = 91 views,
     CoVer's default at HEAD (all 18 types)."""
-    return _views(CORRUPTIONS, SEVERITIES, seed, pixel_scale)
+    return _views(CORRUPTIONS, SEVERITIES, seed, pixel_scale, mean=mean, std=std)
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
@@ -1082,7 +1139,7 @@ class ViewDataset(Dataset):
             images, labels = self._read(start, min(start + self.chunk_rows, len(self)))
             view = self.view
             if view.corruption is not None:
-                view = View(view.name, view.corruption, view.severity, _chunk_seed(view.seed, chunk), view.pixel_scale)
+                view = dataclasses.replace(view, seed=_chunk_seed(view.seed, chunk))
             self._cached = (chunk, view(images), labels)
         return self._cached[1], self._cached[2]
 

@@ -58,12 +58,18 @@ class _BaseNeedsFit:
         return True if detector is None else detector.base_needs_fit
 
 
-def parse_views(views: Any, seed: int = 0, pixel_scale: float | None = None) -> list[View]:
+def parse_views(
+    views: Any,
+    seed: int = 0,
+    pixel_scale: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> list[View]:
     """The :class:`~oodguard.views.View` list named by CoVer's ``views`` parameter.
 
     ``"recommended"`` (13 views), ``"all"`` (identity + every corruption at severities 1-5), or a list of entries
     ``"identity"``, ``"<corruption>-<severity>"`` or a view key ``"<corruption>-s<severity>[-seed<k>]"`` (an
-    explicit seed overrides ``seed``). Every view gets ``pixel_scale``.
+    explicit seed overrides ``seed``). Every view gets ``pixel_scale`` and the normalisation ``mean``/``std``.
 
     Examples
     --------
@@ -72,9 +78,9 @@ def parse_views(views: Any, seed: int = 0, pixel_scale: float | None = None) -> 
     """
     if isinstance(views, str):
         if views == "recommended":
-            return recommended_views(seed, pixel_scale=pixel_scale)
+            return recommended_views(seed, pixel_scale=pixel_scale, mean=mean, std=std)
         if views == "all":
-            return all_views(seed, pixel_scale=pixel_scale)
+            return all_views(seed, pixel_scale=pixel_scale, mean=mean, std=std)
         raise _view_error(views, "a single string must be 'recommended' or 'all'")
     if not isinstance(views, (list, tuple)) or not views:
         raise _view_error(views, "expected 'recommended', 'all' or a non-empty list of view names")
@@ -83,7 +89,7 @@ def parse_views(views: Any, seed: int = 0, pixel_scale: float | None = None) -> 
         if not isinstance(entry, str):
             raise _view_error(entry, "view names are strings")
         if entry == "identity":
-            parsed.append(View("identity"))
+            parsed.append(View("identity", mean=mean, std=std))
             continue
         match = _VIEW_PATTERN.match(entry)
         if match is None:
@@ -95,7 +101,7 @@ def parse_views(views: Any, seed: int = 0, pixel_scale: float | None = None) -> 
         if severity not in SEVERITIES:
             raise _view_error(entry, f"severity {severity} is outside 1-5")
         view_seed = seed if match["seed"] is None else int(match["seed"])
-        parsed.append(View(f"{corruption}-{severity}", corruption, severity, view_seed, pixel_scale))
+        parsed.append(View(f"{corruption}-{severity}", corruption, severity, view_seed, pixel_scale, mean, std))
     keys = [view.key for view in parsed]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:
@@ -108,8 +114,9 @@ class CoVer(ModelDetector):
     """CoVer (Confidence aVerage): the mean of a base detector's scores over corrupted views of each input.
 
     ``s(x) = (1/|V|) Σ_{v ∈ V} S_base(model(v(x)))``, an unweighted average of the base detector's scores (higher
-    = more OOD). Inputs are images ``[N, C, H, W]`` in ``[0, 1]`` (a tensor, numpy array, pair ``(images, labels)``
-    or map-style ``Dataset``); corrupt before normalising, so put the normalisation inside the model.
+    = more OOD). Inputs are images ``[N, C, H, W]`` (a tensor, numpy array, pair ``(images, labels)`` or map-style
+    ``Dataset``) in ``[0, 1]``, or normalised per channel with ``mean`` and ``std`` (a torchvision ``Normalize``
+    pipeline): each view then undoes the normalisation, corrupts the pixels and normalises again.
 
     Parameters
     ----------
@@ -126,6 +133,8 @@ class CoVer(ModelDetector):
     pixel_scale : float > 0, optional
         Multiplier of the corruption tables' pixel parameters (see :func:`oodguard.views.corrupt`); None (default)
         scales the 224-pixel tables to the image (``min(H, W) / 224``).
+    mean, std : sequences of floats, one per channel, optional
+        The normalisation the inputs went through (``Normalize(mean, std)``); None (default): inputs in [0, 1].
 
     ``fit`` fits the base detector on the identity view of the fit inputs (a no-op, and optional, when the base has
     no fitted state: ``needs_fit`` is the base's); its state is saved inside this detector's (tensors prefixed
@@ -157,6 +166,8 @@ class CoVer(ModelDetector):
         "views": [Options(("recommended", "all")), SequenceOf(Text())],
         "seed": [Interval(Integral, 0, None, closed="left")],
         "pixel_scale": [None, Interval(Real, 0, None, closed="neither")],
+        "mean": [None, SequenceOf(Real)],
+        "std": [None, SequenceOf(Interval(Real, 0, None, closed="neither"))],
     }
 
     def __init__(
@@ -167,12 +178,16 @@ class CoVer(ModelDetector):
         views: str | Sequence[str] = "recommended",
         seed: int = 0,
         pixel_scale: float | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         self.base = base
         self.base_params = base_params
         self.views = views
         self.seed = seed
         self.pixel_scale = pixel_scale
+        self.mean = mean
+        self.std = std
         super().__init__()
 
     # ------------------------------------------------------------------ parameters
@@ -201,6 +216,10 @@ class CoVer(ModelDetector):
             self._new_base()
         except (TypeError, ValueError) as error:
             raise self._param_error("base_params", f"parameters of {self.base!r} ({error})") from None
+        if (self.mean is None) != (self.std is None) or (
+            self.mean is not None and self.std is not None and len(self.mean) != len(self.std)
+        ):
+            raise self._param_error("std", "one positive value per channel, as many as mean (give both or neither)")
         try:
             self.view_list()
         except _ViewError as error:
@@ -208,8 +227,9 @@ class CoVer(ModelDetector):
                                     f"{error.fix}") from None  # fmt: skip
 
     def view_list(self) -> list[View]:
-        """The views named by ``views``, with ``seed`` and ``pixel_scale``."""
-        return parse_views(self.views, self.seed, None if self.pixel_scale is None else float(self.pixel_scale))
+        """The views named by ``views``, with ``seed``, ``pixel_scale`` and the normalisation."""
+        scale = None if self.pixel_scale is None else float(self.pixel_scale)
+        return parse_views(self.views, self.seed, scale, self.mean, self.std)
 
     def _new_base(self) -> OutputDetector:
         base = create(self.base, **dict(self.base_params or {}))
@@ -243,8 +263,9 @@ class CoVer(ModelDetector):
 
     # ------------------------------------------------------------------ hooks
     def _fit_model(self, runner: ModelRunner, data: Any, labels: Any) -> dict[str, torch.Tensor]:
-        self._view_data(data, View("identity"))  # refuses loaders and iterators with CoVer's message
-        ((_, outputs),) = runner.forward_views(data, [View("identity")], labels=labels, desc="cover fit")
+        identity = View("identity", mean=self.mean, std=self.std)
+        self._view_data(data, identity)  # refuses loaders and iterators with CoVer's message
+        ((_, outputs),) = runner.forward_views(data, [identity], labels=labels, desc="cover fit")
         base = self._new_base().fit(outputs)
         self.meta_ = {"base_meta": dict(base.meta_)}
         return {BASE_PREFIX + k: v.detach().clone() for k, v in (base.state_ or {}).items()}
