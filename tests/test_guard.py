@@ -497,3 +497,31 @@ def test_saving_over_a_guard_keeps_other_files(tmp_path, knn_guard):
     knn_guard.save(tmp_path / "g", overwrite=True)
     assert (tmp_path / "g" / "decisions.sqlite").read_bytes() == b"log"
     load_guard(tmp_path / "g")  # the service's decision log is the one file a guard folder may hold besides its own
+
+
+class DictModel(torch.nn.Module):
+    """The guarded test model returning a dict, as many real models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = guard_factory.make_model()
+
+    def forward(self, x):
+        return {"embedding": x.sum(1, keepdim=True), "scores": self.inner(x)}
+
+
+@pytest.mark.parametrize("detector, params", [("knn", {"k": 5}), ("odin", {"temperature": 10.0, "epsilon": 0.001})])
+def test_a_model_returning_a_dict_is_guarded_saved_and_loaded_with_output_key(tmp_path, detector, params):
+    model, fit, calibration, test = model_and_data()
+    wrapped = DictModel()
+    wrapped.inner.load_state_dict(model.state_dict())
+    guard = Guard(wrapped, detector, detector_params=params, output_key="scores").fit(fit).calibrate(calibration)
+    plain = Guard(model, detector, detector_params=params).fit(fit).calibrate(calibration)
+    np.testing.assert_allclose(guard.score(test), plain.score(test), rtol=1e-5, atol=1e-6)
+    guard.save(tmp_path / "g")
+    assert json.loads((tmp_path / "g" / "guard.json").read_text())["model"]["output_key"] == "scores"
+    loaded = load_guard(tmp_path / "g", model_factory=DictModel)
+    assert loaded.output_key == "scores"
+    assert_same_results(guard.guard(test), loaded.guard(test))
+    with pytest.raises(ValueError, match="output_key"):
+        Guard(detector="energy", output_key="scores")

@@ -324,7 +324,10 @@ class Guard:
     layers : sequence of str
         Intermediate layers to extract (model mode), for detectors that read them.
     feature_layer : str, optional
-        Name of the model's final linear layer (model mode; found automatically when omitted).
+        Name of the model's final linear layer, or of any module whose pooled output are the features (model
+        mode; see :func:`oodguard.extraction.extract`).
+    output_key : str or int, optional
+        Where the logits are in the model's output when it returns a dict, tuple or ``ModelOutput``.
     device : str or torch.device
         Where the model runs; the model must already be there.
     batch_size : int
@@ -379,6 +382,7 @@ class Guard:
         detector_params: Mapping[str, Any] | None = None,
         layers: Sequence[str] = (),
         feature_layer: str | None = None,
+        output_key: str | int | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 256,
         model_factory: str | Callable[[], torch.nn.Module] | None = None,
@@ -400,8 +404,10 @@ class Guard:
             raise TypeError(f"detector: expected a registry name or a Detector, got {type(detector).__name__}")
         if isinstance(layers, str):
             layers = [layers]
-        if model is None and (layers or feature_layer is not None):
-            raise ValueError("layers/feature_layer: only used with a model; without one, pass the layers in the data")
+        if model is None and (layers or feature_layer is not None or output_key is not None):
+            raise ValueError(
+                "layers/feature_layer/output_key: only used with a model; without one, pass the outputs as data"
+            )
         if model is None and model_factory is not None:
             raise ValueError("model_factory: only used with a model (it rebuilds the model when loading)")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -409,6 +415,7 @@ class Guard:
         self.model = model
         self.layers = list(layers)
         self.feature_layer = feature_layer
+        self.output_key = output_key
         self.device = device
         self.batch_size = batch_size
         self.model_factory = None if model_factory is None else _factory_name(model_factory)
@@ -452,6 +459,7 @@ class Guard:
                     labels=labels,
                     layers=self.layers,
                     feature_layer=self.feature_layer,
+                    output_key=self.output_key,
                     device=self.device,
                     batch_size=self.batch_size,
                     progress=progress,
@@ -465,7 +473,11 @@ class Guard:
             return None
         if self._runner is None:
             self._runner = ModelRunner(
-                self.model, device=self.device, batch_size=self.batch_size, feature_layer=self.feature_layer
+                self.model,
+                device=self.device,
+                batch_size=self.batch_size,
+                feature_layer=self.feature_layer,
+                output_key=self.output_key,
             )
         return self._runner
 
@@ -805,6 +817,7 @@ class Guard:
                 "weights_sha256": weights_digest(self.model),
                 "layers": self.layers,
                 "feature_layer": self.feature_layer,
+                "output_key": self.output_key,
                 "batch_size": self.batch_size,
             }
         settings = {
@@ -892,6 +905,7 @@ _MODEL_FIELDS = (
     "weights_sha256",
     "layers",
     "feature_layer",
+    "output_key",
     "batch_size",
 )
 
@@ -1118,6 +1132,9 @@ def load_guard(
             f"{directory / detector_dir} holds {detector.name!r}"
         )
     model, factory = None, None
+    output_key = model_spec.get("output_key") if model_spec else None
+    if output_key is not None and (isinstance(output_key, bool) or not isinstance(output_key, (str, int))):
+        raise ValueError(f"{config_path}: field 'model.output_key' must be null, a string or an integer")
     if model_spec is not None:
         model, factory = _load_model(directory, config_path, model_spec, files, version, model_factory, device)
     elif model_factory is not None:
@@ -1132,6 +1149,7 @@ def load_guard(
         detector,
         layers=_entry(model_spec, "layers", config_path, list, "model.") if model_spec else (),
         feature_layer=model_spec.get("feature_layer") if model_spec else None,
+        output_key=output_key,
         device=device,
         batch_size=_entry(model_spec, "batch_size", config_path, int, "model.") if model_spec else 256,
         range_margin=contract.margin,

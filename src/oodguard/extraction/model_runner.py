@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from oodguard.extraction.batches import Batches, check_rows
 from oodguard.extraction.extract import extract
+from oodguard.extraction.forward import logits_of
 from oodguard.extraction.modules import check_model_device, find_head, get_module, head_tensors, resolve_device
 from oodguard.outputs import ModelOutputs
 
@@ -122,7 +123,10 @@ class ModelRunner:
     batch_size : int
         Rows per batch for arrays and datasets (a given DataLoader keeps its own).
     feature_layer : str, optional
-        Name of the final linear layer; found by :func:`oodguard.extraction.find_head` when omitted.
+        Name of the final linear layer (found by :func:`oodguard.extraction.find_head` when omitted), or of any
+        module whose pooled output are the features (see :func:`oodguard.extraction.extract`).
+    output_key : str or int, optional
+        Where the logits are in the model's output (dict key, namedtuple field, tuple index); see ``extract``.
     progress : bool
         Default for the ``progress`` argument of every method (a tqdm bar per pass).
     channels_last : bool
@@ -163,6 +167,7 @@ class ModelRunner:
         device: str | torch.device = "cpu",
         batch_size: int = 128,
         feature_layer: str | None = None,
+        output_key: str | int | None = None,
         progress: bool = False,
         cache_dir: str | os.PathLike | None = None,
         channels_last: bool = True,
@@ -176,7 +181,10 @@ class ModelRunner:
         self.input_dtype = check_model_device(model, self.device)
         self.batch_size = batch_size
         self.feature_layer = feature_layer
-        self.head = find_head(model, feature_layer)
+        self.output_key = output_key
+        # feature_layer may name any module (extract pools its output); the head is then the final linear layer
+        linear = feature_layer is None or isinstance(get_module(model, feature_layer, "feature_layer"), nn.Linear)
+        self.head = find_head(model, feature_layer if linear else None)
         self.input_std = _as_std(input_std)
         self.progress = bool(progress)
         self.channels_last = bool(channels_last)
@@ -263,7 +271,7 @@ class ModelRunner:
 
     @staticmethod
     def _check_logits(logits: Any, rows: int) -> torch.Tensor:
-        fix = "wrap the model so that forward returns the logits tensor [B, C]"
+        fix = "wrap the model so that forward returns the logits tensor [B, C], or pass output_key="
         check_rows(logits, rows, "the model output", fix)
         if logits.ndim != 2:
             raise ValueError(f"the model output has shape {tuple(logits.shape)}; logits must be [B, C]. {fix}")
@@ -340,7 +348,7 @@ class ModelRunner:
                     x = x.detach().requires_grad_(True)
                 captured.clear()
                 with torch.enable_grad():
-                    logits = self._check_logits(self.model(x), rows)
+                    logits = self._check_logits(logits_of(self.model(x), self.output_key), rows)
                     if not logits.requires_grad:
                         raise _not_differentiable("model's")
                     acts = {name: self._layer_output(captured, name, rows, True) for name in layer_names}
@@ -415,7 +423,7 @@ class ModelRunner:
     def _forward_batch(self, x: torch.Tensor, layer_names: Sequence[str], captured: dict[str, list]) -> dict:
         captured.clear()
         rows = x.shape[0]
-        logits = self._check_logits(self.model(x), rows)
+        logits = self._check_logits(logits_of(self.model(x), self.output_key), rows)
         fields: dict[str, Any] = {"logits": logits.detach().to("cpu")}
         if self.head is not None and FEATURES in captured:
             fields["features"] = self._layer_output(captured, FEATURES, rows, False).detach().to("cpu")
@@ -441,6 +449,7 @@ class ModelRunner:
             labels=labels,
             layers=layers,
             feature_layer=self.feature_layer,
+            output_key=self.output_key,
             device=self.device,
             batch_size=self.batch_size,
             progress=self.progress if progress is None else bool(progress),
@@ -471,6 +480,7 @@ class ModelRunner:
             progress=self.progress if progress is None else bool(progress),
             desc=desc,
             feature_layer=self.feature_layer,
+            output_key=self.output_key,
             device=self.device,
             batch_size=self.batch_size,
         )
