@@ -3,14 +3,40 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
-__all__ = ["Batches", "check_rows"]
+__all__ = ["Batches", "KeywordInputs", "check_rows"]
+
+#: Keys of a dict batch that hold the labels rather than model inputs.
+LABEL_KEYS = ("labels", "label")
+
+
+class KeywordInputs(dict):
+    """A batch of keyword inputs (``input_ids``, ``attention_mask``, ...): the model is called as ``model(**batch)``.
+
+    Every value is a tensor with the same number of rows; ``shape`` is ``(rows,)`` so that code counting rows
+    treats it like a tensor batch.
+    """
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size([next(iter(self.values())).shape[0]])
+
+    @property
+    def ndim(self) -> int:
+        return 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.int64  # never cast to the model's floating dtype as a whole
+
+    def to(self, device: Any) -> KeywordInputs:
+        return KeywordInputs({key: value.to(device) for key, value in self.items()})
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -45,7 +71,7 @@ def _as_labels(value: Any, rows: int, what: str) -> torch.Tensor:
     return labels.to(torch.int64)
 
 
-def _split_batch(batch: Any, index: int) -> tuple[torch.Tensor, Any]:
+def _split_batch(batch: Any, index: int) -> tuple[Any, Any]:
     """A batch is a tensor/array of inputs, or ``(inputs,)``, or ``(inputs, labels)``."""
     where = f"batch {index}"
     if isinstance(batch, (torch.Tensor, np.ndarray)):
@@ -57,8 +83,8 @@ def _split_batch(batch: Any, index: int) -> tuple[torch.Tensor, Any]:
             f"{where}: a tuple/list batch must be (inputs,) or (inputs, labels), got {len(batch)} elements. "
             "Models with several inputs are not supported yet: wrap the model so that it takes one tensor"
         )
-    elif isinstance(batch, dict):
-        raise ValueError(f"{where}: dict batches are not supported; yield (inputs, labels) tuples or plain tensors")
+    elif isinstance(batch, Mapping):
+        return _keyword_batch(batch, where)
     else:
         raise ValueError(f"{where}: expected a tensor or an (inputs, labels) pair, got {type(batch).__name__}")
     if isinstance(inputs, (tuple, list, dict)):
@@ -70,6 +96,46 @@ def _split_batch(batch: Any, index: int) -> tuple[torch.Tensor, Any]:
     if inputs.ndim == 0:
         raise ValueError(f"{where}: inputs must have a leading batch dimension, got a scalar")
     return inputs, labels
+
+
+def _keyword_batch(batch: Mapping[str, Any], where: str) -> tuple[KeywordInputs, Any]:
+    """A dict batch (a tokenizer's output, a collated dict Dataset): keyword inputs, and labels under 'labels'."""
+    labels = next((batch[key] for key in LABEL_KEYS if key in batch), None)
+    inputs = KeywordInputs(
+        {key: _as_tensor(value, f"{where} input {key!r}") for key, value in batch.items() if key not in LABEL_KEYS}
+    )
+    if not inputs:
+        raise ValueError(f"{where}: the dict batch holds only labels; add the model's inputs")
+    rows = {key: value.shape[0] if value.ndim else None for key, value in inputs.items()}
+    if None in rows.values() or len(set(rows.values())) != 1:
+        raise ValueError(f"{where}: every input of a dict batch needs the same number of rows, got {rows}")
+    return inputs, labels
+
+
+class _DictSlices:
+    """One dict of arrays ``{name: [N, ...]}`` cut into dict batches of ``batch_size`` rows (re-iterable)."""
+
+    def __init__(self, data: Mapping[str, Any], batch_size: int) -> None:
+        self.tensors = {
+            key: _as_tensor(np.asarray(value) if isinstance(value, (list, tuple)) else value, f"data[{key!r}]")
+            for key, value in data.items()
+        }
+        rows = {key: value.shape[0] if value.ndim else None for key, value in self.tensors.items()}
+        if not rows or None in rows.values() or len(set(rows.values())) != 1:
+            raise ValueError(f"data: every entry of a dict of inputs needs the same number of rows, got {rows}")
+        self.rows = int(next(iter(self.tensors.values())).shape[0])
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-self.rows // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, self.rows, self.batch_size):
+            yield {key: value[start : start + self.batch_size] for key, value in self.tensors.items()}
+
+
+def _dict_batches(data: Mapping[str, Any], labels: Any, batch_size: int) -> _DictSlices:
+    return _DictSlices(data, batch_size)
 
 
 class Batches:
@@ -105,7 +171,9 @@ class Batches:
             self.iterable = data
         elif isinstance(data, (Dataset, IterableDataset)):
             self.iterable = DataLoader(data, batch_size=batch_size, shuffle=False)
-        elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
+        elif isinstance(data, Mapping):  # one dict of arrays (a tokenizer's output for the whole set)
+            self.iterable = _dict_batches(data, self.labels, batch_size)
+        elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
             self.iterable = data
         else:
             raise ValueError(

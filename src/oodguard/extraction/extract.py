@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from oodguard import persist
-from oodguard.extraction.batches import Batches, check_rows
+from oodguard.extraction.batches import Batches, KeywordInputs, check_rows
 from oodguard.extraction.fingerprint import ContentHash, content_hash, model_fingerprint, tensor_bytes
 from oodguard.extraction.forward import check_logits_not_probabilities, logits_of, pooled_features
 from oodguard.extraction.modules import (
@@ -112,6 +112,15 @@ def _linear_producing(calls: list[tuple[str, nn.Linear, Any, Any]], logits: torc
             if float((output.to(logits.dtype) - logits).abs().max()) <= scale:
                 return index
     return None
+
+
+def _maps_to(linear: nn.Linear, features: torch.Tensor, logits: torch.Tensor) -> bool:
+    if features.ndim != 2 or features.shape[1] != linear.in_features:
+        return False
+    predicted = nn.functional.linear(features.to(linear.weight.dtype), linear.weight, linear.bias).to(logits.dtype)
+    return predicted.shape == logits.shape and bool(
+        (predicted - logits).abs().max() <= 1e-3 * (1.0 + float(logits.abs().max()))
+    )
 
 
 def _no_head_warning(model: nn.Module) -> None:
@@ -204,7 +213,7 @@ def _run(
                 x = inputs.to(device)
                 if input_dtype is not None and x.dtype.is_floating_point and x.dtype != input_dtype:
                     x = x.to(input_dtype)
-                logits = logits_of(model(x), output_key)
+                logits = logits_of(model(**x) if isinstance(x, KeywordInputs) else model(x), output_key)
                 fix = "wrap the model so that forward returns the logits tensor [B, C], or pass output_key="
                 check_rows(logits, rows, f"batch {index}: the model output", fix)
                 if logits.ndim != 2:
@@ -236,10 +245,9 @@ def _run(
                     features = pooled_features(captured["feature_output"], feature_module[0])
                     check_rows(features, rows, f"feature_layer: the output of {feature_module[0]!r}", "")
                     if head is not None and not head_checked:
-                        if features.shape[1] == head[1].in_features:
-                            check_head(head, features, logits, "found automatically")
-                        else:
-                            head = None  # the final linear layer does not read these features
+                        # the final linear layer is the head only if it maps these features to the logits
+                        if not _maps_to(head[1], features, logits):
+                            head = None
                         head_checked = True
                     fields["features"] = features.detach().to("cpu", torch.float32)
                 elif head is not None:
@@ -356,7 +364,7 @@ def extract(
         ``(weight, bias)`` the head (bias zeros when the layer has none). Any other module: its output, pooled to
         one row per input (``[B, D]`` as is, ``[B, C, H, W]`` averaged over positions, ``[B, T, D]`` averaged
         over tokens, other ranks flattened), becomes ``features``; the head is then the model's final linear
-        layer if it reads features of that width, else there is none. When omitted the head is the model's last
+        layer if it maps those features to the logits (checked on the first batch), else there is none. When omitted the head is the model's last
         module if it is an ``nn.Linear``, else the linear layer whose output is the logits (found on the first
         batch); when there is none (a cosine classifier, say) only logits are extracted, with a warning naming
         ``feature_layer``. A warning is also given when the logits differ from ``features @ weight.T + bias``

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -89,26 +90,41 @@ class ContentHash:
 
     def __init__(self) -> None:
         self._inputs = hashlib.sha256()
+        self._keyed: dict[str, Any] = {}  # keyword inputs: one digest per name, so batching cannot matter
         self._labels = hashlib.sha256()
         self._signature: str | None = None
         self.rows = 0
         self.has_labels = False
 
-    def update(self, inputs: torch.Tensor, labels: torch.Tensor | None) -> None:
-        signature = f"{inputs.dtype}|{tuple(inputs.shape[1:])}"
-        if signature != self._signature:  # record the per-row layout whenever it changes
-            self._inputs.update(f"\x00rows:{self.rows}:{signature}\x00".encode())
-            self._signature = signature
-        self._inputs.update(tensor_bytes(inputs))
+    def update(self, inputs: Any, labels: torch.Tensor | None) -> None:
+        if isinstance(inputs, Mapping):  # keyword inputs (input_ids, attention_mask, ...)
+            for name in sorted(inputs):
+                value = inputs[name]
+                digest, signature = self._keyed.get(name, (hashlib.sha256(), None))
+                layout = f"{value.dtype}|{tuple(value.shape[1:])}"
+                if layout != signature:  # the per-row layout, recorded whenever it changes
+                    digest.update(f"\x00rows:{self.rows}:{layout}\x00".encode())
+                digest.update(tensor_bytes(value))
+                self._keyed[name] = (digest, layout)
+            rows = next(iter(inputs.values())).shape[0]
+        else:
+            signature = f"{inputs.dtype}|{tuple(inputs.shape[1:])}"
+            if signature != self._signature:  # record the per-row layout whenever it changes
+                self._inputs.update(f"\x00rows:{self.rows}:{signature}\x00".encode())
+                self._signature = signature
+            self._inputs.update(tensor_bytes(inputs))
+            rows = inputs.shape[0]
         if labels is not None:
             self.has_labels = True
             self._labels.update(tensor_bytes(labels))
-        self.rows += inputs.shape[0]
+        self.rows += rows
 
     def hexdigest(self) -> str:
         final = hashlib.sha256()
         final.update(f"rows:{self.rows};labels:{self.has_labels};".encode())
         final.update(self._inputs.digest())
+        for name in sorted(self._keyed):
+            final.update(name.encode() + b"\x00" + self._keyed[name][0].digest())
         final.update(self._labels.digest())
         return final.hexdigest()
 
