@@ -243,7 +243,8 @@ def test_generator_input():
     [
         ([(torch.zeros(2, 3, 8, 8), torch.zeros(2), torch.zeros(2))], "multi|several inputs"),
         ([((torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8)), torch.zeros(2))], "single-tensor inputs"),
-        ([{"input": torch.zeros(2, 3, 8, 8)}], "dict batches"),
+        ([{"input": torch.zeros(2, 3, 8, 8), "mask": torch.ones(3, 8)}], "needs the same number of rows"),
+        ([{"labels": torch.zeros(2)}], "holds only labels"),
         ([[1, 2]], "expected a torch tensor"),
         ("abc", "expected a DataLoader"),
         ([], "produced no rows"),

@@ -364,9 +364,9 @@ def extract(
         ``(weight, bias)`` the head (bias zeros when the layer has none). Any other module: its output, pooled to
         one row per input (``[B, D]`` as is, ``[B, C, H, W]`` averaged over positions, ``[B, T, D]`` averaged
         over tokens, other ranks flattened), becomes ``features``; the head is then the model's final linear
-        layer if it maps those features to the logits (checked on the first batch), else there is none. When omitted the head is the model's last
-        module if it is an ``nn.Linear``, else the linear layer whose output is the logits (found on the first
-        batch); when there is none (a cosine classifier, say) only logits are extracted, with a warning naming
+        layer if it maps those features to the logits (checked on the first batch), else there is none. When
+        omitted the head is the model's last module if it is an ``nn.Linear``, else the linear layer whose
+        output is the logits (found on the first batch); when there is none (a cosine classifier, say) only logits are extracted, with a warning naming
         ``feature_layer``. A warning is also given when the logits differ from ``features @ weight.T + bias``
         (a model that rescales its logits).
     output_key : str or int, optional
