@@ -366,9 +366,9 @@ def extract(
         over tokens, other ranks flattened), becomes ``features``; the head is then the model's final linear
         layer if it maps those features to the logits (checked on the first batch), else there is none. When
         omitted the head is the model's last module if it is an ``nn.Linear``, else the linear layer whose
-        output is the logits (found on the first batch); when there is none (a cosine classifier, say) only logits are extracted, with a warning naming
-        ``feature_layer``. A warning is also given when the logits differ from ``features @ weight.T + bias``
-        (a model that rescales its logits).
+        output is the logits (found on the first batch); when there is none (a cosine classifier, say) only
+        logits are extracted, with a warning naming ``feature_layer``. A warning is also given when the logits
+        differ from ``features @ weight.T + bias`` (a model that rescales its logits).
     output_key : str or int, optional
         Where the logits are in the model's output: a key of a dict or ``ModelOutput``, a field of a namedtuple,
         an index of a tuple. Default: ``"logits"`` (or the only tensor) of a dict, the ``logits`` field of a
