@@ -132,7 +132,9 @@ class ModelRunner:
     channels_last : bool
         Lay 4-D inputs out channels-last in gradient passes (default True): the same values up to float rounding,
         and a faster backward pass through convolutions on the CPU (ODIN on a ResNet-18: 3.3 instead of 3.5-3.6
-        forward-pass equivalents, ``benchmarks/model_cost.py``).
+        forward-pass equivalents, ``benchmarks/model_cost.py``). Tried on the first batch only: a model that
+        refuses that layout (one that flattens with ``.view``) gets its own contiguous layout from then on, with
+        no error and no second pass over the data.
     cache_dir : path, optional
         Where :meth:`forward_views` caches the outputs of test-time views (see :mod:`oodguard.views.outputs`);
         gradient passes are never cached (they depend on the detector's loss).
@@ -188,6 +190,8 @@ class ModelRunner:
         self.input_std = _as_std(input_std)
         self.progress = bool(progress)
         self.channels_last = bool(channels_last)
+        # None until the first 4-D gradient pass tries channels-last; False when the model refused it.
+        self._channels_last_works: bool | None = None
         self.cache_dir = cache_dir
         mixing = [
             name
@@ -342,13 +346,25 @@ class ModelRunner:
                         "differentiate with respect to a layer (e.g. the embeddings) with layer_gradients"
                     )
                 if x.dtype.is_floating_point:
-                    if x.ndim == 4 and self.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    x = self._laid_out(x)
                     # Also for layer gradients: a frozen model (no parameter requires grad) still has a graph.
                     x = x.detach().requires_grad_(True)
                 captured.clear()
                 with torch.enable_grad():
-                    logits = self._check_logits(logits_of(self.model(x), self.output_key), rows)
+                    try:
+                        output = self.model(x)
+                    except RuntimeError:
+                        if not self._trying_channels_last(x):
+                            raise
+                        # The model does not take channels-last inputs (e.g. it flattens with .view): use its own
+                        # layout from now on. Only this first batch runs twice.
+                        self._channels_last_works = False
+                        x = x.detach().contiguous().requires_grad_(True)
+                        captured.clear()
+                        output = self.model(x)
+                    if self._trying_channels_last(x):
+                        self._channels_last_works = True
+                    logits = self._check_logits(logits_of(output, self.output_key), rows)
                     if not logits.requires_grad:
                         raise _not_differentiable("model's")
                     acts = {name: self._layer_output(captured, name, rows, True) for name in layer_names}
@@ -420,9 +436,27 @@ class ModelRunner:
             raise ValueError(f"epsilon: expected a finite number (the step size in input units), got {epsilon!r}")
         return float(epsilon)
 
+    def _laid_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last for 4-D inputs while the model is not known to refuse it; otherwise contiguous."""
+        if x.ndim == 4 and self.channels_last and self._channels_last_works is not False:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+    def _trying_channels_last(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is the first channels-last batch, whose failure means the model refuses that layout."""
+        return (
+            self._channels_last_works is None
+            and x.ndim == 4
+            and self.channels_last
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()
+        )
+
     def _forward_batch(self, x: torch.Tensor, layer_names: Sequence[str], captured: dict[str, list]) -> dict:
         captured.clear()
         rows = x.shape[0]
+        if x.dtype.is_floating_point:
+            x = self._laid_out(x)  # perturbed inputs keep the layout of the gradient pass
         logits = self._check_logits(logits_of(self.model(x), self.output_key), rows)
         fields: dict[str, Any] = {"logits": logits.detach().to("cpu")}
         if self.head is not None and FEATURES in captured:
