@@ -1,5 +1,6 @@
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,11 +93,24 @@ def test_image_folder(tmp_path):
     assert gray[1][0].shape == (1, 4, 5) and float(gray[1][0].min()) >= -0.5
 
 
+def test_a_flat_folder_is_an_unlabelled_set_and_unlabelled_marks_every_image_ood(tmp_path):
+    root = make_folder(tmp_path / "root")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for index, (path, _) in enumerate(ImageFolder(root).samples):
+        (flat / f"{index:03d}.png").write_bytes(Path(path).read_bytes())
+    (flat / "notes.txt").write_text("not an image")
+    images = ImageFolder(flat)
+    assert images.classes == [] and images.targets == [-1] * len(ImageFolder(root))
+    torch.testing.assert_close(images[0][0], ImageFolder(root)[0][0])
+    assert set(ImageFolder(root, unlabelled=True).targets) == {-1}
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         ImageFolder(tmp_path / "missing")
     (tmp_path / "flat").mkdir()
-    with pytest.raises(FileNotFoundError, match="no sub-folders"):
+    with pytest.raises(FileNotFoundError, match="no sub-folders and no images"):
         ImageFolder(tmp_path / "flat")
     root = make_folder(tmp_path / "root")
     (root / "empty").mkdir()

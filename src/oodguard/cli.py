@@ -140,7 +140,9 @@ def _write_scores(results, path: Path) -> None:
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="embedded benchmark (oodguard.benchmark.presets), e.g. digits")],
+    name: Annotated[
+        str, typer.Argument(help="embedded benchmark (e.g. digits), or a CONFIG.toml describing your model and folders")
+    ],
     detector_names: DetectorsOption = None,
     param: ParamsOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default results/NAME)")] = None,
@@ -160,13 +162,23 @@ def bench(
 
     names = _detector_names(detector_names)
     params = _detector_params(param)
-    benchmark = presets.load(name, cache_dir=cache_dir, progress=not quiet)
+    options: dict = {}
+    if name.endswith(".toml") or Path(name).is_file():
+        from oodguard.benchmark.custom import load_config
+
+        benchmark, config = load_config(name)
+        names = names if names is not None else _detector_names(config["detectors"])
+        params = {**config["params"], **params}
+        options = {key: config[key] for key in ("feature_layer", "output_key", "batch_size")}
+    else:
+        benchmark = presets.load(name, cache_dir=cache_dir, progress=not quiet)
     outputs_cache = presets.outputs_cache_dir(cache_dir)
     results = run(
         benchmark, names, params=params, full_spectrum=full_spectrum, n_boot=n_boot, device=device,
-        cache_dir=outputs_cache, progress=not quiet, model_detectors=model_detectors,
+        cache_dir=outputs_cache, progress=not quiet, model_detectors=model_detectors, **options,
     )  # fmt: skip
-    _finish(results, out or Path("results") / name, requested=names is not None, scores=scores)
+    folder = out or Path("results") / benchmark.name
+    _finish(results, folder, requested=names is not None, scores=scores)
 
 
 @app.command("eval")

@@ -90,6 +90,15 @@ class Results:
         write_report(self, paths["html"])
         return paths
 
+    def report(self, path: str | Path) -> Path:
+        """Write the self-contained HTML report to ``path``; return it."""
+        from oodguard.benchmark.report import write_report
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_report(self, path)
+        return path
+
     def to_markdown(self) -> str:
         """The leaderboard as a Markdown table (AUROC and FPR@95 in percent)."""
         board = self.leaderboard()

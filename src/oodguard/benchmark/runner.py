@@ -28,6 +28,8 @@ def extract_benchmark(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     batch_size: int = 256,
+    feature_layer: str | None = None,
+    output_key: str | int | None = None,
 ) -> dict[str, ModelOutputs]:
     """Run the model once over every dataset of the benchmark (cached on disk when ``cache_dir`` is set)."""
     from oodguard.extraction.extract import extract
@@ -42,6 +44,8 @@ def extract_benchmark(
             split.data,
             labels=split.labels,
             layers=benchmark.layers,
+            feature_layer=feature_layer,
+            output_key=output_key,
             device=device,
             batch_size=batch_size,
             progress=progress,
@@ -63,6 +67,9 @@ def run(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     model_detectors: bool = True,
+    feature_layer: str | None = None,
+    output_key: str | int | None = None,
+    batch_size: int = 256,
 ) -> Results:
     """Evaluate detectors on a benchmark; a detector that fails is reported as failed and the run goes on.
 
@@ -82,12 +89,16 @@ def run(
         ``detector_params`` (the user's value wins per parameter).
     full_spectrum : count covariate-shift sets as ID (full-spectrum OOD detection) instead of as OOD.
     n_boot, seed : bootstrap replicates and seed of the 95 % intervals.
+    feature_layer, output_key, batch_size : how to run the model (see :func:`oodguard.extraction.extract`).
     """
     from oodguard.extraction.model_runner import ModelRunner
 
     params = merge_params(benchmark.detector_params, params)
     check_params(list(params), params)  # a typo must not cost the extraction
-    outputs = extract_benchmark(benchmark, device=device, cache_dir=cache_dir, progress=progress)
+    outputs = extract_benchmark(
+        benchmark, device=device, cache_dir=cache_dir, progress=progress, batch_size=batch_size,
+        feature_layer=feature_layer, output_key=output_key,
+    )  # fmt: skip
     fit = outputs[benchmark.fit.name]
     if detectors is None:
         names = default_detectors(fit, params)
@@ -103,7 +114,9 @@ def run(
         else {}  # the user chose: the others were not asked for
     )
     # The runner shares the outputs cache: the outputs of test-time views (CoVer) are cached like datasets.
-    runner = ModelRunner(benchmark.model, device=device, cache_dir=cache_dir)
+    runner = ModelRunner(
+        benchmark.model, device=device, cache_dir=cache_dir, feature_layer=feature_layer, output_key=output_key
+    )
 
     def source(split: DataSplit) -> Source:
         return Source(outputs[split.name], data=split.data, labels=split.labels, runner=runner)

@@ -181,6 +181,8 @@ class ImageFolder(Dataset):
 
     Class ids are the sorted sub-folder names numbered ``0..K-1`` (``classes``, ``class_to_idx``); files
     are found recursively with a case-insensitive extension match and sorted, so the order is stable.
+    A *flat* folder (images directly in ``root``, no sub-folders) is an unlabelled set: every label is -1
+    (OOD), as is every label with ``unlabelled=True`` (an OOD set kept in class sub-folders).
 
     Parameters
     ----------
@@ -191,6 +193,8 @@ class ImageFolder(Dataset):
     mode : None, "L" or "RGB"
         Channels, as in :func:`load_image`. A folder mixing grayscale and colour images gives tensors with
         different channel counts, which a DataLoader cannot stack: pass ``mode="RGB"`` (or ``"L"``) then.
+    unlabelled : bool
+        Label every image -1 (an OOD set), whatever the sub-folders.
 
     Attributes
     ----------
@@ -206,6 +210,7 @@ class ImageFolder(Dataset):
         transform: Transform | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         mode: str | None = None,
+        unlabelled: bool = False,
     ) -> None:
         if mode not in (None, "L", "RGB"):
             raise ValueError(f"mode: expected None, 'L' or 'RGB', got {mode!r}")
@@ -213,11 +218,21 @@ class ImageFolder(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"root: {self.root} is not a directory")
         suffixes = tuple(ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in extensions)
+        self.transform = transform
+        self.mode = mode
         self.classes = sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir())
-        if not self.classes:
-            raise FileNotFoundError(f"root: {self.root} has no sub-folders; put each class's images in its own folder")
-        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = []
+        if not self.classes:  # a flat folder: one unlabelled (OOD) set
+            self.class_to_idx: dict[str, int] = {}
+            flat = sorted(e.path for e in os.scandir(self.root) if e.is_file() and e.name.lower().endswith(suffixes))
+            if not flat:
+                raise FileNotFoundError(
+                    f"root: {self.root} holds no sub-folders and no images with extensions {', '.join(suffixes)}"
+                )
+            self.samples = [(path, -1) for path in flat]
+            self.targets = [-1] * len(flat)
+            return
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
         for name in self.classes:
             found: list[str] = []
             for directory, _, files in os.walk(self.root / name, followlinks=True):
@@ -227,10 +242,9 @@ class ImageFolder(Dataset):
                     f"class folder {self.root / name} holds no images with extensions {', '.join(suffixes)}; "
                     "remove it (class ids come from the sorted folder names) or add images"
                 )
-            self.samples.extend((path, self.class_to_idx[name]) for path in sorted(found))
+            label = -1 if unlabelled else self.class_to_idx[name]
+            self.samples.extend((path, label) for path in sorted(found))
         self.targets = [label for _, label in self.samples]
-        self.transform = transform
-        self.mode = mode
 
     def __len__(self) -> int:
         return len(self.samples)
