@@ -25,6 +25,15 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, digits_cache, capsys)
     shown = capsys.readouterr().out
     assert "mahalanobis" in shown and "AUROC" in shown
     assert (tmp_path / "mahalanobis-detector" / "detector.safetensors").exists()
+    # The config file the README shows, beside the folders its Python wrote, runs as the README's command does.
+    (toml,) = re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S)
+    (tmp_path / "my-data" / "bench.toml").write_text(toml)
+    command = next(line for line in README.read_text().splitlines() if line.startswith("oodguard bench my-data"))
+    from oodguard.cli import main
+
+    argv = command.split("#")[0].split()[1:]
+    assert main([*argv, "-q", "--n-boot", "5", "-d", "msp,energy,knn"]) == 0
+    assert (tmp_path / "results" / "my-data" / "report.html").is_file()
 
 
 def test_readme_make_targets_exist():
