@@ -139,6 +139,28 @@ class GuardResult:
     def __len__(self) -> int:
         return int(self.score.shape[0])
 
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame: one row per input, columns prediction, score, pvalue, is_ood, reason.
+
+        Examples
+        --------
+        >>> r = GuardResult(np.array([2, 0]), np.array([0.5, np.inf]), np.array([0.25, 0.0]), np.array([False, True]),
+        ...                 [None, "inputs: value 255 outside [-0.25, 1.25]"])
+        >>> r.to_pandas()[["prediction", "is_ood"]].values.tolist()
+        [[2, False], [0, True]]
+        """
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "prediction": self.prediction,
+                "score": self.score,
+                "pvalue": self.pvalue,
+                "is_ood": self.is_ood,
+                "reason": pd.Series(self.reason, dtype="object"),
+            }
+        )
+
     def to_records(self) -> list[dict[str, Any]]:
         """One plain-Python dict per input (JSON-serialisable: the score of an unscored input is ``None``).
 

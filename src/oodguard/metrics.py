@@ -26,7 +26,7 @@ one sort of the pooled scores: O(n log n), fine for millions of scores.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Any
 
@@ -54,6 +54,7 @@ __all__ = [
     "eaurc",
     "error_detection_auroc",
     "evaluate",
+    "evaluate_frame",
     "evaluate_oms",
     "fpr_at_ood_tpr",
     "fpr_at_tpr",
@@ -556,6 +557,41 @@ def evaluate(
         key: float(_metric_counts(name, id_counts, ood_counts, tpr, aupr_estimator))
         for name, key in _evaluate_keys(tpr).items()
     }
+
+
+def evaluate_frame(
+    id_scores: ArrayLike | Mapping[str, ArrayLike],
+    ood_scores: Mapping[str, ArrayLike],
+    tpr: float = 0.95,
+    aupr_estimator: str = "average_precision",
+) -> Any:
+    """:func:`evaluate` for several OOD sets (and detectors) at once, as a pandas DataFrame.
+
+    ``ood_scores`` maps an OOD set's name to its scores. ``id_scores`` is one array (one detector), or a mapping
+    detector -> ID scores, in which case ``ood_scores`` maps detector -> {set -> scores}. One row per
+    (detector, OOD set), with a column per metric of :func:`evaluate`.
+
+    Examples
+    --------
+    >>> frame = evaluate_frame([0.0, 1.0, 2.0], {"near": [1.0, 3.0], "far": [5.0, 6.0]})
+    >>> frame[["ood_set", "auroc"]].values.tolist()
+    [['near', 0.75], ['far', 1.0]]
+    """
+    import pandas as pd
+
+    per_detector: dict[str, tuple[Any, Any]]
+    if isinstance(id_scores, Mapping):
+        per_detector = {name: (id_scores[name], ood_scores[name]) for name in id_scores}
+    else:
+        per_detector = {"": (id_scores, ood_scores)}
+    rows = []
+    for detector, (id_part, sets) in per_detector.items():
+        if not isinstance(sets, Mapping):
+            raise ValueError(f"ood_scores: expected a mapping OOD set name -> scores for detector {detector!r}")
+        for set_name, scores in sets.items():
+            rows.append({"detector": detector, "ood_set": set_name, **evaluate(id_part, scores, tpr, aupr_estimator)})
+    frame = pd.DataFrame(rows)
+    return frame.drop(columns="detector") if not isinstance(id_scores, Mapping) else frame
 
 
 def bootstrap(
