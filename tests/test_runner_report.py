@@ -100,8 +100,16 @@ def test_roc_curve_and_histograms_known_answers():
     # thresholds 3, 2, 1, 0 flag: {ood 3}, {+id 2}, {+id 1, ood 1}, {+id 0}
     assert curve["fpr"] == [0.0, 0.0, pytest.approx(1 / 3, abs=1e-4), pytest.approx(2 / 3, abs=1e-4), 1.0]
     assert curve["tpr"] == [0.0, 0.5, 0.5, 1.0, 1.0]
-    hist = histograms({"id": np.zeros(10), "ood": np.ones(10)}, bins=4)
-    assert sum(hist["density"]["id"]) == pytest.approx(1.0) and sum(hist["density"]["ood"]) == pytest.approx(1.0)
+    hist = histograms({"id": np.zeros(10), "ood": np.ones(10)}, bins=4)["ood"]
+    assert sum(hist["id"]) == pytest.approx(1.0) and sum(hist["ood"]) == pytest.approx(1.0)
+    # A heavy-tailed set gets its own panel range: it neither squashes the other set's panel nor is squashed itself
+    rng = np.random.default_rng(0)
+    scores = {"id": rng.normal(size=1000), "near": rng.normal(0.5, size=1000),
+              "heavy": np.concatenate([rng.normal(2.0, size=990), np.full(10, 1e6)])}  # fmt: skip
+    panels = histograms(scores, bins=20)
+    assert panels["near"]["edges"][-1] < 10 and panels["heavy"]["edges"][-1] < 10  # quantiles, not 1e6
+    assert panels["heavy"]["ood_clipped"] >= 10 and panels["near"]["ood_clipped"] <= 40  # about 1 % each side
+    assert max(panels["near"]["id"]) < 0.3  # ID spread over several bins, not one bar
 
 
 def test_save_writes_every_format(results, tmp_path):
@@ -141,8 +149,13 @@ def test_report_renders_in_a_headless_browser_without_console_errors(results, tm
     assert console == [], console
     assert 'data-rendered="ok"' in done.stdout
     assert '<div id="errors"></div>' in done.stdout
-    assert done.stdout.count("<polyline") == 3  # one ROC curve per OOD set of the selected detector
+    roc = done.stdout.split('id="roc"')[1].split("</svg>")[0]
+    assert roc.count("<polyline") == 3  # one ROC curve per OOD set of the selected detector
     assert "<table>" in done.stdout and "knn" in done.stdout
+    overlay = done.stdout.split('id="overlay-svg"')[1].split("</svg>")[0]
+    assert 1 <= overlay.count("<polyline") <= 5  # the best detectors on one OOD set
+    assert 'id="perset-table"' in done.stdout and "–" in done.stdout.split('id="perset-table"')[1]  # intervals
+    assert 'id="notrun-list"' in done.stdout and "failed" in done.stdout  # the results hold a failed detector
 
 
 def test_benchmark_parameters_merge_under_the_users_and_enable_detectors_with_required_parameters():

@@ -1,4 +1,5 @@
-"""One self-contained HTML report: leaderboard, ROC curves and score histograms per detector and OOD set.
+"""One self-contained HTML report: leaderboard, per-set table with intervals, ROC overlay of the best detectors,
+ROC curves and score histograms per detector and OOD set, and what was not run.
 
 The page embeds its data as JSON and draws SVG with a few lines of plain JavaScript: no network, no
 external files, and it opens anywhere.
@@ -32,18 +33,30 @@ def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray, max_points: int = R
     return {"fpr": np.round(fpr, 4).tolist(), "tpr": np.round(tpr, 4).tolist()}
 
 
-def histograms(scores: dict[str, np.ndarray], bins: int = HISTOGRAM_BINS) -> dict[str, object]:
-    """Densities of every score set on shared bins spanning the 0.5-99.5 % range of all scores."""
-    pooled = np.concatenate(list(scores.values()))
-    low, high = np.percentile(pooled, [0.5, 99.5])
-    if not high > low:
-        low, high = float(pooled.min()) - 0.5, float(pooled.max()) + 0.5
-    edges = np.linspace(low, high, bins + 1)
-    densities = {}
+def histograms(scores: dict[str, np.ndarray], bins: int = HISTOGRAM_BINS) -> dict[str, dict[str, object]]:
+    """Per OOD set, the ID and that set's score densities on bins of their own robust range.
+
+    Each panel spans the 1-99 % quantiles of the ID scores and that set's scores pooled (so one heavy-tailed
+    set cannot squash the others), with the scores beyond counted and drawn in the end bins.
+    """
+    id_scores = np.asarray(scores["id"], dtype=np.float64)
+    panels: dict[str, dict[str, object]] = {}
     for name, values in scores.items():
-        counts, _ = np.histogram(np.clip(values, low, high), bins=edges)
-        densities[name] = np.round(counts / max(1, len(values)), 5).tolist()
-    return {"edges": np.round(edges, 6).tolist(), "density": densities}
+        if name == "id":
+            continue
+        values = np.asarray(values, dtype=np.float64)
+        pooled = np.concatenate([id_scores, values])
+        low, high = np.percentile(pooled, [1.0, 99.0])
+        if not high > low:
+            low, high = float(pooled.min()) - 0.5, float(pooled.max()) + 0.5
+        edges = np.linspace(low, high, bins + 1)
+        panel: dict[str, object] = {"edges": [float(f"{e:.6g}") for e in edges]}
+        for key, part in (("id", id_scores), ("ood", values)):
+            counts, _ = np.histogram(np.clip(part, low, high), bins=edges)
+            panel[key] = np.round(counts / max(1, len(part)), 5).tolist()
+            panel[f"{key}_clipped"] = int(((part < low) | (part > high)).sum())
+        panels[name] = panel
+    return panels
 
 
 def report_data(results: Results) -> dict[str, object]:
@@ -64,6 +77,8 @@ def report_data(results: Results) -> dict[str, object]:
         "leaderboard": json.loads(board.to_json(orient="records")),
         "detectors": detectors,
         "settings": results.settings,
+        "skipped": dict(sorted(getattr(results, "skipped", {}).items())),
+        "per_set": json.loads(results.table.round(4).to_json(orient="records")),
     }
 
 
@@ -93,7 +108,7 @@ tr.sel td { outline: 2px solid #3b6fd8; } tr:hover td { background: #f0f4ff; }
 .grid { display: flex; flex-wrap: wrap; gap: 14px; } .panel { border: 1px solid #e3e6eb; border-radius: 6px; padding: 6px; }
 .panel h3 { font-size: 13px; margin: 0 0 4px; font-weight: 600; }
 svg text { font-size: 11px; fill: #3a4150; } select { font-size: 14px; padding: 2px 6px; }
-#errors { color: #b00020; white-space: pre-wrap; }
+#errors { color: #b00020; white-space: pre-wrap; } #perset, #leaderboard { overflow-x: auto; }
 </style>
 </head>
 <body>
@@ -105,6 +120,13 @@ svg text { font-size: 11px; fill: #3a4150; } select { font-size: 14px; padding: 
 FPR@95 (% of OOD accepted when 95&nbsp;% of ID is kept; lower is better), unweighted means over each group's
 OOD sets. Colour: green is better.</div>
 <div id="leaderboard"></div>
+<div id="notrun"></div>
+<h2>Per OOD set</h2>
+<div class="note">AUROC with its 95&nbsp;% bootstrap interval, per detector and OOD set (rows in leaderboard order).</div>
+<div id="perset"></div>
+<h2>ROC overlay <select id="setpicker"></select></h2>
+<div class="note">The five best detectors of the leaderboard on one OOD set.</div>
+<div class="grid"><div class="panel"><div id="overlay"></div></div></div>
 <h2>Detector <select id="picker"></select></h2>
 <div id="detail"></div>
 <div class="grid">
@@ -128,6 +150,11 @@ function el(tag, attrs, parent, text) {
   return node;
 }
 function pct(v) { return (v === null || v === undefined || Number.isNaN(v)) ? "" : (100 * v).toFixed(2); }
+function tick(v) {  // compact and never clipped: 0.123, 45.6, 1.2e5
+  const a = Math.abs(v);
+  if (a !== 0 && (a >= 1e4 || a < 1e-2)) return v.toExponential(1).replace("e+", "e");
+  return String(Number(v.toPrecision(3)));
+}
 function shade(v, higherBetter) {
   if (v === null || v === undefined) return "";
   const good = higherBetter ? Math.max(0, Math.min(1, (v - 0.5) / 0.5)) : Math.max(0, Math.min(1, 1 - v));
@@ -164,8 +191,8 @@ function axes(svg, w, h, m, xr, yr, xlabel, ylabel) {
   el("line", {x1: m, y1: h - m, x2: w - 8, y2: h - m, stroke: "#888"}, svg);
   el("line", {x1: m, y1: 8, x2: m, y2: h - m, stroke: "#888"}, svg);
   [0, 0.5, 1].forEach(t => {
-    el("text", {x: m + t * (w - m - 8), y: h - m + 14, "text-anchor": "middle"}, svg, (xr[0] + t * (xr[1] - xr[0])).toPrecision(3));
-    el("text", {x: m - 4, y: h - m - t * (h - m - 8) + 4, "text-anchor": "end"}, svg, (yr[0] + t * (yr[1] - yr[0])).toPrecision(2));
+    el("text", {x: m + t * (w - m - 8), y: h - m + 14, "text-anchor": t === 0 ? "start" : t === 1 ? "end" : "middle"}, svg, tick(xr[0] + t * (xr[1] - xr[0])));
+    el("text", {x: m - 4, y: h - m - t * (h - m - 8) + 4, "text-anchor": "end"}, svg, tick(yr[0] + t * (yr[1] - yr[0])));
   });
   el("text", {x: (w + m) / 2, y: h - 4, "text-anchor": "middle"}, svg, xlabel);
   el("text", {x: 10, y: h / 2, transform: `rotate(-90 10 ${h / 2})`, "text-anchor": "middle"}, svg, ylabel);
@@ -186,15 +213,15 @@ function drawRoc(name) {
   holder.appendChild(svg);
 }
 function drawHists(name) {
-  const d = DATA.detectors[name], hist = d.hist, holder = document.getElementById("hists"); holder.innerHTML = "";
-  const edges = hist.edges, n = edges.length - 1;
+  const d = DATA.detectors[name], holder = document.getElementById("hists"); holder.innerHTML = "";
   d.rows.forEach((row, i) => {
+    const hist = d.hist[row.ood_set], edges = hist.edges, n = edges.length - 1;
     const panel = document.createElement("div"); panel.className = "panel";
     const title = document.createElement("h3");
     title.textContent = `${row.ood_set} (${row.group}) — AUROC ${pct(row.auroc)} [${pct(row.auroc_low)}, ${pct(row.auroc_high)}], FPR@95 ${pct(row.fpr95)}`;
     panel.appendChild(title);
-    const w = 340, h = 170, m = 40, svg = el("svg", {width: w, height: h});
-    const a = hist.density.id, b = hist.density[row.ood_set];
+    const w = 360, h = 180, m = 52, svg = el("svg", {width: w, height: h});
+    const a = hist.id, b = hist.ood;
     const top = Math.max(...a, ...b, 1e-9);
     axes(svg, w, h, m, [edges[0], edges[n]], [0, top], "score", "fraction");
     const bw = (w - m - 8) / n;
@@ -202,10 +229,55 @@ function drawHists(name) {
       const bh = (v / top) * (h - m - 8);
       el("rect", {x: m + j * bw, y: h - m - bh, width: Math.max(bw - 0.5, 0.5), height: bh, fill: color, "fill-opacity": 0.55}, svg);
     }));
-    el("text", {x: w - 10, y: 16, "text-anchor": "end", fill: "#3b6fd8"}, svg, "ID test");
-    el("text", {x: w - 10, y: 30, "text-anchor": "end"}, svg, row.ood_set);
+    const clip = (k) => k ? ` (${k} beyond, in the end bins)` : "";
+    el("text", {x: w - 10, y: 16, "text-anchor": "end", fill: "#3b6fd8"}, svg, "ID test" + clip(hist.id_clipped));
+    el("text", {x: w - 10, y: 30, "text-anchor": "end"}, svg, row.ood_set + clip(hist.ood_clipped));
     panel.appendChild(svg); holder.appendChild(panel);
   });
+}
+function renderPerSet() {
+  const sets = [...new Set(DATA.per_set.map(r => r.ood_set))];
+  const table = document.createElement("table"); table.id = "perset-table";
+  const head = table.insertRow();
+  ["detector", ...sets].forEach(c => { const th = document.createElement("th"); th.textContent = c; head.appendChild(th); });
+  board.filter(r => r.status === "ok").forEach(r => {
+    const tr = table.insertRow(); tr.insertCell().textContent = r.detector;
+    sets.forEach(set => {
+      const row = DATA.per_set.find(x => x.detector === r.detector && x.ood_set === set), td = tr.insertCell();
+      if (!row) return;
+      td.textContent = `${pct(row.auroc)} (${pct(row.auroc_low)}–${pct(row.auroc_high)})`;
+      td.style.background = shade(row.auroc, true); td.title = `FPR@95 ${pct(row.fpr95)} %`;
+    });
+  });
+  const holder = document.getElementById("perset"); holder.innerHTML = ""; holder.appendChild(table);
+}
+function drawOverlay(set) {
+  const holder = document.getElementById("overlay"); holder.innerHTML = "";
+  const chosen = board.filter(r => r.status === "ok" && DATA.detectors[r.detector] && DATA.detectors[r.detector].roc[set]).slice(0, 5);
+  const w = 520, h = 360, m = 46, svg = el("svg", {width: w + 220, height: h, id: "overlay-svg"});
+  axes(svg, w, h, m, [0, 1], [0, 1], "false positive rate (ID flagged)", "true positive rate (OOD flagged)");
+  const sx = x => m + x * (w - m - 8), sy = y => h - m - y * (h - m - 8);
+  el("line", {x1: sx(0), y1: sy(0), x2: sx(1), y2: sy(1), stroke: "#ccc", "stroke-dasharray": "4 3"}, svg);
+  chosen.forEach((r, i) => {
+    const c = DATA.detectors[r.detector].roc[set], color = COLORS[i % COLORS.length];
+    const row = DATA.per_set.find(x => x.detector === r.detector && x.ood_set === set);
+    el("polyline", {points: c.fpr.map((x, j) => `${sx(x).toFixed(1)},${sy(c.tpr[j]).toFixed(1)}`).join(" "),
+                    fill: "none", stroke: color, "stroke-width": 1.8}, svg);
+    el("rect", {x: w + 10, y: 14 + 18 * i, width: 12, height: 12, fill: color}, svg);
+    el("text", {x: w + 28, y: 24 + 18 * i}, svg, `${r.detector} (${pct(row ? row.auroc : null)})`);
+  });
+  holder.appendChild(svg);
+}
+function renderNotRun() {
+  const holder = document.getElementById("notrun"), skipped = Object.entries(DATA.skipped || {});
+  const failed = board.filter(r => r.status !== "ok");
+  if (!skipped.length && !failed.length) return;
+  const title = document.createElement("h2"); title.textContent = `Not run (${skipped.length}) and failed (${failed.length})`;
+  holder.appendChild(title);
+  const list = document.createElement("ul"); list.id = "notrun-list";
+  skipped.forEach(([name, reason]) => { const li = document.createElement("li"); li.textContent = `${name}: ${reason}`; list.appendChild(li); });
+  failed.forEach(r => { const li = document.createElement("li"); li.className = "failed"; li.textContent = `${r.detector} failed: ${r.error}`; list.appendChild(li); });
+  holder.appendChild(list);
 }
 function select(name) {
   if (!DATA.detectors[name]) return;
@@ -222,6 +294,11 @@ function select(name) {
   picker.onchange = () => select(picker.value);
   const first = board.find(r => r.status === "ok");
   if (first) select(first.detector); else renderBoard(null);
+  renderNotRun(); renderPerSet();
+  const setpicker = document.getElementById("setpicker");
+  [...new Set(DATA.per_set.map(r => r.ood_set))].forEach(set => { const o = document.createElement("option"); o.value = o.textContent = set; setpicker.appendChild(o); });
+  setpicker.onchange = () => drawOverlay(setpicker.value);
+  if (setpicker.options.length) drawOverlay(setpicker.options[0].value);
   document.body.dataset.rendered = "ok";
 })();
 </script>
