@@ -35,6 +35,7 @@ from oodguard.extraction.modules import (
     head_tensors,
     resolve_device,
 )
+from oodguard.extraction.onnx_model import extract_onnx, is_onnx_model
 from oodguard.outputs import ModelOutputs
 
 __all__ = ["extract", "find_head", "model_fingerprint", "content_hash", "CACHE_FORMAT_VERSION"]
@@ -321,7 +322,7 @@ def _commit(temporary: Path, entry: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- extract
 def extract(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike | Any,
     data: Any,
     *,
     labels: Any = None,
@@ -340,8 +341,11 @@ def extract(
 
     Parameters
     ----------
-    model : torch.nn.Module
-        Any module whose ``forward`` takes one tensor batch and returns the logits ``[B, C]``: as a tensor, or
+    model : torch.nn.Module, a ``.onnx`` path or an ``onnxruntime.InferenceSession``
+        An ONNX model runs in onnxruntime (``pip install 'oodguard[onnx]'``): the features are the input of the
+        final Gemm/MatMul, exposed as an extra output of the graph, and the head is read from its initialisers
+        (see :mod:`oodguard.extraction.onnx_model`; no ``cache_dir`` or ``layers``). A torch module is any
+        module whose ``forward`` takes one tensor batch and returns the logits ``[B, C]``: as a tensor, or
         inside a dict, a tuple or namedtuple, or a Hugging Face ``ModelOutput`` (see ``output_key``). Outputs
         that are probabilities or log-probabilities (every row sums to one) are refused: detectors need the
         logits before the softmax. The model must already be on ``device`` (it is never moved). It runs in
@@ -421,8 +425,16 @@ def extract(
     >>> out.logits.shape, out.features.shape, out.layers["1"].shape, out.head[0].shape
     (torch.Size([10, 3]), torch.Size([10, 8]), torch.Size([10, 8]), torch.Size([3, 8]))
     """
+    if is_onnx_model(model):  # a .onnx file or an onnxruntime session: run by onnxruntime
+        if cache_dir is not None or layers:
+            raise ValueError("cache_dir and layers: not supported for ONNX models yet; leave them out")
+        return extract_onnx(
+            model, data, labels=labels, feature_layer=feature_layer, output_key=output_key, batch_size=batch_size,
+            progress=progress, desc=desc,
+        )  # fmt: skip
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model: expected a torch.nn.Module, a .onnx path or an onnxruntime session, got "
+                        f"{type(model).__name__}")  # fmt: skip
     if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
         raise ValueError(f"chunk_rows: expected a positive integer, got {chunk_rows!r}")
     if dataset_key is not None and (not isinstance(dataset_key, str) or not dataset_key.strip()):
