@@ -135,3 +135,29 @@ def test_evaluate_model_is_the_python_twin(project, tmp_path):
     assert isinstance(board, pd.DataFrame) and set(board["detector"]) == {"msp", "energy"}
     assert results.groups == {"near": ["letters"], "far": ["noise"]}
     assert results.report(tmp_path / "r" / "report.html").read_text().startswith("<!")
+
+
+def test_an_onnx_model_in_a_config_file(project, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import warnings
+
+    model = DigitsCNN().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        axes = {"x": {0: "n"}, "logits": {0: "n"}}
+        torch.onnx.export(model, (torch.rand(2, 1, 28, 28),), str(project / "model.onnx"), dynamo=False,
+                          input_names=["x"], output_names=["logits"], dynamic_axes=axes)  # fmt: skip
+    text = CONFIG.replace('factory = "oodguard.benchmark.digits_model:DigitsCNN"\nweights = "weights.safetensors"',
+                          'path = "model.onnx"').replace("[detectors]", "[unused]")  # fmt: skip
+    text = text.split("[unused]")[0]
+    config = project / "onnx.toml"
+    config.write_text(text)
+    out = tmp_path / "onnx"
+    assert main(["bench", str(config), "--out", str(out), "--n-boot", "5", "-q"]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    ran = {row["detector"] for row in payload["status"] if row["status"] == "ok"}
+    assert {"vim", "energy", "mahalanobis"} <= ran and "odin" not in ran  # (40 random images: knn's k=50 fails)
+    assert "runs the model itself" in payload["skipped"]["odin"]
+    config.write_text(text.replace('path = "model.onnx"', 'path = "model.onnx"\nfactory = "x:y"'))
+    with pytest.raises(ConfigError, match="either path .* or factory and weights"):
+        load_config(config)

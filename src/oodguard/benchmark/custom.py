@@ -7,6 +7,7 @@ The file (paths relative to it)::
     [model]
     factory = "package.module:Class"        # called with no arguments; builds the architecture
     weights = "weights.safetensors"         # or a state-dict .pt/.pth, loaded with torch.load(weights_only=True)
+    # path = "model.onnx"                   # instead of factory and weights: an ONNX model (the onnx extra)
     feature_layer = "fc"                    # optional, as in oodguard.extraction.extract
     output_key = "logits"                   # optional
     [transform]                             # optional
@@ -48,7 +49,7 @@ __all__ = ["load_config", "evaluate_model", "ConfigError"]
 
 _SECTIONS = {
     "name": None,
-    "model": {"factory", "weights", "feature_layer", "output_key"},
+    "model": {"factory", "path", "weights", "feature_layer", "output_key"},
     "transform": {"grayscale", "size", "mean", "std"},
     "data": {"fit", "id", "batch_size"},
     "ood": None,
@@ -110,6 +111,16 @@ def _folder(base: Path, value: str, where: str) -> Path:
 
 
 def _build_model(spec: Mapping[str, Any], base: Path, where: str) -> nn.Module:
+    onnx_path = _get(spec, "path", str, where)
+    if onnx_path is not None:
+        if "factory" in spec or "weights" in spec:
+            raise ConfigError(f"{where}: give either path (an ONNX model) or factory and weights, not both")
+        path = (base / onnx_path).expanduser()
+        if path.suffix.lower() != ".onnx" or not path.is_file():
+            raise ConfigError(f"{where}.path: {path} is not an .onnx file")
+        from oodguard.extraction.onnx_model import OnnxModel
+
+        return OnnxModel(path)
     factory = _get(spec, "factory", str, where, required=True)
     module_name, sep, attribute = factory.partition(":")
     if not sep or not module_name or not attribute:

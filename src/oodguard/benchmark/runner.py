@@ -37,6 +37,10 @@ def extract_benchmark(
     splits: list[DataSplit] = [benchmark.fit, benchmark.test, *benchmark.ood]
     if benchmark.validation is not None:
         splits.insert(1, benchmark.validation)
+    from oodguard.extraction.onnx_model import is_onnx_model
+
+    if is_onnx_model(benchmark.model):
+        cache_dir = None  # onnxruntime outputs are not cached (the model file is not fingerprinted yet)
     outputs = {}
     for split in splits:
         outputs[split.name] = extract(
@@ -100,22 +104,35 @@ def run(
         feature_layer=feature_layer, output_key=output_key,
     )  # fmt: skip
     fit = outputs[benchmark.fit.name]
+    from oodguard.extraction.onnx_model import is_onnx_model
+
+    onnx = is_onnx_model(benchmark.model)  # run by onnxruntime: outputs, but no gradients or views through it
     if detectors is None:
         names = default_detectors(fit, params)
-        if model_detectors:
+        if model_detectors and not onnx:
             names += _model_detectors_for(benchmark.fit.data, params)
         if fit.features is not None and fit.labels is not None and MOS_HEAD not in names:
             names.append(MOS_HEAD)
     else:
         names = list(detectors)
     skipped = (
-        skipped_detectors(fit, names, params, inputs=benchmark.fit.data, model_detectors=model_detectors)
+        skipped_detectors(
+            fit, names, params, inputs=None if onnx else benchmark.fit.data, model_detectors=model_detectors
+        )  # fmt: skip
         if detectors is None
         else {}  # the user chose: the others were not asked for
     )
+    if onnx:
+        asked = [n for n in names if n in detector_registry.available(protocol="model")]
+        if asked:
+            raise ValueError(f"{', '.join(asked)} run the model themselves (gradients, views): not an ONNX model")
     # The runner shares the outputs cache: the outputs of test-time views (CoVer) are cached like datasets.
-    runner = ModelRunner(
-        benchmark.model, device=device, cache_dir=cache_dir, feature_layer=feature_layer, output_key=output_key
+    runner = (
+        None
+        if onnx
+        else ModelRunner(
+            benchmark.model, device=device, cache_dir=cache_dir, feature_layer=feature_layer, output_key=output_key
+        )
     )
 
     def source(split: DataSplit) -> Source:

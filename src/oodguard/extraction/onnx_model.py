@@ -21,7 +21,33 @@ from oodguard.extraction.batches import Batches, check_rows
 from oodguard.extraction.forward import check_logits_not_probabilities
 from oodguard.outputs import ModelOutputs
 
-__all__ = ["is_onnx_model", "extract_onnx"]
+__all__ = ["OnnxModel", "is_onnx_model", "extract_onnx"]
+
+
+class OnnxModel(torch.nn.Module):
+    """An ONNX file as a torch module, so that it can stand where a model goes (a :class:`Benchmark`, ``extract``).
+
+    ``forward`` runs onnxruntime on CPU and returns the first output; there are no gradients through it, so model
+    detectors (ODIN, CoVer, ...) do not apply. ``extract`` reads the file itself (features and head too).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        self.path = str(path)
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(f"model: {self.path} is not a file")
+        self._session: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._session is None:
+            _, onnxruntime = _onnx()
+            self._session = onnxruntime.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+        array = x.detach().cpu().numpy()
+        name = self._session.get_inputs()[0].name
+        return torch.from_numpy(np.asarray(self._session.run(None, {name: array.astype(np.float32)})[0]))
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({self.path!r})"
 
 
 def _onnx() -> tuple[Any, Any]:
@@ -34,7 +60,9 @@ def _onnx() -> tuple[Any, Any]:
 
 
 def is_onnx_model(model: Any) -> bool:
-    """A path to a ``.onnx`` file, or an ``onnxruntime.InferenceSession``."""
+    """A path to a ``.onnx`` file, an :class:`OnnxModel`, or an ``onnxruntime.InferenceSession``."""
+    if isinstance(model, OnnxModel):
+        return True
     if isinstance(model, (str, os.PathLike)):
         return str(model).lower().endswith(".onnx")
     return type(model).__name__ == "InferenceSession" and hasattr(model, "get_outputs")
@@ -42,6 +70,8 @@ def is_onnx_model(model: Any) -> bool:
 
 def _load_proto(model: Any) -> Any:
     onnx, _ = _onnx()
+    if isinstance(model, OnnxModel):
+        model = model.path
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if not path.is_file():
