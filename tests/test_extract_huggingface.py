@@ -84,3 +84,41 @@ def test_detectors_and_a_guard_on_a_text_classifier(bert):
     guard = Guard(bert, detector="energy").fit(fit).calibrate(calibration, tpr=0.9)
     result = guard.guard(token_batches(6, seed=7)[0])
     assert len(result) == 6 and np.isfinite(result.score).all()
+
+
+def char_tokenizer(texts, padding=True, truncation=True, return_tensors="pt", length=8):
+    """A stand-in for a CLIP tokenizer (the real one's vocabulary would need a download): ids of characters."""
+    ids = torch.zeros(len(texts), length, dtype=torch.int64)
+    mask = torch.zeros(len(texts), length, dtype=torch.int64)
+    for row, text in enumerate(texts):
+        codes = [1 + ord(c) % 60 for c in text][: length - 1] + [63]  # the last id ends the text, as CLIP's eos
+        ids[row, : len(codes)], mask[row, : len(codes)] = torch.tensor(codes), 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_a_hugging_face_clip_model_is_a_zero_shot_dual_encoder():
+    from oodguard.encoders.dual import HuggingFaceClipEncoder, OpenClipEncoder, class_embeddings
+
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 64, "max_position_embeddings": 16, "eos_token_id": 63},
+        vision_config={"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "intermediate_size": 64},
+        projection_dim=24,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    with pytest.raises(TypeError, match="use HuggingFaceClipEncoder"):
+        OpenClipEncoder(model, char_tokenizer)
+    encoder = HuggingFaceClipEncoder(model, char_tokenizer, batch_size=3, progress=False)
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    labels = ["cat", "dog", "ship"]
+    tokens = char_tokenizer(labels)
+    with torch.no_grad():
+        reference = model(pixel_values=images, **tokens)  # CLIP's own forward: normalised image and text embeddings
+    torch.testing.assert_close(encoder.encode_inputs(images), reference.image_embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(encoder.encode_texts(labels), reference.text_embeds, rtol=1e-5, atol=1e-5)
+    label_embeddings = class_embeddings(encoder, labels, templates=["{}"])
+    mcm = create("mcm", label_embeddings=label_embeddings)
+    scores = mcm.score(encoder.encode_inputs(images))  # a plain embedding tensor is what mcm reads
+    assert scores.shape == (5,) and np.isfinite(np.asarray(scores)).all()

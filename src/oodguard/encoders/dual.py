@@ -8,6 +8,8 @@ takes L2-normalised embeddings, so this module provides:
   both L2-normalised float32 on the CPU. For a text encoder the inputs are texts too.
 * :class:`OpenClipEncoder`: an adapter for open_clip-style models (``encode_image``, ``encode_text``) and their
   tokenizer; open_clip itself is not imported (pass the model you loaded).
+* :class:`HuggingFaceClipEncoder`: the same for Hugging Face ``CLIPModel``-style models (``get_image_features``,
+  ``get_text_features``) and their tokenizer.
 * :func:`class_embeddings`: the prompt-ensemble class embeddings ``t_k``.
 * :func:`mine_negative_labels`: NegLabel's NegMining selection (Jiang et al., ICLR 2024, NegMining).
 
@@ -33,7 +35,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["DualEncoder", "OpenClipEncoder", "class_embeddings", "mine_negative_labels", "check_embeddings"]
+__all__ = [
+    "DualEncoder",
+    "OpenClipEncoder",
+    "HuggingFaceClipEncoder",
+    "class_embeddings",
+    "mine_negative_labels",
+    "check_embeddings",
+]
 
 #: Rows are divided by ``max(||row||, _NORM_EPS)`` when normalised.
 _NORM_EPS = 1e-12
@@ -134,6 +143,11 @@ class OpenClipEncoder:
     ) -> None:
         for method in ("encode_image", "encode_text"):
             if not callable(getattr(model, method, None)):
+                if callable(getattr(model, "get_image_features", None)):
+                    raise TypeError(
+                        "OpenClipEncoder: this is a Hugging Face CLIP model (get_image_features); use "
+                        "HuggingFaceClipEncoder(model, tokenizer)"
+                    )
                 raise TypeError(
                     f"OpenClipEncoder: model has no {method}() method; pass an open_clip-style model "
                     "(with encode_image and encode_text), or implement the DualEncoder protocol yourself"
@@ -185,6 +199,91 @@ class OpenClipEncoder:
             return self.tokenizer(list(batch)).to(self.device)
 
         return self._run(texts, self.model.encode_text, prepare, "text")
+
+
+def _embedding_tensor(output: Any, what: str) -> torch.Tensor:
+    """The embedding in what a Hugging Face ``get_*_features`` returns: a tensor, or an output whose pooled
+    (projected) embedding is ``pooler_output`` (transformers 5)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    raise ValueError(f"HuggingFaceClipEncoder: the {what} features are a {type(output).__name__} without pooler_output")
+
+
+class HuggingFaceClipEncoder(OpenClipEncoder):
+    """:class:`DualEncoder` adapter for a Hugging Face ``CLIPModel``-style model and its tokenizer.
+
+    The model needs ``get_image_features(pixel_values=...)`` and ``get_text_features(input_ids=..., ...)``; the
+    tokenizer is called as ``tokenizer(texts, padding=True, truncation=True, return_tensors="pt")`` and returns the
+    keyword inputs of ``get_text_features``. Nothing is downloaded: load the model and processor yourself, e.g.
+    ``CLIPModel.from_pretrained(local_folder)``, ``CLIPTokenizer.from_pretrained(local_folder)``.
+
+    Examples
+    --------
+    Images go in as the processor makes them (``pixel_values [N, 3, H, W]``)::
+
+        encoder = HuggingFaceClipEncoder(model, tokenizer)
+        mcm = detectors.create("mcm", label_embeddings=class_embeddings(encoder, ["cat", "dog"]))
+        scores = mcm.score(encoder.encode_inputs(pixel_values))
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Callable[..., Any],
+        device: str | torch.device = "cpu",
+        batch_size: int = 256,
+        progress: bool = True,
+    ) -> None:
+        for method in ("get_image_features", "get_text_features"):
+            if not callable(getattr(model, method, None)):
+                raise TypeError(
+                    f"HuggingFaceClipEncoder: model has no {method}() method; pass a Hugging Face CLIPModel-style "
+                    "model (for open_clip models use OpenClipEncoder)"
+                )
+        if not callable(tokenizer):
+            raise TypeError("HuggingFaceClipEncoder: tokenizer must be callable (list of strings -> model inputs)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"HuggingFaceClipEncoder: batch_size must be an integer >= 1, got {batch_size!r}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.progress = progress
+
+    def encode_inputs(self, inputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """L2-normalised image embeddings ``[N, D]`` of processed images (``pixel_values``)."""
+        if isinstance(inputs, torch.Tensor):
+            if inputs.ndim == 0 or inputs.shape[0] == 0:
+                raise ValueError("HuggingFaceClipEncoder.encode_inputs: inputs are empty; pass at least one image")
+        elif not isinstance(inputs, Sequence) or len(inputs) == 0:
+            raise ValueError("HuggingFaceClipEncoder.encode_inputs: pass a non-empty [N, C, H, W] tensor or list")
+
+        def prepare(batch: Any) -> torch.Tensor:
+            batch = batch if isinstance(batch, torch.Tensor) else torch.stack(list(batch))
+            return batch.to(self.device)
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return _embedding_tensor(self.model.get_image_features(pixel_values=pixels), "image")
+
+        return self._run(inputs, encode, prepare, "image")
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings ``[M, D]``."""
+        texts = _check_texts(texts, "HuggingFaceClipEncoder.encode_texts: texts")
+
+        tokenizer: Any = self.tokenizer  # a Hugging Face tokenizer: keyword options, a dict of tensors back
+
+        def prepare(batch: Any) -> dict[str, torch.Tensor]:
+            tokens = tokenizer(list(batch), padding=True, truncation=True, return_tensors="pt")
+            return {key: value.to(self.device) for key, value in dict(tokens).items()}
+
+        def encode(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+            return _embedding_tensor(self.model.get_text_features(**tokens), "text")
+
+        return self._run(texts, encode, prepare, "text")
 
 
 def class_embeddings(
