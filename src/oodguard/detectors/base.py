@@ -440,10 +440,13 @@ class OutputDetector(Detector):
         missing = sorted(field for field in fields if not outputs.has(field))
         if missing:
             have = ", ".join(outputs.fields()) or "nothing"
-            raise ValueError(
-                f"{self.name}: {stage} needs {', '.join(missing)} but the outputs have {have}; "
-                f"extract {' and '.join(missing)} from the model"
-            )
+            how = f"extract {' and '.join(missing)} from the model"
+            if {"features", "head"} & set(missing):
+                how += (
+                    " (extract(model, data, feature_layer=...) names the final linear layer, or the module whose "
+                    "output are the features, when they are not found automatically)"
+                )
+            raise ValueError(f"{self.name}: {stage} needs {', '.join(missing)} but the outputs have {have}; {how}")
 
     def _record_dims(self, outputs: ModelOutputs) -> None:
         if outputs.num_classes is not None:
