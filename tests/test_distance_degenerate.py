@@ -79,9 +79,10 @@ def test_fewer_samples_than_dimensions_warn_and_shrinkage_fixes_it(name):
 
 @pytest.mark.parametrize("name", FAMILY)
 def test_constant_features_are_refused_and_dead_units_ignored(name):
-    constant = {"features": np.full((40, 6), 3.0, dtype=np.float32), "labels": np.arange(40) % 2}
-    with pytest.raises(ValueError, match="do not vary within classes.*every input would score the same"):
-        create(name).fit(constant)
+    for value in (3.0, 0.1, 1e4):  # 0.1 leaves a covariance of ~1e-17 after rounding, not exactly 0
+        constant = {"features": np.full((40, 6), value, dtype=np.float32), "labels": np.arange(40) % 2}
+        with pytest.raises(ValueError, match="do not vary within classes.*every input would score the same"):
+            create(name).fit(constant)
     data, test = gaussian_classes(300, 6), gaussian_classes(5, 6, seed=4)
     data["features"][:, 2] = 1.5  # one dead unit among informative ones: no information, ignored without a word
     with warnings.catch_warnings():

@@ -121,12 +121,15 @@ class ClassStatistics(OutputDetector):
         """``pinv(S')^{1/2}`` of the covariance after shrinkage; refuses a zero covariance, warns when singular."""
         what = "within classes" if fourth == "fourth" else "around their mean"
         dim = covariance.shape[0]
-        if float(torch.trace(covariance)) <= 0.0:
+        n = int(stats["counts"].sum())
+        # Zero up to rounding: sum_i z_i z_i^T minus the class sums' share leaves about N * eps of the mean square
+        # of the values when they are constant, so compare the variance with that scale rather than with 0.
+        mean_square = float(torch.trace(stats["outer"])) / max(n, 1) / dim
+        if float(torch.trace(covariance)) / dim <= 64 * max(n, 1) * torch.finfo(torch.float64).eps * mean_square:
             raise ValueError(
                 f"{self.name}: the fit features do not vary {what} (their covariance is zero), so every input would "
                 "score the same; fit on features that vary (are they all constant, e.g. a layer of dead units?)"
             )
-        n = int(stats["counts"].sum())
         if self.shrinkage is not None:
             if self.shrinkage == "ledoit_wolf":
                 intensity = ledoit_wolf_intensity(covariance, float(stats[fourth]), n)
