@@ -316,14 +316,34 @@ DEFAULTS = {
     "rmds": {"shrinkage": None},
     "she": {},
     "wdiscood": {"feat_norm": False, "alpha": 1e-05, "num_disc": None, "res_weight": 5.0},
-    "knn": {"k": 50, "ratio": 1.0, "seed": 0},
+    "knn": {
+        "k": 50,
+        "ratio": 1.0,
+        "seed": 0,
+        "backend": "torch",
+        "index": "flat",
+        "nlist": None,
+        "nprobe": 8,
+        "M": 32,
+        "ef_search": 128,
+    },
 }
 GIVEN = {
     "mahalanobis": {"shrinkage": "ledoit_wolf"},
     "rmds": {"shrinkage": np.float32(0.25)},
     "she": {},
     "wdiscood": {"feat_norm": True, "alpha": 1e-3, "num_disc": np.int64(2), "res_weight": 2},
-    "knn": {"k": 3, "ratio": 0.5, "seed": 7},
+    "knn": {
+        "k": 3,
+        "ratio": 0.5,
+        "seed": 7,
+        "backend": "faiss",
+        "index": "ivf",
+        "nlist": np.int64(4),
+        "nprobe": 2,
+        "M": 16,
+        "ef_search": 64,
+    },
 }
 
 

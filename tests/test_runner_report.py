@@ -216,4 +216,4 @@ def test_clone_is_exported_from_the_detector_package():
     from oodguard import detectors
 
     twin = detectors.clone(detectors.create("knn", k=5))
-    assert twin.get_params() == {"k": 5, "ratio": 1.0, "seed": 0} and not twin.is_fitted
+    assert twin.get_params() == {**detectors.create("knn").get_params(), "k": 5} and not twin.is_fitted

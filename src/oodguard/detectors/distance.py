@@ -8,10 +8,12 @@ samples the detector keeps accumulating and ``score`` says what is missing; ``fi
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,14 @@ from oodguard.outputs import ModelOutputs
 _NORM_EPS = 1e-10
 #: Relative eigenvalue cutoff of the pseudo-inverses, as in ``base.symmetric_pinv``.
 _PINV_RTOL = 1e-10
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(f"backend='faiss' needs FAISS ({error}); pip install 'oodguard[faiss]'") from error
+    return faiss
 
 
 # ---------------------------------------------------------------------- numerics shared by the detectors
@@ -596,13 +606,45 @@ class KNN(OutputDetector):
         "k": [Interval(Integral, 1, None)],
         "ratio": [Interval(Real, 0, 1, closed="right")],
         "seed": [Interval(Integral, 0, None)],
+        "backend": [Options(("torch", "faiss"))],
+        "index": [Options(("flat", "ivf", "hnsw"))],
+        "nlist": [None, Interval(Integral, 1, None)],
+        "nprobe": [Interval(Integral, 1, None)],
+        "M": [Interval(Integral, 2, None)],
+        "ef_search": [Interval(Integral, 1, None)],
     }
 
-    def __init__(self, *, k: int = 50, ratio: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        k: int = 50,
+        ratio: float = 1.0,
+        seed: int = 0,
+        backend: str = "torch",
+        index: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 8,
+        M: int = 32,
+        ef_search: int = 128,
+    ) -> None:
         self.k = k
         self.ratio = ratio
         self.seed = seed
+        self.backend = backend
+        self.index = index
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.M = M
+        self.ef_search = ef_search
+        self._buffer: torch.Tensor | None = None  # the bank's storage while partial fits grow it
+        self._faiss_index: Any = None
         super().__init__()
+
+    def _check_param_combination(self) -> None:
+        if self.backend == "torch" and (self.index != "flat" or self.nlist is not None):
+            raise self._param_error("index", "'flat' with backend='torch' (approximate indexes need backend='faiss')")
+        if self.backend == "faiss" and self.index == "hnsw" and self.ef_search < self.k:
+            raise self._param_error("ef_search", f"at least k={self.k} (HNSW explores ef_search candidates)")
 
     @property
     def supports_partial_fit(self) -> bool:
@@ -645,8 +687,72 @@ class KNN(OutputDetector):
             z = z[rows.to(z.device)]
         return {"bank": normalize_rows(z.to(torch.float64)).to(z.dtype)}
 
+    def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Append ``b``'s bank to ``a``'s in a buffer that doubles when full: chunks cost linear copying in total,
+        not the quadratic cost of concatenating the whole bank for every chunk."""
+        bank, more = a["bank"], b["bank"]
+        if bank.shape[1:] != more.shape[1:]:
+            raise ValueError(f"{self.name}: cannot combine banks of widths {bank.shape[1]} and {more.shape[1]}")
+        rows, extra = bank.shape[0], more.shape[0]
+        buffer = self._buffer
+        reusable = (
+            buffer is not None
+            and buffer.dtype == bank.dtype
+            and buffer.device == bank.device
+            and bank.data_ptr() == buffer.data_ptr()
+            and buffer.shape[0] >= rows + extra
+        )
+        if not reusable:
+            buffer = bank.new_empty((max(2 * (rows + extra), 1024), *bank.shape[1:]))
+            buffer[:rows] = bank
+        assert buffer is not None
+        buffer[rows : rows + extra] = more.to(buffer.dtype)
+        self._buffer = buffer
+        return {"bank": buffer[: rows + extra]}
+
     def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"bank": stats["bank"]}  # the bank is its own statistic: one copy in memory and on disk
+        self._faiss_index = None
+        state = {"bank": stats["bank"]}  # the bank is its own statistic: one copy in memory and on disk
+        if self.backend == "faiss" and self.index != "flat":
+            # the trained index, in FAISS's own serialisation (bytes, covered by the file's digest): no pickle
+            state["faiss_index"] = torch.from_numpy(_faiss().serialize_index(self._build_index(stats["bank"])))
+        return state
+
+    # -- FAISS
+    def _build_index(self, bank: torch.Tensor) -> Any:
+        faiss = _faiss()
+        vectors = np.ascontiguousarray(bank.detach().cpu().to(torch.float32).numpy())
+        rows, dim = vectors.shape
+        if self.index == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif self.index == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, int(self.M), faiss.METRIC_INNER_PRODUCT)
+        else:
+            nlist = int(self.nlist) if self.nlist is not None else max(1, min(rows // 39, int(4 * math.sqrt(rows))))
+            if nlist > rows:
+                raise ValueError(f"{self.name}: nlist={nlist} exceeds the {rows} bank rows; lower nlist")
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = int(self.seed)
+            sample = min(rows, 256 * nlist)  # k-means on a seeded sample, as FAISS itself recommends
+            chosen = torch.randperm(rows, generator=torch.Generator().manual_seed(int(self.seed)))[:sample]
+            index.train(vectors[np.sort(chosen.numpy())])
+        index.add(vectors)
+        return index
+
+    def _search_index(self) -> Any:
+        if self._faiss_index is None:
+            state = self.state_ or {}
+            if "faiss_index" in state:
+                raw = state["faiss_index"].cpu().numpy().astype(np.uint8)
+                self._faiss_index = _faiss().deserialize_index(raw)
+            else:
+                self._faiss_index = self._build_index(state["bank"])
+        index = self._faiss_index
+        if self.index == "ivf":
+            index.nprobe = int(self.nprobe)
+        elif self.index == "hnsw":
+            index.hnsw.efSearch = int(self.ef_search)
+        return index
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         z = outputs.features
@@ -657,8 +763,19 @@ class KNN(OutputDetector):
                 f"{self.name}: k={k} but the bank holds only {bank.shape[0]} row(s) so far; partial_fit more "
                 "data or lower k"
             )
-        similarity = normalize_rows(z) @ bank.T  # [n, N_bank]
-        kth = torch.topk(similarity, k, dim=1, largest=True, sorted=False).values.amin(dim=1)
+        if self.backend == "faiss":
+            queries = np.ascontiguousarray(normalize_rows(z).detach().cpu().to(torch.float32).numpy())
+            similarities, found = self._search_index().search(queries, k)
+            if (found[:, -1] < 0).any():  # an approximate index found fewer than k neighbours
+                missing = int((found[:, -1] < 0).sum())
+                raise ValueError(
+                    f"{self.name}: the {self.index} index returned fewer than k={k} neighbours for {missing} "
+                    "query(ies); raise nprobe (ivf) or ef_search (hnsw)"
+                )
+            kth = torch.from_numpy(similarities[:, -1].copy()).to(device=z.device, dtype=z.dtype)
+        else:
+            similarity = normalize_rows(z) @ bank.T  # [n, N_bank]
+            kth = torch.topk(similarity, k, dim=1, largest=True, sorted=False).values.amin(dim=1)
         return kth.mul_(-2.0).add_(2.0).clamp_min_(0.0).sqrt_()
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
