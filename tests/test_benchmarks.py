@@ -53,3 +53,12 @@ def test_extraction_overhead_script_compares_extract_with_a_bare_loop():
     assert [row["output"] for row in rows] == ["tensor", "dict", "ModelOutput-like"]
     assert all(row["bare_s"] > 0 and row["extract_s"] > 0 for row in rows)
     assert "| dict |" in overhead.table(rows, 64)
+
+
+def test_knn_index_script_compares_backends():
+    pytest.importorskip("faiss")
+    script = load("knn_index")
+    rows = script.run(bank=3000, dim=16, queries=100, k=5)
+    assert [row["backend"] for row in rows] == ["torch exact", "faiss flat", "faiss ivf", "faiss hnsw"]
+    assert rows[1]["recall"] == 1.0 and all(0 <= row["recall"] <= 1 for row in rows)
+    assert "| faiss ivf |" in script.table(rows, 3000, 16, 100, 5)
