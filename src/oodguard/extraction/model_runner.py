@@ -36,12 +36,13 @@ its sign step by it, so that ``epsilon`` is a step in raw pixel units (the offic
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -60,6 +61,9 @@ __all__ = ["ModelRunner", "GradientBatch", "FEATURES"]
 FEATURES = "<features>"
 
 Loss = Callable[..., torch.Tensor]
+_T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -132,9 +136,11 @@ class ModelRunner:
     channels_last : bool
         Lay 4-D inputs out channels-last in gradient passes (default True): the same values up to float rounding,
         and a faster backward pass through convolutions on the CPU (ODIN on a ResNet-18: 3.3 instead of 3.5-3.6
-        forward-pass equivalents, ``benchmarks/model_cost.py``). Tried on the first batch only: a model that
-        refuses that layout (one that flattens with ``.view``) gets its own contiguous layout from then on, with
-        no error and no second pass over the data.
+        forward-pass equivalents, ``benchmarks/model_cost.py``). Tried on the first 4-D batch of this runner and
+        remembered: when anything fails there in channels-last (a model that flattens with ``x.view(x.size(0),
+        -1)``) and works in the contiguous layout, that batch runs again contiguous and every later one too, with
+        no error, no warning (a debug log line) and no second pass over the data. Inputs are copied to the standard
+        strides of the layout in use, so strided slices of arrays work too.
     cache_dir : path, optional
         Where :meth:`forward_views` caches the outputs of test-time views (see :mod:`oodguard.views.outputs`);
         gradient passes are never cached (they depend on the detector's loss).
@@ -190,7 +196,7 @@ class ModelRunner:
         self.input_std = _as_std(input_std)
         self.progress = bool(progress)
         self.channels_last = bool(channels_last)
-        # None until the first 4-D gradient pass tries channels-last; False when the model refused it.
+        # None until the first 4-D batch tries channels-last; then whether the model takes it.
         self._channels_last_works: bool | None = None
         self.cache_dir = cache_dir
         mixing = [
@@ -339,51 +345,15 @@ class ModelRunner:
             raise ValueError("gradient_batches: nothing to differentiate; set wrt_input=True or name layers")
         with self._eval_mode(), self._hooks(layer_names) as captured:
             for x, batch_labels in self._batches(data, labels, progress, desc):
-                rows = x.shape[0]
                 if wrt_input and not x.dtype.is_floating_point:
                     raise ValueError(
                         f"data: input gradients need floating inputs, got dtype {x.dtype} (e.g. token ids); "
                         "differentiate with respect to a layer (e.g. the embeddings) with layer_gradients"
                     )
-                if x.dtype.is_floating_point:
-                    x = self._laid_out(x)
-                    # Also for layer gradients: a frozen model (no parameter requires grad) still has a graph.
-                    x = x.detach().requires_grad_(True)
-                captured.clear()
-                with torch.enable_grad():
-                    try:
-                        output = self.model(x)
-                    except RuntimeError:
-                        if not self._trying_channels_last(x):
-                            raise
-                        # The model does not take channels-last inputs (e.g. it flattens with .view): use its own
-                        # layout from now on. Only this first batch runs twice.
-                        self._channels_last_works = False
-                        x = x.detach().contiguous().requires_grad_(True)
-                        captured.clear()
-                        output = self.model(x)
-                    if self._trying_channels_last(x):
-                        self._channels_last_works = True
-                    logits = self._check_logits(logits_of(output, self.output_key), rows)
-                    if not logits.requires_grad:
-                        raise _not_differentiable("model's")
-                    acts = {name: self._layer_output(captured, name, rows, True) for name in layer_names}
-                    per_sample = self._call_loss(loss, logits, acts if layer_names else None)
-                    if not per_sample.requires_grad:
-                        raise ValueError(
-                            "loss: its value does not require grad, so it cannot be differentiated; compute it from "
-                            "the logits/activations it is given with differentiable torch operations"
-                        )
-                    targets = [x] if wrt_input else []
-                    if wrt_layers:
-                        for name in layer_names:
-                            if not acts[name].requires_grad:
-                                raise ValueError(
-                                    f"layers: the output of {name!r} is not differentiable (it does not require "
-                                    "grad); the model computes it under no_grad() or detaches it"
-                                )
-                            targets.append(acts[name])
-                    grads = torch.autograd.grad(per_sample.sum(), targets, allow_unused=True)
+                x, logits, acts, grads = self._in_layout(
+                    x,
+                    lambda laid_out: self._gradient_pass(laid_out, loss, layer_names, captured, wrt_input, wrt_layers),
+                )
                 input_gradient = None
                 if wrt_input:
                     if grads[0] is None:
@@ -436,28 +406,93 @@ class ModelRunner:
             raise ValueError(f"epsilon: expected a finite number (the step size in input units), got {epsilon!r}")
         return float(epsilon)
 
-    def _laid_out(self, x: torch.Tensor) -> torch.Tensor:
-        """Channels-last for 4-D inputs while the model is not known to refuse it; otherwise contiguous."""
-        if x.ndim == 4 and self.channels_last and self._channels_last_works is not False:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x.contiguous()
-
-    def _trying_channels_last(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is the first channels-last batch, whose failure means the model refuses that layout."""
-        return (
-            self._channels_last_works is None
-            and x.ndim == 4
-            and self.channels_last
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous()
-        )
-
-    def _forward_batch(self, x: torch.Tensor, layer_names: Sequence[str], captured: dict[str, list]) -> dict:
-        captured.clear()
+    def _gradient_pass(
+        self,
+        x: torch.Tensor,
+        loss: Loss,
+        layer_names: Sequence[str],
+        captured: dict[str, list],
+        wrt_input: bool,
+        wrt_layers: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor | None, ...]]:
+        """One batch's forward with autograd and ``torch.autograd.grad``: ``(inputs, logits, activations, grads)``."""
         rows = x.shape[0]
         if x.dtype.is_floating_point:
-            x = self._laid_out(x)  # perturbed inputs keep the layout of the gradient pass
-        logits = self._check_logits(logits_of(self.model(x), self.output_key), rows)
+            # Also for layer gradients: a frozen model (no parameter requires grad) still has a graph.
+            x = x.detach().requires_grad_(True)
+        captured.clear()
+        with torch.enable_grad():
+            logits = self._check_logits(logits_of(self.model(x), self.output_key), rows)
+            if not logits.requires_grad:
+                raise _not_differentiable("model's")
+            acts = {name: self._layer_output(captured, name, rows, True) for name in layer_names}
+            per_sample = self._call_loss(loss, logits, acts if layer_names else None)
+            if not per_sample.requires_grad:
+                raise ValueError(
+                    "loss: its value does not require grad, so it cannot be differentiated; compute it from "
+                    "the logits/activations it is given with differentiable torch operations"
+                )
+            targets = [x] if wrt_input else []
+            if wrt_layers:
+                for name in layer_names:
+                    if not acts[name].requires_grad:
+                        raise ValueError(
+                            f"layers: the output of {name!r} is not differentiable (it does not require "
+                            "grad); the model computes it under no_grad() or detaches it"
+                        )
+                    targets.append(acts[name])
+            grads = torch.autograd.grad(per_sample.sum(), targets, allow_unused=True)
+        return x, logits, acts, grads
+
+    def _takes_channels_last(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` goes in channels-last: a 4-D floating batch, unless the model is known to refuse it."""
+        return (
+            x.ndim == 4 and x.dtype.is_floating_point and self.channels_last and self._channels_last_works is not False
+        )
+
+    def _laid_out(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the layout already chosen: channels-last when the model takes it, else contiguous."""
+        if not x.dtype.is_floating_point:
+            return x
+        return _with_strides_of(x, torch.channels_last if self._takes_channels_last(x) else torch.contiguous_format)
+
+    def _in_layout(self, x: torch.Tensor, step: Callable[[torch.Tensor], _T]) -> _T:
+        """``step(x)`` in the layout the model takes, tried on the first 4-D batch and remembered.
+
+        That batch runs channels-last; if anything in ``step`` fails, it runs again contiguous and, when that works,
+        the model gets its own contiguous layout from then on (a failure there is the model's own error and is
+        raised). Only that batch can run twice.
+        """
+        if not (self._channels_last_works is None and self._takes_channels_last(x)):
+            return step(self._laid_out(x))
+        try:
+            result = step(_with_strides_of(x, torch.channels_last))
+        except torch.cuda.OutOfMemoryError:
+            raise  # says nothing about the layout
+        except Exception as error:  # any failure: retried below in the model's own layout
+            refusal = error
+        else:
+            self._channels_last_works = True
+            return result
+        # Retried outside the except block: an error in the contiguous layout is then not chained to this one.
+        result = step(_with_strides_of(x, torch.contiguous_format))
+        self._channels_last_works = False
+        log.debug(
+            "%s fails on channels-last inputs (%s: %s); using its contiguous layout",
+            type(self.model).__name__,
+            type(refusal).__name__,
+            refusal,
+        )
+        return result
+
+    def _forward_batch(self, x: torch.Tensor, layer_names: Sequence[str], captured: dict[str, list]) -> dict:
+        rows = x.shape[0]
+
+        def run(laid_out: torch.Tensor) -> torch.Tensor:
+            captured.clear()
+            return self._check_logits(logits_of(self.model(laid_out), self.output_key), rows)
+
+        logits = self._in_layout(x, run)  # perturbed inputs keep the layout of the gradient pass
         fields: dict[str, Any] = {"logits": logits.detach().to("cpu")}
         if self.head is not None and FEATURES in captured:
             fields["features"] = self._layer_output(captured, FEATURES, rows, False).detach().to("cpu")
@@ -636,6 +671,18 @@ class ModelRunner:
             {name: torch.cat(parts) for name, parts in activations.items()},
             {name: torch.cat(parts) for name, parts in gradients.items()},
         )
+
+
+def _with_strides_of(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``x`` with the standard strides of ``memory_format``, copied only when its own differ.
+
+    Not ``x.contiguous(memory_format=...)``: that keeps any strides that already qualify, and with one channel (or
+    1x1 images) the same strides qualify as both layouts, so a model's convolutions would pick their output layout
+    from how the caller happened to slice the array.
+    """
+    if x.stride() == torch.empty(x.shape, device="meta", memory_format=memory_format).stride():
+        return x
+    return x.clone(memory_format=memory_format)
 
 
 def _concat_rows(parts: Iterable[torch.Tensor]) -> torch.Tensor:
