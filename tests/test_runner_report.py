@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 
 from oodguard import metrics
-from oodguard.benchmark.report import histograms, roc_curve
+from oodguard.benchmark.report import group_intervals, histograms, report_data, roc_curve
 from oodguard.benchmark.runner import run_on_outputs
 
 from detector_data import far_outputs, id_outputs
@@ -110,6 +111,82 @@ def test_roc_curve_and_histograms_known_answers():
     assert panels["near"]["edges"][-1] < 10 and panels["heavy"]["edges"][-1] < 10  # quantiles, not 1e6
     assert panels["heavy"]["ood_clipped"] >= 10 and panels["near"]["ood_clipped"] <= 40  # about 1 % each side
     assert max(panels["near"]["id"]) < 0.3  # ID spread over several bins, not one bar
+    assert panels["near"]["scale"] == "linear" and np.allclose(np.diff(panels["near"]["edges"]), 0.25, atol=0.05)
+
+
+def test_histograms_switch_to_a_symmetric_log_scale_only_when_the_range_is_heavy_tailed():
+    rng = np.random.default_rng(1)
+    piled = np.concatenate([np.zeros(600), rng.exponential(0.2, size=400)])  # like gram: half the ID scores at 0
+    broad = np.exp(rng.normal(6.0, 1.5, size=500))  # OOD over three orders of magnitude
+    panel = histograms({"id": piled, "far": broad}, bins=40)["far"]
+    edges = np.array(panel["edges"])
+    low, high = np.quantile(np.concatenate([piled, broad]), [0.01, 0.99])
+    assert panel["scale"] == "symlog" and (np.diff(edges) > 0).all()
+    assert edges[0] == pytest.approx(low) and edges[-1] == pytest.approx(high)
+    # ID's own body (above the pile at 0) is spread over many bins instead of sharing the first one
+    assert sum(fraction > 0 for fraction in panel["id"]) >= 10 and panel["id"][0] < 0.9
+    assert sum(panel["id"]) == pytest.approx(1.0) and sum(panel["ood"]) == pytest.approx(1.0)
+    assert panel["ood_clipped"] == int(((broad < edges[0]) | (broad > edges[-1])).sum()) > 0
+    counts, _ = np.histogram(np.clip(broad, edges[0], edges[-1]), bins=edges)
+    assert panel["ood"] == pytest.approx(counts / broad.size, abs=1e-5)
+    # A set piled up on one value with a body as wide as the others (knn on constant images: quartiles 0.738-0.746,
+    # 5-95 % 0.55-0.78) is no heavy tail: the axis stays linear
+    spike = np.r_[0.742 + rng.normal(0, 0.006, size=240), rng.uniform(0.5, 0.78, size=60)]
+    assert histograms({"id": rng.normal(0.35, 0.08, 1000), "constant": spike})["constant"]["scale"] == "linear"
+
+
+def _scored(id_scores, sets, full_spectrum=False, n_boot=40):
+    """Results of one extra job that returns the given scores (the outputs only name the sets)."""
+    ood = [(name, group, far_outputs(3, seed=k)) for k, (name, group, _) in enumerate(sets)]
+    scores = {"id": id_scores, **{name: values for name, _, values in sets}}
+    fit, test = id_outputs(5, seed=1), id_outputs(2, seed=2)
+    return run_on_outputs("scored", fit, test, ood, [], n_boot=n_boot, seed=3, full_spectrum=full_spectrum,
+                          progress=False, extra_jobs={"given": lambda: scores})  # fmt: skip
+
+
+def _paired_group_interval(id_scores, group_sets, n_boot, seed):
+    """The percentile interval of a group's mean AUROC, from scratch: the draw order metrics.paired_bootstrap documents,
+    and scikit-learn's AUROC of each resample."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(n_boot):
+        inside = id_scores[rng.integers(0, len(id_scores), len(id_scores))]
+        draws = [values[rng.integers(0, len(values), len(values))] for values in group_sets]
+        means.append(np.mean([roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(d))], np.r_[inside, d])
+                              for d in draws]))  # fmt: skip
+    return np.quantile(means, [0.025, 0.975])
+
+
+def test_leaderboard_intervals_are_group_means_of_a_paired_bootstrap():
+    rng = np.random.default_rng(2)
+    inside, near = rng.normal(size=60), rng.normal(0.6, size=40)
+    far_a, far_b = rng.normal(2, size=30), rng.normal(1, size=50)
+    results = _scored(inside, [("near-a", "near", near), ("far-a", "far", far_a), ("far-b", "far", far_b)])
+    got = group_intervals(results)["given"]
+    expected = _paired_group_interval(inside, [far_a, far_b], n_boot=40, seed=3)
+    assert got["far AUROC"] == pytest.approx(expected, abs=1e-4)
+    row = results.table.set_index("ood_set").loc["near-a"]  # a group of one set keeps the run's interval
+    assert got["near AUROC"] == [round(row["auroc_low"], 4), round(row["auroc_high"], 4)]
+    board = results.leaderboard().set_index("detector")
+    assert got["far AUROC"][0] <= board.loc["given", "far AUROC"] <= got["far AUROC"][1]
+    assert report_data(results)["intervals"] == group_intervals(results)
+
+
+def test_full_spectrum_report_pools_the_covariate_sets_with_id_in_curves_and_intervals():
+    rng = np.random.default_rng(4)
+    inside, shifted = rng.normal(size=50), rng.normal(0.3, size=20)
+    far_a, far_b = rng.normal(1.5, size=30), rng.normal(2.5, size=30)
+    sets = [("far-a", "far", far_a), ("far-b", "far", far_b), ("dimmed", "covariate", shifted)]
+    results = _scored(inside, sets, full_spectrum=True)
+    pooled = np.concatenate([inside, shifted])
+    expected = _paired_group_interval(pooled, [far_a, far_b], n_boot=40, seed=3)
+    assert group_intervals(results)["given"]["far AUROC"] == pytest.approx(expected, abs=1e-4)
+    curve = report_data(results)["detectors"]["given"]["roc"]["far-a"]
+    fpr, tpr, _ = metrics.roc_curve(pooled, far_a)
+    assert curve == {"fpr": np.round(fpr, 4).tolist(), "tpr": np.round(tpr, 4).tolist()}
+    assert np.trapezoid(tpr, fpr) == pytest.approx(results.table.set_index("ood_set").loc["far-a", "auroc"])
 
 
 def test_save_writes_every_format(results, tmp_path):
@@ -129,19 +206,13 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.slow
-def test_report_renders_in_a_headless_browser_without_console_errors(results, tmp_path):
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium for this test")
-        pytest.skip("chromium not installed (apt-get install chromium)")
-    paths = results.save(tmp_path)
+def _rendered(browser: str, page, profile) -> str:
+    """The page's DOM after its scripts ran in headless Chromium; fails on any console message."""
     command = [
         browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-        "--virtual-time-budget=5000", "--dump-dom", paths["html"].resolve().as_uri(),
+        f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+        "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri(),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -149,13 +220,62 @@ def test_report_renders_in_a_headless_browser_without_console_errors(results, tm
     assert console == [], console
     assert 'data-rendered="ok"' in done.stdout
     assert '<div id="errors"></div>' in done.stdout
-    roc = done.stdout.split('id="roc"')[1].split("</svg>")[0]
+    return done.stdout
+
+
+def _tick_labels(svg: str, axis: str) -> list[str]:
+    return re.findall(rf'<text [^>]*class="{axis}tick"[^>]*>([^<]*)</text>', svg)
+
+
+def _browser() -> str:
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium for this test")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    return browser
+
+
+@pytest.mark.slow
+def test_report_renders_in_a_headless_browser_without_console_errors(results, tmp_path):
+    browser = _browser()
+    paths = results.save(tmp_path)
+    dom = _rendered(browser, paths["html"], tmp_path / "profile")
+    roc = dom.split('id="roc"')[1].split("</svg>")[0]
     assert roc.count("<polyline") == 3  # one ROC curve per OOD set of the selected detector
-    assert "<table>" in done.stdout and "knn" in done.stdout
-    overlay = done.stdout.split('id="overlay-svg"')[1].split("</svg>")[0]
+    assert "<table>" in dom and "knn" in dom
+    board = dom.split('id="leaderboard"')[1].split("</table>")[0]
+    ok = int((results.status["status"] == "ok").sum())
+    assert board.count('class="ci"') == ok * len(results.groups)  # an interval under every group AUROC
+    overlay = dom.split('id="overlay-svg"')[1].split("</svg>")[0]
     assert 1 <= overlay.count("<polyline") <= 5  # the best detectors on one OOD set
-    assert 'id="perset-table"' in done.stdout and "–" in done.stdout.split('id="perset-table"')[1]  # intervals
-    assert 'id="notrun-list"' in done.stdout and "failed" in done.stdout  # the results hold a failed detector
+    perset = dom.split('id="perset-table"')[1].split("</table>")[0]
+    assert perset.count('class="ci"') == len(results.table)  # every (detector, set) with its interval
+    assert 'data-metric="auroc"' in dom and '<option value="fpr95">FPR@95</option>' in dom
+    assert 'id="notrun-list"' in dom and "failed" in dom  # the results hold a failed detector
+    for svg in dom.split("<svg")[1:]:
+        for axis in "xy":
+            labels = _tick_labels(svg, axis)
+            assert len(set(labels)) == len(labels) and all(0 < len(label) <= 9 for label in labels), labels
+
+
+@pytest.mark.slow
+def test_report_histograms_stay_readable_for_heavy_tails_and_narrow_offsets(tmp_path):
+    browser = _browser()
+    rng = np.random.default_rng(5)
+    inside = 1000.2 + 0.01 * rng.normal(size=300)  # scores far from 0 that differ in the fifth digit
+    heavy = 1000.2 + np.exp(rng.normal(4.0, 2.0, size=200))  # from the ID scores out to 1e5 and beyond
+    close = 1000.21 + 0.01 * rng.normal(size=200)
+    results = _scored(inside, [("heavy", "far", heavy), ("close", "near", close)], n_boot=20)
+    dom = _rendered(browser, results.report(tmp_path / "report.html"), tmp_path / "profile")
+    hists = dom.split('id="hists"')[1]
+    by_set = dict(re.findall(r'<div class="panel" data-set="([^"]+)">(.*?)</svg>', hists))
+    assert sorted(by_set) == ["close", "heavy"]
+    assert "symmetric log scale" in by_set["heavy"] and "symmetric log scale" not in by_set["close"]
+    for svg in by_set.values():
+        labels = _tick_labels(svg, "x")
+        assert len(labels) == 5 and len(set(labels)) == 5, labels  # 3 significant digits would print 1000 five times
+        assert all(len(label) <= 9 for label in labels), labels
 
 
 def test_benchmark_parameters_merge_under_the_users_and_enable_detectors_with_required_parameters():

@@ -1,5 +1,5 @@
-"""One self-contained HTML report: leaderboard, per-set table with intervals, ROC overlay of the best detectors,
-ROC curves and score histograms per detector and OOD set, and what was not run.
+"""One self-contained HTML report: leaderboard with intervals, per-set table with intervals, ROC overlay of the best
+detectors, ROC curves and score histograms per detector and OOD set, and what was not run.
 
 The page embeds its data as JSON and draws SVG with a few lines of plain JavaScript: no network, no
 external files, and it opens anywhere.
@@ -15,12 +15,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from oodguard import metrics, persist
+from oodguard.plot import robust_range
 
 if TYPE_CHECKING:
     from oodguard.benchmark.results import Results
 
 ROC_POINTS = 200
 HISTOGRAM_BINS = 40
+#: Quantiles of the pooled ID and OOD-set scores that bound each histogram panel.
+HISTOGRAM_CLIP = (0.01, 0.99)
 
 
 def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray, max_points: int = ROC_POINTS) -> dict[str, list]:
@@ -34,10 +37,13 @@ def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray, max_points: int = R
 
 
 def histograms(scores: dict[str, np.ndarray], bins: int = HISTOGRAM_BINS) -> dict[str, dict[str, object]]:
-    """Per OOD set, the ID and that set's score densities on bins of their own robust range.
+    """Per OOD set, the ID and that set's score fractions per bin, on bins of their own robust range.
 
     Each panel spans the 1-99 % quantiles of the ID scores and that set's scores pooled (so one heavy-tailed
-    set cannot squash the others), with the scores beyond counted and drawn in the end bins.
+    set cannot squash the others), with the scores beyond counted and drawn in the end bins. When even that range
+    is heavy-tailed (the middle 90 % of one set fits in two bins of equal width), the bins are equal on a symmetric
+    log scale centred on that set (``"scale": "symlog"``), so that set is spread over many bins and the tail of the
+    other still shows; ``edges`` are the bin edges in score units either way.
     """
     id_scores = np.asarray(scores["id"], dtype=np.float64)
     panels: dict[str, dict[str, object]] = {}
@@ -45,12 +51,9 @@ def histograms(scores: dict[str, np.ndarray], bins: int = HISTOGRAM_BINS) -> dic
         if name == "id":
             continue
         values = np.asarray(values, dtype=np.float64)
-        pooled = np.concatenate([id_scores, values])
-        low, high = np.percentile(pooled, [1.0, 99.0])
-        if not high > low:
-            low, high = float(pooled.min()) - 0.5, float(pooled.max()) + 0.5
-        edges = np.linspace(low, high, bins + 1)
-        panel: dict[str, object] = {"edges": [float(f"{e:.6g}") for e in edges]}
+        low, high = robust_range([id_scores, values], HISTOGRAM_CLIP)
+        edges, scale = _bin_edges([id_scores, values], low, high, bins)
+        panel: dict[str, object] = {"edges": [float(f"{e:.9g}") for e in edges], "scale": scale}
         for key, part in (("id", id_scores), ("ood", values)):
             counts, _ = np.histogram(np.clip(part, low, high), bins=edges)
             panel[key] = np.round(counts / max(1, len(part)), 5).tolist()
@@ -59,13 +62,90 @@ def histograms(scores: dict[str, np.ndarray], bins: int = HISTOGRAM_BINS) -> dic
     return panels
 
 
+def _bin_edges(sets: list[np.ndarray], low: float, high: float, bins: int) -> tuple[np.ndarray, str]:
+    """Equal bins on [low, high]; on a symmetric log scale when one set's 90 % body would fit in two of them."""
+    width = (high - low) / bins
+    narrowest: tuple[float, float, float] | None = None  # (body, quartile distance, median) of the narrowest set
+    for values in sets:
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            continue
+        q05, q25, q50, q75, q95 = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
+        if q95 > q05 and (narrowest is None or q95 - q05 < narrowest[0]):
+            narrowest = (float(q95 - q05), float(q75 - q25), float(q50))
+    if narrowest is None or narrowest[0] >= 2 * width:  # a constant set stays a spike on a linear axis
+        return np.linspace(low, high, bins + 1), "linear"
+    body, quartiles, center = narrowest
+    unit = (quartiles if quartiles > 0 else body) / 2  # linear within the narrow set, logarithmic beyond
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        return np.sign(x - center) * np.log1p(np.abs(x - center) / unit)
+
+    start, stop = forward(np.array([low, high]))
+    steps = np.linspace(start, stop, bins + 1)
+    edges = center + np.sign(steps) * unit * np.expm1(np.abs(steps))
+    edges[0], edges[-1] = low, high  # exact ends, so the clipped scores land in the end bins
+    return edges, "symlog"
+
+
+def _id_scores(results: Results, scores: dict[str, np.ndarray]) -> np.ndarray:
+    """The ID scores the run's metrics used: the ID test set, plus the covariate sets in the full-spectrum protocol."""
+    id_scores = np.asarray(scores["id"], dtype=np.float64)
+    if not results.full_spectrum:
+        return id_scores
+    evaluated = {name for names in results.groups.values() for name in names}
+    covariate = [np.asarray(v, dtype=np.float64) for k, v in scores.items() if k != "id" and k not in evaluated]
+    return np.concatenate([id_scores, *covariate])
+
+
+def group_intervals(results: Results, confidence: float = 0.95) -> dict[str, dict[str, list[float]]]:
+    """Per detector, the percentile interval of its mean AUROC over each group's OOD sets (the leaderboard's number).
+
+    A group of one OOD set keeps the run's interval of that set (``auroc_low``, ``auroc_high`` of the table). For a
+    larger group, a paired bootstrap of the per-sample scores (:func:`oodguard.metrics.paired_bootstrap`, the run's
+    ``n_boot`` and ``seed``): every replicate resamples the ID scores and each OOD set once, and the group mean of that
+    replicate's AUROCs is one draw. In the full-spectrum protocol the covariate sets join the ID scores, as in the run.
+    A detector whose scores cannot be resampled (non-finite) gets no interval for such a group.
+    """
+    n_boot = int(results.settings.get("n_boot", 200))
+    seed = results.settings.get("seed", 0)
+    larger = {group: names for group, names in results.groups.items() if len(names) > 1}
+    table = results.table.set_index(["detector", "ood_set"])
+    intervals: dict[str, dict[str, list[float]]] = {}
+    for detector, scores in results.scores.items():
+        found: dict[str, tuple[float, float]] = {}
+        for group, names in results.groups.items():
+            if len(names) == 1 and (detector, names[0]) in table.index:
+                row = table.loc[(detector, names[0])]
+                found[f"{group} AUROC"] = (float(row["auroc_low"]), float(row["auroc_high"]))
+        sets = [name for names in larger.values() for name in names if name in scores]
+        if sets:
+            try:
+                draws = metrics.paired_bootstrap(
+                    [_id_scores(results, scores)], [[scores[name]] for name in sets], "auroc", n_boot, seed
+                )
+            except ValueError:
+                draws = None
+            for group, names in larger.items():
+                if draws is not None and all(name in sets for name in names):
+                    means = draws[1:, 0, [sets.index(name) for name in names]].mean(axis=1)
+                    found[f"{group} AUROC"] = metrics.percentile_interval(means, confidence)
+        intervals[detector] = {
+            column: [round(low, 4), round(high, 4)]
+            for column, (low, high) in found.items()
+            if np.isfinite([low, high]).all()
+        }
+    return intervals
+
+
 def report_data(results: Results) -> dict[str, object]:
     board = results.leaderboard()
     detectors = {}
     for name, scores in results.scores.items():
         table = results.table[results.table["detector"] == name]
+        id_scores = _id_scores(results, scores)  # so each curve's area is the AUROC shown beside it
         detectors[name] = {
-            "roc": {row.ood_set: roc_curve(scores["id"], scores[row.ood_set]) for row in table.itertuples()},
+            "roc": {row.ood_set: roc_curve(id_scores, scores[row.ood_set]) for row in table.itertuples()},
             "hist": histograms(scores),
             "rows": table.drop(columns=["detector"]).round(4).to_dict(orient="records"),
         }
@@ -79,6 +159,7 @@ def report_data(results: Results) -> dict[str, object]:
         "settings": results.settings,
         "skipped": dict(sorted(getattr(results, "skipped", {}).items())),
         "per_set": json.loads(results.table.round(4).to_json(orient="records")),
+        "intervals": group_intervals(results),
     }
 
 
@@ -102,7 +183,11 @@ h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8p
 .note { color: #5a6270; font-size: 13px; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { padding: 3px 8px; border-bottom: 1px solid #e3e6eb; text-align: right; white-space: nowrap; }
-th { background: #f4f6f9; cursor: pointer; } td:nth-child(2), th:nth-child(2) { text-align: left; }
+th { background: #f4f6f9; cursor: pointer; white-space: normal; vertical-align: bottom; }
+td:nth-child(2), th:nth-child(2) { text-align: left; }
+#perset-table td:first-child, #perset-table th:first-child { text-align: left; }
+#perset-table td:nth-child(2), #perset-table th:nth-child(2) { text-align: right; }
+.ci { display: block; color: #5a6270; font-size: 11px; line-height: 1.2; }
 tr.sel td { outline: 2px solid #3b6fd8; } tr:hover td { background: #f0f4ff; }
 .failed td { color: #a03030; text-align: left; white-space: normal; max-width: 640px; }
 .grid { display: flex; flex-wrap: wrap; gap: 14px; } .panel { border: 1px solid #e3e6eb; border-radius: 6px; padding: 6px; }
@@ -118,11 +203,12 @@ svg text { font-size: 11px; fill: #3a4150; } select { font-size: 14px; padding: 
 <h2>Leaderboard</h2>
 <div class="note">Click a detector to see its curves; click a column header to sort. AUROC (higher is better) and
 FPR@95 (% of OOD accepted when 95&nbsp;% of ID is kept; lower is better), unweighted means over each group's
-OOD sets. Colour: green is better.</div>
+OOD sets, with the 95&nbsp;% interval of each AUROC mean below it (a paired bootstrap of the per-sample scores:
+every replicate resamples the ID set and each OOD set once). Colour: green is better.</div>
 <div id="leaderboard"></div>
 <div id="notrun"></div>
-<h2>Per OOD set</h2>
-<div class="note">AUROC with its 95&nbsp;% bootstrap interval, per detector and OOD set (rows in leaderboard order).</div>
+<h2>Per OOD set <select id="persetmetric"><option value="auroc">AUROC</option><option value="fpr95">FPR@95</option></select></h2>
+<div class="note">Per detector and OOD set (rows in leaderboard order), with the 95&nbsp;% bootstrap interval below.</div>
 <div id="perset"></div>
 <h2>ROC overlay <select id="setpicker"></select></h2>
 <div class="note">The five best detectors of the leaderboard on one OOD set.</div>
@@ -149,11 +235,22 @@ function el(tag, attrs, parent, text) {
   if (parent) parent.appendChild(node);
   return node;
 }
+function interval(cell, low, high) {  // the interval as a small second line of a table cell
+  const span = document.createElement("span"); span.className = "ci"; span.textContent = `${pct(low)}–${pct(high)}`;
+  cell.appendChild(span);
+}
 function pct(v) { return (v === null || v === undefined || Number.isNaN(v)) ? "" : (100 * v).toFixed(2); }
-function tick(v) {  // compact and never clipped: 0.123, 45.6, 1.2e5
+function compact(v, digits) {  // 0.123, 45.6, 1.23e5, -4.5e-3
   const a = Math.abs(v);
-  if (a !== 0 && (a >= 1e4 || a < 1e-2)) return v.toExponential(1).replace("e+", "e");
-  return String(Number(v.toPrecision(3)));
+  if (a !== 0 && (a >= 1e4 || a < 1e-2)) return v.toExponential(digits - 1).replace("e+", "e");
+  return String(Number(v.toPrecision(digits)));
+}
+function ticks(values) {  // the fewest significant digits (3 or more) that tell every tick apart
+  for (let digits = 3; digits < 12; digits++) {
+    const labels = values.map(v => compact(v, digits));
+    if (new Set(labels).size === labels.length) return labels;
+  }
+  return values.map(v => String(v));
 }
 function shade(v, higherBetter) {
   if (v === null || v === undefined) return "";
@@ -182,18 +279,25 @@ function renderBoard(selected) {
     }
     if (r.detector === selected) tr.className = "sel";
     tr.insertCell().textContent = i + 1; tr.insertCell().textContent = r.detector;
-    metricCols.forEach(c => { const td = tr.insertCell(); td.textContent = pct(r[c]); td.style.background = shade(r[c], c.endsWith("AUROC")); });
+    const ci = (DATA.intervals || {})[r.detector] || {};
+    metricCols.forEach(c => {
+      const td = tr.insertCell(); td.textContent = pct(r[c]); td.style.background = shade(r[c], c.endsWith("AUROC"));
+      if (ci[c]) interval(td, ci[c][0], ci[c][1]);
+    });
     tr.onclick = () => select(r.detector);
   });
   const holder = document.getElementById("leaderboard"); holder.innerHTML = ""; holder.appendChild(table);
 }
-function axes(svg, w, h, m, xr, yr, xlabel, ylabel) {
+function axes(svg, w, h, m, xr, yr, xlabel, ylabel, xvalues) {  // xvalues: ticks evenly spaced along the axis
   el("line", {x1: m, y1: h - m, x2: w - 8, y2: h - m, stroke: "#888"}, svg);
   el("line", {x1: m, y1: 8, x2: m, y2: h - m, stroke: "#888"}, svg);
-  [0, 0.5, 1].forEach(t => {
-    el("text", {x: m + t * (w - m - 8), y: h - m + 14, "text-anchor": t === 0 ? "start" : t === 1 ? "end" : "middle"}, svg, tick(xr[0] + t * (xr[1] - xr[0])));
-    el("text", {x: m - 4, y: h - m - t * (h - m - 8) + 4, "text-anchor": "end"}, svg, tick(yr[0] + t * (yr[1] - yr[0])));
+  const steps = [0, 0.5, 1], xv = xvalues || steps.map(t => xr[0] + t * (xr[1] - xr[0])), xs = ticks(xv);
+  xs.forEach((label, i) => {  // the end labels are anchored inside the plot, so none is cut off
+    const t = i / (xs.length - 1), anchor = i === 0 ? "start" : i === xs.length - 1 ? "end" : "middle";
+    el("text", {x: m + t * (w - m - 8), y: h - m + 14, "text-anchor": anchor, class: "xtick"}, svg, label);
   });
+  const ys = ticks(steps.map(t => yr[0] + t * (yr[1] - yr[0])));
+  steps.forEach((t, i) => el("text", {x: m - 4, y: h - m - t * (h - m - 8) + 4, "text-anchor": "end", class: "ytick"}, svg, ys[i]));
   el("text", {x: (w + m) / 2, y: h - 4, "text-anchor": "middle"}, svg, xlabel);
   el("text", {x: 10, y: h / 2, transform: `rotate(-90 10 ${h / 2})`, "text-anchor": "middle"}, svg, ylabel);
 }
@@ -216,14 +320,15 @@ function drawHists(name) {
   const d = DATA.detectors[name], holder = document.getElementById("hists"); holder.innerHTML = "";
   d.rows.forEach((row, i) => {
     const hist = d.hist[row.ood_set], edges = hist.edges, n = edges.length - 1;
-    const panel = document.createElement("div"); panel.className = "panel";
+    const panel = document.createElement("div"); panel.className = "panel"; panel.dataset.set = row.ood_set;
     const title = document.createElement("h3");
     title.textContent = `${row.ood_set} (${row.group}) — AUROC ${pct(row.auroc)} [${pct(row.auroc_low)}, ${pct(row.auroc_high)}], FPR@95 ${pct(row.fpr95)}`;
     panel.appendChild(title);
-    const w = 360, h = 180, m = 52, svg = el("svg", {width: w, height: h});
+    const w = 372, h = 190, m = 62, svg = el("svg", {width: w, height: h});
     const a = hist.id, b = hist.ood;
-    const top = Math.max(...a, ...b, 1e-9);
-    axes(svg, w, h, m, [edges[0], edges[n]], [0, top], "score", "fraction");
+    const top = 1.3 * Math.max(...a, ...b, 1e-9);  // headroom for the two legend lines
+    const symlog = hist.scale === "symlog", xticks = [0, 1, 2, 3, 4].map(k => edges[Math.round(k * n / 4)]);
+    axes(svg, w, h, m, [edges[0], edges[n]], [0, top], symlog ? "score (symmetric log scale)" : "score", "fraction", xticks);
     const bw = (w - m - 8) / n;
     [[a, "#3b6fd8"], [b, COLORS[i % COLORS.length]]].forEach(([values, color]) => values.forEach((v, j) => {
       const bh = (v / top) * (h - m - 8);
@@ -235,7 +340,7 @@ function drawHists(name) {
     panel.appendChild(svg); holder.appendChild(panel);
   });
 }
-function renderPerSet() {
+function renderPerSet(metric) {
   const sets = [...new Set(DATA.per_set.map(r => r.ood_set))];
   const table = document.createElement("table"); table.id = "perset-table";
   const head = table.insertRow();
@@ -245,10 +350,13 @@ function renderPerSet() {
     sets.forEach(set => {
       const row = DATA.per_set.find(x => x.detector === r.detector && x.ood_set === set), td = tr.insertCell();
       if (!row) return;
-      td.textContent = `${pct(row.auroc)} (${pct(row.auroc_low)}–${pct(row.auroc_high)})`;
-      td.style.background = shade(row.auroc, true); td.title = `FPR@95 ${pct(row.fpr95)} %`;
+      td.textContent = pct(row[metric]);
+      interval(td, row[metric + "_low"], row[metric + "_high"]);
+      td.style.background = shade(row[metric], metric === "auroc");
+      td.title = `AUROC ${pct(row.auroc)}, FPR@95 ${pct(row.fpr95)} (${row.group})`;
     });
   });
+  table.dataset.metric = metric;
   const holder = document.getElementById("perset"); holder.innerHTML = ""; holder.appendChild(table);
 }
 function drawOverlay(set) {
@@ -294,7 +402,10 @@ function select(name) {
   picker.onchange = () => select(picker.value);
   const first = board.find(r => r.status === "ok");
   if (first) select(first.detector); else renderBoard(null);
-  renderNotRun(); renderPerSet();
+  renderNotRun();
+  const persetmetric = document.getElementById("persetmetric");
+  persetmetric.onchange = () => renderPerSet(persetmetric.value);
+  renderPerSet(persetmetric.value);
   const setpicker = document.getElementById("setpicker");
   [...new Set(DATA.per_set.map(r => r.ood_set))].forEach(set => { const o = document.createElement("option"); o.value = o.textContent = set; setpicker.appendChild(o); });
   setpicker.onchange = () => drawOverlay(setpicker.value);
