@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -68,3 +71,36 @@ def test_guard_results_as_a_dataframe():
     ]
     assert frame["is_ood"].tolist() == result.is_ood.tolist() and frame["score"].tolist()[0] == result.score[0]
     assert frame["reason"][0] is None and "outside" in frame["reason"][1]
+    assert len(frame) == len(result) == 2
+    assert frame["prediction"].tolist() == result.prediction.tolist()
+    np.testing.assert_array_equal(frame["pvalue"].to_numpy(), result.pvalue)
+    assert frame.dtypes.to_dict() == {
+        "prediction": result.prediction.dtype,
+        "score": np.dtype("float64"),
+        "pvalue": np.dtype("float64"),
+        "is_ood": np.dtype("bool"),
+        "reason": np.dtype("object"),
+    }
+
+
+def test_histogram_bars_are_the_densities_of_the_clipped_scores():
+    heavy = np.concatenate([RNG.normal(2.0, size=300), [1e4, 5e4, -3e3]])
+    ax = plot.score_histograms(ID, {"heavy": heavy}, bins=12, clip=(0.01, 0.99))
+    low, high = plot.robust_range([ID, heavy], clip=(0.01, 0.99))
+    assert (low, high) == tuple(np.quantile(np.concatenate([ID, heavy]), [0.01, 0.99]))
+    edges = np.linspace(low, high, 13)
+    for patch, scores in zip(ax.patches, (ID, heavy), strict=True):
+        expected, _ = np.histogram(np.clip(scores, low, high), bins=edges, density=True)
+        heights = patch.get_xy()[1 : 2 * 12 : 2, 1]  # a filled step outline: the top of bin i is vertex 2i + 1
+        np.testing.assert_allclose(heights, expected)
+    assert ax.oodguard_clipped == {
+        "ID": int(((ID < low) | (ID > high)).sum()),
+        "heavy": int(((heavy < low) | (heavy > high)).sum()),
+    }
+    plt.close("all")
+
+
+def test_importing_oodguard_does_not_import_matplotlib():
+    code = "import sys, oodguard, oodguard.plot, oodguard.metrics; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False"
