@@ -152,15 +152,37 @@ class OpenClipEncoder:
                     f"OpenClipEncoder: model has no {method}() method; pass an open_clip-style model "
                     "(with encode_image and encode_text), or implement the DualEncoder protocol yourself"
                 )
+        self._configure(model, tokenizer, device, batch_size, progress)
+
+    def _configure(
+        self, model: torch.nn.Module, tokenizer: Callable[..., Any], device: Any, batch_size: Any, progress: bool
+    ) -> None:
+        """The checks and settings both adapters share (the model's methods are checked by each)."""
+        owner = type(self).__name__
         if not callable(tokenizer):
-            raise TypeError("OpenClipEncoder: tokenizer must be callable (list of strings -> token tensor)")
+            raise TypeError(f"{owner}: tokenizer must be callable (list of strings -> token tensor)")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"OpenClipEncoder: batch_size must be an integer >= 1, got {batch_size!r}")
+            raise ValueError(f"{owner}: batch_size must be an integer >= 1, got {batch_size!r}")
         self.device = torch.device(device)
-        self.model: Any = model.to(self.device).eval()  # an open_clip model: encode_image / encode_text
+        self.model: Any = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.progress = progress
+
+    def _prepare_images(self, inputs: Any) -> Callable[[Any], torch.Tensor]:
+        """Refuse empty image inputs; the function that stacks a batch and moves it to the device."""
+        owner = type(self).__name__
+        if isinstance(inputs, torch.Tensor):
+            if inputs.ndim == 0 or inputs.shape[0] == 0:
+                raise ValueError(f"{owner}.encode_inputs: inputs are empty; pass at least one image")
+        elif not isinstance(inputs, Sequence) or len(inputs) == 0:
+            raise ValueError(f"{owner}.encode_inputs: pass a non-empty [N, C, H, W] tensor or list of tensors")
+
+        def prepare(batch: Any) -> torch.Tensor:
+            batch = batch if isinstance(batch, torch.Tensor) else torch.stack(list(batch))
+            return batch.to(self.device)
+
+        return prepare
 
     def _run(self, items: Any, encode: Callable[..., Any], prepare: Callable[[Any], Any], what: str) -> torch.Tensor:
         starts = range(0, len(items), self.batch_size)
@@ -179,17 +201,7 @@ class OpenClipEncoder:
 
     def encode_inputs(self, inputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """L2-normalised image embeddings ``[N, D]`` of preprocessed images (a ``[N, C, H, W]`` tensor or a list)."""
-        if isinstance(inputs, torch.Tensor):
-            if inputs.ndim == 0 or inputs.shape[0] == 0:
-                raise ValueError("OpenClipEncoder.encode_inputs: inputs are empty; pass at least one image")
-        elif not isinstance(inputs, Sequence) or len(inputs) == 0:
-            raise ValueError("OpenClipEncoder.encode_inputs: pass a non-empty [N, C, H, W] tensor or list of tensors")
-
-        def prepare(batch):
-            batch = batch if isinstance(batch, torch.Tensor) else torch.stack(list(batch))
-            return batch.to(self.device)
-
-        return self._run(inputs, self.model.encode_image, prepare, "image")
+        return self._run(inputs, self.model.encode_image, self._prepare_images(inputs), "image")
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings ``[M, D]``."""
@@ -243,32 +255,15 @@ class HuggingFaceClipEncoder(OpenClipEncoder):
                     f"HuggingFaceClipEncoder: model has no {method}() method; pass a Hugging Face CLIPModel-style "
                     "model (for open_clip models use OpenClipEncoder)"
                 )
-        if not callable(tokenizer):
-            raise TypeError("HuggingFaceClipEncoder: tokenizer must be callable (list of strings -> model inputs)")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"HuggingFaceClipEncoder: batch_size must be an integer >= 1, got {batch_size!r}")
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.tokenizer = tokenizer
-        self.batch_size = int(batch_size)
-        self.progress = progress
+        self._configure(model, tokenizer, device, batch_size, progress)
 
     def encode_inputs(self, inputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """L2-normalised image embeddings ``[N, D]`` of processed images (``pixel_values``)."""
-        if isinstance(inputs, torch.Tensor):
-            if inputs.ndim == 0 or inputs.shape[0] == 0:
-                raise ValueError("HuggingFaceClipEncoder.encode_inputs: inputs are empty; pass at least one image")
-        elif not isinstance(inputs, Sequence) or len(inputs) == 0:
-            raise ValueError("HuggingFaceClipEncoder.encode_inputs: pass a non-empty [N, C, H, W] tensor or list")
-
-        def prepare(batch: Any) -> torch.Tensor:
-            batch = batch if isinstance(batch, torch.Tensor) else torch.stack(list(batch))
-            return batch.to(self.device)
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
             return _embedding_tensor(self.model.get_image_features(pixel_values=pixels), "image")
 
-        return self._run(inputs, encode, prepare, "image")
+        return self._run(inputs, encode, self._prepare_images(inputs), "image")
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings ``[M, D]``."""
