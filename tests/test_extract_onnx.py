@@ -86,6 +86,9 @@ def test_a_session_feature_layer_and_errors(tmp_path):
         extract(path, data, output_key="scores", progress=False)
     with pytest.raises(ValueError, match="cache_dir and layers: not supported for ONNX"):
         extract(path, data, cache_dir=tmp_path / "cache", progress=False)
+    (tmp_path / "damaged.onnx").write_bytes(open(path, "rb").read()[:100])  # a truncated download
+    with pytest.raises(ValueError, match="damaged.onnx is not a readable ONNX model"):
+        extract(tmp_path / "damaged.onnx", data, progress=False)
     softmax = export(nn.Sequential(nn.Linear(6, 3), nn.Softmax(dim=1)).eval(), data[:2], tmp_path / "p.onnx")
     with pytest.raises(ValueError, match="is probabilities"):
         extract(softmax, data, progress=False)

@@ -76,7 +76,10 @@ def _load_proto(model: Any) -> Any:
         path = Path(model)
         if not path.is_file():
             raise FileNotFoundError(f"model: {path} is not a file")
-        return onnx.load(str(path))
+        try:
+            return onnx.load(str(path))
+        except Exception as error:  # protobuf raises its own DecodeError for damaged or foreign files
+            raise ValueError(f"model: {path} is not a readable ONNX model ({type(error).__name__}: {error})") from None
     model_path = getattr(model, "_model_path", None)
     if model_path:
         return onnx.load(str(model_path))
