@@ -39,10 +39,8 @@ archive (its documentation warns "uses pickle under the hood"; weights and const
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
-import re
 import shutil
 import threading
 import uuid
@@ -84,6 +82,8 @@ from oodguard.guard_manifest import (
 )
 from oodguard.input_contract import DEFAULT_MARGIN, InputContract
 from oodguard.metrics import threshold_at_tpr
+from oodguard.model_factory import build_model as _build_model
+from oodguard.model_factory import factory_name as _factory_name
 from oodguard.outputs import ModelOutputs, as_outputs
 from oodguard.persist import sha256_of_file
 
@@ -100,7 +100,6 @@ CALIBRATION_FILE = "calibration.safetensors"
 MODEL_FILE = "model.safetensors"
 DETECTOR_DIR = "detector"
 RULES = ("threshold", "pvalue")
-_FACTORY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _FINGERPRINT_ROWS = 32
 
 
@@ -255,52 +254,6 @@ def _fingerprint(source: Source) -> str:
         for rows in (tensor[:_FINGERPRINT_ROWS], tensor[-_FINGERPRINT_ROWS:]):
             digest.update(rows.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _factory_name(factory: str | Callable[[], torch.nn.Module]) -> str:
-    if isinstance(factory, str):
-        if not _FACTORY_PATTERN.match(factory):
-            raise ValueError(
-                f"model_factory: expected 'package.module:function', got {factory!r}; the function is called with "
-                "no arguments and returns the model (untrained weights are fine: the saved state dict replaces them)"
-            )
-        return factory
-    if callable(factory):
-        module = getattr(factory, "__module__", None)
-        qualname = getattr(factory, "__qualname__", "")
-        if not module or module == "__main__" or "<" in qualname:
-            raise ValueError(
-                f"model_factory: {factory!r} cannot be imported by name from another process (it is a lambda, a "
-                "local function or defined in __main__); define it at module level in an importable module, or "
-                "pass 'package.module:function'"
-            )
-        return f"{module}:{qualname}"
-    raise ValueError(f"model_factory: expected 'package.module:function' or a function, got {type(factory).__name__}")
-
-
-def _resolve_factory(name: str) -> Callable[[], Any]:
-    module_name, _, attribute = name.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(
-            f"model_factory {name!r}: cannot import module {module_name!r} ({error}); install or put on sys.path "
-            "the package that defines the model, or pass model_factory= to load_guard"
-        ) from error
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ValueError(f"model_factory {name!r}: module {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ValueError(f"model_factory {name!r}: {attribute!r} is not callable")
-    return target
-
-
-def _build_model(name: str) -> torch.nn.Module:
-    model = _resolve_factory(name)()
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"model_factory {name!r}: returned a {type(model).__name__}, expected a torch.nn.Module")
-    return model
 
 
 def _rows(value: Any, keep: np.ndarray) -> Any:

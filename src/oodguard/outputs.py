@@ -335,6 +335,14 @@ class ModelOutputs:
         outputs.array_type = header.get("array_type", "torch")
         return outputs
 
+    @classmethod
+    def open(cls, directory: str | Path, *, verify: bool = False) -> Any:
+        """Open a shard folder (``extract(..., out_dir=DIR)``) as :class:`~oodguard.shards.ShardedOutputs`,
+        memory-mapped shard by shard without reading it; ``verify=True`` also checks every file's sha256."""
+        from oodguard.shards import open_shards
+
+        return open_shards(directory, verify=verify)
+
     def __repr__(self) -> str:
         parts = [f"N={len(self)}"]
         if self.logits is not None:

@@ -36,6 +36,7 @@ import torch
 
 from oodguard.detectors.params import shown, validate_params
 from oodguard.outputs import ModelOutputs, as_outputs
+from oodguard.shards import ShardedOutputs
 
 #: Version 2: one safetensors file with a digest (version 1: config.json + state.safetensors, still read).
 FORMAT_VERSION = 2
@@ -50,6 +51,8 @@ CHUNK_TEMPORARY_BYTES = 8 * 2**20
 PROTOCOLS = ("outputs", "model")
 
 _REGISTRY: dict[str, type[Detector]] = {}
+#: What ``fit`` and ``partial_fit`` take: outputs in memory, a shard folder opened, or a dict of their fields.
+FitData = ModelOutputs | ShardedOutputs | Mapping[str, Any]
 
 
 class NotFittedError(RuntimeError):
@@ -95,6 +98,8 @@ class Source:
             raise ValueError("this source has no model outputs; extract them from the model first")
         if callable(self._outputs) and not isinstance(self._outputs, ModelOutputs):
             self._outputs = self._outputs()
+        if isinstance(self._outputs, ShardedOutputs):  # detectors walk the shards themselves
+            return self._outputs
         return as_outputs(self._outputs)
 
 
@@ -202,6 +207,16 @@ class Detector(abc.ABC):
         valid = ", ".join(cls.param_names()) or "none"
         return f"{cls.name}: unknown parameter(s) {unknown}; valid parameters: {valid}"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For copies and for sending a detector to workers in memory (files never hold pickles): caches and
+        native handles (a FAISS index) are dropped and rebuilt from the state tensors on first use."""
+        state = dict(self.__dict__)
+        state["_state_cache"] = {}
+        for transient in ("_faiss_index", "_buffer"):
+            if transient in state:
+                state[transient] = None
+        return state
+
     # ------------------------------------------------------------------ state
     @property
     def state_(self) -> dict[str, torch.Tensor] | None:
@@ -232,7 +247,11 @@ class Detector(abc.ABC):
 
     @property
     def supports_partial_fit(self) -> bool:
-        return self.state_reductions is not None
+        return self.state_reductions is not None and self._combinable()
+
+    def _combinable(self) -> bool:
+        """Whether statistics of separate chunks combine exactly with these parameters (see ``_combine``)."""
+        return True
 
     def state(self, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The fitted state on ``device``; floating tensors cast to ``dtype`` when given (cached)."""
@@ -325,11 +344,23 @@ class OutputDetector(Detector):
         return 64 * 1024
 
     # ------------------------------------------------------------------ public API
-    def fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> OutputDetector:
+    def fit(self, outputs: FitData, *, drop_ood: bool = False) -> OutputDetector:
         """Fit on in-distribution outputs and return ``self``.
 
-        Rows labelled OOD (label < 0) are refused unless ``drop_ood=True``, which drops them.
+        Rows labelled OOD (label < 0) are refused unless ``drop_ood=True``, which drops them. Sharded outputs
+        (:meth:`ModelOutputs.open`) are added shard by shard when the fit statistics are additive
+        (``supports_partial_fit``: memory of one shard plus the statistics); other detectors read every row into
+        memory first.
         """
+        if isinstance(outputs, ShardedOutputs):
+            if not self.supports_partial_fit:
+                return self.fit(outputs.to_memory(), drop_ood=drop_ood)
+            self.stats_ = None
+            self.meta_ = {}
+            self.state_ = None
+            self.partial_fit(outputs, drop_ood=drop_ood)
+            self.state_  # finalise now, as fit does: its errors belong to fit  # noqa: B018
+            return self
         outputs = self._prepare_fit(outputs, drop_ood)
         self.stats_ = None
         self.meta_ = {}  # a re-fit may come from another model: forget the old dimensions
@@ -342,9 +373,21 @@ class OutputDetector(Detector):
         self._record_dims(outputs)
         return self
 
-    def partial_fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> OutputDetector:
-        """Add one chunk of fit data; after any number of chunks, equal to ``fit`` on all of them."""
+    def partial_fit(self, outputs: FitData, *, drop_ood: bool = False) -> OutputDetector:
+        """Add one chunk of fit data; after any number of chunks, equal to ``fit`` on all of them.
+
+        Sharded outputs are added shard by shard (a shard with only OOD rows is skipped under ``drop_ood``)."""
         self._require_partial_fit("partial_fit")
+        if isinstance(outputs, ShardedOutputs):
+            added = 0
+            for shard in outputs:
+                if drop_ood and shard.labels is not None and bool(shard.is_ood.all()):
+                    continue
+                self.partial_fit(shard, drop_ood=drop_ood)
+                added += 1
+            if not added:
+                raise ValueError(f"{self.name}: fit got no in-distribution rows in {outputs.directory}")
+            return self
         outputs = self._prepare_fit(outputs, drop_ood)
         if self.stats_ is not None:
             self._check_dims(outputs, "partial_fit")
@@ -374,7 +417,9 @@ class OutputDetector(Detector):
         self._statistics_changed()
         return self
 
-    def score(self, outputs: ModelOutputs | Mapping[str, Any] | torch.Tensor | np.ndarray) -> np.ndarray | torch.Tensor:
+    def score(
+        self, outputs: ModelOutputs | ShardedOutputs | Mapping[str, Any] | torch.Tensor | np.ndarray
+    ) -> np.ndarray | torch.Tensor:
         """OOD scores ``[N]``, higher = more likely OOD. Numpy outputs give numpy, torch gives torch.
 
         A plain tensor or array is accepted for a detector that reads one field: it is that field (the logits of
@@ -386,6 +431,8 @@ class OutputDetector(Detector):
                     f"{{{', '.join(repr(f) + ': ...' for f in sorted(self.requires))}}}, not one array"
                 )
             outputs = {next(iter(self.requires)): outputs}
+        if isinstance(outputs, ShardedOutputs):  # one shard mapped at a time: memory bounded by a shard, not by N
+            return torch.cat([torch.as_tensor(self.score(shard)) for shard in outputs])
         outputs = as_outputs(outputs)
         if not self.is_fitted:
             raise NotFittedError(f"{self.name}: call fit(...) on in-distribution outputs before score(...)")
@@ -654,7 +701,8 @@ def load(directory: str | Path) -> Detector:
             for key, twin in header.get("state_aliases", {}).items():
                 state[key] = stats[twin]
             detector.state_ = state
-        detector.stats_ = stats or None
+        upgrade = getattr(detector, "upgrade_statistics", None)
+        detector.stats_ = (upgrade(stats) if upgrade is not None else stats) or None
     except (KeyError, TypeError, AttributeError) as error:  # a header that parses but does not describe a detector
         raise ValueError(f"{directory}: the saved detector is damaged or was edited ({type(error).__name__}: "
                          f"{error}); save it again") from error  # fmt: skip

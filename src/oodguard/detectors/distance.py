@@ -1,6 +1,6 @@
 """Feature-space distance detectors: Mahalanobis, relative Mahalanobis, KNN, SHE and WDiscOOD.
 
-Every fit here is a sufficient statistic (class counts, class sums and the sum of outer products in
+Every fit here is a sufficient statistic (class counts, class sums and the scatter around the class means in
 float64; or, for KNN, the bank of normalised features), so ``partial_fit`` and ``merge`` are exact.
 A partial fit may see some classes (or, for KNN, rows) only later: until every class has enough
 samples the detector keeps accumulating and ``score`` says what is missing; ``fit`` refuses at once.
@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oodguard.detectors.base import Detector, OutputDetector, class_counts, infer_num_classes, register
+from oodguard.detectors.base import (
+    Detector,
+    FitData,
+    OutputDetector,
+    class_counts,
+    infer_num_classes,
+    register,
+)
 from oodguard.detectors.params import Boolean, Integral, Interval, Options, Real
 from oodguard.outputs import ModelOutputs
 
@@ -109,7 +115,7 @@ def _nearest_center_sq(y: torch.Tensor, centers: torch.Tensor, center_sq: torch.
 
 # ---------------------------------------------------------------------- class-conditional statistics
 class ClassStatistics(OutputDetector):
-    """Additive fit statistics per class: counts, sums and (optionally) the total sum of outer products.
+    """Additive fit statistics per class: counts, sums and (optionally) the scatter around the class means.
 
     Subclasses implement ``_finalize_complete``; ``_finalize`` first checks that every class has
     ``_min_per_class`` samples and otherwise keeps a *pending* state (only the counts), which ``score``
@@ -119,7 +125,7 @@ class ClassStatistics(OutputDetector):
     different maximum labels; their class-indexed statistics are zero-padded to the larger C.
     """
 
-    state_reductions: ClassVar[dict[str, str] | None] = {"counts": "sum", "sums": "sum", "outer": "sum"}
+    state_reductions: ClassVar[dict[str, str] | None] = {"counts": "sum", "sums": "sum", "scatter": "chan"}
     _class_keys: ClassVar[tuple[str, ...]] = ("counts", "sums")
     _min_per_class: ClassVar[int] = 2
     _count_what: ClassVar[str] = "fit samples"
@@ -132,9 +138,11 @@ class ClassStatistics(OutputDetector):
         what = "within classes" if fourth == "fourth" else "around their mean"
         dim = covariance.shape[0]
         n = int(stats["counts"].sum())
-        # Zero up to rounding: sum_i z_i z_i^T minus the class sums' share leaves about N * eps of the mean square
-        # of the values when they are constant, so compare the variance with that scale rather than with 0.
-        mean_square = float(torch.trace(stats["outer"])) / max(n, 1) / dim
+        # Zero up to rounding: constant values leave about N * eps of their mean square in the centred scatter, so
+        # compare the variance with that scale rather than with 0.
+        class_means = stats["sums"] / stats["counts"].to(torch.float64).clamp_min(1)[:, None]
+        outer_trace = float(torch.trace(stats["scatter"])) + float((stats["sums"] * class_means).sum())
+        mean_square = outer_trace / max(n, 1) / dim
         if float(torch.trace(covariance)) / dim <= 64 * max(n, 1) * torch.finfo(torch.float64).eps * mean_square:
             raise ValueError(
                 f"{self.name}: the fit features do not vary {what} (their covariance is zero), so every input would "
@@ -180,7 +188,16 @@ class ClassStatistics(OutputDetector):
         counts = class_counts(labels, num_classes, self.name, minimum=0)  # validates the label range
         sums = z.new_zeros(num_classes, z.shape[1]).index_add_(0, labels, z)
         means = sums / counts.clamp_min(1).to(z.dtype)[:, None]
-        return {"counts": counts, "sums": sums, "outer": z.T @ z, **self._shrinkage_statistics(z, labels, means)}
+        centred = z - means[labels]
+        return {
+            "counts": counts,
+            "sums": sums,
+            "scatter": centred.T @ centred,  # centred on the chunk's class means: no cancellation
+            **self._shrinkage_statistics(z, labels, means),
+        }
+
+    def _combinable(self) -> bool:
+        return self.shrinkage != "ledoit_wolf"
 
     def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.shrinkage == "ledoit_wolf":
@@ -199,7 +216,25 @@ class ClassStatistics(OutputDetector):
                     out[key] = torch.cat([out[key], out[key].new_zeros(missing, *out[key].shape[1:])])
             return out
 
-        return super()._combine(pad(a), pad(b))
+        a, b = pad(a), pad(b)
+        # Chan, Golub & LeVeque's pairwise update, per class: S = S_a + S_b + n_a n_b / (n_a + n_b) d d^T with
+        # d = mu_b - mu_a; sums (and so means) add. Exact in any order, and stable for features far from 0.
+        n_a, n_b = a["counts"].to(torch.float64), b["counts"].to(torch.float64)
+        delta = b["sums"] / n_b.clamp_min(1)[:, None] - a["sums"] / n_a.clamp_min(1)[:, None]
+        weight = n_a * n_b / (n_a + n_b).clamp_min(1)
+        combined = {key: a[key] + b[key] for key in a if key != "scatter"}
+        if "scatter" in a:
+            combined["scatter"] = a["scatter"] + b["scatter"] + (delta * weight[:, None]).T @ delta
+        return combined
+
+    @staticmethod
+    def upgrade_statistics(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Statistics saved before 0.3 held ``outer = sum_i z_i z_i^T``; the centred scatter derives from it."""
+        if "outer" in stats and "scatter" not in stats:
+            stats = dict(stats)
+            means = stats["sums"] / stats["counts"].to(torch.float64).clamp_min(1)[:, None]
+            stats["scatter"] = stats.pop("outer") - stats["sums"].T @ means
+        return stats
 
     # -- completeness
     def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -217,7 +252,7 @@ class ClassStatistics(OutputDetector):
         if self.state_ is not None and "pending_counts" in self.state_:
             raise ValueError(self._short_message(self.state_["pending_counts"]))
 
-    def fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> OutputDetector:
+    def fit(self, outputs: FitData, *, drop_ood: bool = False) -> OutputDetector:
         super().fit(outputs, drop_ood=drop_ood)
         try:
             self._require_complete()
@@ -240,8 +275,7 @@ class ClassStatistics(OutputDetector):
         total = counts.sum()
         means = stats["sums"] / counts[:, None]
         mean = stats["sums"].sum(0) / total
-        # sum_i (z_i - mu_y)(z_i - mu_y)^T = sum_i z_i z_i^T - sum_c n_c mu_c mu_c^T
-        within = (stats["outer"] - stats["sums"].T @ means) / total
+        within = stats["scatter"] / total  # sum_i (z_i - mu_y)(z_i - mu_y)^T / N
         return means, mean, 0.5 * (within + within.T)
 
 
@@ -259,8 +293,9 @@ class Mahalanobis(ClassStatistics):
     J. Multivariate Analysis 2004): ``S`` becomes ``(1 - s) S + s (tr(S)/D) I`` before inversion, for small N.
     A covariance that is zero is refused; one that is singular for other reasons than constant columns warns.
 
-    Fit statistics are class counts, class sums and ``sum_i z_i z_i^T`` in float64: exact
-    ``partial_fit`` and ``merge``. Every class needs at least 2 fit samples.
+    Fit statistics are class counts, class sums and the scatter around the class means in float64, combined by
+    Chan's pairwise update: exact ``partial_fit``, ``merge`` and ``fit_distributed``. Every class needs at least 2
+    fit samples.
 
     Deviations from the official code: docs/detectors.md, section ``mahalanobis``.
 
@@ -349,7 +384,10 @@ class RelativeMahalanobis(ClassStatistics):
             )
         means, mean, within = self._means(stats)
         total = stats["counts"].sum().to(torch.float64)
-        background = stats["outer"] / total - torch.outer(mean, mean)
+        # S_0 = within + between: (scatter + sum_c n_c (mu_c - mu)(mu_c - mu)^T) / N
+        spread = means - mean
+        counts = stats["counts"].to(torch.float64)
+        background = (stats["scatter"] + (spread * counts[:, None]).T @ spread) / total
         root = self._precision_root(within, stats, "fourth")
         proj = torch.cat([root, self._precision_root(background, stats, "fourth_global")], dim=1)
         centers = (means - mean) @ root
@@ -657,7 +695,7 @@ class KNN(OutputDetector):
                 "subsample of the bank is not a sufficient statistic; use ratio=1.0, or fit on all the data"
             )
 
-    def partial_fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> OutputDetector:
+    def partial_fit(self, outputs: FitData, *, drop_ood: bool = False) -> OutputDetector:
         self._refuse_subsampled("partial_fit")
         return super().partial_fit(outputs, drop_ood=drop_ood)
 
@@ -665,7 +703,7 @@ class KNN(OutputDetector):
         self._refuse_subsampled("merge")
         return super().merge(other)
 
-    def fit(self, outputs: ModelOutputs | Mapping[str, Any], *, drop_ood: bool = False) -> OutputDetector:
+    def fit(self, outputs: FitData, *, drop_ood: bool = False) -> OutputDetector:
         super().fit(outputs, drop_ood=drop_ood)
         size = self.state_["bank"].shape[0]
         if size < self.k:

@@ -37,6 +37,8 @@ from oodguard.extraction.modules import (
 )
 from oodguard.extraction.onnx_model import extract_onnx, is_onnx_model
 from oodguard.outputs import ModelOutputs
+from oodguard.ray_support import check_engine
+from oodguard.shards import ShardWriter, write_shards
 
 __all__ = ["extract", "find_head", "model_fingerprint", "content_hash", "CACHE_FORMAT_VERSION"]
 
@@ -102,6 +104,17 @@ class _Collector:
             self._write(self._take_all())
             self.buffered_rows = 0
         return None
+
+
+class _ShardCollector(_Collector):
+    """Writes every ``chunk_rows`` rows as one shard of an ``out_dir`` folder."""
+
+    def __init__(self, writer: ShardWriter, chunk_rows: int, layer_names: Sequence[str]) -> None:
+        super().__init__(writer.directory, chunk_rows, layer_names)
+        self.writer = writer
+
+    def _write(self, fields: dict[str, torch.Tensor]) -> None:
+        self.writer.write(self._outputs(fields))
 
 
 def _linear_producing(calls: list[tuple[str, nn.Linear, Any, Any]], logits: torch.Tensor) -> int | None:
@@ -336,7 +349,11 @@ def extract(
     dataset_key: str | None = None,
     chunk_rows: int = 8192,
     desc: str | None = None,
-) -> ModelOutputs:
+    out_dir: str | os.PathLike | None = None,
+    engine: str = "local",
+    num_workers: int | None = None,
+    address: str | None = None,
+) -> Any:
     """Run ``model`` once over ``data`` and return logits, features, head, layers and labels.
 
     Parameters
@@ -402,10 +419,27 @@ def extract(
         interrupted run is never a cache hit.
     desc : str, optional
         Label of the progress bar.
+    out_dir : path, optional
+        Write the outputs as a shard folder (``shard-00000.safetensors`` every ``chunk_rows`` rows, the head, and a
+        ``manifest.json`` written last) while the model runs, and return them memory-mapped
+        (:class:`~oodguard.shards.ShardedOutputs`, see :meth:`ModelOutputs.open`): memory holds one shard, whatever
+        the number of rows. The folder must be new, empty or an earlier shard folder (replaced).
+    engine : "local" or "ray"
+        ``"ray"`` (``pip install 'oodguard[ray]'``; needs ``out_dir``) runs the shards on a pool of Ray actors with
+        Ray Data ``map_batches``: each actor builds the model once, from the module (copied to it) or from a
+        factory (``model`` given as ``'package.module:function'`` or an importable function), and on ``device``
+        ``"cuda"`` takes one GPU. It uses the Ray this process is connected to (``ray.init(address=...)``, or
+        ``address=``) and starts a local one only when there is none. ``data`` must be readable by row index (an
+        array, a dict of arrays, a map-style Dataset, or an in-order DataLoader over one). The result equals local
+        extraction; a failing shard raises one RuntimeError naming the shard and the cause.
+    num_workers : int, optional
+        Actors in the pool (``engine="ray"``; default: the cluster's CPUs).
+    address : str, optional
+        The Ray cluster to connect to (``engine="ray"``), when not connected yet.
 
     Returns
     -------
-    ModelOutputs
+    ModelOutputs, or ShardedOutputs with ``out_dir``
         With ``array_type == "torch"``: ``logits [N, C]``, and where available ``features [N, D]``, ``head``,
         ``layers`` and ``labels [N]``.
 
@@ -425,13 +459,33 @@ def extract(
     >>> out.logits.shape, out.features.shape, out.layers["1"].shape, out.head[0].shape
     (torch.Size([10, 3]), torch.Size([10, 8]), torch.Size([10, 8]), torch.Size([3, 8]))
     """
+    check_engine(engine)
+    if engine == "ray" or num_workers is not None or address is not None:
+        if engine != "ray":
+            raise ValueError("num_workers and address: only for engine='ray'; pass engine='ray' or leave them out")
+        if out_dir is None:
+            raise ValueError("engine='ray' writes shards: give out_dir= (a folder the workers' results are written to)")
+        if cache_dir is not None:
+            raise ValueError("cache_dir: not with engine='ray' (out_dir keeps the outputs); leave it out")
+        if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows: expected a positive integer, got {chunk_rows!r}")
+        from oodguard.extraction.ray_extract import extract_on_ray
+
+        options = dict(layers=layers, feature_layer=feature_layer, output_key=output_key, batch_size=batch_size)
+        return extract_on_ray(
+            model, data, labels=labels, out_dir=out_dir, num_workers=num_workers, chunk_rows=chunk_rows,
+            address=address, device=str(device), progress=progress, desc=desc, options=options,
+        )  # fmt: skip
+    if out_dir is not None and cache_dir is not None:
+        raise ValueError("out_dir and cache_dir: give one (out_dir keeps the outputs as shards)")
     if is_onnx_model(model):  # a .onnx file or an onnxruntime session: run by onnxruntime
         if cache_dir is not None or layers:
             raise ValueError("cache_dir and layers: not supported for ONNX models yet; leave them out")
-        return extract_onnx(
+        onnx_outputs = extract_onnx(
             model, data, labels=labels, feature_layer=feature_layer, output_key=output_key, batch_size=batch_size,
             progress=progress, desc=desc,
         )  # fmt: skip
+        return onnx_outputs if out_dir is None else write_shards(onnx_outputs, out_dir, chunk_rows)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, a .onnx path or an onnxruntime session, got "
                         f"{type(model).__name__}")  # fmt: skip
@@ -469,6 +523,17 @@ def extract(
         progress=progress,
         desc=desc,
     )
+
+    if out_dir is not None:
+        writer = ShardWriter(out_dir)
+        shard_collector = _ShardCollector(writer, chunk_rows, layer_names)
+        head = _run(model, batches, collector=shard_collector, content_hash=None, **run_args)
+        shard_collector.finish()
+        if not shard_collector.rows:
+            raise ValueError("data: produced no rows; nothing to extract")
+        if head is not None:
+            writer.set_head(head_tensors(head))
+        return writer.close(extra={"engine": "local", "rows_per_shard": chunk_rows})
 
     if cache_dir is None:
         collector = _Collector(None, chunk_rows, layer_names)

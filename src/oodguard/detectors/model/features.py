@@ -180,7 +180,9 @@ class MahalanobisEnsemble(ModelDetector):
             raise ValueError(message)
         state: dict[str, torch.Tensor] = {"counts": counts}
         for index in range(len(layers)):
-            means, mean, within = ClassStatistics._means({"counts": counts, "sums": sums[index], "outer": outer[index]})
+            means, mean, within = ClassStatistics._means(
+                ClassStatistics.upgrade_statistics({"counts": counts, "sums": sums[index], "outer": outer[index]})
+            )
             root = pinv_sqrt(within)
             state[f"layer{index}.mean"] = mean
             state[f"layer{index}.proj"] = root
