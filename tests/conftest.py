@@ -48,3 +48,23 @@ def postgres_server():
 def postgres_url(postgres_server):
     """SQLAlchemy URL of the session's PostgreSQL database: ``postgresql+psycopg://user@127.0.0.1:PORT/db``."""
     return postgres_server.url
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs for the whole session (the tests' folder on the workers' import path)."""
+    import logging
+    from pathlib import Path
+
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed") if not os.environ.get("CI") else None
+    if ray is None:
+        import ray
+    if ray.is_initialized():
+        ray.shutdown()
+    tests = str(Path(__file__).parent)
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": tests}},
+    )  # fmt: skip
+    yield ray
+    ray.shutdown()

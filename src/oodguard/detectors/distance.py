@@ -138,12 +138,12 @@ class ClassStatistics(OutputDetector):
         what = "within classes" if fourth == "fourth" else "around their mean"
         dim = covariance.shape[0]
         n = int(stats["counts"].sum())
-        # Zero up to rounding: constant values leave about N * eps of their mean square in the centred scatter, so
-        # compare the variance with that scale rather than with 0.
+        # Zero up to rounding: constant values c leave at most about (N eps c)^2 in the centred scatter (the error of
+        # their mean), so compare the variance with that scale rather than with 0.
         class_means = stats["sums"] / stats["counts"].to(torch.float64).clamp_min(1)[:, None]
         outer_trace = float(torch.trace(stats["scatter"])) + float((stats["sums"] * class_means).sum())
         mean_square = outer_trace / max(n, 1) / dim
-        if float(torch.trace(covariance)) / dim <= 64 * max(n, 1) * torch.finfo(torch.float64).eps * mean_square:
+        if float(torch.trace(covariance)) / dim <= (64 * max(n, 1) * torch.finfo(torch.float64).eps) ** 2 * mean_square:
             raise ValueError(
                 f"{self.name}: the fit features do not vary {what} (their covariance is zero), so every input would "
                 "score the same; fit on features that vary (are they all constant, e.g. a layer of dead units?)"
