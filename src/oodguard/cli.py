@@ -183,7 +183,9 @@ def bench(
 
 @app.command("eval")
 def evaluate(
-    fit: Annotated[Path, typer.Option(help="outputs of ID data to fit detectors on (.safetensors or .npz)")],
+    fit: Annotated[
+        Path, typer.Option(help="outputs of ID data to fit detectors on (.safetensors, .npz or a shard folder)")
+    ],
     id_: Annotated[Path, typer.Option("--id", help="outputs of the ID test set")],
     ood: Annotated[
         list[str],
@@ -199,9 +201,9 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     scores: ScoresOption = None,
 ) -> None:
-    """Evaluate detectors on outputs from any framework (arrays logits/features/labels, optional head)."""
+    """Evaluate detectors on outputs from any framework (arrays logits/features/labels, optional head), or on
+    shard folders written by `oodguard extract` (scored shard by shard)."""
     from oodguard.benchmark.runner import run_on_outputs
-    from oodguard.outputs import read_outputs
 
     names = _detector_names(detector_names)
     params = _detector_params(param)
@@ -211,13 +213,86 @@ def evaluate(
         if not sep or not label or not file:
             raise ValueError(f"--ood {spec!r}: expected [GROUP:]NAME=FILE, e.g. --ood far:textures=textures.npz")
         group, _, set_name = label.rpartition(":")
-        sets.append((set_name, group or "far", read_outputs(file)))
+        sets.append((set_name, group or "far", _read_outputs(file)))
     results = run_on_outputs(
-        "eval", read_outputs(fit), read_outputs(id_), sets, names, params=params,
+        "eval", _read_outputs(fit), _read_outputs(id_), sets, names, params=params,
         full_spectrum=full_spectrum, n_boot=n_boot, progress=not quiet,
         split_names=(str(fit), str(id_)),
     )  # fmt: skip
     _finish(results, out, requested=names is not None, scores=scores)
+
+
+def _read_outputs(path: str | Path) -> Any:
+    """A file of outputs, or a shard folder (opened memory-mapped)."""
+    from oodguard.outputs import ModelOutputs, read_outputs
+
+    return ModelOutputs.open(path) if Path(path).is_dir() else read_outputs(path)
+
+
+@app.command("extract")
+def extract_command(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="a folder of images (class sub-folders give labels; a flat folder is unlabelled) or a .npy array"
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the shard folder to write")],
+    config: Annotated[
+        Path | None, typer.Option(help="a TOML file whose [model] and [transform] tables describe the model")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="'package.module:function' that builds the model (instead of --config)")
+    ] = None,
+    weights: Annotated[Path | None, typer.Option(help="the model's state dict (.safetensors, .pt or .pth)")] = None,
+    engine: Annotated[str, typer.Option(help="local, or ray (the ray extra): the model runs on Ray actors")] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="the Ray cluster to connect to (default: start a local one)")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray actors (default: the cluster's CPUs)")] = None,
+    feature_layer: Annotated[str | None, typer.Option(help="as extract(feature_layer=...)")] = None,
+    output_key: Annotated[str | None, typer.Option(help="where the logits are in the model's output")] = None,
+    layer: Annotated[list[str] | None, typer.Option(help="also record this module's output, repeated")] = None,
+    batch_size: Annotated[int, typer.Option(help="inputs per forward pass")] = 256,
+    shard_rows: Annotated[int, typer.Option(help="rows per shard file")] = 8192,
+    device: Annotated[str, typer.Option(help="cpu, cuda or mps")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Run a model once over a dataset and write its outputs as a shard folder (for eval, fit_distributed, ...)."""
+    import numpy as np
+
+    from oodguard.benchmark.custom import load_model_config, model_from_factory
+    from oodguard.extraction import extract
+    from oodguard.extraction.data import ImageFolder
+
+    transform, mode = None, None
+    if (config is None) == (model is None):
+        raise ValueError("give the model either as --config FILE.toml or as --model package.module:function")
+    if config is not None:
+        if weights is not None:
+            raise ValueError("--weights: the configuration file names the weights; leave --weights out")
+        built, transform, mode, options = load_model_config(config)
+        feature_layer = feature_layer or options["feature_layer"]
+        output_key = output_key or options["output_key"]
+    else:
+        assert model is not None
+        built = model_from_factory(model, weights, "--model")
+    if data.is_dir():
+        labelled = any(child.is_dir() for child in data.iterdir())
+        inputs: Any = ImageFolder(data, transform=transform, mode=mode, unlabelled=not labelled)
+    elif data.suffix == ".npy" and data.is_file():
+        inputs = np.load(data, allow_pickle=False)
+    else:
+        raise ValueError(f"{data}: expected a folder of images or a .npy file of inputs")
+    key: str | int | None = int(output_key) if output_key is not None and output_key.isdigit() else output_key
+    sharded = extract(
+        built, inputs, out_dir=out, engine=engine, address=address, num_workers=workers, feature_layer=feature_layer,
+        output_key=key, layers=layer or (), batch_size=batch_size, chunk_rows=shard_rows, device=device,
+        progress=not quiet,
+    )  # fmt: skip
+    console.print(
+        f"{len(sharded)} rows in {sharded.num_shards} shard(s): {out} (fields: {', '.join(sharded.fields())})"
+    )
 
 
 @app.command("train-bench")
@@ -397,10 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if hasattr(error, "format_message") and hasattr(error, "exit_code"):  # usage errors
             if error.format_message():  # empty when the help text was shown instead
-                errors.print(f"error: {error.format_message()}", highlight=False, soft_wrap=True)
+                errors.print(f"error: {error.format_message()}", highlight=False, soft_wrap=True, markup=False)
             return int(error.exit_code) or 2
         message = " ".join(str(error).split()) or type(error).__name__
-        errors.print(f"error: {message}", highlight=False, soft_wrap=True)
+        errors.print(f"error: {message}", highlight=False, soft_wrap=True, markup=False)
         return 1
     return returned if isinstance(returned, int) else 0
 

@@ -45,7 +45,7 @@ from torch import nn
 from oodguard.benchmark.results import Results
 from oodguard.benchmark.spec import GROUPS, Benchmark, DataSplit
 
-__all__ = ["load_config", "evaluate_model", "ConfigError"]
+__all__ = ["load_config", "load_model_config", "model_from_factory", "evaluate_model", "ConfigError"]
 
 _SECTIONS = {
     "name": None,
@@ -122,11 +122,18 @@ def _build_model(spec: Mapping[str, Any], base: Path, where: str) -> nn.Module:
 
         return OnnxModel(path)
     factory = _get(spec, "factory", str, where, required=True)
+    weights = _get(spec, "weights", str, where)
+    if str(base) not in sys.path:  # a factory in a module beside the file
+        sys.path.insert(0, str(base))
+    return model_from_factory(factory, None if weights is None else (base / weights).expanduser(), where)
+
+
+def model_from_factory(factory: str, weights: str | Path | None, where: str) -> nn.Module:
+    """The module ``factory`` ('package.module:Callable') builds, with the state dict in ``weights`` loaded (a
+    ``.safetensors`` file, or a ``.pt``/``.pth`` read with ``torch.load(weights_only=True)``), in eval mode."""
     module_name, sep, attribute = factory.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigError(f"{where}.factory: expected 'package.module:Callable', got {factory!r}")
-    if str(base) not in sys.path:  # a factory in a module beside the file
-        sys.path.insert(0, str(base))
     try:
         target: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
@@ -136,9 +143,8 @@ def _build_model(spec: Mapping[str, Any], base: Path, where: str) -> nn.Module:
     model = target()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{where}.factory: {factory!r} returned a {type(model).__name__}, not a torch.nn.Module")
-    weights = _get(spec, "weights", str, where)
     if weights is not None:
-        path = (base / weights).expanduser()
+        path = Path(weights)
         if not path.is_file():
             raise ConfigError(f"{where}.weights: {path} is not a file")
         if path.suffix == ".safetensors":
@@ -185,12 +191,25 @@ def _transform(spec: Mapping[str, Any], where: str) -> tuple[Callable[[torch.Ten
     return (apply if steps else None), mode
 
 
-def load_config(path: str | Path) -> tuple[Benchmark, dict[str, Any]]:
-    """The :class:`Benchmark` a TOML file describes, and ``{"detectors": names or None, "params": {...},
-    "batch_size": int}``. Raises :class:`ConfigError` naming the key for anything it cannot use."""
-    from oodguard.extraction.data import ImageFolder
-
+def load_model_config(path: str | Path) -> tuple[nn.Module, Any, str | None, dict[str, Any]]:
+    """The model, the image transform and image mode, and ``{"feature_layer", "output_key"}`` of a configuration
+    file's [model] and [transform] tables (its other tables, if any, are checked but not needed)."""
     path = Path(path)
+    config = _read_checked(path)
+    if "model" not in config:
+        raise ConfigError(f"{path}: missing section [model]")
+    model_spec = config["model"]
+    model = _build_model(model_spec, path.parent, f"{path} [model]")
+    transform, mode = _transform(config.get("transform", {}), f"{path} [transform]")
+    options = {
+        "feature_layer": _get(model_spec, "feature_layer", str, f"{path} [model]"),
+        "output_key": _get(model_spec, "output_key", (str, int), f"{path} [model]"),
+    }
+    return model, transform, mode, options
+
+
+def _read_checked(path: Path) -> dict[str, Any]:
+    """The TOML file's tables, every key known (an unknown one is refused with the closest known key)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such configuration file")
     try:
@@ -207,6 +226,16 @@ def load_config(path: str | Path) -> tuple[Benchmark, dict[str, Any]]:
             for inner in value:
                 if inner not in known:
                     raise _unknown(f"{path} [{key}]", inner, known)
+    return config
+
+
+def load_config(path: str | Path) -> tuple[Benchmark, dict[str, Any]]:
+    """The :class:`Benchmark` a TOML file describes, and ``{"detectors": names or None, "params": {...},
+    "batch_size": int}``. Raises :class:`ConfigError` naming the key for anything it cannot use."""
+    from oodguard.extraction.data import ImageFolder
+
+    path = Path(path)
+    config = _read_checked(path)
     for section in ("model", "data", "ood"):
         if section not in config:
             raise ConfigError(f"{path}: missing section [{section}]")

@@ -19,6 +19,7 @@ from oodguard.benchmark.results import REPORTED, Results
 from oodguard.benchmark.spec import GROUPS, Benchmark, DataSplit
 from oodguard.detectors.base import Source
 from oodguard.outputs import ModelOutputs
+from oodguard.shards import ShardedOutputs
 
 
 def extract_benchmark(
@@ -188,6 +189,10 @@ def _mos_job(
     def job() -> dict[str, np.ndarray]:
         from oodguard.heads.mos import default_groups, train_mos_head
 
+        nonlocal fit, test, ood
+        # the head trains on all fit features at once: shard folders are read into memory for it
+        fit, test = _in_memory(fit), _in_memory(test)
+        ood = [(set_name, group, _in_memory(outputs)) for set_name, group, outputs in ood]
         if fit.features is None or fit.labels is None:
             raise ValueError("mos: the runner trains its group-softmax head on fit features and labels; extract both")
         num_classes = fit.num_classes or int(fit.labels.max()) + 1
@@ -466,7 +471,21 @@ def _describe_params(params: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
     return {name: {key: describe(value) for key, value in values.items()} for name, values in params.items()}
 
 
-def _accuracy(outputs: ModelOutputs) -> float:
+def _in_memory(outputs: ModelOutputs | ShardedOutputs) -> ModelOutputs:
+    return outputs.to_memory() if isinstance(outputs, ShardedOutputs) else outputs
+
+
+def _accuracy(outputs: ModelOutputs | ShardedOutputs) -> float:
+    if isinstance(outputs, ShardedOutputs):  # shard by shard, weighted by the rows with a known class
+        labels = outputs.labels
+        if not outputs.has("logits") or labels is None or not bool((labels >= 0).any()):
+            return float("nan")
+        correct = 0
+        for shard in outputs:
+            assert shard.logits is not None and shard.labels is not None
+            known = shard.labels >= 0
+            correct += int((shard.logits[known].argmax(dim=1) == shard.labels[known]).sum())
+        return correct / int((labels >= 0).sum())
     if outputs.logits is None or outputs.labels is None:
         return float("nan")
     known = outputs.labels >= 0

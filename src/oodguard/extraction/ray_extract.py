@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,11 @@ def extract_on_ray(
         {"shard": index, "start": start, "stop": min(start + chunk_rows, source.rows)}
         for index, start in enumerate(range(0, source.rows, chunk_rows))
     ]
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.execution_options.preserve_order = True
+    with warnings.catch_warnings():  # Ray's own context reads its deprecated options
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.execution_options.preserve_order = True
     dataset = ray.data.from_items(shards, override_num_blocks=len(shards))
     results = dataset.map_batches(
         _ShardExtractor,
