@@ -1,6 +1,7 @@
 """`oodguard extract` writes shard folders from a folder of images or an array; `oodguard eval` reads them."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -67,8 +68,6 @@ def test_eval_reads_shard_folders(project, capsys):
                  f"far:noise={root / 'noise-s'}", "-d", "msp,energy,knn", "--param", "knn.k=5", "--n-boot", "10",
                  "--out", str(root / "ev"), "-q"])  # fmt: skip
     assert code == 0
-    import pandas as pd
-
     table = pd.read_csv(root / "ev" / "results.csv")
     assert set(table["detector"]) == {"msp", "energy", "knn"} and set(table["ood_set"]) == {"noise"}
     (root / "test-s" / "manifest.json").unlink()  # an interrupted extraction is refused, not read
@@ -89,3 +88,21 @@ def test_extract_errors_name_what_to_fix(project, capsys):
     for extra, message in cases:
         assert main(["extract", str(root / "test"), "--out", str(root / "x"), "-q", *extra]) == 1
         assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_bench_takes_shard_folders_in_its_configuration(project, capsys):
+    root, _ = project
+    for split in ("train", "test", "noise"):
+        out = str(root / f"{split}-s")
+        assert main(["extract", str(root / split), "--config", str(root / "model.toml"), "--out", out, "-q"]) == 0
+    config = (
+        root / "model.toml"
+    ).read_text() + '[data]\nfit = "train-s"\nid = "test-s"\n[ood]\n"far:noise" = "noise-s"\n'
+    (root / "shards.toml").write_text(config)
+    out = root / "bench-out"
+    assert main(["bench", str(root / "shards.toml"), "--out", str(out), "-q", "--n-boot", "5", "-d", "msp,energy"]) == 0
+    assert set(pd.read_csv(out / "results.csv")["detector"]) == {"msp", "energy"}
+    assert main(["bench", str(root / "shards.toml"), "--out", str(out), "-q", "--n-boot", "5", "-d", "odin"]) == 1
+    assert "odin run the model on the inputs, but fit, id, noise are shard folders" in " ".join(
+        capsys.readouterr().err.split()
+    )

@@ -44,6 +44,8 @@ from torch import nn
 
 from oodguard.benchmark.results import Results
 from oodguard.benchmark.spec import GROUPS, Benchmark, DataSplit
+from oodguard.outputs import ModelOutputs
+from oodguard.shards import is_shard_folder
 
 __all__ = ["load_config", "load_model_config", "model_from_factory", "evaluate_model", "ConfigError"]
 
@@ -247,7 +249,10 @@ def load_config(path: str | Path) -> tuple[Benchmark, dict[str, Any]]:
     data = config["data"]
     where = f"{path} [data]"
 
-    def images(value: str, place: str, unlabelled: bool = False) -> ImageFolder:
+    def images(value: str, place: str, unlabelled: bool = False) -> Any:
+        folder = _folder(base, value, place)
+        if is_shard_folder(folder):  # outputs extracted already (oodguard extract), read shard by shard
+            return ModelOutputs.open(folder)
         try:
             return ImageFolder(_folder(base, value, place), transform=transform, mode=mode, unlabelled=unlabelled)
         except FileNotFoundError as error:
@@ -256,7 +261,7 @@ def load_config(path: str | Path) -> tuple[Benchmark, dict[str, Any]]:
     fit = images(_get(data, "fit", str, where, required=True), f"{where}.fit")
     test = images(_get(data, "id", str, where, required=True), f"{where}.id")
     for split, place in ((fit, "fit"), (test, "id")):
-        if not split.classes:
+        if isinstance(split, ImageFolder) and not split.classes:
             raise ConfigError(f"{where}.{place}: an ID set needs one sub-folder per class; {split.root} is flat")
     ood_table = config["ood"]
     if not isinstance(ood_table, dict) or not ood_table:

@@ -42,8 +42,11 @@ def extract_benchmark(
 
     if is_onnx_model(benchmark.model):
         cache_dir = None  # onnxruntime outputs are not cached (the model file is not fingerprinted yet)
-    outputs = {}
+    outputs: dict[str, Any] = {}
     for split in splits:
+        if isinstance(split.data, ShardedOutputs):  # extracted already (oodguard extract): read shard by shard
+            outputs[split.name] = split.data
+            continue
         outputs[split.name] = extract(
             benchmark.model,
             split.data,
@@ -108,25 +111,31 @@ def run(
     from oodguard.extraction.onnx_model import is_onnx_model
 
     onnx = is_onnx_model(benchmark.model)  # run by onnxruntime: outputs, but no gradients or views through it
+    splits = [benchmark.fit, benchmark.test, *benchmark.ood]
+    from_shards = [split.name for split in splits if isinstance(split.data, ShardedOutputs)]
+    no_inputs = onnx or bool(from_shards)  # model detectors need a torch model and the inputs of every split
     if detectors is None:
         names = default_detectors(fit, params)
-        if model_detectors and not onnx:
+        if model_detectors and not no_inputs:
             names += _model_detectors_for(benchmark.fit.data, params)
-        if fit.features is not None and fit.labels is not None and MOS_HEAD not in names:
+        if fit.has("features") and fit.has("labels") and MOS_HEAD not in names:
             names.append(MOS_HEAD)
     else:
         names = list(detectors)
     skipped = (
         skipped_detectors(
-            fit, names, params, inputs=None if onnx else benchmark.fit.data, model_detectors=model_detectors
+            fit, names, params, inputs=None if no_inputs else benchmark.fit.data, model_detectors=model_detectors
         )  # fmt: skip
         if detectors is None
         else {}  # the user chose: the others were not asked for
     )
-    if onnx:
-        asked = [n for n in names if n in detector_registry.available(protocol="model")]
-        if asked:
-            raise ValueError(f"{', '.join(asked)} run the model themselves (gradients, views): not an ONNX model")
+    asked = [n for n in names if n in detector_registry.available(protocol="model")]
+    if onnx and asked:
+        raise ValueError(f"{', '.join(asked)} run the model themselves (gradients, views): not an ONNX model")
+    if from_shards and asked:
+        raise ValueError(
+            f"{', '.join(asked)} run the model on the inputs, but {', '.join(from_shards)} are shard folders of outputs"
+        )
     # The runner shares the outputs cache: the outputs of test-time views (CoVer) are cached like datasets.
     runner = (
         None

@@ -91,11 +91,15 @@ class _ShardExtractor:
         self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        import ray
+
         from oodguard.extraction.extract import extract
 
-        results: dict[str, list] = {"shard": [], "file": [], "head_file": [], "error": []}
+        node = ray.get_runtime_context().get_node_id()
+        results: dict[str, list] = {"shard": [], "file": [], "head_file": [], "error": [], "node": []}
         for index, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
             results["shard"].append(int(index))
+            results["node"].append(node)
             try:
                 rows, labels = self.source.part(int(start), int(stop))
                 outputs = extract(self.model, rows, labels=labels, progress=False, **self.options)
@@ -186,6 +190,7 @@ def extract_on_ray(
         num_gpus=gpus,
     )
     bar = tqdm(total=source.rows, desc=desc or "extract (ray)", unit="row", disable=not progress)
+    nodes: set[str] = set()
     try:
         for row in results.iter_rows():
             index = int(row["shard"])
@@ -198,6 +203,7 @@ def extract_on_ray(
             writer.write_file(index, bytes(row["file"]))
             if row["head_file"]:
                 writer.set_head(_head_from(bytes(row["head_file"]), writer.directory), index)
+            nodes.add(str(row["node"]))
             bar.update(shard["stop"] - shard["start"])
     except RuntimeError:
         raise
@@ -205,5 +211,5 @@ def extract_on_ray(
         raise RuntimeError(f"extract (engine='ray'): the Ray job failed ({type(error).__name__}: {error})") from error
     finally:
         bar.close()
-    return writer.close(extra={"engine": "ray", "workers": workers, "rows_per_shard": chunk_rows,
+    return writer.close(extra={"engine": "ray", "workers": workers, "rows_per_shard": chunk_rows, "nodes": len(nodes),
                                "model": sent_model if isinstance(sent_model, str) else None})  # fmt: skip
