@@ -19,6 +19,9 @@ it), so walking the shards keeps the resident memory at about one shard, whateve
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import struct
@@ -197,6 +200,25 @@ def write_shards(
 
 
 # ---------------------------------------------------------------------------------------------- reading
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None on other C libraries."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give the heap pages freed by the last shard back to the system. Without it glibc keeps the freed
+    temporaries of every shard (tens of MB each, below its mmap threshold) and the resident memory of a walk over
+    many shards creeps up with their number (measured: 1.5 GB after 123 shards instead of about 0.5 GB)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+
 def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     """The byte offset where the tensor data starts, and the parsed header (no tensor is read)."""
     with open(path, "rb") as handle:
@@ -323,6 +345,7 @@ class ShardedOutputs:
     def __iter__(self) -> Iterator[ModelOutputs]:
         for index in range(self.num_shards):
             yield self.shard(index)
+            _return_freed_memory()
 
     def shard_paths(self) -> list[Path]:
         return [self.directory / info["file"] for info in self.manifest["shards"]]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from oodguard.detectors.base import (
+    CHUNK_TEMPORARY_BYTES,
     Detector,
     FitData,
     OutputDetector,
@@ -188,13 +189,14 @@ class ClassStatistics(OutputDetector):
         counts = class_counts(labels, num_classes, self.name, minimum=0)  # validates the label range
         sums = z.new_zeros(num_classes, z.shape[1]).index_add_(0, labels, z)
         means = sums / counts.clamp_min(1).to(z.dtype)[:, None]
-        centred = z - means[labels]
-        return {
-            "counts": counts,
-            "sums": sums,
-            "scatter": centred.T @ centred,  # centred on the chunk's class means: no cancellation
-            **self._shrinkage_statistics(z, labels, means),
-        }
+        # centred on this chunk's class means (no cancellation), a few thousand rows at a time: the temporaries
+        # stay a few MB however many rows come in one call
+        scatter = z.new_zeros(z.shape[1], z.shape[1])
+        step = max(256, 2 * CHUNK_TEMPORARY_BYTES // (8 * z.shape[1]))
+        for start in range(0, z.shape[0], step):
+            centred = z[start : start + step] - means[labels[start : start + step]]
+            scatter.addmm_(centred.T, centred)
+        return {"counts": counts, "sums": sums, "scatter": scatter, **self._shrinkage_statistics(z, labels, means)}
 
     def _combinable(self) -> bool:
         return self.shrinkage != "ledoit_wolf"
