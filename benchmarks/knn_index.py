@@ -34,10 +34,23 @@ def data(rows: int, dim: int, seed: int, shift: float = 0.0) -> dict[str, torch.
     return {"features": centres[labels] + torch.randn(rows, dim, generator=generator) + shift}
 
 
-def run(bank: int, dim: int, queries: int, k: int) -> list[dict[str, object]]:
+def configs(nprobes: tuple[int, ...], skip: set[str]) -> list[tuple[str, dict]]:
+    """The torch exact search first (the reference), then the FAISS indexes not skipped; IVF once per nprobe."""
+    chosen = []
+    for label, params in CONFIGS:
+        if label == "faiss ivf":
+            chosen += [(f"faiss ivf, nprobe={n}", {**params, "nprobe": n}) for n in nprobes]
+        elif label == "torch exact" or label.split()[-1] not in skip:
+            chosen.append((label, params))
+    return chosen
+
+
+def run(
+    bank: int, dim: int, queries: int, k: int, nprobes: tuple[int, ...] = (16,), skip: frozenset[str] = frozenset()
+) -> list[dict[str, object]]:
     fit, near, far = data(bank, dim, 1), data(queries, dim, 2), data(queries, dim, 3, shift=0.15)
     rows, exact = [], None
-    for label, params in CONFIGS:
+    for label, params in configs(nprobes, set(skip)):
         create("knn", k=k, **params).fit(data(max(2000, 4 * k), dim, 9)).score(data(10, dim, 8))  # warm-up
         started = time.perf_counter()
         detector = create("knn", k=k, **params).fit(fit)
@@ -69,8 +82,13 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=5_000)
     parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--nprobe", default="16", help="comma-separated nprobe values for IVF (one row each)")
+    parser.add_argument("--skip", default="", help="comma-separated: flat, hnsw (indexes not to measure)")
     args = parser.parse_args()
-    print(table(run(args.bank, args.dim, args.queries, args.k), args.bank, args.dim, args.queries, args.k))
+    nprobes = tuple(int(n) for n in args.nprobe.split(","))
+    skip = frozenset(s.strip() for s in args.skip.split(",") if s.strip())
+    rows = run(args.bank, args.dim, args.queries, args.k, nprobes, skip)
+    print(table(rows, args.bank, args.dim, args.queries, args.k))
 
 
 if __name__ == "__main__":

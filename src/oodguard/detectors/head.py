@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from oodguard.detectors.base import Detector, OutputDetector, percentile, register
+from oodguard.detectors.faiss_index import FAISS_PARAMETERS, FaissSearch
 from oodguard.detectors.params import Integral, Interval, Real
 from oodguard.outputs import ModelOutputs
 
@@ -168,7 +169,7 @@ class FDBD(_HeadStatistics):
 
 # ---------------------------------------------------------------------- NNGuide
 @register
-class NNGuide(OutputDetector):
+class NNGuide(FaissSearch, OutputDetector):
     """NNGuide: energy guided by inner-product nearest neighbours in a confidence-scaled bank.
 
     Fit: a random bank of ``floor(bank_ratio * N)`` fit samples; bank vectors ``b_i = zhat_i * LSE(f(x_i))``
@@ -186,6 +187,11 @@ class NNGuide(OutputDetector):
     react_percentile : float in (0, 100] or None, default None
         When set, features are clipped at this percentile of all bank feature entries, for the bank and at
         score time (the official ResNet-50 engine uses 95).
+    backend : "torch" or "faiss", default "torch"
+        The neighbour search: an exact matrix product and ``topk``, or FAISS (``pip install 'oodguard[faiss]'``)
+        by largest inner product with ``index`` ``"flat"`` (exact), ``"ivf"`` (``nlist`` cells, default
+        ``4 sqrt(N)``, ``nprobe`` searched, default 8) or ``"hnsw"`` (``M`` links, default 32; ``ef_search``
+        candidates, default 128); see :mod:`oodguard.detectors.faiss_index`.
 
     Deviations from the official code: docs/detectors.md, section ``nnguide``.
 
@@ -206,16 +212,38 @@ class NNGuide(OutputDetector):
         "k": [Interval(Integral, 1, None)],
         "seed": [Interval(Integral, 0, 2**32, closed="left")],
         "react_percentile": [None, Interval(Real, 0, 100, closed="right")],
+        **FAISS_PARAMETERS,
     }
 
     def __init__(
-        self, *, bank_ratio: float = 0.01, k: int = 10, seed: int = 0, react_percentile: float | None = None
+        self,
+        *,
+        bank_ratio: float = 0.01,
+        k: int = 10,
+        seed: int = 0,
+        react_percentile: float | None = None,
+        backend: str = "torch",
+        index: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 8,
+        M: int = 32,
+        ef_search: int = 128,
     ) -> None:
         self.bank_ratio = bank_ratio
         self.k = k
         self.seed = seed
         self.react_percentile = react_percentile
+        self.backend = backend
+        self.index = index
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.M = M
+        self.ef_search = ef_search
+        self._faiss_index = None
         super().__init__()
+
+    def _check_param_combination(self) -> None:
+        self._check_search_params()
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         features = outputs.features
@@ -238,6 +266,7 @@ class NNGuide(OutputDetector):
         bank = bank.to(_F64)
         energy = torch.logsumexp(_logits(bank, state["weight"], state["bias"]), dim=1)
         state["bank"] = (F.normalize(bank, dim=1) * energy[:, None]).to(features.dtype)
+        state.update(self._index_state(state["bank"]))
         return state
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
@@ -246,8 +275,11 @@ class NNGuide(OutputDetector):
         if "clip" in st:
             z = z.clamp_max(st["clip"])
         energy = torch.logsumexp(_logits(z, st["weight"], st["bias"]), dim=1).to(_F64)
-        similarity = F.normalize(z, dim=1) @ st["bank"].T
-        guidance = similarity.topk(int(self.k), dim=1).values.to(_F64).mean(dim=1)
+        if self.backend == "faiss":
+            top = self._faiss_top_k(F.normalize(z, dim=1), int(self.k))
+        else:
+            top = (F.normalize(z, dim=1) @ st["bank"].T).topk(int(self.k), dim=1).values
+        guidance = top.to(_F64).mean(dim=1)
         return -(energy * guidance)
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
