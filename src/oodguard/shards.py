@@ -218,7 +218,6 @@ def _return_freed_memory() -> None:
         trim(0)
 
 
-
 def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     """The byte offset where the tensor data starts, and the parsed header (no tensor is read)."""
     with open(path, "rb") as handle:

@@ -656,14 +656,8 @@ class KNN(FaissSearch, OutputDetector):
         self.k = k
         self.ratio = ratio
         self.seed = seed
-        self.backend = backend
-        self.index = index
-        self.nlist = nlist
-        self.nprobe = nprobe
-        self.M = M
-        self.ef_search = ef_search
+        self._set_search(backend=backend, index=index, nlist=nlist, nprobe=nprobe, M=M, ef_search=ef_search)
         self._buffer: torch.Tensor | None = None  # the bank's storage while partial fits grow it
-        self._faiss_index: Any = None
         super().__init__()
 
     def _check_param_combination(self) -> None:

@@ -64,6 +64,13 @@ class FaissSearch:
 
         def _param_error(self, param: str, must: str) -> ValueError: ...
 
+    def _set_search(self, *, backend: str, index: str, nlist: int | None, nprobe: int, M: int, ef_search: int) -> None:
+        """Store the search parameters as given (the constructor's arguments, scikit-learn style)."""
+        self.backend, self.index, self.nlist, self.nprobe, self.M, self.ef_search = (
+            backend, index, nlist, nprobe, M, ef_search
+        )  # fmt: skip
+        self._faiss_index = None
+
     def _check_search_params(self) -> None:
         if self.backend == "torch" and (self.index != "flat" or self.nlist is not None):
             raise self._param_error("index", "'flat' with backend='torch' (approximate indexes need backend='faiss')")

@@ -233,13 +233,7 @@ class NNGuide(FaissSearch, OutputDetector):
         self.k = k
         self.seed = seed
         self.react_percentile = react_percentile
-        self.backend = backend
-        self.index = index
-        self.nlist = nlist
-        self.nprobe = nprobe
-        self.M = M
-        self.ef_search = ef_search
-        self._faiss_index = None
+        self._set_search(backend=backend, index=index, nlist=nlist, nprobe=nprobe, M=M, ef_search=ef_search)
         super().__init__()
 
     def _check_param_combination(self) -> None:

@@ -86,7 +86,8 @@ class _ShardExtractor:
     """A Ray Data actor: builds the model once, then extracts one shard of rows per call."""
 
     def __init__(self, model: Any, source: _RowSource, options: dict[str, Any]) -> None:
-        self.model = build_model(model) if isinstance(model, str) else model
+        built = build_model(model) if isinstance(model, str) else model
+        self.model = built.to(options["device"])  # the actor's own copy: moved to its GPU when it has one
         self.source = source
         self.options = options
 
