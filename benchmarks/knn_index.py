@@ -34,6 +34,25 @@ def data(rows: int, dim: int, seed: int, shift: float = 0.0) -> dict[str, torch.
     return {"features": centres[labels] + torch.randn(rows, dim, generator=generator) + shift}
 
 
+def reset_peak_memory() -> None:
+    """Reset this process's peak resident memory (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_gb() -> float:
+    """Peak resident memory since the last reset, in GB (VmHWM), or NaN where /proc is not there."""
+    try:
+        with open("/proc/self/status") as handle:
+            line = next(line for line in handle if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return float("nan")
+    return int(line.split()[1]) * 1024 / 1e9
+
+
 def configs(nprobes: tuple[int, ...], skip: set[str]) -> list[tuple[str, dict]]:
     """The torch exact search first (the reference), then the FAISS indexes not skipped; IVF once per nprobe."""
     chosen = []
@@ -52,6 +71,7 @@ def run(
     rows, exact = [], None
     for label, params in configs(nprobes, set(skip)):
         create("knn", k=k, **params).fit(data(max(2000, 4 * k), dim, 9)).score(data(10, dim, 8))  # warm-up
+        reset_peak_memory()
         started = time.perf_counter()
         detector = create("knn", k=k, **params).fit(fit)
         fitted = time.perf_counter()
@@ -62,17 +82,22 @@ def run(
         recall = float(((id_scores - exact[0]).abs() <= 1e-4).double().mean())
         value = auroc(id_scores, ood_scores)
         rows.append({"backend": label, "fit_s": fitted - started, "score_s": done - fitted, "recall": recall,
-                     "auroc": value, "auroc_change": value - auroc(*exact)})  # fmt: skip
+                     "auroc": value, "auroc_change": value - auroc(*exact), "peak_gb": peak_memory_gb()})  # fmt: skip
+        del detector
     return rows
 
 
 def table(rows: list[dict[str, object]], bank: int, dim: int, queries: int, k: int) -> str:
-    lines = ["| backend | fit (index build), s | score, s | recall of the k-th distance | AUROC | change |",
-             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| backend | fit (index build), s | score, s | recall of the k-th distance | AUROC | change "
+             "| peak memory, GB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['backend']} | {r['fit_s']:.2f} | {r['score_s']:.2f} | {r['recall']:.3f} | "
-                     f"{r['auroc']:.4f} | {r['auroc_change']:+.4f} |")  # fmt: skip
-    lines.append(f"\nBank {bank} x {dim}, {queries} ID + {queries} OOD queries, k={k}, {os.cpu_count()} CPU cores.")
+                     f"{r['auroc']:.4f} | {r['auroc_change']:+.4f} | {r['peak_gb']:.1f} |")  # fmt: skip
+    lines.append(
+        f"\nBank {bank} x {dim}, {queries} ID + {queries} OOD queries, k={k}, {os.cpu_count()} CPU cores; "
+        "peak memory: the process's resident peak during that row (data included), reset before each row."
+    )
     return "\n".join(lines)
 
 
