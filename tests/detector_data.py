@@ -21,6 +21,7 @@ SMALL_DATA_PARAMS = {
     "knn": {"k": 2},
     "nnguide": {"bank_ratio": 1.0, "k": 2},
     "openmax": {"tailsize": 2},
+    "sage": {"k": 5},
 }
 
 

@@ -1,0 +1,406 @@
+"""Detectors that train a small autoencoder on the fit features: ``ae_mahalanobis`` and ``sage``.
+
+Both train on the penultimate features (so they run on feature files too), seeded, with one thread, and keep the
+trained weights as state tensors: saved in the detector's safetensors file and loaded with it, never pickled.
+Features are standardised per column on the fit split first (an autoencoder's squared error would otherwise be
+dominated by the widest columns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oodguard.detectors.base import OutputDetector, class_counts, infer_num_classes, register
+from oodguard.detectors.distance import pinv_sqrt
+from oodguard.detectors.params import Integral, Interval, Real
+from oodguard.outputs import ModelOutputs
+
+__all__ = ["AEMahalanobis", "SAGE"]
+
+_F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------- the networks
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for index, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if index < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _networks(dim: int, hidden: int, latent: int, classes: int = 0) -> nn.ModuleDict:
+    parts: dict[str, nn.Module] = {"encoder": _mlp([dim, hidden, latent]), "decoder": _mlp([latent, hidden, dim])}
+    if classes:
+        parts["task"] = nn.Linear(latent, classes)
+    return nn.ModuleDict(parts)
+
+
+def _weights(networks: nn.ModuleDict) -> dict[str, torch.Tensor]:
+    return {f"net.{name}": value.detach().clone() for name, value in networks.state_dict().items()}
+
+
+def _restore(state: dict[str, torch.Tensor], dim: int, hidden: int, latent: int, classes: int) -> nn.ModuleDict:
+    networks = _networks(dim, hidden, latent, classes)
+    networks.load_state_dict({name[4:]: value for name, value in state.items() if name.startswith("net.")})
+    return networks.to(_F64).eval()
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Training that is the same on every run: seeded, one thread (a thread pool's reductions reorder sums)."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _train(networks: nn.ModuleDict, loss_of: Any, rows: int, epochs: int, batch: int, lr: float) -> None:
+    """Adam over shuffled mini-batches; ``loss_of(index)`` is the loss of the rows ``index``."""
+    optimiser = torch.optim.Adam(networks.parameters(), lr=lr)
+    networks.train()
+    for _ in range(epochs):
+        order = torch.randperm(rows)
+        for start in range(0, rows, batch):
+            optimiser.zero_grad(set_to_none=True)
+            loss_of(order[start : start + batch]).backward()
+            optimiser.step()
+    networks.eval()
+
+
+def _standardised(features: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (features.to(_F64) - state["feature_mean"]) / state["feature_std"]
+
+
+def _feature_scaling(features: torch.Tensor) -> dict[str, torch.Tensor]:
+    z = features.to(_F64)
+    std = z.std(dim=0, unbiased=False)
+    # a constant column carries nothing: scale 1 keeps it at 0 instead of dividing by 0
+    return {
+        "feature_mean": z.mean(dim=0),
+        "feature_std": torch.where(std > 1e-12 * std.max().clamp_min(1e-300), std, 1),
+    }
+
+
+def _check_rows(name: str, rows: int, latent: int) -> None:
+    if rows <= latent:
+        raise ValueError(
+            f"{name}: fit got N={rows} rows for a latent space of {latent} dimensions; the latent covariance needs "
+            f"more rows than dimensions: fit on more than {latent} rows or lower latent_dim"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- AE + Mahalanobis
+@register
+class AEMahalanobis(OutputDetector):
+    """Autoencoder reconstruction error plus the Mahalanobis distance of the latent code.
+
+    Fit: features standardised per column; an MLP autoencoder ``D(E(x))`` (``dim -> hidden -> latent_dim ->
+    hidden -> dim``, ReLU) trained on them with the mean squared error (Adam, seeded); the mean ``mu`` and
+    covariance ``S`` of the latent codes of all fit rows (one Gaussian, not per class), precision
+    ``pinv(S + ridge * tr(S)/d * I)``. Score: ``RE(x) = ||x - D(E(x))||^2 / dim`` and
+    ``MD(x) = (E(x) - mu)^T P (E(x) - mu)``, each standardised by its mean and standard deviation over the fit
+    rows, combined as ``alpha * MD_z + beta * RE_z``.
+
+    Parameters
+    ----------
+    latent_dim : int, default 16
+    hidden : int, default 128
+    epochs : int, default 60
+    lr : float, default 1e-3
+    batch_size : int, default 128
+    alpha, beta : float >= 0, default 1.0
+        Weights of the standardised Mahalanobis and reconstruction terms (not both 0).
+    ridge : float >= 0, default 1e-6
+        Added to the latent covariance, relative to its mean eigenvalue.
+    seed : int, default 0
+
+    Deviations from the paper: docs/detectors.md, section ``ae_mahalanobis``.
+
+    Paper: Denouden, Salay, Czarnecki, Abdelzad, Phan & Vernekar, "Improving Reconstruction Autoencoder
+    Out-of-distribution Detection with Mahalanobis Distance", arXiv:1812.02765, 2018. No official code.
+    """
+
+    name = "ae_mahalanobis"
+    summary = "autoencoder on the features: latent Mahalanobis distance plus reconstruction error, standardised"
+    paper = (
+        "Denouden, Salay, Czarnecki, Abdelzad, Phan & Vernekar, 'Improving Reconstruction Autoencoder "
+        "Out-of-distribution Detection with Mahalanobis Distance', arXiv:1812.02765, 2018"
+    )
+    code = "no official code"
+    requires = frozenset({"features"})
+    fit_requires = frozenset({"features"})
+    _parameter_constraints = {
+        "latent_dim": [Interval(Integral, 1, None)],
+        "hidden": [Interval(Integral, 1, None)],
+        "epochs": [Interval(Integral, 1, None)],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None)],
+        "alpha": [Interval(Real, 0, None)],
+        "beta": [Interval(Real, 0, None)],
+        "ridge": [Interval(Real, 0, None)],
+        "seed": [Interval(Integral, 0, None)],
+    }
+
+    def __init__(
+        self,
+        *,
+        latent_dim: int = 16,
+        hidden: int = 128,
+        epochs: int = 60,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        ridge: float = 1e-6,
+        seed: int = 0,
+    ) -> None:
+        self.latent_dim = latent_dim
+        self.hidden = hidden
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.alpha = alpha
+        self.beta = beta
+        self.ridge = ridge
+        self.seed = seed
+        super().__init__()
+
+    def _check_param_combination(self) -> None:
+        if self.alpha == 0 and self.beta == 0:
+            raise self._param_error("alpha", "positive, or beta positive (both 0 would score every input 0)")
+
+    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        features = outputs.features
+        _check_rows(self.name, features.shape[0], int(self.latent_dim))
+        state = _feature_scaling(features)
+        x = _standardised(features, state).to(torch.float32)
+        dim, hidden, latent = x.shape[1], int(self.hidden), int(self.latent_dim)
+        with _seeded(int(self.seed)):
+            networks = _networks(dim, hidden, latent)
+            _train(
+                networks,
+                lambda rows: F.mse_loss(networks["decoder"](networks["encoder"](x[rows])), x[rows]),
+                x.shape[0], int(self.epochs), int(self.batch_size), float(self.lr),
+            )  # fmt: skip
+        state.update(_weights(networks))
+        networks = networks.to(_F64)
+        with torch.no_grad():
+            codes = networks["encoder"](x.to(_F64))
+        mean = codes.mean(dim=0)
+        centred = codes - mean
+        covariance = centred.T @ centred / codes.shape[0]
+        covariance += float(self.ridge) * float(torch.trace(covariance)) / latent * torch.eye(latent, dtype=_F64)
+        state.update({"latent_mean": mean, "latent_root": pinv_sqrt(covariance)})
+        distance, error = self._terms(features, state, networks)
+        state.update({"md_mean": distance.mean(), "md_std": distance.std().clamp_min(1e-12),
+                      "re_mean": error.mean(), "re_std": error.std().clamp_min(1e-12)})  # fmt: skip
+        return state
+
+    def _terms(
+        self, features: torch.Tensor, state: dict[str, torch.Tensor], networks: nn.ModuleDict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``MD(x)`` and ``RE(x)`` (float64)."""
+        x = _standardised(features, state)
+        with torch.no_grad():
+            codes = networks["encoder"](x)
+            error = (networks["decoder"](codes) - x).square().mean(dim=1)
+        distance = ((codes - state["latent_mean"]) @ state["latent_root"]).square().sum(dim=1)
+        return distance, error
+
+    def _networks(self) -> nn.ModuleDict:
+        state = self.state_ or {}
+        dim = state["feature_mean"].shape[0]
+        return _restore(state, dim, int(self.hidden), int(self.latent_dim), 0)
+
+    def terms(self, outputs: ModelOutputs | Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unstandardised ``(MD, RE)`` of each row, as the score combines them."""
+        from oodguard.outputs import as_outputs
+
+        outputs = as_outputs(outputs)
+        state = self.state(torch.device("cpu"), _F64)
+        return self._terms(outputs.features.cpu(), state, self._networks())
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        state = self.state(torch.device("cpu"), _F64)
+        distance, error = self._terms(outputs.features.cpu(), state, self._cached_networks())
+        md = (distance - state["md_mean"]) / state["md_std"]
+        re = (error - state["re_mean"]) / state["re_std"]
+        return (float(self.alpha) * md + float(self.beta) * re).to(outputs.features.device)
+
+    def _cached_networks(self) -> nn.ModuleDict:
+        key = ("networks",)
+        if key not in self._state_cache:
+            self._state_cache[key] = self._networks()  # type: ignore[assignment]
+        return self._state_cache[key]  # type: ignore[return-value]
+
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
+        return 8 * 4 * (int(self.hidden) + (outputs.feature_dim or 1))
+
+
+# ---------------------------------------------------------------------------------------------- SAGE
+def upper_tail(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``P(x) = 1 - #{r < m(x)} / N``: the share of the (sorted) reference values at or above each value."""
+    below = torch.searchsorted(reference, values.contiguous(), side="left")
+    return 1.0 - below.to(_F64) / reference.shape[0]
+
+
+@register
+class SAGE(OutputDetector):
+    """SAGE: a supervised autoencoder's kNN distance, reconstruction loss and task loss, each an empirical
+    upper-tail probability against the fit rows, combined by their geometric mean.
+
+    Fit: features standardised per column; an encoder to a ``latent_dim`` code, a decoder and a linear task head
+    trained together with ``0.5 * MSE(reconstruction) + 0.1 * CE(task)`` (the authors' one-stage trainer; Adam,
+    seeded). Measures per row: ``dist = log(mean L1 distance of the code to its k nearest fit codes)`` (a fit
+    row's own code excluded), ``rloss = MSE`` of its reconstruction, ``task = -log max softmax`` of the head.
+    Each is turned into ``P_m(x) = 1 - #{r in R_m: r < m(x)} / N`` over the fit rows' values ``R_m``;
+    ``SAGE = (P_dist P_rloss P_task)^(1/3)`` is higher for inputs like the training data, and the OOD score is
+    ``1 - SAGE``.
+
+    Parameters: ``latent_dim`` 32 (the paper's), ``hidden`` 128, ``k`` 25 (``score_all.py``), ``epochs`` 60,
+    ``lr`` 1e-3, ``batch_size`` 128, ``seed`` 0.
+
+    Deviations from the official code: docs/detectors.md, section ``sage``.
+
+    Paper: Schreyer, Anderson & Thompson, "Generalization is not a universal guarantee: Estimating similarity
+    to training data with an ensemble out-of-distribution metric", arXiv:2502.16329, 2025.
+    Code: pdxgx/sage ``scripts/prob_scoring.py``, ``scripts/model_setup.py``, ``scripts/score_all.py``.
+    """
+
+    name = "sage"
+    summary = "supervised autoencoder: geometric mean of kNN-distance, reconstruction and task tail probabilities"
+    paper = (
+        "Schreyer, Anderson & Thompson, 'Generalization is not a universal guarantee: Estimating similarity to "
+        "training data with an ensemble out-of-distribution metric', arXiv:2502.16329, 2025"
+    )
+    code = "https://github.com/pdxgx/sage (scripts/prob_scoring.py)"
+    requires = frozenset({"features"})
+    fit_requires = frozenset({"features", "labels"})
+    _parameter_constraints = {
+        "latent_dim": [Interval(Integral, 1, None)],
+        "hidden": [Interval(Integral, 1, None)],
+        "k": [Interval(Integral, 1, None)],
+        "epochs": [Interval(Integral, 1, None)],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None)],
+        "seed": [Interval(Integral, 0, None)],
+    }
+    #: The measures, in the order of ``measures`` and of the reference values.
+    MEASURES = ("dist", "rloss", "task")
+
+    def __init__(
+        self,
+        *,
+        latent_dim: int = 32,
+        hidden: int = 128,
+        k: int = 25,
+        epochs: int = 60,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        seed: int = 0,
+    ) -> None:
+        self.latent_dim = latent_dim
+        self.hidden = hidden
+        self.k = k
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.seed = seed
+        super().__init__()
+
+    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        features, labels = outputs.features, outputs.labels.cpu()
+        rows, k = features.shape[0], int(self.k)
+        if rows <= k:
+            raise ValueError(f"{self.name}: k={k} neighbours need more than {k} fit rows (got {rows}); lower k")
+        classes = infer_num_classes(outputs)
+        class_counts(labels, classes, self.name, minimum=0)  # validates the label range
+        state = _feature_scaling(features)
+        x = _standardised(features, state).to(torch.float32)
+        dim, hidden, latent = x.shape[1], int(self.hidden), int(self.latent_dim)
+        with _seeded(int(self.seed)):
+            networks = _networks(dim, hidden, latent, classes)
+
+            def loss(index: torch.Tensor) -> torch.Tensor:
+                codes = networks["encoder"](x[index])
+                reconstruction = F.mse_loss(networks["decoder"](codes), x[index])
+                return 0.5 * reconstruction + 0.1 * F.cross_entropy(networks["task"](codes), labels[index])
+
+            _train(networks, loss, rows, int(self.epochs), int(self.batch_size), float(self.lr))
+        state.update(_weights(networks))
+        state["num_classes"] = torch.tensor(classes)
+        networks = networks.to(_F64)
+        codes, rloss, task = self._measures_of(features, state, networks)
+        state["codes"] = codes
+        dist = self._distance(codes, codes, exclude_self=True)
+        for name, values in zip(self.MEASURES, (dist, rloss, task), strict=True):
+            state[f"reference.{name}"] = values.sort().values
+        return state
+
+    def _measures_of(
+        self, features: torch.Tensor, state: dict[str, torch.Tensor], networks: nn.ModuleDict
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latent codes, reconstruction MSE and task loss ``-log max softmax`` (float64)."""
+        x = _standardised(features, state)
+        with torch.no_grad():
+            codes = networks["encoder"](x)
+            rloss = (networks["decoder"](codes) - x).square().mean(dim=1)
+            task = -torch.log_softmax(networks["task"](codes), dim=1).amax(dim=1)
+        return codes, rloss, task
+
+    def _distance(self, codes: torch.Tensor, bank: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+        """``log`` of the mean L1 distance to the k nearest bank codes, in chunks of rows."""
+        k = int(self.k)
+        step = max(1, 2**24 // max(1, bank.shape[0]))
+        pieces = []
+        for start in range(0, codes.shape[0], step):
+            distances = torch.cdist(codes[start : start + step], bank, p=1)
+            if exclude_self:  # a fit row's own code is not its neighbour (the reference code drops it too)
+                nearest = distances.topk(k + 1, dim=1, largest=False).values[:, 1:]
+            else:
+                nearest = distances.topk(k, dim=1, largest=False).values
+            pieces.append(nearest.mean(dim=1))
+        return torch.log(torch.cat(pieces).clamp_min(1e-300))
+
+    def measures(self, outputs: ModelOutputs | Any) -> dict[str, torch.Tensor]:
+        """The three raw measures and their tail probabilities ``P_dist``, ``P_rloss``, ``P_task`` per row."""
+        from oodguard.outputs import as_outputs
+
+        outputs = as_outputs(outputs)
+        state = self.state(torch.device("cpu"), _F64)
+        networks = self._cached_networks()
+        codes, rloss, task = self._measures_of(outputs.features.cpu(), state, networks)
+        values = {"dist": self._distance(codes, state["codes"]), "rloss": rloss, "task": task}
+        result = dict(values)
+        for name in self.MEASURES:
+            result[f"P_{name}"] = upper_tail(state[f"reference.{name}"], values[name])
+        return result
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        parts = self.measures(outputs)
+        sage = (parts["P_dist"] * parts["P_rloss"] * parts["P_task"]).pow(1.0 / 3.0)
+        return (1.0 - sage).to(outputs.features.device)
+
+    def _cached_networks(self) -> nn.ModuleDict:
+        key = ("networks",)
+        if key not in self._state_cache:
+            state = self.state_ or {}
+            dim, classes = state["feature_mean"].shape[0], int(state["num_classes"])
+            self._state_cache[key] = _restore(state, dim, int(self.hidden), int(self.latent_dim), classes)  # type: ignore[assignment]
+        return self._state_cache[key]  # type: ignore[return-value]
+
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
+        bank = (self.state_ or {}).get("codes")
+        return 8 * 3 * (bank.shape[0] if bank is not None else 4096) + 8 * 4 * int(self.hidden)

@@ -1,0 +1,110 @@
+"""ae_mahalanobis and sage: known answers against scikit-learn and hand computations, seeded training, save/load."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import EmpiricalCovariance
+
+from oodguard import detectors
+from oodguard.detectors.autoencoder import upper_tail
+from oodguard.outputs import ModelOutputs
+
+
+def _outputs(n, seed, shift=0.0, classes=4, dim=12):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(0)) * 3
+    labels = torch.randint(0, classes, (n,), generator=g)
+    features = centres[labels] + torch.randn(n, dim, generator=g) + shift
+    return ModelOutputs(features=features, labels=labels)
+
+
+FAST = {"epochs": 15, "hidden": 32}
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    fit = _outputs(800, 1)
+    return fit, detectors.create("ae_mahalanobis", latent_dim=4, ridge=0.0, **FAST).fit(fit)
+
+
+def _codes(detector, outputs):
+    state = detector.state_
+    x = (outputs.features.double() - state["feature_mean"]) / state["feature_std"]
+    with torch.no_grad():
+        return detector._cached_networks()["encoder"](x).numpy()
+
+
+def test_the_latent_distance_is_scikit_learns_mahalanobis_on_the_codes(fitted):
+    fit, detector = fitted
+    test = _outputs(300, 2, shift=0.5)
+    reference = EmpiricalCovariance().fit(_codes(detector, fit))
+    distance, _ = detector.terms(test)
+    np.testing.assert_allclose(distance.numpy(), reference.mahalanobis(_codes(detector, test)), rtol=1e-6)
+
+
+def test_the_score_is_the_standardised_terms_weighted_by_hand(fitted):
+    fit, detector = fitted
+    test = _outputs(300, 2, shift=0.5)
+    md_fit, re_fit = detector.terms(fit)
+    md, re = detector.terms(test)
+    for alpha, beta in ((1.0, 1.0), (2.0, 0.0), (0.0, 0.5)):
+        detector.set_params(alpha=alpha, beta=beta)
+        expected = alpha * (md - md_fit.mean()) / md_fit.std() + beta * (re - re_fit.mean()) / re_fit.std()
+        torch.testing.assert_close(detector.score(test).double(), expected.float().double(), rtol=1e-5, atol=1e-5)
+    detector.set_params(alpha=1.0, beta=1.0)
+
+
+def test_training_is_seeded_and_a_saved_detector_scores_the_same(tmp_path, fitted):
+    fit, detector = fitted
+    test = _outputs(200, 3)
+    again = detectors.create("ae_mahalanobis", latent_dim=4, ridge=0.0, **FAST).fit(fit)
+    assert torch.equal(again.score(test), detector.score(test))
+    other_seed = detectors.create("ae_mahalanobis", latent_dim=4, ridge=0.0, seed=1, **FAST).fit(fit)
+    assert not torch.equal(other_seed.score(test), detector.score(test))
+    detector.save(tmp_path / "ae")
+    assert torch.equal(detectors.load(tmp_path / "ae").score(test), detector.score(test))
+    assert torch.get_num_threads() >= 1  # the training restored the thread count it changed
+
+
+def test_far_inputs_score_higher_and_bad_input_is_refused():
+    fit = _outputs(600, 1)
+    for name in ("ae_mahalanobis", "sage"):
+        detector = detectors.create(name, **FAST).fit(fit)
+        near, far = detector.score(_outputs(200, 2)), detector.score(_outputs(200, 3, shift=4.0))
+        assert float((far > near.median()).double().mean()) > 0.95
+    with pytest.raises(ValueError, match="N=10 rows for a latent space of 16 dimensions"):
+        detectors.create("ae_mahalanobis").fit(_outputs(10, 1))
+    with pytest.raises(ValueError, match="k=25 neighbours need more than 25 fit rows"):
+        detectors.create("sage", latent_dim=2).fit(_outputs(20, 1))
+    with pytest.raises(ValueError, match="alpha"):
+        detectors.create("ae_mahalanobis", alpha=0.0, beta=0.0)
+    with pytest.raises(ValueError, match="sage: fit needs labels"):
+        detectors.create("sage").fit({"features": np.zeros((50, 3))})
+
+
+def test_sage_is_the_geometric_mean_of_its_tail_probabilities_computed_by_hand():
+    fit, test = _outputs(500, 1), _outputs(120, 4, shift=1.0)
+    detector = detectors.create("sage", latent_dim=3, k=5, **FAST).fit(fit)
+    parts = detector.measures(test)
+    state = detector.state_
+    codes = _codes(detector, test)
+    bank = state["codes"].numpy()
+    l1 = np.abs(codes[:, None, :] - bank[None, :, :]).sum(-1)
+    dist = np.log(np.sort(l1, axis=1)[:, :5].mean(1))
+    np.testing.assert_allclose(parts["dist"].numpy(), dist, rtol=1e-9)
+    for name in ("dist", "rloss", "task"):
+        reference = state[f"reference.{name}"].numpy()
+        by_hand = (reference[None, :] >= parts[name].numpy()[:, None]).mean(1)  # share of fit values >= m(x)
+        np.testing.assert_allclose(parts[f"P_{name}"].numpy(), by_hand)
+    sage = np.cbrt(parts["P_dist"].numpy() * parts["P_rloss"].numpy() * parts["P_task"].numpy())
+    np.testing.assert_allclose(detector.score(test).double().numpy(), 1 - sage, rtol=1e-6, atol=1e-7)
+    # the fit rows' own distances leave out the row itself: its code is at distance 0 from itself
+    fit_l1 = np.abs(bank[:, None, :] - bank[None, :, :]).sum(-1)
+    own = np.log(np.sort(fit_l1, axis=1)[:, 1:6].mean(1))
+    np.testing.assert_allclose(state["reference.dist"].numpy(), np.sort(own), rtol=1e-9)
+
+
+def test_upper_tail_counts_ties_as_at_or_above():
+    reference = torch.tensor([1.0, 2.0, 2.0, 3.0], dtype=torch.float64)
+    values = torch.tensor([0.5, 2.0, 2.5, 3.0, 4.0], dtype=torch.float64)
+    assert upper_tail(reference, values).tolist() == [1.0, 0.75, 0.25, 0.25, 0.0]
