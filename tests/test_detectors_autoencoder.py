@@ -108,3 +108,60 @@ def test_upper_tail_counts_ties_as_at_or_above():
     reference = torch.tensor([1.0, 2.0, 2.0, 3.0], dtype=torch.float64)
     values = torch.tensor([0.5, 2.0, 2.5, 3.0, 4.0], dtype=torch.float64)
     assert upper_tail(reference, values).tolist() == [1.0, 0.75, 0.25, 0.25, 0.0]
+
+
+# ---------------------------------------------------------------------- msma
+def test_msma_learns_the_analytic_score_norms_of_a_gaussian():
+    # ID = N(mu, 4 I): standardised it is N(0, I), whose noise-perturbed density at level sigma is
+    # N(0, (1 + sigma^2) I) with score -x / (1 + sigma^2), so phi_i(x) = sigma_i ||x|| / (1 + sigma_i^2).
+    g = torch.Generator().manual_seed(0)
+    fit = ModelOutputs(features=torch.randn(4000, 3, generator=g, dtype=torch.float64) * 2 + 5)
+    test = ModelOutputs(features=torch.randn(500, 3, generator=g, dtype=torch.float64) * 2 + 5)
+    detector = detectors.create("msma", levels=4, sigma_min=0.25, hidden=64, epochs=40, components=(2,)).fit(fit)
+    norms = detector.score_norms(test)
+    state = detector.state_
+    x = (test.features - state["feature_mean"]) / state["feature_std"]
+    sigmas = state["sigmas"]
+    analytic = sigmas[None, :] * torch.linalg.vector_norm(x, dim=1, keepdim=True) / (1 + sigmas[None, :] ** 2)
+    relative = ((norms - analytic).abs() / analytic).median(dim=0).values
+    # denoising score matching estimates the score from noisy samples; 4,000 rows and 40 epochs leave a few
+    # per cent of error, growing as sigma shrinks (the target e / sigma dominates the signal): 15 % bounds it
+    assert bool((relative < 0.15).all()), relative
+
+
+def test_msma_mixture_density_is_scikit_learns_and_the_score_its_negative():
+    from sklearn.mixture import GaussianMixture
+
+    from oodguard.detectors.autoencoder import gaussian_mixture_log_density
+
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(300, 4)) + rng.integers(0, 3, size=(300, 1)) * 3
+    mixture = GaussianMixture(3, covariance_type="full", random_state=0).fit(points)
+    ours = gaussian_mixture_log_density(
+        torch.from_numpy(points), *(torch.from_numpy(a) for a in (mixture.weights_, mixture.means_,
+                                                                   mixture.precisions_cholesky_))
+    )  # fmt: skip
+    np.testing.assert_allclose(ours.numpy(), mixture.score_samples(points), rtol=1e-10)
+    fit, test = _outputs(600, 1), _outputs(100, 2, shift=2.0)
+    detector = detectors.create("msma", levels=3, epochs=5, hidden=32, components=(1, 2)).fit(fit)
+    state = detector.state_
+    phi = (detector.score_norms(test) - state["phi_mean"]) / state["phi_std"]
+    expected = -gaussian_mixture_log_density(
+        phi, state["gmm_weights"], state["gmm_means"], state["gmm_precision_cholesky"]
+    )
+    torch.testing.assert_close(detector.score(test).double(), expected.float().double(), rtol=1e-5, atol=1e-5)
+
+
+def test_msma_is_seeded_saves_and_refuses_bad_input(tmp_path):
+    fit, test = _outputs(400, 1), _outputs(50, 2)
+    params = {"levels": 3, "epochs": 5, "hidden": 32, "components": (1, 2)}
+    detector = detectors.create("msma", **params).fit(fit)
+    assert torch.equal(detectors.create("msma", **params).fit(fit).score(test), detector.score(test))
+    detector.save(tmp_path / "msma")
+    assert torch.equal(detectors.load(tmp_path / "msma").score(test), detector.score(test))
+    with pytest.raises(
+        ValueError, match="N=15 rows; the mixture needs at least 20 for its 10-fold choice of components"
+    ):
+        detectors.create("msma", **params).fit(_outputs(15, 1))
+    with pytest.raises(ValueError, match="sigma_min"):
+        detectors.create("msma", sigma_min=2.0)

@@ -1,4 +1,4 @@
-"""Detectors that train a small autoencoder on the fit features: ``ae_mahalanobis`` and ``sage``.
+"""Detectors that train a small auxiliary network on the fit features: ``ae_mahalanobis``, ``sage``, ``msma``.
 
 Both train on the penultimate features (so they run on feature files too), seeded, with one thread, and keep the
 trained weights as state tensors: saved in the detector's safetensors file and loaded with it, never pickled.
@@ -8,6 +8,7 @@ dominated by the widest columns).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,10 +19,10 @@ from torch import nn
 
 from oodguard.detectors.base import OutputDetector, class_counts, infer_num_classes, register
 from oodguard.detectors.distance import pinv_sqrt
-from oodguard.detectors.params import Integral, Interval, Real
+from oodguard.detectors.params import Integral, Interval, Real, SequenceOf
 from oodguard.outputs import ModelOutputs
 
-__all__ = ["AEMahalanobis", "SAGE"]
+__all__ = ["AEMahalanobis", "MSMA", "SAGE"]
 
 _F64 = torch.float64
 
@@ -404,3 +405,215 @@ class SAGE(OutputDetector):
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         bank = (self.state_ or {}).get("codes")
         return 8 * 3 * (bank.shape[0] if bank is not None else 4096) + 8 * 4 * int(self.hidden)
+
+
+# ---------------------------------------------------------------------------------------------- MSMA
+def noise_levels(levels: int, sigma_max: float, sigma_min: float) -> torch.Tensor:
+    """``sigma_i = exp(linspace(log sigma_max, log sigma_min, L))``: geometric, largest first (official)."""
+    return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), levels, dtype=_F64))
+
+
+class _ScoreNetwork(nn.Module):
+    """``s(x, i) = f([x, onehot(i)]) / sigma_i``: one MLP for every noise level (NCSNv2's 1/sigma scaling), so
+    ``sigma_i s(x, i) = f`` and the denoising loss ``1/2 ||f(x + sigma_i e, i) + e||^2`` is well scaled at every
+    level."""
+
+    def __init__(self, dim: int, levels: int, hidden: int) -> None:
+        super().__init__()
+        self.levels = levels
+        self.body = nn.Sequential(
+            nn.Linear(dim + levels, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim)
+        )
+
+    def scaled(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """``sigma_i s(x, i)`` for each row's level index."""
+        onehot = F.one_hot(level, self.levels).to(x.dtype)
+        return self.body(torch.cat([x, onehot], dim=1))
+
+
+def gaussian_mixture_log_density(
+    points: torch.Tensor, weights: torch.Tensor, means: torch.Tensor, precision_cholesky: torch.Tensor
+) -> torch.Tensor:
+    """``log p(x)`` of a full-covariance Gaussian mixture (scikit-learn's parametrisation: the Cholesky factors
+    of the precisions, ``P_k = U_k U_k^T``)."""
+    dim = points.shape[1]
+    # log det of each precision's Cholesky factor, and the Mahalanobis term ||(x - mu_k) U_k||^2
+    log_det = torch.log(torch.diagonal(precision_cholesky, dim1=1, dim2=2)).sum(dim=1)
+    projected = torch.einsum("nd,kde->nke", points, precision_cholesky) - torch.einsum(
+        "kd,kde->ke", means, precision_cholesky
+    )
+    log_gauss = -0.5 * (dim * math.log(2 * math.pi) + projected.square().sum(dim=2)) + log_det
+    return torch.logsumexp(log_gauss + torch.log(weights), dim=1)
+
+
+@register
+class MSMA(OutputDetector):
+    """MSMA: norms of a noise-conditional score network's scores at L noise levels, and a Gaussian mixture over
+    them.
+
+    Fit: features standardised per column; a score network ``s(x, i)`` trained by denoising score matching at
+    ``levels`` noise levels ``sigma_i`` (geometric from ``sigma_max`` to ``sigma_min``), loss
+    ``E_i E_e 1/2 sigma_i^2 ||s(x + sigma_i e, i) + e / sigma_i||^2``; the score-norm vector
+    ``phi(x) = (||sigma_1 s(x, 1)||, ..., ||sigma_L s(x, L)||)`` of every fit row on the clean features; a
+    full-covariance Gaussian mixture on the standardised ``phi`` with its number of components chosen by 10-fold
+    cross-validated log-likelihood among ``components`` (scikit-learn, at fit only). Score: ``-log p(phi(x))``.
+
+    Parameters: ``levels`` 10, ``sigma_max`` 1.0, ``sigma_min`` 0.01 (official), ``hidden`` 256, ``epochs`` 100,
+    ``lr`` 1e-3, ``batch_size`` 128, ``components`` (2, 4, ..., 20) (official), ``seed`` 0.
+
+    Deviations from the official code: docs/detectors.md, section ``msma``.
+
+    Paper: Mahmood, Oliva & Styner, "Multiscale Score Matching for Out-of-Distribution Detection", ICLR 2021.
+    Code: ahsanMah/msma ``ood_detection_helper.py``, ``losses/losses.py``, ``utils.py``.
+    """
+
+    name = "msma"
+    summary = "negative log density (Gaussian mixture) of the score-network norms at 10 noise levels"
+    paper = "Mahmood, Oliva & Styner, 'Multiscale Score Matching for Out-of-Distribution Detection', ICLR 2021"
+    code = "https://github.com/ahsanMah/msma (ood_detection_helper.py)"
+    requires = frozenset({"features"})
+    fit_requires = frozenset({"features"})
+    _parameter_constraints = {
+        "levels": [Interval(Integral, 1, None)],
+        "sigma_max": [Interval(Real, 0, None, closed="neither")],
+        "sigma_min": [Interval(Real, 0, None, closed="neither")],
+        "hidden": [Interval(Integral, 1, None)],
+        "epochs": [Interval(Integral, 1, None)],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None)],
+        "components": [SequenceOf(Interval(Integral, 1, None))],
+        "seed": [Interval(Integral, 0, None)],
+    }
+
+    def __init__(
+        self,
+        *,
+        levels: int = 10,
+        sigma_max: float = 1.0,
+        sigma_min: float = 0.01,
+        hidden: int = 256,
+        epochs: int = 100,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        components: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 14, 16, 18, 20),
+        seed: int = 0,
+    ) -> None:
+        self.levels = levels
+        self.sigma_max = sigma_max
+        self.sigma_min = sigma_min
+        self.hidden = hidden
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.components = components
+        self.seed = seed
+        super().__init__()
+
+    def _check_param_combination(self) -> None:
+        if self.sigma_min > self.sigma_max:
+            raise self._param_error("sigma_min", f"at most sigma_max={self.sigma_max}")
+
+    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        features = outputs.features
+        rows = features.shape[0]
+        candidates = sorted({int(c) for c in self.components})
+        needed = 10 * max(2, candidates[0]) if len(candidates) > 1 else 2 * candidates[0]
+        if rows < needed:
+            how = "its 10-fold choice of components" if len(candidates) > 1 else f"{candidates[0]} component(s)"
+            raise ValueError(
+                f"{self.name}: fit got N={rows} rows; the mixture needs at least {needed} for {how}: fit on more rows"
+            )
+        state = _feature_scaling(features)
+        x = _standardised(features, state).to(torch.float32)
+        sigmas = noise_levels(int(self.levels), float(self.sigma_max), float(self.sigma_min))
+        state["sigmas"] = sigmas
+        with _seeded(int(self.seed)):
+            network = _ScoreNetwork(x.shape[1], int(self.levels), int(self.hidden))
+            sigma32 = sigmas.to(torch.float32)
+
+            def loss(index: torch.Tensor) -> torch.Tensor:
+                level = torch.randint(0, int(self.levels), (index.shape[0],))
+                noise = torch.randn(index.shape[0], x.shape[1])
+                noisy = x[index] + sigma32[level, None] * noise
+                return 0.5 * (network.scaled(noisy, level) + noise).square().sum(dim=1).mean()
+
+            _train(
+                nn.ModuleDict({"score": network}), loss, rows, int(self.epochs), int(self.batch_size), float(self.lr)
+            )
+        state.update({f"net.{name}": value.detach().clone() for name, value in network.state_dict().items()})
+        norms = self._norms(x.to(_F64), network.to(_F64))
+        state.update(self._fit_mixture(norms))
+        return state
+
+    def _norms(self, x: torch.Tensor, network: _ScoreNetwork) -> torch.Tensor:
+        """``phi(x)``: ``||sigma_i s(x, i)||`` for every level, ``[n, L]``."""
+        columns = []
+        with torch.no_grad():
+            for level in range(network.levels):
+                index = torch.full((x.shape[0],), level, dtype=torch.long)
+                columns.append(torch.linalg.vector_norm(network.scaled(x, index), dim=1))
+        return torch.stack(columns, dim=1)
+
+    def _fit_mixture(self, norms: torch.Tensor) -> dict[str, torch.Tensor]:
+        try:
+            from sklearn.mixture import GaussianMixture
+            from sklearn.model_selection import KFold
+        except ImportError as error:
+            raise ImportError(f"{self.name}: fitting its mixture needs scikit-learn ({error}); "
+                              "pip install 'oodguard[bench]'") from error  # fmt: skip
+        mean, std = norms.mean(dim=0), norms.std(dim=0, unbiased=False).clamp_min(1e-12)
+        phi = ((norms - mean) / std).numpy()
+        folds = KFold(n_splits=10, shuffle=True, random_state=int(self.seed))
+        candidates = sorted({int(c) for c in self.components})
+        best, best_score, worse = (candidates[0] if len(candidates) == 1 else None), -math.inf, 0
+        for count in candidates if len(candidates) > 1 else []:
+            scores = []
+            for train, held_out in folds.split(phi):
+                if len(train) < count:
+                    break
+                mixture = GaussianMixture(count, covariance_type="full", random_state=int(self.seed), reg_covar=1e-6)
+                scores.append(mixture.fit(phi[train]).score(phi[held_out]))
+            if scores and float(sum(scores) / len(scores)) > best_score:
+                best, best_score, worse = count, float(sum(scores) / len(scores)), 0
+            else:
+                worse += 1
+            if worse == 2:  # the held-out likelihood fell twice in a row: more components only overfit further
+                break
+        assert best is not None
+        mixture = GaussianMixture(best, covariance_type="full", random_state=int(self.seed), reg_covar=1e-6).fit(phi)
+        return {
+            "phi_mean": mean,
+            "phi_std": std,
+            "gmm_weights": torch.from_numpy(mixture.weights_).to(_F64),
+            "gmm_means": torch.from_numpy(mixture.means_).to(_F64),
+            "gmm_precision_cholesky": torch.from_numpy(mixture.precisions_cholesky_).to(_F64),
+        }
+
+    def _cached_network(self) -> _ScoreNetwork:
+        key = ("networks",)
+        if key not in self._state_cache:
+            state = self.state_ or {}
+            network = _ScoreNetwork(state["feature_mean"].shape[0], int(self.levels), int(self.hidden))
+            network.load_state_dict({name[4:]: value for name, value in state.items() if name.startswith("net.")})
+            self._state_cache[key] = network.to(_F64).eval()  # type: ignore[assignment]
+        return self._state_cache[key]  # type: ignore[return-value]
+
+    def score_norms(self, outputs: ModelOutputs | Any) -> torch.Tensor:
+        """``phi(x) = (||sigma_i s(x, i)||)_i`` of each row ``[n, L]`` (in the standardised feature space)."""
+        from oodguard.outputs import as_outputs
+
+        outputs = as_outputs(outputs)
+        state = self.state(torch.device("cpu"), _F64)
+        return self._norms(_standardised(outputs.features.cpu(), state), self._cached_network())
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        state = self.state(torch.device("cpu"), _F64)
+        norms = self._norms(_standardised(outputs.features.cpu(), state), self._cached_network())
+        phi = (norms - state["phi_mean"]) / state["phi_std"]
+        log_density = gaussian_mixture_log_density(
+            phi, state["gmm_weights"], state["gmm_means"], state["gmm_precision_cholesky"]
+        )
+        return (-log_density).to(outputs.features.device)
+
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
+        return 8 * 4 * (int(self.hidden) + (outputs.feature_dim or 1) + int(self.levels) * 8)
