@@ -147,6 +147,31 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         distances = (x[:, None, :] - cc[ranked]).norm(dim=2)
         return torch.logsumexp(x, dim=1) + distances.sum(dim=1)
 
+    def mlp(*sizes: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        # a float64 MLP (the auxiliary networks score in float64) with random weights of the detector's sizes
+        layers = [torch.randn(a, b, dtype=torch.float64) / a**0.5 for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(torch.float64)
+            for layer in layers[:-1]:
+                x = (x @ layer).relu_()
+            return x @ layers[-1]
+
+        return forward
+
+    autoencoder = (mlp(dim, 128, 16), mlp(16, 128, dim))  # ae_mahalanobis's encoder and decoder
+    supervised = (mlp(dim, 128, 32), mlp(32, 128, dim))  # sage's
+    codes = torch.randn(n_fit, 32, dtype=torch.float64)
+    score_network = mlp(dim + 10, 256, 256, dim)  # msma's, once per noise level
+
+    def sage_bound(x: torch.Tensor) -> object:
+        latent = supervised[0](x)
+        return supervised[1](latent), torch.topk(torch.cdist(latent, codes, p=1), 25, dim=1, largest=False)
+
+    def msma_bound(x: torch.Tensor) -> object:
+        inputs = torch.cat([x.to(torch.float64), torch.zeros(x.shape[0], 10, dtype=torch.float64)], dim=1)
+        return [score_network(inputs).norm(dim=1) for _ in range(10)]
+
     def similarities(text: torch.Tensor) -> Callable[[torch.Tensor], object]:
         # unit input embeddings against every text embedding, then one exponential per similarity
         return lambda x: torch.logsumexp(torch.nn.functional.normalize(x, dim=1) @ text.T, dim=1)
@@ -189,6 +214,9 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "neglabel": op(similarities(with_negatives)),
         "lapt": op(similarities(with_negatives)),
         "clipn": op(similarities(torch.cat([labels, no_labels]))),
+        "ae_mahalanobis": op(lambda x: autoencoder[1](autoencoder[0](x))),
+        "sage": op(sage_bound),
+        "msma": op(msma_bound),
     }
 
 

@@ -58,7 +58,12 @@ def test_extraction_overhead_script_compares_extract_with_a_bare_loop():
 def test_knn_index_script_compares_backends():
     pytest.importorskip("faiss")
     script = load("knn_index")
-    rows = script.run(bank=3000, dim=16, queries=100, k=5)
-    assert [row["backend"] for row in rows] == ["torch exact", "faiss flat", "faiss ivf", "faiss hnsw"]
+    rows = script.run(bank=3000, dim=16, queries=100, k=5, nprobes=(2, 50))
+    labels = ["torch exact", "faiss flat", "faiss ivf, nprobe=2", "faiss ivf, nprobe=50", "faiss hnsw"]
+    assert [row["backend"] for row in rows] == labels
     assert rows[1]["recall"] == 1.0 and all(0 <= row["recall"] <= 1 for row in rows)
-    assert "| faiss ivf |" in script.table(rows, 3000, 16, 100, 5)
+    assert rows[3]["recall"] >= rows[2]["recall"] and rows[3]["fit_s"] == rows[2]["fit_s"]  # one index, two nprobes
+    assert all(row["peak_gb"] > 0 for row in rows)
+    assert "| faiss ivf, nprobe=2 |" in script.table(rows, 3000, 16, 100, 5)
+    skipped = script.run(bank=3000, dim=16, queries=100, k=5, skip=frozenset({"flat", "hnsw"}))
+    assert [row["backend"] for row in skipped] == ["torch exact", "faiss ivf, nprobe=16"]
