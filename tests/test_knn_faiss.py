@@ -88,3 +88,9 @@ def test_too_few_probes_are_a_clear_error():
     with pytest.raises(ValueError, match="fewer than k=200 neighbours.*raise nprobe"):
         detector.score(clusters(5, seed=12))
     assert np.isfinite(np.asarray(create("knn", k=200).fit(bank).score(clusters(5, seed=12)))).all()
+
+
+def test_a_seed_beyond_faiss_int_range_trains_an_ivf_index():
+    # FAISS's k-means seed is a C int: larger seeds are folded into its range instead of overflowing
+    detector = create("knn", k=5, backend="faiss", index="ivf", nlist=8, seed=2**40).fit(clusters(1000, seed=13))
+    assert detector.score(clusters(20, seed=14)).shape == (20,)

@@ -8,16 +8,15 @@ samples the detector keeps accumulating and ``score`` says what is missing; ``fi
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from oodguard.detectors.base import Detector, OutputDetector, class_counts, infer_num_classes, register
+from oodguard.detectors.faiss_index import INDEX_CONSTRAINTS, FaissSearch
 from oodguard.detectors.params import Boolean, Integral, Interval, Options, Real
 from oodguard.outputs import ModelOutputs
 
@@ -25,14 +24,6 @@ from oodguard.outputs import ModelOutputs
 _NORM_EPS = 1e-10
 #: Relative eigenvalue cutoff of the pseudo-inverses, as in ``base.symmetric_pinv``.
 _PINV_RTOL = 1e-10
-
-
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as error:
-        raise ImportError(f"backend='faiss' needs FAISS ({error}); pip install 'oodguard[faiss]'") from error
-    return faiss
 
 
 # ---------------------------------------------------------------------- numerics shared by the detectors
@@ -567,7 +558,7 @@ class WDiscOOD(ClassStatistics):
 
 
 @register
-class KNN(OutputDetector):
+class KNN(FaissSearch):
     """Deep nearest neighbours: distance from the normalised feature to its k-th nearest ID neighbour.
 
     Fit: the bank ``{z_i / max(||z_i||, eps)}`` of ID features (no labels needed), optionally a uniformly
@@ -606,12 +597,7 @@ class KNN(OutputDetector):
         "k": [Interval(Integral, 1, None)],
         "ratio": [Interval(Real, 0, 1, closed="right")],
         "seed": [Interval(Integral, 0, None)],
-        "backend": [Options(("torch", "faiss"))],
-        "index": [Options(("flat", "ivf", "hnsw"))],
-        "nlist": [None, Interval(Integral, 1, None)],
-        "nprobe": [Interval(Integral, 1, None)],
-        "M": [Interval(Integral, 2, None)],
-        "ef_search": [Interval(Integral, 1, None)],
+        **INDEX_CONSTRAINTS,
     }
 
     def __init__(
@@ -637,14 +623,7 @@ class KNN(OutputDetector):
         self.M = M
         self.ef_search = ef_search
         self._buffer: torch.Tensor | None = None  # the bank's storage while partial fits grow it
-        self._faiss_index: Any = None
         super().__init__()
-
-    def _check_param_combination(self) -> None:
-        if self.backend == "torch" and (self.index != "flat" or self.nlist is not None):
-            raise self._param_error("index", "'flat' with backend='torch' (approximate indexes need backend='faiss')")
-        if self.backend == "faiss" and self.index == "hnsw" and self.ef_search < self.k:
-            raise self._param_error("ef_search", f"at least k={self.k} (HNSW explores ef_search candidates)")
 
     @property
     def supports_partial_fit(self) -> bool:
@@ -711,48 +690,8 @@ class KNN(OutputDetector):
         return {"bank": buffer[: rows + extra]}
 
     def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self._faiss_index = None
-        state = {"bank": stats["bank"]}  # the bank is its own statistic: one copy in memory and on disk
-        if self.backend == "faiss" and self.index != "flat":
-            # the trained index, in FAISS's own serialisation (bytes, covered by the file's digest): no pickle
-            state["faiss_index"] = torch.from_numpy(_faiss().serialize_index(self._build_index(stats["bank"])))
-        return state
-
-    # -- FAISS
-    def _build_index(self, bank: torch.Tensor) -> Any:
-        faiss = _faiss()
-        vectors = np.ascontiguousarray(bank.detach().cpu().to(torch.float32).numpy())
-        rows, dim = vectors.shape
-        if self.index == "flat":
-            index = faiss.IndexFlatIP(dim)
-        elif self.index == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, int(self.M), faiss.METRIC_INNER_PRODUCT)
-        else:
-            nlist = int(self.nlist) if self.nlist is not None else max(1, min(rows // 39, int(4 * math.sqrt(rows))))
-            if nlist > rows:
-                raise ValueError(f"{self.name}: nlist={nlist} exceeds the {rows} bank rows; lower nlist")
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.cp.seed = int(self.seed)
-            sample = min(rows, 256 * nlist)  # k-means on a seeded sample, as FAISS itself recommends
-            chosen = torch.randperm(rows, generator=torch.Generator().manual_seed(int(self.seed)))[:sample]
-            index.train(vectors[np.sort(chosen.numpy())])
-        index.add(vectors)
-        return index
-
-    def _search_index(self) -> Any:
-        if self._faiss_index is None:
-            state = self.state_ or {}
-            if "faiss_index" in state:
-                raw = state["faiss_index"].cpu().numpy().astype(np.uint8)
-                self._faiss_index = _faiss().deserialize_index(raw)
-            else:
-                self._faiss_index = self._build_index(state["bank"])
-        index = self._faiss_index
-        if self.index == "ivf":
-            index.nprobe = int(self.nprobe)
-        elif self.index == "hnsw":
-            index.hnsw.efSearch = int(self.ef_search)
-        return index
+        # the bank is its own statistic: one copy in memory and on disk
+        return {"bank": stats["bank"], **self._index_state(stats["bank"])}
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         z = outputs.features
@@ -764,15 +703,7 @@ class KNN(OutputDetector):
                 "data or lower k"
             )
         if self.backend == "faiss":
-            queries = np.ascontiguousarray(normalize_rows(z).detach().cpu().to(torch.float32).numpy())
-            similarities, found = self._search_index().search(queries, k)
-            if (found[:, -1] < 0).any():  # an approximate index found fewer than k neighbours
-                missing = int((found[:, -1] < 0).sum())
-                raise ValueError(
-                    f"{self.name}: the {self.index} index returned fewer than k={k} neighbours for {missing} "
-                    "query(ies); raise nprobe (ivf) or ef_search (hnsw)"
-                )
-            kth = torch.from_numpy(similarities[:, -1].copy()).to(device=z.device, dtype=z.dtype)
+            kth = self._faiss_top(normalize_rows(z), k)[:, -1]
         else:
             similarity = normalize_rows(z) @ bank.T  # [n, N_bank]
             kth = torch.topk(similarity, k, dim=1, largest=True, sorted=False).values.amin(dim=1)
