@@ -324,13 +324,35 @@ def test_gradnorm_and_nac_no_longer_take_the_switching_parameters():
 # ---------------------------------------------------------------------- declared parameters
 DEFAULTS = {
     "fdbd": {},
-    "nnguide": {"bank_ratio": 0.01, "k": 10, "seed": 0, "react_percentile": None},
+    "nnguide": {
+        "bank_ratio": 0.01,
+        "k": 10,
+        "seed": 0,
+        "react_percentile": None,
+        "backend": "torch",
+        "index": "flat",
+        "nlist": None,
+        "nprobe": 8,
+        "M": 32,
+        "ef_search": 128,
+    },
     "gradnorm": {"temperature": 1.0},
     "nac": {"alpha": 100.0, "M": 50, "O": 50},
 }
 GIVEN = {
     "fdbd": {},
-    "nnguide": {"bank_ratio": 0.5, "k": 3, "seed": np.int64(7), "react_percentile": 80},
+    "nnguide": {
+        "bank_ratio": 0.5,
+        "k": 3,
+        "seed": np.int64(7),
+        "react_percentile": 80,
+        "backend": "faiss",
+        "index": "ivf",
+        "nlist": np.int64(2),
+        "nprobe": 2,
+        "M": 16,
+        "ef_search": 64,
+    },
     "gradnorm": {"temperature": 2},
     "nac": {"alpha": 5, "M": 10, "O": 2.5},
 }

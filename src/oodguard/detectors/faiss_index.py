@@ -12,7 +12,7 @@ digest), never pickled. FAISS is imported only when it is used (the ``faiss`` ex
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -55,6 +55,22 @@ def training_rows(rows: int, nlist: int, seed: int) -> np.ndarray:
     return np.sort(chosen.numpy())
 
 
+def lift_to_equal_norms(vectors: np.ndarray) -> np.ndarray:
+    """``[b, sqrt(R^2 - |b|^2)]`` per row, ``R`` the largest row norm: every row gets norm ``R`` (float32).
+
+    A query with 0 in the extra coordinate keeps its inner products, and among rows of one norm the largest inner
+    product is the nearest neighbour: the maximum-inner-product search becomes a nearest-neighbour search on a
+    sphere (Bachrach et al., "Speeding Up the Xbox Recommender System Using a Euclidean Transformation for
+    Inner-Product Spaces", RecSys 2014). IVF needs it: its (spherical) k-means groups rows by direction, so unlifted
+    the large-norm rows that win a query's search sit in lists it does not probe. HNSW is not lifted: measured on
+    clustered banks it found no more of the exact neighbours lifted and missed by more (docs/detectors.md,
+    ``nnguide``).
+    """
+    squared = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+    extra = np.sqrt(np.maximum(squared.max() - squared, 0.0)).astype(np.float32)
+    return np.concatenate([vectors, extra[:, None]], axis=1)
+
+
 class FaissSearch(OutputDetector):
     """Base of the detectors whose ``bank`` state tensor is searched for the ``k`` largest inner products.
 
@@ -73,6 +89,9 @@ class FaissSearch(OutputDetector):
     ef_search: int
     #: The built or deserialised index of the current state (built once, searched by every ``score``).
     _faiss_index: Any = None
+    #: Whether every bank row has the same norm (knn's unit vectors). If not (nnguide), an IVF index holds the
+    #: bank lifted to equal norms: see :func:`lift_to_equal_norms`.
+    _equal_norm_bank: ClassVar[bool] = True
 
     def _check_param_combination(self) -> None:
         if self.backend == "torch" and (self.index != "flat" or self.nlist is not None):
@@ -91,6 +110,8 @@ class FaissSearch(OutputDetector):
     def _build_index(self, bank: torch.Tensor) -> Any:
         faiss = faiss_module()
         vectors = np.ascontiguousarray(bank.detach().cpu().to(torch.float32).numpy())
+        if not self._equal_norm_bank and self.index == "ivf":
+            vectors = lift_to_equal_norms(vectors)
         rows, dim = vectors.shape
         if self.index == "flat":
             index = faiss.IndexFlatIP(dim)
@@ -128,7 +149,10 @@ class FaissSearch(OutputDetector):
         that finds fewer than ``k`` bank rows for some query is an error naming the setting to raise.
         """
         vectors = np.ascontiguousarray(queries.detach().cpu().to(torch.float32).numpy())
-        similarities, found = self._search_index().search(vectors, k)
+        index = self._search_index()
+        if index.d == vectors.shape[1] + 1:  # a lifted bank: 0 in the extra coordinate keeps the inner products
+            vectors = np.concatenate([vectors, np.zeros((len(vectors), 1), dtype=np.float32)], axis=1)
+        similarities, found = index.search(vectors, k)
         if (found[:, -1] < 0).any():
             missing = int((found[:, -1] < 0).sum())
             raise ValueError(
@@ -138,4 +162,4 @@ class FaissSearch(OutputDetector):
         return torch.from_numpy(similarities).to(device=queries.device, dtype=queries.dtype)
 
 
-__all__ = ["INDEX_CONSTRAINTS", "FaissSearch", "default_nlist", "faiss_module", "training_rows"]
+__all__ = ["INDEX_CONSTRAINTS", "FaissSearch", "default_nlist", "faiss_module", "lift_to_equal_norms", "training_rows"]
