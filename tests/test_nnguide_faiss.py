@@ -138,3 +138,14 @@ def test_missing_faiss_names_the_extra(monkeypatch):
         flat.score(queries)
     with pytest.raises(ImportError, match=extra):  # an IVF index is trained at fit
         create("nnguide", bank_ratio=1.0, k=3, backend="faiss", index="ivf", nlist=4).fit(bank)
+
+
+@needs_faiss
+def test_a_faiss_search_takes_the_queries_in_large_chunks(monkeypatch):
+    # no [n, N_bank] product to bound: FAISS gets thousands of queries per call, not the torch search's few
+    bank, queries = clusters(40000, seed=17, dim=8), clusters(3000, seed=18, dim=8)
+    detector = create("nnguide", bank_ratio=1.0, k=5, backend="faiss").fit(bank)
+    sizes, search = [], detector._faiss_top
+    monkeypatch.setattr(detector, "_faiss_top", lambda z, k: sizes.append(len(z)) or search(z, k))
+    detector.score(queries)
+    assert sizes == [3000]

@@ -713,6 +713,8 @@ class KNN(FaissSearch):
         bank = (self.state_ or {}).get("bank")
         if bank is None:
             return 64 * 1024
+        if self.backend == "faiss":
+            return self._faiss_row_bytes(bank.shape[1])
         return 2 * bank.shape[0] * max(4, bank.element_size()) + 8 * bank.shape[1]
 
 

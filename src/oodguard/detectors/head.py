@@ -296,6 +296,8 @@ class NNGuide(FaissSearch):
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         c, d = _dims(self)
+        if self.backend == "faiss":
+            return 8 * (c + 2 * d) + self._faiss_row_bytes(d) + 64
         bank = self.state_["bank"].shape[0] if self.state_ is not None else 1
         return 8 * (2 * bank + c + 2 * d) + 64
 
