@@ -62,3 +62,22 @@ def test_knn_index_script_compares_backends():
     assert [row["backend"] for row in rows] == ["torch exact", "faiss flat", "faiss ivf", "faiss hnsw"]
     assert rows[1]["recall"] == 1.0 and all(0 <= row["recall"] <= 1 for row in rows)
     assert "| faiss ivf |" in script.table(rows, 3000, 16, 100, 5)
+
+
+def test_knn_index_script_sweeps_the_search_settings_in_a_process_per_backend():
+    pytest.importorskip("faiss")
+    script = load("knn_index")
+    configs = [script.CONFIGS[0], script.CONFIGS[2]]  # torch exact, faiss ivf (76 lists for 3000 rows)
+    sweeps = {"nprobe": [8, 76]}
+    rows = script.run(bank=3000, dim=16, queries=100, k=[5, 40], configs=configs, sweeps=sweeps, apart=True)
+    assert [(r["backend"], r["k"], r["search"]) for r in rows] == [
+        ("torch exact", 5, "—"),
+        ("torch exact", 40, "—"),
+        ("faiss ivf", 5, "nlist=76, nprobe=8"),
+        ("faiss ivf", 5, "nlist=76, nprobe=76"),
+        ("faiss ivf", 40, "nlist=76, nprobe=8"),
+        ("faiss ivf", 40, "nlist=76, nprobe=76"),
+    ]
+    assert rows[3]["recall"] == rows[5]["recall"] == 1.0  # every list probed: exact
+    assert all(r["score_peak_gib"] >= r["rss_before_gib"] * 0.5 > 0 for r in rows)
+    assert "peak RSS score, GiB" in script.table(rows, 3000, 16, 100, [5, 40])
