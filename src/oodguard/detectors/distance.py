@@ -24,6 +24,8 @@ from oodguard.outputs import ModelOutputs
 _NORM_EPS = 1e-10
 #: Relative eigenvalue cutoff of the pseudo-inverses, as in ``base.symmetric_pinv``.
 _PINV_RTOL = 1e-10
+#: Rows normalised per step of KNN's fit: its float64 temporaries are 4x the float32 bank when made at once.
+_NORMALIZE_ROWS = 8192
 
 
 # ---------------------------------------------------------------------- numerics shared by the detectors
@@ -664,7 +666,10 @@ class KNN(FaissSearch):
             keep = max(1, int(float(self.ratio) * len(z)))
             rows = torch.randperm(len(z), generator=generator)[:keep].sort().values
             z = z[rows.to(z.device)]
-        return {"bank": normalize_rows(z.to(torch.float64)).to(z.dtype)}
+        bank = torch.empty_like(z)
+        for start in range(0, len(z), _NORMALIZE_ROWS):  # float64 copies of one chunk at a time, not of the bank
+            bank[start : start + _NORMALIZE_ROWS] = normalize_rows(z[start : start + _NORMALIZE_ROWS].to(torch.float64))
+        return {"bank": bank}
 
     def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Append ``b``'s bank to ``a``'s in a buffer that doubles when full: chunks cost linear copying in total,
