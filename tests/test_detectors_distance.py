@@ -16,6 +16,7 @@ from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
 from oodguard import ModelOutputs, detectors
+from oodguard.detectors import distance
 from oodguard.detectors.base import clone, symmetric_pinv
 from oodguard.detectors.distance import WDiscOOD, pinv_sqrt
 
@@ -144,6 +145,16 @@ def test_knn_zero_feature_is_sqrt2_from_everything():
     z, _, _ = blobs()
     detector = detectors.create("knn", k=3).fit({"features": z})
     np.testing.assert_allclose(detector.score({"features": np.zeros((2, DIM))}), np.sqrt(2.0))
+
+
+def test_knn_bank_is_normalised_in_float64_chunk_by_chunk(monkeypatch):
+    monkeypatch.setattr(distance, "_NORMALIZE_ROWS", 7)  # several chunks and a short last one
+    features = torch.randn(40, 5, dtype=torch.float32)
+    features[3] = 0.0
+    bank = detectors.create("knn", k=3).fit({"features": features}).state_["bank"]
+    assert bank.dtype == torch.float32
+    # row by row, so the same bits as normalising the whole bank in float64 at once
+    assert torch.equal(bank, distance.normalize_rows(features.to(torch.float64)).to(torch.float32))
 
 
 def test_knn_subsample_is_seeded_and_uses_only_the_kept_rows():

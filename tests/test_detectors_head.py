@@ -335,7 +335,7 @@ DEFAULTS = {
         "nprobe": 8,
         "M": 32,
         "ef_search": 128,
-    },  # fmt: skip
+    },
     "gradnorm": {"temperature": 1.0},
     "nac": {"alpha": 100.0, "M": 50, "O": 50},
 }
@@ -347,12 +347,12 @@ GIVEN = {
         "seed": np.int64(7),
         "react_percentile": 80,
         "backend": "faiss",
-        "index": "hnsw",
-        "nlist": None,
-        "nprobe": 4,
+        "index": "ivf",
+        "nlist": np.int64(2),
+        "nprobe": 2,
         "M": 16,
-        "ef_search": np.int64(64),
-    },  # fmt: skip
+        "ef_search": 64,
+    },
     "gradnorm": {"temperature": 2},
     "nac": {"alpha": 5, "M": 10, "O": 2.5},
 }

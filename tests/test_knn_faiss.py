@@ -88,3 +88,20 @@ def test_too_few_probes_are_a_clear_error():
     with pytest.raises(ValueError, match="fewer than k=200 neighbours.*raise nprobe"):
         detector.score(clusters(5, seed=12))
     assert np.isfinite(np.asarray(create("knn", k=200).fit(bank).score(clusters(5, seed=12)))).all()
+
+
+def test_a_seed_beyond_faiss_int_range_trains_an_ivf_index():
+    # FAISS's k-means seed is a C int: larger seeds are folded into its range instead of overflowing
+    detector = create("knn", k=5, backend="faiss", index="ivf", nlist=8, seed=2**40).fit(clusters(1000, seed=13))
+    assert detector.score(clusters(20, seed=14)).shape == (20,)
+
+
+def test_a_faiss_search_takes_the_queries_in_large_chunks(monkeypatch):
+    # no [n, N_bank] product to bound: FAISS gets thousands of queries per call, not the torch search's few
+    bank, queries = clusters(20000, seed=15, dim=8), clusters(3000, seed=16, dim=8)
+    detector = create("knn", k=5, backend="faiss").fit(bank)
+    sizes, search = [], detector._faiss_top
+    monkeypatch.setattr(detector, "_faiss_top", lambda z, k: sizes.append(len(z)) or search(z, k))
+    exact = create("knn", k=5).fit(bank).score(queries)
+    torch.testing.assert_close(detector.score(queries), exact, rtol=1e-4, atol=1e-5)
+    assert sizes == [3000]

@@ -23,7 +23,7 @@ from oodguard.detectors.base import (
     infer_num_classes,
     register,
 )
-from oodguard.detectors.faiss_index import FAISS_PARAMETERS, FaissSearch
+from oodguard.detectors.faiss_index import INDEX_CONSTRAINTS, FaissSearch
 from oodguard.detectors.params import Boolean, Integral, Interval, Options, Real
 from oodguard.outputs import ModelOutputs
 
@@ -31,6 +31,8 @@ from oodguard.outputs import ModelOutputs
 _NORM_EPS = 1e-10
 #: Relative eigenvalue cutoff of the pseudo-inverses, as in ``base.symmetric_pinv``.
 _PINV_RTOL = 1e-10
+#: Rows normalised per step of KNN's fit: its float64 temporaries are 4x the float32 bank when made at once.
+_NORMALIZE_ROWS = 8192
 
 
 # ---------------------------------------------------------------------- numerics shared by the detectors
@@ -598,7 +600,7 @@ class WDiscOOD(ClassStatistics):
 
 
 @register
-class KNN(FaissSearch, OutputDetector):
+class KNN(FaissSearch):
     """Deep nearest neighbours: distance from the normalised feature to its k-th nearest ID neighbour.
 
     Fit: the bank ``{z_i / max(||z_i||, eps)}`` of ID features (no labels needed), optionally a uniformly
@@ -637,7 +639,7 @@ class KNN(FaissSearch, OutputDetector):
         "k": [Interval(Integral, 1, None)],
         "ratio": [Interval(Real, 0, 1, closed="right")],
         "seed": [Interval(Integral, 0, None)],
-        **FAISS_PARAMETERS,
+        **INDEX_CONSTRAINTS,
     }
 
     def __init__(
@@ -659,9 +661,6 @@ class KNN(FaissSearch, OutputDetector):
         self._set_search(backend=backend, index=index, nlist=nlist, nprobe=nprobe, M=M, ef_search=ef_search)
         self._buffer: torch.Tensor | None = None  # the bank's storage while partial fits grow it
         super().__init__()
-
-    def _check_param_combination(self) -> None:
-        self._check_search_params()
 
     @property
     def supports_partial_fit(self) -> bool:
@@ -702,7 +701,10 @@ class KNN(FaissSearch, OutputDetector):
             keep = max(1, int(float(self.ratio) * len(z)))
             rows = torch.randperm(len(z), generator=generator)[:keep].sort().values
             z = z[rows.to(z.device)]
-        return {"bank": normalize_rows(z.to(torch.float64)).to(z.dtype)}
+        bank = torch.empty_like(z)
+        for start in range(0, len(z), _NORMALIZE_ROWS):  # float64 copies of one chunk at a time, not of the bank
+            bank[start : start + _NORMALIZE_ROWS] = normalize_rows(z[start : start + _NORMALIZE_ROWS].to(torch.float64))
+        return {"bank": bank}
 
     def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Append ``b``'s bank to ``a``'s in a buffer that doubles when full: chunks cost linear copying in total,
@@ -728,7 +730,7 @@ class KNN(FaissSearch, OutputDetector):
         return {"bank": buffer[: rows + extra]}
 
     def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # the bank is its own statistic: one copy in memory and on disk; an approximate index's bytes beside it
+        # the bank is its own statistic: one copy in memory and on disk
         return {"bank": stats["bank"], **self._index_state(stats["bank"])}
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
@@ -741,7 +743,7 @@ class KNN(FaissSearch, OutputDetector):
                 "data or lower k"
             )
         if self.backend == "faiss":
-            kth = self._faiss_top_k(normalize_rows(z), k)[:, -1].contiguous()
+            kth = self._faiss_top(normalize_rows(z), k)[:, -1]
         else:
             similarity = normalize_rows(z) @ bank.T  # [n, N_bank]
             kth = torch.topk(similarity, k, dim=1, largest=True, sorted=False).values.amin(dim=1)
@@ -751,6 +753,8 @@ class KNN(FaissSearch, OutputDetector):
         bank = (self.state_ or {}).get("bank")
         if bank is None:
             return 64 * 1024
+        if self.backend == "faiss":
+            return self._faiss_row_bytes(bank.shape[1])
         return 2 * bank.shape[0] * max(4, bank.element_size()) + 8 * bank.shape[1]
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from oodguard.detectors.base import Detector, OutputDetector, percentile, register
-from oodguard.detectors.faiss_index import FAISS_PARAMETERS, FaissSearch
+from oodguard.detectors.faiss_index import INDEX_CONSTRAINTS, FaissSearch
 from oodguard.detectors.params import Integral, Interval, Real
 from oodguard.outputs import ModelOutputs
 
@@ -169,7 +169,7 @@ class FDBD(_HeadStatistics):
 
 # ---------------------------------------------------------------------- NNGuide
 @register
-class NNGuide(FaissSearch, OutputDetector):
+class NNGuide(FaissSearch):
     """NNGuide: energy guided by inner-product nearest neighbours in a confidence-scaled bank.
 
     Fit: a random bank of ``floor(bank_ratio * N)`` fit samples; bank vectors ``b_i = zhat_i * LSE(f(x_i))``
@@ -187,11 +187,26 @@ class NNGuide(FaissSearch, OutputDetector):
     react_percentile : float in (0, 100] or None, default None
         When set, features are clipped at this percentile of all bank feature entries, for the bank and at
         score time (the official ResNet-50 engine uses 95).
-    backend : "torch" or "faiss", default "torch"
-        The neighbour search: an exact matrix product and ``topk``, or FAISS (``pip install 'oodguard[faiss]'``)
-        by largest inner product with ``index`` ``"flat"`` (exact), ``"ivf"`` (``nlist`` cells, default
-        ``4 sqrt(N)``, ``nprobe`` searched, default 8) or ``"hnsw"`` (``M`` links, default 32; ``ef_search``
-        candidates, default 128); see :mod:`oodguard.detectors.faiss_index`.
+    backend : {"torch", "faiss"}, default "torch"
+        ``"torch"``: exact search, a product with the bank and ``topk``. ``"faiss"`` (the ``faiss`` extra): a
+        FAISS index of the bank with the inner-product metric, as in ``knn``.
+    index : {"flat", "ivf", "hnsw"}, default "flat"
+        FAISS index: ``"flat"`` is exact (the torch result up to float32 rounding); ``"ivf"`` and ``"hnsw"`` are
+        approximate and can only miss larger inner products, so the guidance is never overestimated. IVF
+        indexes the bank lifted to equal norms, which keeps the inner products and lets its lists find the
+        large-norm rows. The torch backend takes only ``"flat"``.
+    nlist : int >= 1 or None, default None
+        IVF lists; None is ``min(N_bank / 39, 4 sqrt(N_bank))``. k-means trains on at most ``256 * nlist`` bank
+        rows drawn with ``seed``.
+    nprobe : int >= 1, default 8
+        IVF lists searched per query.
+    M : int >= 2, default 32
+        HNSW links per node.
+    ef_search : int >= 1, default 128
+        HNSW candidates explored per query; at least ``k``.
+
+    A trained IVF or HNSW index is saved in the state as FAISS's own bytes (no pickle), so a loaded detector
+    searches the same index.
 
     Deviations from the official code: docs/detectors.md, section ``nnguide``.
 
@@ -206,13 +221,14 @@ class NNGuide(FaissSearch, OutputDetector):
     code = "https://github.com/roomo7time/nnguide (ood_detectors/nnguide.py)"
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})
+    _equal_norm_bank = False  # bank rows scaled by their energies
 
     _parameter_constraints = {
         "bank_ratio": [Interval(Real, 0, 1, closed="right")],
         "k": [Interval(Integral, 1, None)],
         "seed": [Interval(Integral, 0, 2**32, closed="left")],
         "react_percentile": [None, Interval(Real, 0, 100, closed="right")],
-        **FAISS_PARAMETERS,
+        **INDEX_CONSTRAINTS,
     }
 
     def __init__(
@@ -233,11 +249,13 @@ class NNGuide(FaissSearch, OutputDetector):
         self.k = k
         self.seed = seed
         self.react_percentile = react_percentile
-        self._set_search(backend=backend, index=index, nlist=nlist, nprobe=nprobe, M=M, ef_search=ef_search)
+        self.backend = backend
+        self.index = index
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.M = M
+        self.ef_search = ef_search
         super().__init__()
-
-    def _check_param_combination(self) -> None:
-        self._check_search_params()
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         features = outputs.features
@@ -270,7 +288,7 @@ class NNGuide(FaissSearch, OutputDetector):
             z = z.clamp_max(st["clip"])
         energy = torch.logsumexp(_logits(z, st["weight"], st["bias"]), dim=1).to(_F64)
         if self.backend == "faiss":
-            top = self._faiss_top_k(F.normalize(z, dim=1), int(self.k))
+            top = self._faiss_top(F.normalize(z, dim=1), int(self.k))
         else:
             top = (F.normalize(z, dim=1) @ st["bank"].T).topk(int(self.k), dim=1).values
         guidance = top.to(_F64).mean(dim=1)
@@ -278,6 +296,8 @@ class NNGuide(FaissSearch, OutputDetector):
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         c, d = _dims(self)
+        if self.backend == "faiss":
+            return 8 * (c + 2 * d) + self._faiss_row_bytes(d) + 64
         bank = self.state_["bank"].shape[0] if self.state_ is not None else 1
         return 8 * (2 * bank + c + 2 * d) + 64
 
