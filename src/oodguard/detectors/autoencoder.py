@@ -20,7 +20,7 @@ from torch import nn
 from oodguard.detectors.base import OutputDetector, class_counts, infer_num_classes, register
 from oodguard.detectors.distance import pinv_sqrt
 from oodguard.detectors.params import Integral, Interval, Real, SequenceOf
-from oodguard.outputs import ModelOutputs
+from oodguard.outputs import ModelOutputs, as_outputs
 
 __all__ = ["AEMahalanobis", "MSMA", "SAGE"]
 
@@ -102,9 +102,26 @@ def _check_rows(name: str, rows: int, latent: int) -> None:
         )
 
 
+class _TrainedNetworks(OutputDetector):
+    """A detector whose state holds trained weights (``net.*``): rebuilt once per fitted state, then reused."""
+
+    def _build_networks(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must implement _build_networks")
+
+    def _cached_networks(self) -> Any:
+        key = ("networks",)
+        if key not in self._state_cache:  # emptied whenever the state changes
+            self._state_cache[key] = self._build_networks(self.state_ or {}).to(_F64).eval()  # type: ignore[assignment]
+        return self._state_cache[key]
+
+    def _cpu_rows(self, outputs: ModelOutputs | Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The features of ``outputs`` (a ModelOutputs or a dict of its fields) on the CPU, and the float64 state."""
+        return as_outputs(outputs).features.cpu(), self.state(torch.device("cpu"), _F64)
+
+
 # ---------------------------------------------------------------------------------------------- AE + Mahalanobis
 @register
-class AEMahalanobis(OutputDetector):
+class AEMahalanobis(_TrainedNetworks):
     """Autoencoder reconstruction error plus the Mahalanobis distance of the latent code.
 
     Fit: features standardised per column; an MLP autoencoder ``D(E(x))`` (``dim -> hidden -> latent_dim ->
@@ -220,31 +237,20 @@ class AEMahalanobis(OutputDetector):
         distance = ((codes - state["latent_mean"]) @ state["latent_root"]).square().sum(dim=1)
         return distance, error
 
-    def _networks(self) -> nn.ModuleDict:
-        state = self.state_ or {}
-        dim = state["feature_mean"].shape[0]
-        return _restore(state, dim, int(self.hidden), int(self.latent_dim), 0)
+    def _build_networks(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        return _restore(state, state["feature_mean"].shape[0], int(self.hidden), int(self.latent_dim), 0)
 
     def terms(self, outputs: ModelOutputs | Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The unstandardised ``(MD, RE)`` of each row, as the score combines them."""
-        from oodguard.outputs import as_outputs
-
-        outputs = as_outputs(outputs)
-        state = self.state(torch.device("cpu"), _F64)
-        return self._terms(outputs.features.cpu(), state, self._networks())
+        features, state = self._cpu_rows(outputs)
+        return self._terms(features, state, self._cached_networks())
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
-        state = self.state(torch.device("cpu"), _F64)
-        distance, error = self._terms(outputs.features.cpu(), state, self._cached_networks())
+        features, state = self._cpu_rows(outputs)
+        distance, error = self._terms(features, state, self._cached_networks())
         md = (distance - state["md_mean"]) / state["md_std"]
         re = (error - state["re_mean"]) / state["re_std"]
         return (float(self.alpha) * md + float(self.beta) * re).to(outputs.features.device)
-
-    def _cached_networks(self) -> nn.ModuleDict:
-        key = ("networks",)
-        if key not in self._state_cache:
-            self._state_cache[key] = self._networks()  # type: ignore[assignment]
-        return self._state_cache[key]  # type: ignore[return-value]
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         return 8 * 4 * (int(self.hidden) + (outputs.feature_dim or 1))
@@ -258,7 +264,7 @@ def upper_tail(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class SAGE(OutputDetector):
+class SAGE(_TrainedNetworks):
     """SAGE: a supervised autoencoder's kNN distance, reconstruction loss and task loss, each an empirical
     upper-tail probability against the fit rows, combined by their geometric mean.
 
@@ -377,12 +383,8 @@ class SAGE(OutputDetector):
 
     def measures(self, outputs: ModelOutputs | Any) -> dict[str, torch.Tensor]:
         """The three raw measures and their tail probabilities ``P_dist``, ``P_rloss``, ``P_task`` per row."""
-        from oodguard.outputs import as_outputs
-
-        outputs = as_outputs(outputs)
-        state = self.state(torch.device("cpu"), _F64)
-        networks = self._cached_networks()
-        codes, rloss, task = self._measures_of(outputs.features.cpu(), state, networks)
+        features, state = self._cpu_rows(outputs)
+        codes, rloss, task = self._measures_of(features, state, self._cached_networks())
         values = {"dist": self._distance(codes, state["codes"]), "rloss": rloss, "task": task}
         result = dict(values)
         for name in self.MEASURES:
@@ -394,13 +396,9 @@ class SAGE(OutputDetector):
         sage = (parts["P_dist"] * parts["P_rloss"] * parts["P_task"]).pow(1.0 / 3.0)
         return (1.0 - sage).to(outputs.features.device)
 
-    def _cached_networks(self) -> nn.ModuleDict:
-        key = ("networks",)
-        if key not in self._state_cache:
-            state = self.state_ or {}
-            dim, classes = state["feature_mean"].shape[0], int(state["num_classes"])
-            self._state_cache[key] = _restore(state, dim, int(self.hidden), int(self.latent_dim), classes)  # type: ignore[assignment]
-        return self._state_cache[key]  # type: ignore[return-value]
+    def _build_networks(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        dim, classes = state["feature_mean"].shape[0], int(state["num_classes"])
+        return _restore(state, dim, int(self.hidden), int(self.latent_dim), classes)
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         bank = (self.state_ or {}).get("codes")
@@ -447,7 +445,7 @@ def gaussian_mixture_log_density(
 
 
 @register
-class MSMA(OutputDetector):
+class MSMA(_TrainedNetworks):
     """MSMA: norms of a noise-conditional score network's scores at L noise levels, and a Gaussian mixture over
     them.
 
@@ -589,26 +587,19 @@ class MSMA(OutputDetector):
             "gmm_precision_cholesky": torch.from_numpy(mixture.precisions_cholesky_).to(_F64),
         }
 
-    def _cached_network(self) -> _ScoreNetwork:
-        key = ("networks",)
-        if key not in self._state_cache:
-            state = self.state_ or {}
-            network = _ScoreNetwork(state["feature_mean"].shape[0], int(self.levels), int(self.hidden))
-            network.load_state_dict({name[4:]: value for name, value in state.items() if name.startswith("net.")})
-            self._state_cache[key] = network.to(_F64).eval()  # type: ignore[assignment]
-        return self._state_cache[key]  # type: ignore[return-value]
+    def _build_networks(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        network = _ScoreNetwork(state["feature_mean"].shape[0], int(self.levels), int(self.hidden))
+        network.load_state_dict({name[4:]: value for name, value in state.items() if name.startswith("net.")})
+        return network
 
     def score_norms(self, outputs: ModelOutputs | Any) -> torch.Tensor:
         """``phi(x) = (||sigma_i s(x, i)||)_i`` of each row ``[n, L]`` (in the standardised feature space)."""
-        from oodguard.outputs import as_outputs
-
-        outputs = as_outputs(outputs)
-        state = self.state(torch.device("cpu"), _F64)
-        return self._norms(_standardised(outputs.features.cpu(), state), self._cached_network())
+        features, state = self._cpu_rows(outputs)
+        return self._norms(_standardised(features, state), self._cached_networks())
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
-        state = self.state(torch.device("cpu"), _F64)
-        norms = self._norms(_standardised(outputs.features.cpu(), state), self._cached_network())
+        features, state = self._cpu_rows(outputs)
+        norms = self._norms(_standardised(features, state), self._cached_networks())
         phi = (norms - state["phi_mean"]) / state["phi_std"]
         log_density = gaussian_mixture_log_density(
             phi, state["gmm_weights"], state["gmm_means"], state["gmm_precision_cholesky"]

@@ -359,8 +359,7 @@ class OutputDetector(Detector):
             self.meta_ = {}
             self.state_ = None
             self.partial_fit(outputs, drop_ood=drop_ood)
-            self.state_  # finalise now, as fit does: its errors belong to fit  # noqa: B018
-            return self
+            return self._finish_fit()
         outputs = self._prepare_fit(outputs, drop_ood)
         self.stats_ = None
         self.meta_ = {}  # a re-fit may come from another model: forget the old dimensions
@@ -371,6 +370,19 @@ class OutputDetector(Detector):
         else:
             self.state_ = self._fit(outputs)
         self._record_dims(outputs)
+        return self._finish_fit()
+
+    def _after_fit(self) -> None:
+        """Checks (and trims) a finished fit: ``fit`` on outputs or shards and ``fit_distributed`` call it. A
+        ValueError undoes the fit."""
+
+    def _finish_fit(self) -> OutputDetector:
+        try:
+            self.state_  # finalise now (after partial fits): its errors belong to the fit  # noqa: B018
+            self._after_fit()
+        except ValueError:
+            self.state_, self.stats_ = None, None
+            raise
         return self
 
     def partial_fit(self, outputs: FitData, *, drop_ood: bool = False) -> OutputDetector:

@@ -247,14 +247,8 @@ class ClassStatistics(OutputDetector):
         if self.state_ is not None and "pending_counts" in self.state_:
             raise ValueError(self._short_message(self.state_["pending_counts"]))
 
-    def fit(self, outputs: FitData, *, drop_ood: bool = False) -> OutputDetector:
-        super().fit(outputs, drop_ood=drop_ood)
-        try:
-            self._require_complete()
-        except ValueError:
-            self.state_, self.stats_ = None, None
-            raise
-        return self
+    def _after_fit(self) -> None:
+        self._require_complete()
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         self._require_complete()
@@ -681,18 +675,15 @@ class KNN(FaissSearch):
         self._refuse_subsampled("merge")
         return super().merge(other)
 
-    def fit(self, outputs: FitData, *, drop_ood: bool = False) -> OutputDetector:
-        super().fit(outputs, drop_ood=drop_ood)
+    def _after_fit(self) -> None:
         size = self.state_["bank"].shape[0]
         if size < self.k:
-            self.state_, self.stats_ = None, None
             raise ValueError(
                 f"{self.name}: k={self.k} but the bank holds only {size} row(s) (ratio="
                 f"{self.ratio}); lower k or fit on more samples"
             )
         if self.ratio != 1:
             self.stats_ = None  # not mergeable, and a second copy of the bank would only cost memory
-        return self
 
     def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         z = outputs.features

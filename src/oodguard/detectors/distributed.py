@@ -165,14 +165,7 @@ def fit_distributed(
     template.stats_ = merged.stats_
     template.meta_ = dict(merged.meta_)
     template._statistics_changed()
-    template.state_  # finalise now, as fit does: its errors belong to the fit  # noqa: B018
-    if hasattr(template, "_require_complete"):
-        try:
-            template._require_complete()
-        except ValueError:
-            template.state_, template.stats_ = None, None
-            raise
-    return template
+    return template._finish_fit()
 
 
 def _fit_on_ray(template: OutputDetector, refs: list[_ShardRef], drop_ood: bool, address: str | None) -> Any:

@@ -249,12 +249,7 @@ class NNGuide(FaissSearch):
         self.k = k
         self.seed = seed
         self.react_percentile = react_percentile
-        self.backend = backend
-        self.index = index
-        self.nlist = nlist
-        self.nprobe = nprobe
-        self.M = M
-        self.ef_search = ef_search
+        self._set_search(backend=backend, index=index, nlist=nlist, nprobe=nprobe, M=M, ef_search=ef_search)
         super().__init__()
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
