@@ -105,3 +105,15 @@ def test_distributed_fit_refuses_what_cannot_be_merged_and_names_a_failing_shard
         detectors.fit_distributed(detectors.create("mahalanobis"), [])
     with pytest.raises(ValueError, match=r"every class needs at least 2 fit samples \(class 2: 0"):
         detectors.fit_distributed(detectors.create("mahalanobis"), bad)  # merged, classes 2-6 have no sample
+
+
+def test_a_model_answering_with_a_dict_extracts_the_same_on_ray(ray_local, tmp_path):
+    from ray_helpers import DictOutput
+
+    data, labels = _data()
+    model = DictOutput()
+    local = extract(model, data, labels=labels, progress=False)
+    on_ray = extract(model, data, labels=labels, progress=False, engine="ray", out_dir=tmp_path / "d", chunk_rows=800)
+    back = on_ray.to_memory()
+    torch.testing.assert_close(back.logits, local.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(back.features, local.features, atol=1e-5, rtol=0)

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -229,3 +230,60 @@ def test_scoring_a_folder_keeps_memory_bounded_by_one_shard(tmp_path):
     )
     grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert grown < 200, f"resident memory grew by {grown} MB for 480 MB of shards"
+
+
+def test_a_hand_edited_manifest_is_one_clear_error(tmp_path):
+    folder = tmp_path / "out"
+    write_shards(_outputs(), folder, shard_rows=300)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
+        open_shards(folder)
+    (tmp_path / "outside.safetensors").write_bytes((folder / "shard-00000.safetensors").read_bytes())
+    escaping = {**manifest, "shards": [{**manifest["shards"][0], "file": "../outside.safetensors"},
+                                       *manifest["shards"][1:]]}  # fmt: skip
+    (folder / MANIFEST).write_text(json.dumps(escaping))
+    with pytest.raises(ValueError, match=r"shard file '\.\./outside\.safetensors' is not a file name inside"):
+        open_shards(folder)
+    for broken in ({k: v for k, v in manifest.items() if k != "rows"}, {**manifest, "fields": "logits"}):
+        (folder / MANIFEST).write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=r"manifest\.json is damaged \((KeyError|TypeError)"):
+            open_shards(folder)
+
+
+@pytest.mark.slow
+def test_an_extraction_killed_mid_way_leaves_a_folder_that_is_refused(tmp_path):
+    """kill -9 while shards are being written: no manifest, so the folder never reads as complete."""
+    folder = tmp_path / "killed"
+    script = textwrap.dedent(
+        f"""
+        import time, torch
+        from torch import nn
+        from oodguard.extraction import extract
+
+        class Slow(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.head = nn.Linear(4, 3)
+            def forward(self, x):
+                time.sleep(0.05)
+                return self.head(x)
+
+        extract(Slow(), torch.randn(100000, 4), out_dir={str(folder)!r}, chunk_rows=64, batch_size=64,
+                progress=False)
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        for _ in range(600):  # wait for a few shards, then kill without warning
+            if len(list(folder.glob("shard-*.safetensors"))) >= 3:
+                break
+            time.sleep(0.05)
+        process.kill()
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert len(list(folder.glob("shard-*.safetensors"))) >= 3 and not (folder / MANIFEST).exists()
+    with pytest.raises(ValueError, match="an interrupted extraction, never read as complete"):
+        ModelOutputs.open(folder)

@@ -397,18 +397,10 @@ def open_shards(directory: str | os.PathLike, *, verify: bool = False) -> Sharde
         )
     if manifest.get("complete") is not True:
         raise ValueError(f"{manifest_path} marks an incomplete extraction; run it again into this folder")
-    shards: Sequence[dict[str, Any]] = manifest.get("shards") or []
-    if not shards or sum(int(info["rows"]) for info in shards) != manifest.get("num_rows"):
-        raise ValueError(f"{manifest_path}: the shards' rows do not add up to num_rows; the manifest is damaged")
-    for info in shards:
-        path = directory / info["file"]
-        if Path(info["file"]).name != info["file"] or not path.is_file():
-            raise ValueError(f"{directory}: shard {info['file']} listed in the manifest is missing")
-        if path.stat().st_size != info["bytes"]:
-            raise ValueError(
-                f"{path} has {path.stat().st_size} bytes, the manifest says {info['bytes']}: damaged or from another "
-                "run"
-            )
+    try:
+        _check_entries(directory, manifest_path, manifest)
+    except (KeyError, TypeError, AttributeError) as error:  # a manifest edited by hand, or not ours
+        raise ValueError(f"{manifest_path} is damaged ({type(error).__name__}: {error}); extract again") from error
     head = None
     if manifest.get("head"):
         head_path = directory / HEAD_FILE
@@ -417,3 +409,28 @@ def open_shards(directory: str | os.PathLike, *, verify: bool = False) -> Sharde
         head = ModelOutputs.load(head_path).head
     opened = ShardedOutputs(directory, manifest, head)
     return opened.verify() if verify else opened
+
+
+def _check_entries(directory: Path, manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """Every key the reader uses is there; every listed shard is a file of this folder of the listed size."""
+    if not isinstance(manifest["fields"], list) or not isinstance(manifest["layer_names"], list):
+        raise TypeError("fields and layer_names must be lists")
+    if not isinstance(manifest["rows"], dict):
+        raise TypeError("rows must be a mapping")
+    shards: Sequence[dict[str, Any]] = manifest.get("shards") or []
+    if not shards or sum(int(info["rows"]) for info in shards) != manifest.get("num_rows"):
+        raise ValueError(f"{manifest_path}: the shards' rows do not add up to num_rows; the manifest is damaged")
+    for info in shards:
+        name = info["file"]
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"{manifest_path}: shard file {name!r} is not a file name inside the folder")
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"{directory}: shard {name} listed in the manifest is missing")
+        if path.stat().st_size != info["bytes"]:
+            raise ValueError(
+                f"{path} has {path.stat().st_size} bytes, the manifest says {info['bytes']}: damaged or from another "
+                "run"
+            )
+        if not isinstance(info["sha256"], str):
+            raise TypeError(f"the sha256 of {name} must be a string")
