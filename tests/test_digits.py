@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from oodguard.benchmark import digits, digits_data, digits_model
+from oodguard.benchmark import ambiguity, digits, digits_data, digits_model
 from oodguard.benchmark.digits import SET_SIZES, digits_arrays, digits_benchmark
 from oodguard.benchmark.digits_model import DigitsCNN, TrainConfig, load_or_train, train_digits_cnn, training_key
 from oodguard.benchmark.spec import GROUPS
@@ -252,6 +252,7 @@ def test_benchmark_structure(bench):
         "far": ["photo-crops", "faces", "lfw-background"],
         "covariate": ["sklearn-digits"],
         "synthetic": ["gaussian-noise", "uniform-noise", "blobs", "constant"],
+        "ambiguous": ["ambiguous"],
     }
     for split in [bench.fit, bench.validation, bench.test, *bench.ood]:
         assert split.data.dtype == torch.float32 and split.data.shape[1:] == (1, 28, 28), split.name
@@ -262,7 +263,7 @@ def test_benchmark_structure(bench):
             assert split.labels.min() >= 0 and split.labels.max() <= 9
         elif split.group != "id":
             assert (split.labels == -1).all(), split.name
-    for source in ("mnist", "letters", "photo-crops", "faces", "sklearn-digits", "synthetic", "model"):
+    for source in ("mnist", "letters", "photo-crops", "faces", "sklearn-digits", "synthetic", "ambiguous", "model"):
         assert source in bench.notes
     assert "BSD-3" in bench.notes["mnist"] and "DejaVu" in bench.notes["letters"]
 
@@ -287,7 +288,9 @@ def test_benchmark_model_accuracy(bench):
 def test_benchmark_second_call_uses_caches(bench, cache, monkeypatch):
     monkeypatch.setattr(digits, "_build_arrays", lambda seed: pytest.fail("arrays should come from the cache"))
     monkeypatch.setattr(digits_model, "_train", lambda *a: pytest.fail("weights should come from the cache"))
+    monkeypatch.setattr(ambiguity, "generate_ambiguous", lambda *a, **k: pytest.fail("ambiguous set not cached"))
     again = digits_benchmark(cache_dir=cache, progress=False)
+    assert torch.equal(again.ood[-1].data, bench.ood[-1].data)
     assert torch.equal(again.test.data, bench.test.data)
     assert torch.equal(again.model.head.weight, bench.model.head.weight)
 
@@ -307,5 +310,6 @@ def test_open_set_benchmark(open_bench, arrays):
     assert id_rows == _rows(arrays["mnist"][arrays["mnist-labels"] < 6])
     covariate = {s.name: s for s in bench.ood}["sklearn-digits"]
     assert covariate.group == "covariate" and set(covariate.labels.tolist()) == set(range(6))
+    assert bench.groups()["ambiguous"] == ["ambiguous"]  # generated between the six trained classes
     assert len(covariate.data) == int((arrays["sklearn-digits-labels"] < 6).sum())
     assert "digits-6-9" in bench.notes

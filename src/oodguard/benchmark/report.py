@@ -158,6 +158,7 @@ def report_data(results: Results) -> dict[str, object]:
         "detectors": detectors,
         "settings": results.settings,
         "skipped": dict(sorted(getattr(results, "skipped", {}).items())),
+        "views": json.loads(results.views.to_json(orient="records")),
         "per_set": json.loads(results.table.round(4).to_json(orient="records")),
         "intervals": group_intervals(results),
     }
@@ -185,8 +186,8 @@ table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { padding: 3px 8px; border-bottom: 1px solid #e3e6eb; text-align: right; white-space: nowrap; }
 th { background: #f4f6f9; cursor: pointer; white-space: normal; vertical-align: bottom; }
 td:nth-child(2), th:nth-child(2) { text-align: left; }
-#perset-table td:first-child, #perset-table th:first-child { text-align: left; }
-#perset-table td:nth-child(2), #perset-table th:nth-child(2) { text-align: right; }
+#perset-table td:first-child, #perset-table th:first-child, #views-table td:first-child, #views-table th:first-child { text-align: left; }
+#perset-table td:nth-child(2), #perset-table th:nth-child(2), #views-table td:nth-child(2), #views-table th:nth-child(2) { text-align: right; }
 .ci { display: block; color: #5a6270; font-size: 11px; line-height: 1.2; }
 tr.sel td { outline: 2px solid #3b6fd8; } tr:hover td { background: #f0f4ff; }
 .failed td { color: #a03030; text-align: left; white-space: normal; max-width: 640px; }
@@ -207,6 +208,7 @@ OOD sets, with the 95&nbsp;% interval of each AUROC mean below it (a paired boot
 every replicate resamples the ID set and each OOD set once). Colour: green is better.</div>
 <div id="leaderboard"></div>
 <div id="notrun"></div>
+<div id="views"></div>
 <h2>Per OOD set <select id="persetmetric"><option value="auroc">AUROC</option><option value="fpr95">FPR@95</option></select></h2>
 <div class="note">Per detector and OOD set (rows in leaderboard order), with the 95&nbsp;% bootstrap interval below.</div>
 <div id="perset"></div>
@@ -258,7 +260,8 @@ function shade(v, higherBetter) {
   return `hsl(${Math.round(120 * good)}, 60%, 88%)`;
 }
 const board = DATA.leaderboard;
-const metricCols = Object.keys(board[0] || {}).filter(c => c.endsWith("AUROC") || c.endsWith("FPR@95"));
+// the ambiguous group is not OOD: it is shown with the other views beside OOD (renderViews)
+const metricCols = Object.keys(board[0] || {}).filter(c => (c.endsWith("AUROC") || c.endsWith("FPR@95")) && !c.startsWith("ambiguous "));
 let sortCol = null, sortDesc = true;
 function renderBoard(selected) {
   const rows = board.slice();
@@ -387,6 +390,26 @@ function renderNotRun() {
   failed.forEach(r => { const li = document.createElement("li"); li.className = "failed"; li.textContent = `${r.detector} failed: ${r.error}`; list.appendChild(li); });
   holder.appendChild(list);
 }
+function renderViews() {  // misclassified and ambiguous inputs, in leaderboard order
+  const views = DATA.views || [], holder = document.getElementById("views");
+  const cols = Object.keys(views[0] || {}).filter(c => c !== "detector" && views.some(r => r[c] !== null && r[c] !== undefined));
+  if (!cols.length) return;
+  const title = document.createElement("h2"); title.textContent = "Beside OOD: misclassified and ambiguous inputs"; holder.appendChild(title);
+  const note = document.createElement("div"); note.className = "note";
+  note.textContent = "misclassified AUROC: misclassified ID test inputs vs correctly classified ones. ambiguous AUROC: " +
+    "truly ambiguous inputs (between two ID classes) vs ID. OOD vs ambiguous AUROC: near and far OOD sets vs the " +
+    "ambiguous inputs, about 50 when a detector cannot tell novelty from ambiguity.";
+  holder.appendChild(note);
+  const byName = Object.fromEntries(views.map(r => [r.detector, r]));
+  const table = document.createElement("table"); table.id = "views-table";
+  const head = table.insertRow();
+  ["detector", ...cols].forEach(c => { const th = document.createElement("th"); th.textContent = c; head.appendChild(th); });
+  board.filter(r => r.status === "ok" && byName[r.detector]).forEach(r => {
+    const tr = table.insertRow(); tr.insertCell().textContent = r.detector;
+    cols.forEach(c => { const td = tr.insertCell(); td.textContent = pct(byName[r.detector][c]); td.style.background = shade(byName[r.detector][c], true); });
+  });
+  holder.appendChild(table);
+}
 function select(name) {
   if (!DATA.detectors[name]) return;
   document.getElementById("picker").value = name;
@@ -403,6 +426,7 @@ function select(name) {
   const first = board.find(r => r.status === "ok");
   if (first) select(first.detector); else renderBoard(null);
   renderNotRun();
+  renderViews();
   const persetmetric = document.getElementById("persetmetric");
   persetmetric.onchange = () => renderPerSet(persetmetric.value);
   renderPerSet(persetmetric.value);

@@ -36,6 +36,9 @@ class Results:
     settings: dict[str, Any] = field(default_factory=dict)
     #: Detectors not run, with why (missing fields or parameters, no model); failed ones are in ``status``.
     skipped: dict[str, str] = field(default_factory=dict)
+    #: Per detector, the views besides OOD vs ID (``oodguard.benchmark.side_views``): misclassified ID inputs,
+    #: ambiguous inputs vs ID and vs OOD. Empty when the run has neither labels with errors nor ambiguous sets.
+    views: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["detector"]))
 
     def leaderboard(self) -> pd.DataFrame:
         """One row per detector: mean AUROC and FPR@95 per group (unweighted over sets), sorted best first.
@@ -82,6 +85,7 @@ class Results:
             "groups": self.groups,
             "status": self.status.to_dict(orient="records"),
             "skipped": self.skipped,
+            "views": self.views.to_dict(orient="records"),
             "results": self.table.to_dict(orient="records"),
             "leaderboard": self.leaderboard().to_dict(orient="records"),
         }
@@ -100,9 +104,11 @@ class Results:
         return path
 
     def to_markdown(self) -> str:
-        """The leaderboard as a Markdown table (AUROC and FPR@95 in percent)."""
+        """The leaderboard as a Markdown table (AUROC and FPR@95 in percent), then the side views' table."""
         board = self.leaderboard()
-        columns = [c for c in board.columns if c.endswith("AUROC") or c.endswith("FPR@95")]
+        # the ambiguous group is not OOD: it goes to the side views' table instead
+        columns = [c for c in board.columns if (c.endswith("AUROC") or c.endswith("FPR@95"))
+                   and not c.startswith("ambiguous ")]  # fmt: skip
         lines = [
             f"Benchmark `{self.benchmark}`; ID accuracy {100 * self.id_accuracy:.2f} %; "
             f"{'full-spectrum (covariate sets count as ID)' if self.full_spectrum else 'standard'} protocol. "
@@ -118,10 +124,30 @@ class Results:
                 continue
             cells = " | ".join("" if pd.isna(values[c]) else f"{100 * values[c]:.2f}" for c in columns)
             lines.append(f"| {rank} | {values['detector']} | {cells} |")
+        lines += self._views_markdown(board)
         if self.skipped:
             listed = "; ".join(f"`{name}` ({reason})" for name, reason in sorted(self.skipped.items()))
             lines += ["", f"Not run ({len(self.skipped)}): {listed}."]
         return "\n".join(lines) + "\n"
+
+    def _views_markdown(self, board: pd.DataFrame) -> list[str]:
+        """The side views (``oodguard.benchmark.side_views``) in leaderboard order, in percent."""
+        views = self.views.set_index("detector") if len(self.views) else None
+        if views is None:
+            return []
+        columns = [c for c in views.columns if views[c].notna().any()]
+        if not columns:
+            return []
+        lines = ["", "Beside OOD: misclassified AUROC = misclassified ID test inputs vs correctly classified ones; "
+                 "ambiguous AUROC = truly ambiguous inputs vs ID; OOD vs ambiguous AUROC = near and far OOD sets vs "
+                 "the ambiguous inputs (about 50 when the detector cannot tell novelty from ambiguity).", "",
+                 "| detector | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]  # fmt: skip
+        for detector in board.loc[board["status"] == "ok", "detector"]:
+            if detector in views.index:
+                values = views.loc[detector]
+                cells = " | ".join("" if pd.isna(values[c]) else f"{100 * values[c]:.2f}" for c in columns)
+                lines.append(f"| {detector} | {cells} |")
+        return lines
 
     def scores_frame(self) -> pd.DataFrame:
         """Every per-sample score, long format: ``detector``, ``set`` (``"id"`` or an OOD set), ``index``, ``score``."""

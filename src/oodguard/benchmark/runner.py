@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from oodguard import detectors as detector_registry
 from oodguard import metrics
 from oodguard.benchmark.results import REPORTED, Results
+from oodguard.benchmark.side_views import side_views
 from oodguard.benchmark.spec import GROUPS, Benchmark, DataSplit
 from oodguard.detectors.base import Source
 from oodguard.outputs import ModelOutputs
@@ -371,6 +372,7 @@ def _evaluate(
     return Results(
         benchmark=name,
         table=pd.DataFrame(rows, columns=_table_columns()),
+        views=side_views(all_scores, groups, _correct(test_outputs)),
         status=pd.DataFrame(status_rows),
         scores=all_scores,
         groups=groups,
@@ -482,6 +484,15 @@ def _describe_params(params: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
 
 def _in_memory(outputs: ModelOutputs | ShardedOutputs) -> ModelOutputs:
     return outputs.to_memory() if isinstance(outputs, ShardedOutputs) else outputs
+
+
+def _correct(outputs: ModelOutputs | ShardedOutputs) -> np.ndarray | None:
+    """Whether the model classifies each ID test row correctly; None without logits or labels for every row."""
+    if not outputs.has("logits") or outputs.labels is None or not bool((outputs.labels >= 0).all()):
+        return None
+    rows = outputs if isinstance(outputs, ShardedOutputs) else [outputs]
+    parts = [(shard.logits.argmax(dim=1) == shard.labels).cpu().numpy() for shard in rows]  # type: ignore[union-attr]
+    return np.concatenate(parts)
 
 
 def _accuracy(outputs: ModelOutputs | ShardedOutputs) -> float:

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-#: OOD groups, in the order reports show them. "covariate" sets share the ID label space.
-GROUPS = ("near", "far", "covariate", "synthetic")
+#: OOD groups, in the order reports show them. "covariate" sets share the ID label space; "ambiguous" sets lie
+#: between two ID classes (not OOD: reported beside the OOD groups, see ``oodguard.benchmark.side_views``).
+GROUPS = ("near", "far", "covariate", "synthetic", "ambiguous")
 
 
 @dataclass
