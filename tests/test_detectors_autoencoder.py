@@ -6,7 +6,7 @@ import torch
 from sklearn.covariance import EmpiricalCovariance
 
 from oodguard import detectors
-from oodguard.detectors.autoencoder import upper_tail
+from oodguard.detectors.autoencoder import _split_rows, upper_tail
 from oodguard.outputs import ModelOutputs
 
 
@@ -24,7 +24,8 @@ FAST = {"epochs": 15, "hidden": 32}
 @pytest.fixture(scope="module")
 def fitted():
     fit = _outputs(800, 1)
-    return fit, detectors.create("ae_mahalanobis", latent_dim=4, ridge=0.0, **FAST).fit(fit)
+    # holdout=0: the latent Gaussian and the standardisation both come from every fit row (known answers below)
+    return fit, detectors.create("ae_mahalanobis", latent_dim=4, ridge=0.0, holdout=0.0, **FAST).fit(fit)
 
 
 def _codes(detector, outputs):
@@ -54,12 +55,27 @@ def test_the_score_is_the_standardised_terms_weighted_by_hand(fitted):
     detector.set_params(alpha=1.0, beta=1.0)
 
 
+def test_held_out_rows_standardise_and_stay_out_of_training():
+    fit = _outputs(500, 1)
+    detector = detectors.create("ae_mahalanobis", latent_dim=4, holdout=0.2, **FAST).fit(fit)
+    train, held_out = _split_rows(500, 0.2, 0)
+    assert len(held_out) == 100 and not set(train.tolist()) & set(held_out.tolist())
+    md, re = detector.terms(ModelOutputs(features=fit.features[held_out]))
+    state = detector.state_
+    torch.testing.assert_close(state["md_mean"], md.mean())
+    torch.testing.assert_close(state["re_std"], re.std())
+    codes = _codes(detector, fit)
+    torch.testing.assert_close(state["latent_mean"], torch.from_numpy(codes[train.numpy()].mean(axis=0)))
+    # the scaling of the features, too, comes from the training rows only
+    torch.testing.assert_close(state["feature_mean"], fit.features[train].double().mean(dim=0))
+
+
 def test_training_is_seeded_and_a_saved_detector_scores_the_same(tmp_path, fitted):
     fit, detector = fitted
     test = _outputs(200, 3)
-    again = detectors.create("ae_mahalanobis", latent_dim=4, ridge=0.0, **FAST).fit(fit)
+    again = detectors.create("ae_mahalanobis", latent_dim=4, ridge=0.0, holdout=0.0, **FAST).fit(fit)
     assert torch.equal(again.score(test), detector.score(test))
-    other_seed = detectors.create("ae_mahalanobis", latent_dim=4, ridge=0.0, seed=1, **FAST).fit(fit)
+    other_seed = detectors.create("ae_mahalanobis", latent_dim=4, ridge=0.0, holdout=0.0, seed=1, **FAST).fit(fit)
     assert not torch.equal(other_seed.score(test), detector.score(test))
     detector.save(tmp_path / "ae")
     assert torch.equal(detectors.load(tmp_path / "ae").score(test), detector.score(test))
@@ -73,7 +89,11 @@ def test_far_inputs_score_higher_and_bad_input_is_refused():
         near, far = detector.score(_outputs(200, 2)), detector.score(_outputs(200, 3, shift=4.0))
         assert float((far > near.median()).double().mean()) > 0.95
     with pytest.raises(ValueError, match="N=10 rows for a latent space of 16 dimensions"):
-        detectors.create("ae_mahalanobis").fit(_outputs(10, 1))
+        detectors.create("ae_mahalanobis", holdout=0.0).fit(_outputs(10, 1))
+    with pytest.raises(ValueError, match=r"N=18 rows \(16 after holding out 2\) for a latent space of 16"):
+        detectors.create("ae_mahalanobis").fit(_outputs(18, 1))
+    with pytest.raises(ValueError, match="leaves 1 row"):
+        detectors.create("ae_mahalanobis", latent_dim=2, holdout=0.05).fit(_outputs(20, 1))
     with pytest.raises(ValueError, match="k=25 neighbours need more than 25 fit rows"):
         detectors.create("sage", latent_dim=2).fit(_outputs(20, 1))
     with pytest.raises(ValueError, match="alpha"):
@@ -165,3 +185,52 @@ def test_msma_is_seeded_saves_and_refuses_bad_input(tmp_path):
         detectors.create("msma", **params).fit(_outputs(15, 1))
     with pytest.raises(ValueError, match="sigma_min"):
         detectors.create("msma", sigma_min=2.0)
+
+
+@pytest.mark.parametrize("name", ["ae_mahalanobis", "sage", "msma"])
+def test_a_fitted_state_is_cached_by_content_key(name, tmp_path, monkeypatch):
+    from oodguard.detectors import autoencoder
+
+    params = {"epochs": 2, "hidden": 16, "cache_dir": str(tmp_path)}
+    params |= {"components": (2,)} if name == "msma" else {"latent_dim": 4}
+    fit, test = _outputs(300, 1), _outputs(50, 2)
+    first = detectors.create(name, **params).fit(fit)
+    assert len(list(tmp_path.glob(f"{name}-*.safetensors"))) == 1
+    with monkeypatch.context() as patch:
+        cls = type(first)
+        patch.setattr(cls, "_train_state", lambda self, outputs: pytest.fail("should come from the cache"))
+        again = detectors.create(name, **params).fit(fit)
+    assert torch.equal(again.score(test), first.score(test))
+    # other rows, other parameters: trained anew, cached beside
+    detectors.create(name, **params).fit(_outputs(300, 5))
+    detectors.create(name, **{**params, "seed": 3}).fit(fit)
+    assert len(list(tmp_path.glob(f"{name}-*.safetensors"))) == 3
+    # a damaged cache file is retrained over, not trusted
+    for path in tmp_path.glob(f"{name}-*.safetensors"):
+        path.write_bytes(path.read_bytes()[:-7] + b"garbage")
+    assert torch.equal(detectors.create(name, **params).fit(fit).score(test), first.score(test))
+    assert autoencoder.TRAINING_VERSION >= 1
+
+
+def test_early_stopping_stops_after_two_rises_of_the_held_out_loss():
+    from oodguard.detectors.autoencoder import _train
+
+    network = torch.nn.ModuleDict({"w": torch.nn.Linear(1, 1)})
+    held_out = torch.tensor([0])
+    values = iter([1.0, 0.5, 0.6, 0.4, 0.45, 0.5, 0.3])
+
+    def loss_of(index):
+        if index is held_out:
+            return torch.tensor(next(values))
+        return network["w"].weight.square().sum()
+
+    # rises at epochs 3 (0.6 > 0.5) and 5, 6 (0.45 > 0.4, 0.5 > 0.45): two in a row first at epoch 6
+    assert _train(network, loss_of, 10, 20, 4, 0.1, held_out) == 6
+    assert _train(network, loss_of, 10, 3, 4, 0.1) == 3  # without held-out rows: every epoch
+
+
+def test_sage_trains_with_the_authors_settings_and_stops_early():
+    detector = detectors.create("sage", latent_dim=4, hidden=128, epochs=400)
+    assert (detector.lr, detector.batch_size, detector.validation) == (3e-4, 64, 0.1)
+    detector.fit(_outputs(200, 1))  # 180 training rows: the network overfits them within a few hundred epochs
+    assert 1 <= int(detector.state_["epochs_run"]) < 400

@@ -162,6 +162,7 @@ def run(
         progress=progress,
         split_names=(benchmark.fit.name, benchmark.test.name),
         skipped=skipped,
+        cache_dir=cache_dir,
     )
 
 
@@ -223,12 +224,22 @@ def _mos_job(
 
 
 def _detector_job(
-    name: str, params: Mapping[str, Any], fit: Source, test: Source, ood: list[tuple[str, str, Source]]
+    name: str,
+    params: Mapping[str, Any],
+    fit: Source,
+    test: Source,
+    ood: list[tuple[str, str, Source]],
+    cache_dir: str | Path | None = None,
 ) -> Callable[[], dict]:
-    """Fit one detector on the fit source and score the test source and every OOD source (either protocol)."""
+    """Fit one detector on the fit source and score the test source and every OOD source (either protocol).
+
+    Detectors that train networks and take a ``cache_dir`` (``ae_mahalanobis``, ``sage``, ``msma``) cache their
+    fitted state under ``cache_dir/detectors`` unless the caller chose their cache."""
 
     def job() -> dict[str, np.ndarray]:
         detector = detector_registry.create(name, **params)
+        if cache_dir is not None and "cache_dir" in detector.param_names() and params.get("cache_dir") is None:
+            detector.set_params(cache_dir=str(Path(cache_dir) / "detectors"))
         detector.fit_from(fit)
         scores = {"id": np.asarray(detector.score_from(test))}
         for set_name, _, source in ood:
@@ -301,6 +312,7 @@ def _evaluate(
     split_names: tuple[str, str],
     extra_jobs: Mapping[str, Callable[[], dict]] | None = None,
     skipped: Mapping[str, str] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Results:
     params = {key: dict(value) for key, value in (params or {}).items()}
     extra_jobs = dict(extra_jobs or {})
@@ -330,7 +342,7 @@ def _evaluate(
     jobs = {
         n: _mos_job(fit_outputs, test_outputs, [(s, g, src.outputs) for s, g, src in ood], params.get(n, {}))
         if n == MOS_HEAD
-        else _detector_job(n, params.get(n, {}), fit, test, ood)
+        else _detector_job(n, params.get(n, {}), fit, test, ood, cache_dir)
         for n in names
     }
     jobs.update(extra_jobs)
