@@ -6,7 +6,8 @@ import torch
 from sklearn.covariance import EmpiricalCovariance
 
 from oodguard import detectors
-from oodguard.detectors.autoencoder import _split_rows, upper_tail
+from oodguard.detectors.autoencoder import upper_tail
+from oodguard.detectors.trained import split_rows
 from oodguard.outputs import ModelOutputs
 
 
@@ -58,7 +59,7 @@ def test_the_score_is_the_standardised_terms_weighted_by_hand(fitted):
 def test_held_out_rows_standardise_and_stay_out_of_training():
     fit = _outputs(500, 1)
     detector = detectors.create("ae_mahalanobis", latent_dim=4, holdout=0.2, **FAST).fit(fit)
-    train, held_out = _split_rows(500, 0.2, 0)
+    train, held_out = split_rows(500, 0.2, 0)
     assert len(held_out) == 100 and not set(train.tolist()) & set(held_out.tolist())
     md, re = detector.terms(ModelOutputs(features=fit.features[held_out]))
     state = detector.state_
@@ -189,7 +190,7 @@ def test_msma_is_seeded_saves_and_refuses_bad_input(tmp_path):
 
 @pytest.mark.parametrize("name", ["ae_mahalanobis", "sage", "msma"])
 def test_a_fitted_state_is_cached_by_content_key(name, tmp_path, monkeypatch):
-    from oodguard.detectors import autoencoder
+    from oodguard.detectors import trained as autoencoder
 
     params = {"epochs": 2, "hidden": 16, "cache_dir": str(tmp_path)}
     params |= {"components": (2,)} if name == "msma" else {"latent_dim": 4}
@@ -213,7 +214,7 @@ def test_a_fitted_state_is_cached_by_content_key(name, tmp_path, monkeypatch):
 
 
 def test_early_stopping_stops_after_two_rises_of_the_held_out_loss():
-    from oodguard.detectors.autoencoder import _train
+    from oodguard.detectors.trained import train_networks as _train
 
     network = torch.nn.ModuleDict({"w": torch.nn.Linear(1, 1)})
     held_out = torch.tensor([0])

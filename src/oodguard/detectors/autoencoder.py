@@ -8,22 +8,25 @@ dominated by the widest columns).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodguard import persist
 from oodguard.detectors.base import OutputDetector, class_counts, infer_num_classes, register
 from oodguard.detectors.distance import pinv_sqrt
 from oodguard.detectors.params import Integral, Interval, Real, SequenceOf, Text
+from oodguard.detectors.trained import (
+    cached_training,
+    check_latent_rows,
+    feature_scaling,
+    seeded,
+    split_rows,
+    standardised,
+    train_networks,
+)
 from oodguard.outputs import ModelOutputs, as_outputs
 
 __all__ = ["AEMahalanobis", "MSMA", "SAGE"]
@@ -58,90 +61,6 @@ def _restore(state: dict[str, torch.Tensor], dim: int, hidden: int, latent: int,
     return networks.to(_F64).eval()
 
 
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Training that is the same on every run: seeded, one thread (a thread pool's reductions reorder sums)."""
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-
-
-def _train(
-    networks: nn.ModuleDict,
-    loss_of: Any,
-    rows: torch.Tensor | int,
-    epochs: int,
-    batch: int,
-    lr: float,
-    held_out: torch.Tensor | None = None,
-) -> int:
-    """Adam over shuffled mini-batches of ``rows`` (indices, or a count for all rows); ``loss_of(index)`` is the
-    loss of the rows ``index``. With ``held_out`` rows, stop early once their loss has risen two epochs in a row
-    (the SAGE authors' trainer). Returns the epochs run."""
-    rows = torch.arange(rows) if isinstance(rows, int) else rows
-    optimiser = torch.optim.Adam(networks.parameters(), lr=lr)
-    previous, rises, run = math.inf, 0, 0
-    while run < epochs:
-        run += 1
-        networks.train()
-        order = rows[torch.randperm(len(rows))]
-        for start in range(0, len(order), batch):
-            optimiser.zero_grad(set_to_none=True)
-            loss_of(order[start : start + batch]).backward()
-            optimiser.step()
-        if held_out is not None:
-            networks.eval()
-            with torch.no_grad():
-                loss = float(loss_of(held_out))
-            rises = rises + 1 if loss > previous else 0
-            previous = loss
-            if rises == 2:
-                break
-    networks.eval()
-    return run
-
-
-def _split_rows(rows: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded split of ``range(rows)`` into (kept, held out ``fraction``), both sorted."""
-    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
-    count = int(round(fraction * rows))
-    return order[count:].sort().values, order[:count].sort().values
-
-
-def _standardised(features: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (features.to(_F64) - state["feature_mean"]) / state["feature_std"]
-
-
-def _feature_scaling(features: torch.Tensor) -> dict[str, torch.Tensor]:
-    z = features.to(_F64)
-    std = z.std(dim=0, unbiased=False)
-    # a constant column carries nothing: scale 1 keeps it at 0 instead of dividing by 0
-    return {
-        "feature_mean": z.mean(dim=0),
-        "feature_std": torch.where(std > 1e-12 * std.max().clamp_min(1e-300), std, 1),
-    }
-
-
-def _check_rows(name: str, rows: int, latent: int, held_out: int = 0) -> None:
-    if rows - held_out <= latent:
-        kept = f" ({rows - held_out} after holding out {held_out})" if held_out else ""
-        raise ValueError(
-            f"{name}: fit got N={rows} rows{kept} for a latent space of {latent} dimensions; the latent covariance "
-            f"needs more training rows than dimensions: fit on more rows or lower latent_dim"
-        )
-
-
-#: Bump when any trained detector's training changes, so that cached fitted states are not reused.
-TRAINING_VERSION = 2
-#: The kind of a cached fitted state's file (see oodguard.persist).
-CACHE_KIND = "cache.trained_detector"
-
-
 class _TrainedNetworks(OutputDetector):
     """A detector whose state holds trained weights (``net.*``): rebuilt once per fitted state, then reused.
 
@@ -155,28 +74,8 @@ class _TrainedNetworks(OutputDetector):
         raise NotImplementedError(f"{type(self).__name__} must implement _train_state")
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        cache_dir = getattr(self, "cache_dir", None)
-        if cache_dir is None:
-            return self._train_state(outputs)
-        path = Path(cache_dir) / f"{self.name}-{self._training_key(outputs)}.safetensors"
-        cached = persist.load_cache(path, kind=CACHE_KIND, versions=1)
-        if cached is not None:
-            return cached[0]
-        state = self._train_state(outputs)
-        # an unwritable cache folder only costs training again next time
-        persist.save_cache(path, state, kind=CACHE_KIND, version=1, header={"detector": self.name})
-        return state
-
-    def _training_key(self, outputs: ModelOutputs) -> str:
-        params = {k: v for k, v in self.get_params().items() if k != "cache_dir"}
-        header = {"detector": type(self).__qualname__, "version": TRAINING_VERSION, "torch": torch.__version__,
-                  "params": params}  # fmt: skip
-        digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
-        for field in sorted(self.fit_requires):
-            value = getattr(outputs, field)
-            digest.update(f"{field}:{tuple(value.shape)}:{value.dtype}".encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:20]
+        rows = {field: getattr(outputs, field) for field in sorted(self.fit_requires)}
+        return cached_training(self, rows, lambda: self._train_state(outputs))
 
     def _build_networks(self, state: dict[str, torch.Tensor]) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} must implement _build_networks")
@@ -285,19 +184,19 @@ class AEMahalanobis(_TrainedNetworks):
 
     def _train_state(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         features = outputs.features
-        train, held_out = _split_rows(features.shape[0], float(self.holdout), int(self.seed))
-        _check_rows(self.name, features.shape[0], int(self.latent_dim), len(held_out))
+        train, held_out = split_rows(features.shape[0], float(self.holdout), int(self.seed))
+        check_latent_rows(self.name, features.shape[0], int(self.latent_dim), len(held_out))
         if float(self.holdout) > 0 and len(held_out) < 2:
             raise ValueError(
                 f"{self.name}: holdout={self.holdout} of N={features.shape[0]} fit rows leaves {len(held_out)} row(s) "
                 "to standardise the terms on; fit on more rows, raise holdout or set holdout=0"
             )
-        state = _feature_scaling(features[train])
-        x = _standardised(features, state).to(torch.float32)
+        state = feature_scaling(features[train])
+        x = standardised(features, state).to(torch.float32)
         dim, hidden, latent = x.shape[1], int(self.hidden), int(self.latent_dim)
-        with _seeded(int(self.seed)):
+        with seeded(int(self.seed)):
             networks = _networks(dim, hidden, latent)
-            _train(
+            train_networks(
                 networks,
                 lambda rows: F.mse_loss(networks["decoder"](networks["encoder"](x[rows])), x[rows]),
                 train, int(self.epochs), int(self.batch_size), float(self.lr),
@@ -320,7 +219,7 @@ class AEMahalanobis(_TrainedNetworks):
         self, features: torch.Tensor, state: dict[str, torch.Tensor], networks: nn.ModuleDict
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``MD(x)`` and ``RE(x)`` (float64)."""
-        x = _standardised(features, state)
+        x = standardised(features, state)
         with torch.no_grad():
             codes = networks["encoder"](x)
             error = (networks["decoder"](codes) - x).square().mean(dim=1)
@@ -434,10 +333,10 @@ class SAGE(_TrainedNetworks):
             raise ValueError(f"{self.name}: k={k} neighbours need more than {k} fit rows (got {rows}); lower k")
         classes = infer_num_classes(outputs)
         class_counts(labels, classes, self.name, minimum=0)  # validates the label range
-        state = _feature_scaling(features)
-        x = _standardised(features, state).to(torch.float32)
+        state = feature_scaling(features)
+        x = standardised(features, state).to(torch.float32)
         dim, hidden, latent = x.shape[1], int(self.hidden), int(self.latent_dim)
-        with _seeded(int(self.seed)):
+        with seeded(int(self.seed)):
             networks = _networks(dim, hidden, latent, classes)
 
             def loss(index: torch.Tensor) -> torch.Tensor:
@@ -445,8 +344,8 @@ class SAGE(_TrainedNetworks):
                 reconstruction = F.mse_loss(networks["decoder"](codes), x[index])
                 return 0.5 * reconstruction + 0.1 * F.cross_entropy(networks["task"](codes), labels[index])
 
-            train, held_out = _split_rows(rows, float(self.validation), int(self.seed))
-            epochs = _train(networks, loss, train, int(self.epochs), int(self.batch_size), float(self.lr),
+            train, held_out = split_rows(rows, float(self.validation), int(self.seed))
+            epochs = train_networks(networks, loss, train, int(self.epochs), int(self.batch_size), float(self.lr),
                             held_out if len(held_out) else None)  # fmt: skip
         state.update(_weights(networks))
         state["num_classes"] = torch.tensor(classes)
@@ -463,7 +362,7 @@ class SAGE(_TrainedNetworks):
         self, features: torch.Tensor, state: dict[str, torch.Tensor], networks: nn.ModuleDict
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latent codes, reconstruction MSE and task loss ``-log max softmax`` (float64)."""
-        x = _standardised(features, state)
+        x = standardised(features, state)
         with torch.no_grad():
             codes = networks["encoder"](x)
             rloss = (networks["decoder"](codes) - x).square().mean(dim=1)
@@ -547,6 +446,61 @@ def gaussian_mixture_log_density(
     return torch.logsumexp(log_gauss + torch.log(weights), dim=1)
 
 
+def check_mixture_rows(name: str, rows: int, components: Any) -> None:
+    """Enough fit rows for the mixture: 10 per fold of the component search, or 2 per component without one."""
+    candidates = sorted({int(c) for c in components})
+    needed = 10 * max(2, candidates[0]) if len(candidates) > 1 else 2 * candidates[0]
+    if rows < needed:
+        how = "its 10-fold choice of components" if len(candidates) > 1 else f"{candidates[0]} component(s)"
+        raise ValueError(
+            f"{name}: fit got N={rows} rows; the mixture needs at least {needed} for {how}: fit on more rows"
+        )
+
+
+def fit_norm_mixture(norms: torch.Tensor, components: Any, seed: int, name: str) -> dict[str, torch.Tensor]:
+    """MSMA's density model on score-norm vectors ``[n, L]``: standardised, a full-covariance Gaussian mixture whose
+    number of components is chosen among ``components`` by 10-fold cross-validated log-likelihood (scikit-learn)."""
+    try:
+        from sklearn.mixture import GaussianMixture
+        from sklearn.model_selection import KFold
+    except ImportError as error:
+        raise ImportError(f"{name}: fitting its mixture needs scikit-learn ({error}); "
+                          "pip install 'oodguard[bench]'") from error  # fmt: skip
+    from threadpoolctl import threadpool_limits
+
+    scaling = feature_scaling(norms)  # a constant norm column keeps scale 1, like scikit-learn's StandardScaler
+    mean, std = scaling["feature_mean"], scaling["feature_std"]
+    phi = ((norms - mean) / std).numpy()
+    folds = KFold(n_splits=10, shuffle=True, random_state=int(seed))
+    candidates = sorted({int(c) for c in components})
+    best, best_score, worse = (candidates[0] if len(candidates) == 1 else None), -math.inf, 0
+    # one BLAS thread: scikit-learn's pool would otherwise wait on torch's, many times slower on few cores
+    limits = threadpool_limits(1)
+    for count in candidates if len(candidates) > 1 else []:
+        scores = []
+        for train, held_out in folds.split(phi):
+            if len(train) < count:
+                break
+            mixture = GaussianMixture(count, covariance_type="full", random_state=int(seed), reg_covar=1e-6)
+            scores.append(mixture.fit(phi[train]).score(phi[held_out]))
+        if scores and float(sum(scores) / len(scores)) > best_score:
+            best, best_score, worse = count, float(sum(scores) / len(scores)), 0
+        else:
+            worse += 1
+        if worse == 2:  # the held-out likelihood fell twice in a row: more components only overfit further
+            break
+    assert best is not None
+    mixture = GaussianMixture(best, covariance_type="full", random_state=int(seed), reg_covar=1e-6).fit(phi)
+    limits.restore_original_limits()
+    return {
+        "phi_mean": mean,
+        "phi_std": std,
+        "gmm_weights": torch.from_numpy(mixture.weights_).to(_F64),
+        "gmm_means": torch.from_numpy(mixture.means_).to(_F64),
+        "gmm_precision_cholesky": torch.from_numpy(mixture.precisions_cholesky_).to(_F64),
+    }
+
+
 @register
 class MSMA(_TrainedNetworks):
     """MSMA: norms of a noise-conditional score network's scores at L noise levels, and a Gaussian mixture over
@@ -620,18 +574,12 @@ class MSMA(_TrainedNetworks):
     def _train_state(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         features = outputs.features
         rows = features.shape[0]
-        candidates = sorted({int(c) for c in self.components})
-        needed = 10 * max(2, candidates[0]) if len(candidates) > 1 else 2 * candidates[0]
-        if rows < needed:
-            how = "its 10-fold choice of components" if len(candidates) > 1 else f"{candidates[0]} component(s)"
-            raise ValueError(
-                f"{self.name}: fit got N={rows} rows; the mixture needs at least {needed} for {how}: fit on more rows"
-            )
-        state = _feature_scaling(features)
-        x = _standardised(features, state).to(torch.float32)
+        check_mixture_rows(self.name, rows, self.components)
+        state = feature_scaling(features)
+        x = standardised(features, state).to(torch.float32)
         sigmas = noise_levels(int(self.levels), float(self.sigma_max), float(self.sigma_min))
         state["sigmas"] = sigmas
-        with _seeded(int(self.seed)):
+        with seeded(int(self.seed)):
             network = _ScoreNetwork(x.shape[1], int(self.levels), int(self.hidden))
             sigma32 = sigmas.to(torch.float32)
 
@@ -641,12 +589,12 @@ class MSMA(_TrainedNetworks):
                 noisy = x[index] + sigma32[level, None] * noise
                 return 0.5 * (network.scaled(noisy, level) + noise).square().sum(dim=1).mean()
 
-            _train(
+            train_networks(
                 nn.ModuleDict({"score": network}), loss, rows, int(self.epochs), int(self.batch_size), float(self.lr)
             )
         state.update({f"net.{name}": value.detach().clone() for name, value in network.state_dict().items()})
         norms = self._norms(x.to(_F64), network.to(_F64))
-        state.update(self._fit_mixture(norms))
+        state.update(fit_norm_mixture(norms, self.components, int(self.seed), self.name))
         return state
 
     def _norms(self, x: torch.Tensor, network: _ScoreNetwork) -> torch.Tensor:
@@ -658,42 +606,6 @@ class MSMA(_TrainedNetworks):
                 columns.append(torch.linalg.vector_norm(network.scaled(x, index), dim=1))
         return torch.stack(columns, dim=1)
 
-    def _fit_mixture(self, norms: torch.Tensor) -> dict[str, torch.Tensor]:
-        try:
-            from sklearn.mixture import GaussianMixture
-            from sklearn.model_selection import KFold
-        except ImportError as error:
-            raise ImportError(f"{self.name}: fitting its mixture needs scikit-learn ({error}); "
-                              "pip install 'oodguard[bench]'") from error  # fmt: skip
-        scaling = _feature_scaling(norms)  # a constant norm column keeps scale 1, like scikit-learn's StandardScaler
-        mean, std = scaling["feature_mean"], scaling["feature_std"]
-        phi = ((norms - mean) / std).numpy()
-        folds = KFold(n_splits=10, shuffle=True, random_state=int(self.seed))
-        candidates = sorted({int(c) for c in self.components})
-        best, best_score, worse = (candidates[0] if len(candidates) == 1 else None), -math.inf, 0
-        for count in candidates if len(candidates) > 1 else []:
-            scores = []
-            for train, held_out in folds.split(phi):
-                if len(train) < count:
-                    break
-                mixture = GaussianMixture(count, covariance_type="full", random_state=int(self.seed), reg_covar=1e-6)
-                scores.append(mixture.fit(phi[train]).score(phi[held_out]))
-            if scores and float(sum(scores) / len(scores)) > best_score:
-                best, best_score, worse = count, float(sum(scores) / len(scores)), 0
-            else:
-                worse += 1
-            if worse == 2:  # the held-out likelihood fell twice in a row: more components only overfit further
-                break
-        assert best is not None
-        mixture = GaussianMixture(best, covariance_type="full", random_state=int(self.seed), reg_covar=1e-6).fit(phi)
-        return {
-            "phi_mean": mean,
-            "phi_std": std,
-            "gmm_weights": torch.from_numpy(mixture.weights_).to(_F64),
-            "gmm_means": torch.from_numpy(mixture.means_).to(_F64),
-            "gmm_precision_cholesky": torch.from_numpy(mixture.precisions_cholesky_).to(_F64),
-        }
-
     def _build_networks(self, state: dict[str, torch.Tensor]) -> nn.Module:
         network = _ScoreNetwork(state["feature_mean"].shape[0], int(self.levels), int(self.hidden))
         network.load_state_dict({name[4:]: value for name, value in state.items() if name.startswith("net.")})
@@ -702,11 +614,11 @@ class MSMA(_TrainedNetworks):
     def score_norms(self, outputs: ModelOutputs | Any) -> torch.Tensor:
         """``phi(x) = (||sigma_i s(x, i)||)_i`` of each row ``[n, L]`` (in the standardised feature space)."""
         features, state = self._cpu_rows(outputs)
-        return self._norms(_standardised(features, state), self._cached_networks())
+        return self._norms(standardised(features, state), self._cached_networks())
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         features, state = self._cpu_rows(outputs)
-        norms = self._norms(_standardised(features, state), self._cached_networks())
+        norms = self._norms(standardised(features, state), self._cached_networks())
         phi = (norms - state["phi_mean"]) / state["phi_std"]
         log_density = gaussian_mixture_log_density(
             phi, state["gmm_weights"], state["gmm_means"], state["gmm_precision_cholesky"]
