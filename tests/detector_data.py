@@ -22,6 +22,7 @@ SMALL_DATA_PARAMS = {
     "nnguide": {"bank_ratio": 1.0, "k": 2},
     "openmax": {"tailsize": 2},
     "sage": {"k": 5},
+    "ae_mahalanobis": {"latent_dim": 8},  # 18 rows less the 10 % held out must exceed the latent size
 }
 
 
