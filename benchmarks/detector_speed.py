@@ -163,6 +163,7 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
     supervised = (mlp(dim, 128, 32), mlp(32, 128, dim))  # sage's
     codes = torch.randn(n_fit, 32, dtype=torch.float64)
     score_network = mlp(dim + 10, 256, 256, dim)  # msma's, once per noise level
+    evidential_head = torch.randn(dim, classes, dtype=torch.float64) / dim**0.5  # evidential's linear head
 
     def sage_bound(x: torch.Tensor) -> object:
         latent = supervised[0](x)
@@ -217,6 +218,8 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "ae_mahalanobis": op(lambda x: autoencoder[1](autoencoder[0](x))),
         "sage": op(sage_bound),
         "msma": op(msma_bound),
+        "evidential": op(lambda x: torch.exp(x.to(torch.float64) @ evidential_head).sum(dim=1)),
+        "ocs": op(lambda x: torch.logsumexp(x, dim=1), f),
     }
 
 

@@ -88,9 +88,7 @@ def test_far_images_score_higher_seeded_saved_and_cached(name, tmp_path, monkeyp
 def test_bad_images_are_refused_with_what_to_do(name):
     detector = detectors.create(name, **FAST)
     small = torch.rand(300, 1, MIN_SIZE - 1, 20)
-    with pytest.raises(
-        ValueError, match=rf"7x20 pixels are too small .*at least 8x8.*{name.removesuffix('_images')}"
-    ):
+    with pytest.raises(ValueError, match=rf"7x20 pixels are too small .*at least 8x8.*{name.removesuffix('_images')}"):
         detector.fit(small)
     with pytest.raises(ValueError, match=r"expects images \[N, C, H, W\]"):
         detector.fit(torch.rand(300, 64))

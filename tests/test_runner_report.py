@@ -314,7 +314,11 @@ def test_model_detectors_that_need_images_are_left_out_for_other_inputs():
     params = {"nac_layers": {"layers": ["<features>"]}}  # its layers have no default
     assert set(_model_detectors_for(torch.zeros(3, 1, 8, 8), params)) == every
     assert set(_model_detectors_for(torch.zeros(3, 1, 8, 8))) == every - {"nac_layers"}
-    assert set(_model_detectors_for(torch.zeros(3, 384), params)) == every - {"cover", "ae_mahalanobis_images", "msma_images"}
+    assert set(_model_detectors_for(torch.zeros(3, 384), params)) == every - {
+        "cover",
+        "ae_mahalanobis_images",
+        "msma_images",
+    }
     assert set(_model_detectors_for(object(), params)) == every  # not inspectable: kept, failures are reported
 
 
