@@ -217,6 +217,7 @@ class BAM(OutputDetector):
     def _clusters(self, z: torch.Tensor, groups: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Cluster ids ``[n]``, numbered group after group: k-means with ``n_clusters`` clusters within each group."""
         from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
         assignment = torch.empty(len(z), dtype=torch.int64)
         rows = z.cpu().numpy()
@@ -229,7 +230,10 @@ class BAM(OutputDetector):
             k = min(int(self.n_clusters), int(members.numel()))
             if k < int(self.n_clusters):
                 short.append(f"{group}: {members.numel()}" if self.grouping == "class" else str(members.numel()))
-            with warnings.catch_warnings():  # repeated rows: k-means says fewer distinct points than clusters
+            # One thread: after torch's work, scikit-learn's OpenMP threads wait on torch's (up to 50x slower here),
+            # and one group's k-means is too small to gain from more. Warnings: repeated rows make k-means say
+            # that there are fewer distinct points than clusters.
+            with threadpool_limits(limits=1), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 kmeans = KMeans(k, n_init=_KMEANS_RESTARTS, random_state=int(self.seed))
                 labels = kmeans.fit_predict(rows[members.numpy()])
