@@ -66,7 +66,7 @@ class BAM(OutputDetector):
     per row) are grouped, each group is clustered by k-means (scikit-learn, seeded), and each cluster gets an
     axis-aligned box (:func:`cluster_boxes`): its per-column range, enlarged by ``enlargement`` times the cluster's
     per-column standard deviation, with every half-width at least ``min_half_width`` times the mean per-column
-    standard deviation of the fit rows.
+    standard deviation of the fit rows. k-means needs scikit-learn (the ``bench`` extra) at fit only.
 
     Score: ``min_b max_j |z_j - m_bj| / h_bj`` (``m`` box centre, ``h`` half-width; :func:`box_score`), the
     minimum over the boxes of the row's group. It is at most 1 exactly when the row lies inside one of those boxes,
@@ -216,8 +216,12 @@ class BAM(OutputDetector):
 
     def _clusters(self, z: torch.Tensor, groups: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Cluster ids ``[n]``, numbered group after group: k-means with ``n_clusters`` clusters within each group."""
-        from sklearn.cluster import KMeans
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+        try:
+            from sklearn.cluster import KMeans
+            from threadpoolctl import threadpool_limits  # installed with scikit-learn
+        except ImportError as error:
+            raise ImportError(f"{self.name}: its k-means needs scikit-learn ({error}); "
+                              "pip install 'oodguard[bench]'") from error  # fmt: skip
 
         assignment = torch.empty(len(z), dtype=torch.int64)
         rows = z.cpu().numpy()
