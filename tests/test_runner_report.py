@@ -341,3 +341,38 @@ def test_clone_is_exported_from_the_detector_package():
 
     twin = detectors.clone(detectors.create("knn", k=5))
     assert twin.get_params() == {**detectors.create("knn").get_params(), "k": 5} and not twin.is_fitted
+
+
+def test_run_calibrates_sdm_on_the_validation_split_and_caches_trained_detectors(monkeypatch, tmp_path):
+    import torch
+    from torch import nn
+
+    from oodguard.benchmark import runner
+    from oodguard.benchmark.spec import Benchmark, DataSplit
+    from oodguard.detectors.sdm import SDM
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(90) % 3
+    x = torch.randn(90, 6, generator=g) + 3 * torch.nn.functional.one_hot(labels, 6).float()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    minus = torch.full((20,), -1)
+    benchmark = Benchmark(
+        name="tiny", model=model, fit=DataSplit("fit", x[:60], labels[:60]),
+        validation=DataSplit("held-out", x[60:75], labels[60:75]), test=DataSplit("test", x[75:], labels[75:]),
+        ood=[DataSplit("noise", torch.randn(20, 6, generator=g) * 5, minus, group="far")],
+    )  # fmt: skip
+    calibrated = []
+    original = SDM.calibrate
+
+    def recording(self, outputs, **kwargs):
+        calibrated.append(len(outputs))
+        return original(self, outputs, **kwargs)
+
+    monkeypatch.setattr(SDM, "calibrate", recording)
+    results = runner.run(benchmark, ["sdm", "msp", "ae_mahalanobis"], params={"ae_mahalanobis": {"latent_dim": 2}},
+                         n_boot=10, progress=False, cache_dir=tmp_path)  # fmt: skip
+    assert calibrated == [15] and results.settings["calibration_split"] == "held-out"
+    assert set(results.status["status"]) == {"ok"}
+    assert len(list((tmp_path / "detectors").glob("ae_mahalanobis-*.safetensors"))) == 1
+    assert "cache_dir" not in json.dumps(results.settings["params"])  # the runner's folder is not a user parameter

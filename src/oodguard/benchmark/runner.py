@@ -163,6 +163,7 @@ def run(
         split_names=(benchmark.fit.name, benchmark.test.name),
         skipped=skipped,
         cache_dir=cache_dir,
+        validation=(benchmark.validation.name, source(benchmark.validation)) if benchmark.validation else None,
     )
 
 
@@ -230,17 +231,22 @@ def _detector_job(
     test: Source,
     ood: list[tuple[str, str, Source]],
     cache_dir: str | Path | None = None,
+    validation: Source | None = None,
 ) -> Callable[[], dict]:
     """Fit one detector on the fit source and score the test source and every OOD source (either protocol).
 
-    Detectors that train networks and take a ``cache_dir`` (``ae_mahalanobis``, ``sage``, ``msma``) cache their
-    fitted state under ``cache_dir/detectors`` unless the caller chose their cache."""
+    Detectors that train networks and take a ``cache_dir`` (``ae_mahalanobis``, ``sage``, ``msma``, ...) cache
+    their fitted state under ``cache_dir/detectors`` unless the caller chose their cache. Detectors with a
+    ``calibrate(outputs)`` step (``sdm``) are calibrated on the ``validation`` outputs when there are any."""
 
     def job() -> dict[str, np.ndarray]:
         detector = detector_registry.create(name, **params)
         if cache_dir is not None and "cache_dir" in detector.param_names() and params.get("cache_dir") is None:
             detector.set_params(cache_dir=str(Path(cache_dir) / "detectors"))
         detector.fit_from(fit)
+        calibrate = getattr(detector, "calibrate", None)
+        if callable(calibrate) and validation is not None and validation.outputs is not None:
+            calibrate(validation.outputs)
         scores = {"id": np.asarray(detector.score_from(test))}
         for set_name, _, source in ood:
             scores[set_name] = np.asarray(detector.score_from(source))
@@ -313,6 +319,7 @@ def _evaluate(
     extra_jobs: Mapping[str, Callable[[], dict]] | None = None,
     skipped: Mapping[str, str] | None = None,
     cache_dir: str | Path | None = None,
+    validation: tuple[str, Source] | None = None,
 ) -> Results:
     params = {key: dict(value) for key, value in (params or {}).items()}
     extra_jobs = dict(extra_jobs or {})
@@ -342,7 +349,7 @@ def _evaluate(
     jobs = {
         n: _mos_job(fit_outputs, test_outputs, [(s, g, src.outputs) for s, g, src in ood], params.get(n, {}))
         if n == MOS_HEAD
-        else _detector_job(n, params.get(n, {}), fit, test, ood, cache_dir)
+        else _detector_job(n, params.get(n, {}), fit, test, ood, cache_dir, validation[1] if validation else None)
         for n in names
     }
     jobs.update(extra_jobs)
@@ -391,7 +398,8 @@ def _evaluate(
         id_accuracy=id_accuracy,
         full_spectrum=full_spectrum,
         settings={"n_boot": n_boot, "seed": seed, "params": _describe_params(params), "fit_split": split_names[0],
-                  "id_split": split_names[1]},
+                  "id_split": split_names[1],
+                  "calibration_split": validation[0] if validation is not None else None},
         skipped=dict(skipped or {}),
     )  # fmt: skip
 
