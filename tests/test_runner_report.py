@@ -376,3 +376,65 @@ def test_run_calibrates_sdm_on_the_validation_split_and_caches_trained_detectors
     assert set(results.status["status"]) == {"ok"}
     assert len(list((tmp_path / "detectors").glob("ae_mahalanobis-*.safetensors"))) == 1
     assert "cache_dir" not in json.dumps(results.settings["params"])  # the runner's folder is not a user parameter
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A tiny image benchmark run through run(): ambiguous set, validation split, the model's OCS curve."""
+    import torch
+    from torch import nn
+
+    from oodguard.benchmark import runner
+    from oodguard.benchmark.spec import Benchmark, DataSplit
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(150) % 3
+    images = (torch.rand(150, 1, 8, 8, generator=g) * 0.3 + 0.2 * labels[:, None, None, None]).clamp(0, 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(60):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(images[:90]), labels[:90]).backward()
+        optimiser.step()
+    minus = torch.full((30,), -1)
+    benchmark = Benchmark(
+        name="tiny-images", model=model.eval(), fit=DataSplit("fit", images[:90], labels[:90]),
+        test=DataSplit("test", images[90:], labels[90:]),
+        ood=[DataSplit("noise", torch.rand(30, 1, 8, 8, generator=g), minus, group="far"),
+             DataSplit("between", images[90:120].roll(1, dims=0) * 0.5 + images[90:120] * 0.5, minus,
+                       group="ambiguous")],
+    )  # fmt: skip
+    results = runner.run(benchmark, ["msp", "energy"], n_boot=10, progress=False)
+    return benchmark, results
+
+
+def test_run_measures_the_models_ocs_curve_on_image_benchmarks(image_run):
+    from oodguard.detectors.ocs import optimal_constant_solution
+    from oodguard.diagnostics import ocs_curve
+
+    benchmark, results = image_run
+    curve = results.diagnostics["ocs_curve"]
+    expected = ocs_curve(benchmark.model, benchmark.test.data, optimal_constant_solution(benchmark.fit.labels, 3),
+                         labels=benchmark.test.labels)  # fmt: skip
+    np.testing.assert_allclose(curve["distance"], expected.distance, rtol=1e-6)
+    assert curve["severities"] == [0, 1, 2, 3, 4, 5] and len(curve["corruptions"]) == 5
+    assert np.asarray(curve["accuracy"]).shape == (5, 6)
+    assert list(results.views["detector"]) == ["msp", "energy"]
+    assert results.views["OOD vs ambiguous AUROC"].notna().all()
+
+
+@pytest.mark.slow
+def test_report_draws_the_views_and_the_ocs_curve_in_a_browser(image_run, tmp_path):
+    browser = _browser()
+    _, results = image_run
+    paths = results.save(tmp_path)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["diagnostics"]["ocs_curve"]["severities"] == [0, 1, 2, 3, 4, 5]
+    dom = _rendered(browser, paths["html"], tmp_path / "profile")
+    ocs = dom.split('id="ocs-plot"')[1].split("</svg>")[0]
+    assert ocs.count("<polyline") == 5  # one line per corruption
+    views = dom.split('id="views-table"')[1].split("</table>")[0]
+    assert views.count("<tr>") == 3 and "OOD vs ambiguous AUROC" in views  # header and one row per detector
+    board = dom.split('id="leaderboard"')[1].split("</table>")[0]
+    assert "ambiguous AUROC" not in board  # not an OOD column

@@ -21,6 +21,7 @@ import json
 import os
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ GRAM_LAYERS = ("features.2", "features.5")
 #: SDM: calibrated on the validation split (100 rows per class), the official minimum over classes gives d = 0
 #: (the flattest activation) to 34 % of the validation rows themselves, against 0.6 % with the predicted class's
 #: quantiles: chosen from ID data alone.
-DETECTOR_PARAMS = {
+DETECTOR_PARAMS: dict[str, dict[str, Any]] = {
     "sdm": {"distance": "predicted"},
     "nac_layers": {"layers": [*GRAM_LAYERS, "<features>"], "alpha": [0.01, 0.1, 100.0]},
     "mahalanobis_ensemble": {"layers": [*GRAM_LAYERS, "<features>"], "epsilon": 0.0},

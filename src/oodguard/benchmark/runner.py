@@ -79,6 +79,7 @@ def run(
     feature_layer: str | None = None,
     output_key: str | int | None = None,
     batch_size: int = 256,
+    ocs_curve: bool = True,
 ) -> Results:
     """Evaluate detectors on a benchmark; a detector that fails is reported as failed and the run goes on.
 
@@ -99,6 +100,9 @@ def run(
     full_spectrum : count covariate-shift sets as ID (full-spectrum OOD detection) instead of as OOD.
     n_boot, seed : bootstrap replicates and seed of the 95 % intervals.
     feature_layer, output_key, batch_size : how to run the model (see :func:`oodguard.extraction.extract`).
+    ocs_curve : on image benchmarks with labels, also measure how the model's predictions approach the optimal
+        constant solution under corruption (:func:`oodguard.diagnostics.ocs_curve`, 26 forward passes over the ID
+        test images), kept in ``Results.diagnostics["ocs_curve"]`` and drawn in the report.
     """
     from oodguard.extraction.model_runner import ModelRunner
 
@@ -149,7 +153,7 @@ def run(
     def source(split: DataSplit) -> Source:
         return Source(outputs[split.name], data=split.data, labels=split.labels, runner=runner)
 
-    return _evaluate(
+    results = _evaluate(
         benchmark.name,
         source(benchmark.fit),
         source(benchmark.test),
@@ -165,6 +169,28 @@ def run(
         cache_dir=cache_dir,
         validation=(benchmark.validation.name, source(benchmark.validation)) if benchmark.validation else None,
     )
+    if runner is not None and not from_shards and ocs_curve:
+        results.diagnostics["ocs_curve"] = _ocs_diagnostic(runner, benchmark, fit)
+    return results
+
+
+def _ocs_diagnostic(runner: Any, benchmark: Benchmark, fit: ModelOutputs | ShardedOutputs) -> dict[str, Any] | None:
+    """The model's OCS curve on the ID test images (None for inputs other than image tensors or without labels)."""
+    from oodguard.detectors.ocs import optimal_constant_solution
+    from oodguard.diagnostics import ocs_curve
+
+    images, labels = benchmark.test.data, benchmark.test.labels
+    if getattr(images, "ndim", None) != 4 or fit.labels is None or labels is None or not fit.has("logits"):
+        return None
+    num_classes = fit.num_classes or int(fit.labels.max()) + 1
+    curve = ocs_curve(runner, images, optimal_constant_solution(fit.labels, num_classes), labels=labels)
+    return {
+        "corruptions": list(curve.corruptions),
+        "severities": list(curve.severities),
+        "distance": curve.distance.tolist(),
+        "accuracy": None if curve.accuracy is None else curve.accuracy.tolist(),
+        "split": benchmark.test.name,
+    }
 
 
 def _model_detectors_for(data: Any, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
