@@ -38,10 +38,13 @@ from oodguard.train.methods import (
     DOS,
     METHODS,
     AbeT,
+    CutMix,
     EnergyFineTune,
+    LabelSmoothing,
     LogitNorm,
     Method,
     MixOE,
+    Mixup,
     OutlierExposure,
     Recipe,
     auto_margins,
@@ -52,7 +55,8 @@ from oodguard.train.samplers import DiverseOutlierSampler, TakeAll, dos_candidat
 from oodguard.train.scores import absent_class_score
 
 __all__ = [
-    "AbeT", "AbsentCategoryLoss", "DOS", "DiverseOutlierSampler", "EnergyFineTune", "EnergyMarginLoss",
+    "AbeT", "AbsentCategoryLoss", "CutMix", "DOS", "LabelSmoothing", "Mixup", "DiverseOutlierSampler",
+    "EnergyFineTune", "EnergyMarginLoss",
     "absent_class_score",
     "LearnedTemperatureHead", "LogitNorm", "LogitNormLoss", "METHODS", "Method", "MixOE", "MixOELoss",
     "OutlierExposure", "OutlierExposureLoss", "Recipe", "TakeAll", "TrainResult", "add_absent_class", "auto_margins",
