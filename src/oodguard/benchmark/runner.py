@@ -201,6 +201,8 @@ def _model_detectors_for(data: Any, params: Mapping[str, Mapping[str, Any]] | No
     for name in detector_registry.available(protocol="model"):
         cls = detector_registry.implementation(name)
         wanted = getattr(cls, "input_ndim", None)
+        if getattr(cls, "needs_auxiliary_head", False):  # only models trained for it have the head it reads
+            continue
         if (wanted is None or ndim is None or ndim == wanted) and _has_required(name, params):
             chosen.append(name)
     return chosen
@@ -477,6 +479,9 @@ def skipped_detectors(
                 continue
             if not model_detectors:
                 reasons[name] = "a model detector, and model detectors were turned off"
+                continue
+            if getattr(detector_registry.implementation(name), "needs_auxiliary_head", False):
+                reasons[name] = "needs a model trained with its auxiliary head (oodguard.train's method of that name)"
                 continue
             wanted = getattr(detector_registry.implementation(name), "input_ndim", None)
             ndim = getattr(inputs, "ndim", None)

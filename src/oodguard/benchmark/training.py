@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from oodguard import detectors as detector_registry
 from oodguard import metrics, persist
 from oodguard.benchmark.results import Results
 from oodguard.benchmark.runner import extract_benchmark, run_on_outputs
@@ -108,6 +109,8 @@ def demonstration_runs(epochs: int = FINE_TUNE_EPOCHS, retrain_epochs: int = RET
         "mixup": MethodRun("mixup", lambda c: create_method("mixup"), fine_tune, "alpha 1, pairs within the batch"),
         "cutmix": MethodRun("cutmix", lambda c: create_method("cutmix"), fine_tune,
                             "alpha 1, every batch, boxes from the batch"),
+        "rotation": MethodRun("rotation", lambda c: create_method("rotation"), fine_tune,
+                              "rotation head, weight 1 (released run)"),
     }  # fmt: skip
 
 
@@ -385,6 +388,8 @@ def run_training_benchmark(
                 return {"id": scores.pop(benchmark.test.name), **scores}
 
             extra[ABSENT_CLASS] = absent_job
+        elif own and detector_registry.info(own)["protocol"] == "model":  # e.g. rotation: runs the trained model
+            extra[own] = _model_score_job(own, model, benchmark)
         detectors = [name for name in dict.fromkeys([*([own] if own else []), "msp", "energy"]) if name not in extra]
         evaluations[label] = run_on_outputs(
             label, outputs[fit.name], outputs[benchmark.test.name],
@@ -401,6 +406,21 @@ def run_training_benchmark(
         own_scores[label] = method.score
         evaluate(label, model, method.score)
     return _combine(benchmark.name, evaluations, own_scores, facts, n_boot, seed)
+
+
+def _model_score_job(name: str, model: torch.nn.Module, benchmark: Benchmark) -> Any:
+    """A job scoring the ID test split and every OOD set with the model detector ``name`` run on ``model``."""
+    from oodguard.detectors.model.base import ModelDetector
+    from oodguard.extraction.model_runner import ModelRunner
+
+    def job() -> dict[str, np.ndarray]:
+        detector = detector_registry.create(name)
+        assert isinstance(detector, ModelDetector)
+        detector.attach(ModelRunner(model.eval())).fit(benchmark.fit.data, labels=benchmark.fit.labels)
+        scores = {split.name: np.asarray(detector.score(split.data)) for split in benchmark.ood}
+        return {"id": np.asarray(detector.score(benchmark.test.data)), **scores}
+
+    return job
 
 
 def _logits(outputs: Any) -> torch.Tensor:

@@ -22,7 +22,7 @@ Examples
 """
 
 from oodguard.train.checkpoint import load_checkpoint, save_checkpoint
-from oodguard.train.heads import LearnedTemperatureHead, add_absent_class, install_abet_head
+from oodguard.train.heads import LearnedTemperatureHead, RotationNet, add_absent_class, install_abet_head
 from oodguard.train.loop import TrainResult, train
 from oodguard.train.losses import (
     AbsentCategoryLoss,
@@ -47,6 +47,7 @@ from oodguard.train.methods import (
     Mixup,
     OutlierExposure,
     Recipe,
+    Rotation,
     auto_margins,
     create_method,
 )
@@ -59,7 +60,8 @@ __all__ = [
     "EnergyFineTune", "EnergyMarginLoss",
     "absent_class_score",
     "LearnedTemperatureHead", "LogitNorm", "LogitNormLoss", "METHODS", "Method", "MixOE", "MixOELoss",
-    "OutlierExposure", "OutlierExposureLoss", "Recipe", "TakeAll", "TrainResult", "add_absent_class", "auto_margins",
+    "OutlierExposure", "OutlierExposureLoss", "Recipe", "Rotation", "RotationNet",
+    "TakeAll", "TrainResult", "add_absent_class", "auto_margins",
     "create_method", "dos_candidate_size", "free_energy", "install_abet_head", "kmeans", "load_checkpoint",
     "mix_outliers", "rand_bbox", "sample_lambda", "save_checkpoint", "soft_cross_entropy", "train",
     "uniform_cross_entropy",
