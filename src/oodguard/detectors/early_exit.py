@@ -247,11 +247,13 @@ class EarlyExit(OutputDetector):
         class_counts(labels, classes, self.name, minimum=0)  # labels within 0..C-1
         features = outputs.features.cpu()
         state = feature_scaling(features)
-        pooled = [pooled_cells(tensor.to(_F64), int(self.pool)) for tensor in maps]
-        for k, grid in enumerate(pooled):
+        x = []
+        for k, tensor in enumerate(maps):
+            grid = pooled_cells(tensor.to(_F64), int(self.pool))
             scaling = feature_scaling(grid.transpose(1, 2).reshape(-1, grid.shape[1]))  # per channel
-            state[f"exit.{k}.mean"], state[f"exit.{k}.std"] = scaling["feature_mean"], scaling["feature_std"]
-        x = [grid.to(torch.float32) for grid in self._exit_inputs(maps, state)]
+            mean, std = scaling["feature_mean"], scaling["feature_std"]
+            state[f"exit.{k}.mean"], state[f"exit.{k}.std"] = mean, std
+            x.append(((grid - mean[:, None]) / std[:, None]).to(torch.float32))  # as _exit_inputs
         f = standardised(features, state).to(torch.float32)
         channels, cells = [t.shape[1] for t in x], [t.shape[2] for t in x]
         with seeded(int(self.seed)):
