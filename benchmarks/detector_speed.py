@@ -31,6 +31,8 @@ SCALES = {
 }
 #: Zero-shot detectors score the features as input embeddings against text embeddings (labels, negatives, "no").
 ZERO_SHOT = ("mcm", "neglabel", "clipn", "lapt")
+#: Detectors that train on intermediate layers but score the features alone: the features stand in for one layer.
+LAYER_FIT = ("early_exit",)
 MOS_GROUPS = 8
 CHUNK = 4096  # row chunk of the lower-bound loops, so they too stay in bounded memory
 
@@ -220,6 +222,8 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "msma": op(msma_bound),
         "evidential": op(lambda x: torch.exp(x.to(torch.float64) @ evidential_head).sum(dim=1)),
         "ocs": op(lambda x: torch.logsumexp(x, dim=1), f),
+        # one ensemble member per layer (one here): a gated copy of the features through its own head, a softmax
+        "early_exit": op(lambda x: torch.logsumexp(torch.relu(x) @ w.T, dim=1)),
     }
 
 
@@ -281,6 +285,8 @@ def run(scale: str, names: list[str], repeats: int) -> list[dict]:
     rows = []
     for name in (n for n in names if n in bounds):
         fit_data, test_data = (data.mos_fit, data.mos_test) if name == "mos" else (data.fit, data.test)
+        if name in LAYER_FIT:
+            fit_data = fit_data.with_fields(layers={"penultimate": fit_data.features})
         detector = detectors.create(name, **params.get(name, {}))
         fit_seconds = best_time(lambda d=detector, x=fit_data: d.fit(x), 1)
         detector.score(test_data[:256])  # warm caches (state casts) outside the timing
