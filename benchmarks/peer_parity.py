@@ -100,6 +100,9 @@ PAIRS: list[Pair] = [
     Pair("openmax", "OpenMax", {"tailsize": 20, "alpha": 3, "distance": "euclidean"},
          {"tailsize": 20, "alpha": 3, "euclid_weight": 1.0}, peer_fit="correct",
          note="pytorch-ood fitted on the correctly classified fit rows only"),
+    Pair("gradnorm", "GradNorm", {"temperature": 1.0}, {"temperature": 1.0},
+         note="pytorch-ood's GradNorm backpropagates through a model: here the head, on the features, with the "
+              "gradient of its weight only (the paper's choice); oodguard's gradnorm is the closed form of that"),
     Pair("odin", "ODIN", {"temperature": 1000.0, "epsilon": 0.0014}, {"temperature": 1000.0, "eps": 0.0014},
          model=True, note="the digits model normalises inside its forward, so neither side divides the step by a std"),
     # Being added to oodguard: listed as skipped until registered.
@@ -112,8 +115,6 @@ PAIRS: list[Pair] = [
 
 # pytorch-ood 0.4 detectors with no oodguard counterpart compared here, and why.
 PEER_ONLY = {
-    "GradNorm": "oodguard's gradnorm is the closed form on features and head; pytorch-ood's needs a model "
-    "and backpropagates through it (oodguard's model version is gradnorm_autograd): not compared yet",
     "MahalanobisODIN": "model detector (Mahalanobis with input preprocessing): not compared yet",
     "MultiMahalanobis": "model detector over several layers (oodguard: mahalanobis_ensemble): not compared yet",
     "Gram": "needs intermediate layers: not compared yet",
@@ -394,6 +395,11 @@ def _peer_runners() -> dict[str, Callable[[Any, dict[str, Any], dict[str, Any]],
         with torch.enable_grad():
             return torch.cat([det.predict(batch) for batch in d["test_images"].split(256)])
 
+    def gradnorm(_: Any, d: dict[str, Any], p: dict[str, Any]) -> Any:
+        # the head is the model and the features its input; only the head's weight, as in the paper
+        det = detector.GradNorm(head(d), param_filter=lambda name: name == "weight", **p)
+        return det.predict(d["test_features"])
+
     def webo(_: Any, d: dict[str, Any], p: dict[str, Any]) -> Any:
         return detector.WeightedEBO(None, weights=torch.as_tensor(p["weights"])).predict_logits(d["test_logits"])
 
@@ -422,6 +428,7 @@ def _peer_runners() -> dict[str, Callable[[Any, dict[str, Any], dict[str, Any]],
         "SCALE": feature_maps("SCALE", fit=False),
         "WeightedEBO": webo,
         "ODIN": odin,
+        "GradNorm": gradnorm,
     }
 
 
