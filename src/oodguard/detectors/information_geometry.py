@@ -1,7 +1,7 @@
 """IGEOOD: Fisher-Rao distances between softmax distributions (the logits-based, black-box score).
 
 Paper: Gomes, Alberge, Duhamel & Piantanida, "Igeood: An Information Geometry Approach to Out-of-Distribution
-Detection", ICLR 2022. Code: edadaltocg/Igeood (``IgeoodLogits``, ``igeoodlogits_vec``).
+Detection", ICLR 2022. Code: the first author's edadaltocg/detectors, ``src/detectors/methods/igeood_logits.py``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class Igeood(OutputDetector):
     Fit on labelled in-distribution training logits: the statistics are per-class logit sums and counts, so
     ``partial_fit`` and ``merge`` are exact. Every class needs at least one fit row.
 
-    Paper: Gomes, Alberge, Duhamel & Piantanida, ICLR 2022. Code: edadaltocg/Igeood. Deviations:
+    Paper: Gomes, Alberge, Duhamel & Piantanida, ICLR 2022. Code: edadaltocg/detectors
+    ``src/detectors/methods/igeood_logits.py`` (``IgeoodLogits``, ``igeoodlogits_vec``). Deviations:
     docs/detectors.md, section ``igeood``.
     """
 
@@ -58,7 +59,7 @@ class Igeood(OutputDetector):
         "Gomes, Alberge, Duhamel & Piantanida, Igeood: An Information Geometry Approach to Out-of-Distribution "
         "Detection, ICLR 2022"
     )
-    code = "https://github.com/edadaltocg/Igeood (IgeoodLogits, igeoodlogits_vec)"
+    code = "https://github.com/edadaltocg/detectors (src/detectors/methods/igeood_logits.py)"
     requires = frozenset({"logits"})
     fit_requires = frozenset({"logits", "labels"})
     state_reductions = {"class_sum": "sum", "class_count": "sum"}

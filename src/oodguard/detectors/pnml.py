@@ -81,8 +81,9 @@ class PNML(OutputDetector):
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         features = outputs.features
         projector = self.state(features.device, features.dtype)["projector"]
-        unit = unit_rows(features)
-        quadratic = ((unit @ projector) * unit).sum(dim=1).to(_F64).clamp_min_(0.0)
+        # x^T P x of the unit row, as z^T P z / ||z||^2: no normalised copy of the features
+        squared_norms = (features * features).sum(dim=1).to(_F64).clamp_min_(1e-24)
+        quadratic = ((features @ projector) * features).sum(dim=1).to(_F64).div_(squared_norms).clamp_min_(0.0)
         g = quadratic / (1.0 + quadratic)
         log_probs = torch.log_softmax(outputs.logits.to(_F64), dim=1).to(g.device)
         return pnml_regret(log_probs, g)

@@ -11,6 +11,7 @@ rectified features; ``lts`` reads the logits and the features and needs no fit. 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from oodguard.detectors.base import OutputDetector, register
@@ -98,10 +99,13 @@ class VRA(_RectifiedEnergy):
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         state = _head_copy(outputs)
-        features = outputs.features.to(_F64)
-        quantiles = torch.tensor([self.lower_percentile / 100.0, self.upper_percentile / 100.0], dtype=_F64)
-        low, high = torch.quantile(features, quantiles.to(features.device), dim=0)
-        state["low"], state["high"] = low.contiguous(), high.contiguous()
+        # numpy's per-column percentile (linear interpolation) partitions instead of sorting: far faster than
+        # torch.quantile along a dimension
+        features = outputs.features.detach().cpu().numpy()
+        low, high = np.percentile(features, [self.lower_percentile, self.upper_percentile], axis=0)
+        device = state["weight"].device
+        state["low"] = torch.as_tensor(low, dtype=_F64).to(device)
+        state["high"] = torch.as_tensor(high, dtype=_F64).to(device)
         return state
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:

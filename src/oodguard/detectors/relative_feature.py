@@ -7,7 +7,7 @@
 ``mu_c`` is the mean fit feature over the rows the model *predicts* as class ``c`` (official code), not over the
 labelled rows; the fit statistics are per-class sums and counts, so ``partial_fit`` and ``merge`` are exact.
 
-Paper: Ling, Chen, Liu & Zhu, "CADRef: Robust Out-of-Distribution Detection via Class-Aware Decoupled Relative
+Paper: Ling et al., "CADRef: Robust Out-of-Distribution Detection via Class-Aware Decoupled Relative
 Feature Leveraging", CVPR 2025. Code: LingAndZero/CADRef; pytorch-ood ``detector/caref.py``, ``cadref.py``.
 """
 
@@ -22,7 +22,7 @@ from oodguard.outputs import ModelOutputs
 
 _F64 = torch.float64
 _PAPER = (
-    "Ling, Chen, Liu & Zhu, CADRef: Robust Out-of-Distribution Detection via Class-Aware Decoupled Relative Feature "
+    "Ling et al., CADRef: Robust Out-of-Distribution Detection via Class-Aware Decoupled Relative Feature "
     "Leveraging, CVPR 2025"
 )
 
@@ -73,7 +73,7 @@ class CARef(OutputDetector):
     never predicted on the fit data falls back to the mean of all fit features, with a warning (the official code
     leaves it empty, which gives NaN scores).
 
-    Paper: Ling, Chen, Liu & Zhu, CVPR 2025 (CARef is the paper's first step). Code: LingAndZero/CADRef;
+    Paper: Ling et al., CVPR 2025 (CARef is the paper's first step). Code: LingAndZero/CADRef;
     pytorch-ood ``src/pytorch_ood/detector/caref.py``.
     """
 
@@ -123,7 +123,7 @@ class CADRef(OutputDetector):
     The statistics are per-class sums and counts and the sum of ``S``, so ``partial_fit`` and ``merge`` are exact
     (every chunk must come from the same head).
 
-    Paper: Ling, Chen, Liu & Zhu, CVPR 2025. Code: LingAndZero/CADRef; pytorch-ood
+    Paper: Ling et al., CVPR 2025. Code: LingAndZero/CADRef; pytorch-ood
     ``src/pytorch_ood/detector/cadref.py``. Deviations: docs/detectors.md, section ``cadref``.
     """
 
