@@ -209,6 +209,12 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         # the quadratic form with the D x D projector, and every logit's exponential
         return ((x @ dd) * x).sum(dim=1), torch.log_softmax(logits, dim=1)
 
+    probability_bank = torch.softmax(data.fit.logits, dim=1)
+
+    def relation_bound(x: torch.Tensor, logits: torch.Tensor) -> object:
+        # the feature kernel and the softmax kernel against every fit sample
+        return (x @ bank.T) * (torch.softmax(logits, dim=1) @ probability_bank.T)
+
     def lts_bound(x: torch.Tensor, logits: torch.Tensor) -> object:
         # the top-k mass of the features, and every logit's exponential
         return torch.topk(x, dim - round(dim * 0.65), dim=1).values.sum(dim=1), torch.logsumexp(logits, dim=1)
@@ -256,6 +262,7 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "cadref": paired(decoupled_error),
         "pnml": paired(pnml_bound),
         "igeood": op(lambda x: torch.softmax(x, dim=1) @ cc, f),
+        "relation": paired(relation_bound),
     }
 
 

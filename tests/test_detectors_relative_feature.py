@@ -216,3 +216,49 @@ def test_save_load_round_trip(name, tmp_path):
     test = _outputs(queries, weight, bias, head=False)
     detector.save(tmp_path)
     np.testing.assert_array_equal(load(tmp_path).score(test), detector.score(test))
+
+
+# ---------------------------------------------------------------- Relation
+@pytest.mark.parametrize(("power", "threshold"), [(1, 0.03), (4, 0.0), (2, 0.5)])
+def test_relation_known_answer(power, threshold):
+    features, weight, bias, _, queries = _data(n=30, seed=13)
+    fit_logits = features @ weight.T + bias
+    logits = queries @ weight.T + bias
+    units = features / np.sqrt((features**2).sum(1, keepdims=True) + 1e-10)
+    probabilities = softmax(fit_logits, axis=1)
+    expected = []
+    for z, f in zip(queries, logits, strict=True):
+        u = z / np.sqrt((z**2).sum() + 1e-10)
+        p = softmax(f)
+        total = 0.0
+        for u_j, p_j in zip(units, probabilities, strict=True):
+            r = max(u @ u_j, 0.0) * (p @ p_j)
+            total += r**power if r > threshold else 0.0
+        expected.append(-total)
+    detector = create("relation", pow=power, threshold=threshold)
+    detector.fit({"features": features, "logits": fit_logits})
+    np.testing.assert_allclose(detector.score({"features": queries, "logits": logits}), expected, rtol=1e-10)
+
+
+def test_relation_partial_fit_equals_fit_and_scales_with_the_bank():
+    features, weight, bias, _, queries = _data(n=40, seed=14)
+    fit = {"features": features, "logits": features @ weight.T + bias}
+    test = {"features": queries, "logits": queries @ weight.T + bias}
+    full = create("relation").fit(fit)
+    parts = create("relation")
+    for chunk in np.array_split(np.arange(40), 3):
+        parts.partial_fit({key: value[chunk] for key, value in fit.items()})
+    np.testing.assert_allclose(parts.score(test), full.score(test), rtol=1e-12)
+    doubled = create("relation").fit({key: np.concatenate([value, value]) for key, value in fit.items()})
+    np.testing.assert_allclose(doubled.score(test), 2 * full.score(test), rtol=1e-12)  # a sum over the bank
+
+
+def test_relation_save_load_round_trip(tmp_path):
+    features, weight, bias, _, queries = _data(seed=15)
+    detector = create("relation", pow=2).fit({"features": features, "logits": features @ weight.T + bias})
+    test = {"features": queries, "logits": queries @ weight.T + bias}
+    detector.save(tmp_path)
+    # the loaded bank may sit at another memory alignment, which can change the BLAS summation order by an ulp
+    np.testing.assert_allclose(load(tmp_path).score(test), detector.score(test), rtol=1e-13)
+    with pytest.raises(ValueError, match="pow"):
+        create("relation", pow=0)
