@@ -261,7 +261,8 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "caref": paired(relative_error),
         "cadref": paired(decoupled_error),
         "pnml": paired(pnml_bound),
-        "igeood": op(lambda x: torch.softmax(x, dim=1) @ cc, f),
+        # the softmax roots, their products with the C centroid roots and one arccos per (sample, class) pair
+        "igeood": op(lambda x: torch.arccos((torch.softmax(x, dim=1).sqrt() @ cc).clamp_(0.0, 1.0)), f),
         "relation": paired(relation_bound),
     }
 

@@ -22,8 +22,9 @@ def fisher_rao_to_centroids(logits: torch.Tensor, centroid_roots: torch.Tensor, 
     ``exp(log_softmax / 2)``, exact where a probability underflows. The affinity is clamped to ``[0, 1]``
     (rounding can push it past 1 for identical distributions).
     """
-    roots = torch.exp(0.5 * torch.log_softmax(logits / temperature, dim=1))
-    return 2.0 * torch.arccos((roots @ centroid_roots.T).clamp_(0.0, 1.0))
+    scaled = logits if temperature == 1.0 else logits / temperature
+    roots = torch.log_softmax(scaled, dim=1).mul_(0.5).exp_()
+    return torch.arccos_((roots @ centroid_roots.T).clamp_(0.0, 1.0)).mul_(2.0)
 
 
 @register
