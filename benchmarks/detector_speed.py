@@ -255,14 +255,15 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "msma": op(msma_bound),
         "evidential": op(lambda x: torch.exp(x.to(torch.float64) @ evidential_head).sum(dim=1)),
         "ocs": op(lambda x: torch.logsumexp(x, dim=1), f),
-        "vra": op(lambda x: torch.minimum(x, high).masked_fill_(x < low, 0.0) @ w.T),
-        "bats": op(lambda x: torch.clamp(x, min=low, max=high) @ w.T),
+        # two-sided per-unit thresholds, the head, and the energy of the recomputed logits
+        "vra": op(lambda x: torch.logsumexp(torch.minimum(x, high).masked_fill_(x < low, 0.0) @ w.T, dim=1)),
+        "bats": op(lambda x: torch.logsumexp(torch.clamp(x, min=low, max=high) @ w.T, dim=1)),
         "lts": paired(lts_bound),
         "caref": paired(relative_error),
         "cadref": paired(decoupled_error),
         "pnml": paired(pnml_bound),
         # the softmax roots, their products with the C centroid roots and one arccos per (sample, class) pair
-        "igeood": op(lambda x: torch.arccos((torch.softmax(x, dim=1).sqrt() @ cc).clamp_(0.0, 1.0)), f),
+        "igeood": op(lambda x: torch.arccos((torch.softmax(x, dim=1).sqrt() @ cc).clamp_(0.0, 1.0)).sum(dim=1), f),
         "relation": paired(relation_bound),
     }
 

@@ -15,8 +15,9 @@ from oodguard.outputs import ModelOutputs
 _F64 = torch.float64
 
 
-def fisher_rao_to_centroids(logits: torch.Tensor, centroid_roots: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``2 arccos(sum_i sqrt(p_i q_ci))`` for every row of ``logits`` ``[n, C]`` and every centroid ``c``.
+def half_fisher_rao_to_centroids(logits: torch.Tensor, centroid_roots: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Half the Fisher-Rao distance, ``arccos(sum_i sqrt(p_i q_ci))``, for every row of ``logits`` ``[n, C]``
+    and every centroid ``c``.
 
     ``p = softmax(logits / T)``; ``centroid_roots`` ``[K, C]`` holds ``sqrt(q_c)``. The square roots are
     ``exp(log_softmax / 2)``, exact where a probability underflows. The affinity is clamped to ``[0, 1]``
@@ -24,7 +25,7 @@ def fisher_rao_to_centroids(logits: torch.Tensor, centroid_roots: torch.Tensor, 
     """
     scaled = logits if temperature == 1.0 else logits / temperature
     roots = torch.log_softmax(scaled, dim=1).mul_(0.5).exp_()
-    return torch.arccos_((roots @ centroid_roots.T).clamp_(0.0, 1.0)).mul_(2.0)
+    return torch.arccos_((roots @ centroid_roots.T).clamp_(0.0, 1.0))
 
 
 @register
@@ -96,5 +97,5 @@ class Igeood(OutputDetector):
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         logits = outputs.logits
         roots = self.state(logits.device, logits.dtype)["centroid_roots"]
-        distances = fisher_rao_to_centroids(logits, roots, float(self.temperature))
-        return -distances.mean(dim=1).to(_F64)
+        distances = half_fisher_rao_to_centroids(logits, roots, float(self.temperature))
+        return -2.0 * distances.mean(dim=1).to(_F64)  # the factor 2 of d_FR, applied per row
