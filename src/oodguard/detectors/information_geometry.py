@@ -15,17 +15,17 @@ from oodguard.outputs import ModelOutputs
 _F64 = torch.float64
 
 
-def half_fisher_rao_to_centroids(logits: torch.Tensor, centroid_roots: torch.Tensor, temperature: float) -> torch.Tensor:
+def half_fisher_rao_to_centroids(logits: torch.Tensor, roots: torch.Tensor, temperature: float) -> torch.Tensor:
     """Half the Fisher-Rao distance, ``arccos(sum_i sqrt(p_i q_ci))``, for every row of ``logits`` ``[n, C]``
     and every centroid ``c``.
 
-    ``p = softmax(logits / T)``; ``centroid_roots`` ``[K, C]`` holds ``sqrt(q_c)``. The square roots are
+    ``p = softmax(logits / T)``; ``roots`` ``[K, C]`` holds the centroids' ``sqrt(q_c)``. The square roots are
     ``exp(log_softmax / 2)``, exact where a probability underflows. The affinity is clamped to ``[0, 1]``
     (rounding can push it past 1 for identical distributions).
     """
     scaled = logits if temperature == 1.0 else logits / temperature
-    roots = torch.log_softmax(scaled, dim=1).mul_(0.5).exp_()
-    return torch.arccos_((roots @ centroid_roots.T).clamp_(0.0, 1.0))
+    sample_roots = torch.log_softmax(scaled, dim=1).mul_(0.5).exp_()
+    return torch.arccos_((sample_roots @ roots.T).clamp_(0.0, 1.0))
 
 
 @register
