@@ -186,6 +186,41 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         keep = dim - round(dim * percent / 100)
         return lambda x: (torch.topk(x, keep, dim=1), x @ w.T)
 
+    def paired(fn: Callable[[torch.Tensor, torch.Tensor], object]) -> Callable[[], None]:
+        # features and logits of the same rows, chunk by chunk
+        def run() -> None:
+            for start in range(0, z.shape[0], CHUNK):
+                fn(z[start : start + CHUNK], f[start : start + CHUNK])
+
+        return run
+
+    low, high = z.quantile(0.6, dim=0), z.quantile(0.9, dim=0)
+    class_means = torch.randn(classes, dim)
+    signs = torch.sign(w)
+
+    def relative_error(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        # the predicted class's mean feature, then an l1 distance and the features' l1 norm
+        return (x - class_means.index_select(0, logits.argmax(dim=1))).abs().sum(dim=1) / x.abs().sum(dim=1)
+
+    def decoupled_error(x: torch.Tensor, logits: torch.Tensor) -> object:
+        predicted = logits.argmax(dim=1)
+        aligned = (x - class_means.index_select(0, predicted)) * signs.index_select(0, predicted)
+        return aligned.clamp(min=0).sum(dim=1), x.abs().sum(dim=1), torch.logsumexp(logits, dim=1)
+
+    def pnml_bound(x: torch.Tensor, logits: torch.Tensor) -> object:
+        # the quadratic form with the D x D projector, and every logit's exponential
+        return ((x @ dd) * x).sum(dim=1), torch.log_softmax(logits, dim=1)
+
+    probability_bank = torch.softmax(data.fit.logits, dim=1)
+
+    def relation_bound(x: torch.Tensor, logits: torch.Tensor) -> object:
+        # the feature kernel and the softmax kernel against every fit sample
+        return (x @ bank.T) * (torch.softmax(logits, dim=1) @ probability_bank.T)
+
+    def lts_bound(x: torch.Tensor, logits: torch.Tensor) -> object:
+        # the top-k mass of the features, and every logit's exponential
+        return torch.topk(x, dim - round(dim * 0.65), dim=1).values.sum(dim=1), torch.logsumexp(logits, dim=1)
+
     # Per method, the work no implementation can skip: every logit's exponential for softmax-based scores,
     # the products with the head or the fit statistics, top-k selections, one pass over the features for
     # norms, and the binning of every unit for NAC.
@@ -224,6 +259,16 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "ocs": op(lambda x: torch.logsumexp(x, dim=1), f),
         # one ensemble member per layer (one here): a gated copy of the features through its own head, a softmax
         "early_exit": op(lambda x: torch.logsumexp(torch.relu(x) @ w.T, dim=1)),
+        # two-sided per-unit thresholds, the head, and the energy of the recomputed logits
+        "vra": op(lambda x: torch.logsumexp(torch.minimum(x, high).masked_fill_(x < low, 0.0) @ w.T, dim=1)),
+        "bats": op(lambda x: torch.logsumexp(torch.clamp(x, min=low, max=high) @ w.T, dim=1)),
+        "lts": paired(lts_bound),
+        "caref": paired(relative_error),
+        "cadref": paired(decoupled_error),
+        "pnml": paired(pnml_bound),
+        # the softmax roots, their products with the C centroid roots and one arccos per (sample, class) pair
+        "igeood": op(lambda x: torch.arccos((torch.softmax(x, dim=1).sqrt() @ cc).clamp_(0.0, 1.0)).sum(dim=1), f),
+        "relation": paired(relation_bound),
     }
 
 
