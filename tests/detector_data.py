@@ -88,6 +88,11 @@ CONTRACT_PARAMS = {
     "ae_mahalanobis": {"epochs": 10},
     "sage": {"epochs": 10},
     "msma": {"epochs": 10, "hidden": 64, "components": (2,)},
+    # VOS learns these class weights in training; any positive weights exercise the contract
+    "webo": {"weights": np.linspace(0.5, 1.5, NUM_CLASSES)},
+    # the class clusters span C - 1 = 5 directions (the simplex of neural collapse); the 90 % variance rule
+    # counts the isotropic within-class noise of these synthetic features too
+    "neco": {"dim": NUM_CLASSES - 1},
 }
 
 
