@@ -182,7 +182,8 @@ class NCI(OutputDetector):
     validation data). No ``partial_fit`` (the head is part of the fit).
 
     Paper: Liu & Qin, "Detecting Out-of-distribution through the Lens of Neural Collapse", CVPR 2025 (arXiv:2311.01479).
-    Code: litianliu/NCI-OOD (integrated into OpenOOD): Jingkang50/OpenOOD ``openood/postprocessors/nci_postprocessor.py``,
+    Code: litianliu/NCI-OOD (integrated into OpenOOD): Jingkang50/OpenOOD
+    ``openood/postprocessors/nci_postprocessor.py``,
     ``configs/postprocessors/nci.yml``.
 
     Examples

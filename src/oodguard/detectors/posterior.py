@@ -112,7 +112,7 @@ def log_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 @register
 class Doctor(OutputDetector):
-    """DOCTOR: ``D_alpha`` (Gini impurity ratio) or ``D_beta`` (error-probability ratio) of the softmax at temperature T.
+    """DOCTOR: ``D_alpha`` (Gini impurity ratio) or ``D_beta`` (error-probability ratio).
 
     With ``p = softmax(f / T)`` and ``g(x) = sum_c p_c^2``:
 
