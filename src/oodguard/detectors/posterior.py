@@ -166,11 +166,9 @@ class Doctor(OutputDetector):
         return 64 * outputs.logits.shape[1]
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
-        logits = outputs.logits
-        _need_two_classes(logits, self.name)
+        _need_two_classes(outputs.logits, self.name)
         temperature = float(self.temperature)
-        if temperature != 1.0:
-            logits = logits / temperature
+        logits = outputs.logits if temperature == 1.0 else outputs.logits / temperature
         if self.mode == "beta":
             return neg_log_odds_msp(logits).to(torch.float64)
         return log_doctor_alpha(logits)
