@@ -46,7 +46,8 @@ class NECO(OutputDetector):
     ----------
     dim : int or None
         ``d``, the dimension of the subspace (``1 <= d < D``). None (default): the smallest ``d`` whose components
-        explain at least 90 % of the variance of the standardised fit features, the rule the paper suggests.
+        explain at least 90 % of the variance of the standardised fit features (the rule of thumb pytorch-ood
+        attributes to the paper, and the one of the NECO re-implementation in mueller-mp/maha-norm).
     maxlogit : bool
         Multiply by ``max_c f_c`` (needs logits at score). Default False (the paper's ResNet setting).
 

@@ -8,8 +8,6 @@ strictly increasing transform, so the ranking (every metric) is the paper's, wit
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -31,24 +29,20 @@ def _need_two_classes(logits: torch.Tensor, name: str) -> None:
         )
 
 
-def runner_up_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The posterior relative to its top class, without underflow.
+def runner_up_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The posterior relative to its top class, without underflow or cancellation.
 
-    With ``g_c = f_top - f_c >= 0`` the gaps and ``r_c = exp(-g_c) = p_c / p_top``, the classes other than the top
-    one (and those tied with it) are written ``r_c = exp(m) e_c``, ``m`` the (negative) gap of the runner-up that is
-    not tied with the top, so ``e_c <= 1`` with 1 at that runner-up. Returns ``e [n, C]`` (0 at the top and its
-    ties, in the logits' dtype), ``gaps [n, C]`` (``g_c``), ``m [n]`` and ``ties [n]`` (classes tied with the top,
-    besides it; float64). A row whose classes are all tied has ``m = 0`` and ``e = 0``.
+    With ``f_1 >= f_2`` the two largest logits, ``m = f_2 - f_1 <= 0`` and ``e_c = exp(min(f_c - f_2, 0))``: the top
+    class has ``e = 1`` and every other class ``e_c = exp(f_c - f_2) = (p_c / p_top) e^-m``. So ``R' = sum_c e_c - 1``
+    is ``sum_{c != top} (p_c / p_top) e^-m >= 1`` (the runner-up adds 1; classes tied with the top count as
+    runner-ups), with no cancellation and no underflow however confident the sample, and classes more than 87 below
+    the runner-up are floored there (they add under 1e-37 relative; the floor keeps float32 out of slow denormals).
+    Returns ``e [n, C]`` (logits' dtype), the top logits ``[n, 1]`` and ``m [n]`` (float64).
     """
-    top = logits.amax(dim=1, keepdim=True)
-    at_top = logits == top
-    ties = at_top.view(torch.uint8).sum(dim=1, dtype=torch.int32).sub_(1).to(torch.float64)
-    others = logits.masked_fill(at_top, -math.inf)
-    runner = others.amax(dim=1, keepdim=True)
-    runner = torch.where(torch.isinf(runner), top, runner)  # every class tied: nothing below the top
-    e = others.sub_(runner).clamp_(min=-_FLOOR).exp_().masked_fill_(at_top, 0.0)
-    gaps = torch.sub(top, logits)
-    return e, gaps, (runner - top).squeeze(1).to(torch.float64), ties
+    two = torch.topk(logits, 2, dim=1, sorted=True).values
+    top, second = two[:, :1], two[:, 1:]
+    e = torch.sub(logits, second).clamp_(min=-_FLOOR, max=0.0).exp_()
+    return e, top, (second - top).squeeze(1).to(torch.float64)
 
 
 @register
@@ -97,17 +91,13 @@ class Entropy(OutputDetector):
 
 def log_entropy(logits: torch.Tensor) -> torch.Tensor:
     """``log H(softmax(f))`` per row, float64, without saturation (see :class:`Entropy`)."""
-    e, gaps, m, ties = runner_up_terms(logits)
-    r_scaled = e.sum(dim=1).to(torch.float64)  # R' = sum e_c
-    a_scaled = (e * gaps).sum(dim=1).to(torch.float64)  # A' = sum e_c g_c
-    exp_m = torch.exp(m)
-    total = exp_m * r_scaled + ties  # R
-    log1p_total = torch.log1p(total)
-    # No ties: H = e^m (A' / (1 + R) + R' log1p(R) / R), and log1p(R) / R -> 1 as R -> 0 (R may underflow).
-    ratio = torch.where(total > 0, log1p_total / total.clamp_min(1e-300), torch.ones_like(total))
-    untied = m + torch.log(a_scaled / (1.0 + total) + r_scaled * ratio)
-    tied = torch.log(exp_m * a_scaled / (1.0 + total) + log1p_total)  # R >= 1: no underflow to fear
-    return torch.where(ties > 0, tied, untied)
+    e, top, m = runner_up_terms(logits)
+    r_scaled = e.sum(dim=1).to(torch.float64) - 1.0  # R' >= 1, R = e^m R'
+    a_scaled = torch.linalg.vecdot(e, top - logits).to(torch.float64)  # A' = sum e_c g_c (the top adds 0)
+    total = torch.exp(m) * r_scaled
+    # H = e^m (A' / (1 + R) + R' log1p(R) / R), and log1p(R) / R -> 1 as R -> 0 (R underflows past gaps of ~745)
+    ratio = torch.where(total > 0, torch.log1p(total) / total.clamp_min(1e-300), torch.ones_like(total))
+    return m + torch.log(a_scaled / (1.0 + total) + r_scaled * ratio)
 
 
 @register
@@ -176,17 +166,13 @@ class Doctor(OutputDetector):
 
 def log_doctor_alpha(logits: torch.Tensor) -> torch.Tensor:
     """``log((1 - sum p^2) / sum p^2)`` per row, float64, without saturation (see :class:`Doctor`)."""
-    e, _, m, ties = runner_up_terms(logits)
-    r_scaled = e.sum(dim=1).to(torch.float64)  # R' (R = e^m R' + ties)
-    s_scaled = e.square().sum(dim=1).to(torch.float64)  # S' (S = e^2m S' + ties)
+    e, _, m = runner_up_terms(logits)
+    r_scaled = e.sum(dim=1).to(torch.float64) - 1.0  # R' (R = e^m R')
+    s_scaled = torch.linalg.vecdot(e, e).to(torch.float64) - 1.0  # S' (S = e^2m S')
     exp_m = torch.exp(m)
-    total = exp_m * r_scaled + ties
-    squares = exp_m.square() * s_scaled + ties
-    cross = (r_scaled.square() - s_scaled).clamp_min(0.0)  # sum_{i != j} e_i e_j >= 0
-    # Numerator 2R + R^2 - S = 2R + e^2m (R'^2 - S') + 2 t e^m R' + t (t - 1); no ties: e^m (2R' + e^m cross).
-    untied = m + torch.log(2.0 * r_scaled + exp_m * cross)
-    tied = torch.log(2.0 * total + exp_m.square() * cross + 2.0 * ties * exp_m * r_scaled + ties * (ties - 1.0))
-    return torch.where(ties > 0, tied, untied) - torch.log1p(squares)
+    cross = (r_scaled.square() - s_scaled).clamp_min(0.0)  # sum_{i != j} e_i e_j over the other classes
+    # (2R + R^2 - S) / (1 + S) with R^2 - S = e^2m cross
+    return m + torch.log(2.0 * r_scaled + exp_m * cross) - torch.log1p(exp_m.square() * s_scaled)
 
 
 @register
