@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import doctest
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
 from oodguard import detectors
+from oodguard.detectors import collapse, posterior
 
 
 def logits(seed: int = 0, n: int = 60, c: int = 7) -> np.ndarray:
@@ -236,3 +239,9 @@ def test_float32_torch_inputs_match_float64(name):
     test = {"features": z[:10], "logits": z[:10] @ w.T + b}
     as_float32 = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in test.items()}
     np.testing.assert_allclose(detector.score(as_float32).numpy(), detector.score(test), rtol=1e-4, atol=1e-4)
+
+
+def test_doctests():
+    for module in (posterior, collapse):
+        failures, attempted = doctest.testmod(module)
+        assert attempted and not failures, module.__name__
