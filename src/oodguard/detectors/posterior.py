@@ -8,8 +8,6 @@ strictly increasing transform, so the ranking (every metric) is the paper's, wit
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
@@ -21,8 +19,6 @@ from oodguard.outputs import ModelOutputs
 #: Classes further than this below the runner-up add under e^-87 (~1e-38) to the sums: flooring them keeps the
 #: exponentials out of float32's denormal range, where they run many times slower.
 _FLOOR = 87.0
-#: Rows whose odds of not being the top class fall below this are scored from the runner-up (see ``_two_paths``).
-_EXACT_BELOW = 1e-8
 
 
 def _need_two_classes(logits: torch.Tensor, name: str) -> None:
@@ -93,39 +89,15 @@ class Entropy(OutputDetector):
         return log_entropy(logits)
 
 
-def _two_paths(logits: torch.Tensor, finish: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """``finish(e, top, logits, m, r)`` per row, from the top class where that is exact, else from the runner-up.
-
-    Fast path (every row): ``e_c = exp(f_c - f_top)`` (floored at e^-87) with ``m = 0`` and ``R = sum_c e_c - 1``
-    summed in float64, which is accurate to about 1e-16 absolute: rows with ``R >= 1e-8`` keep it (relative error
-    under 1e-8). The few rows more confident than that are redone from the runner-up (:func:`runner_up_terms`),
-    which has no cancellation at any confidence; the partial sort it needs is the expensive step.
-    """
-    top = logits.amax(dim=1, keepdim=True)
-    e = torch.sub(logits, top).clamp_(min=-_FLOOR).exp_()
-    r = e.sum(dim=1, dtype=torch.float64) - 1.0
-    result = finish(e, top, logits, torch.zeros_like(r), r)
-    confident = torch.nonzero(r < _EXACT_BELOW).squeeze(1)
-    if confident.numel():
-        rows = logits.index_select(0, confident)
-        e, top, m = runner_up_terms(rows)
-        result[confident] = finish(e, top, rows, m, e.sum(dim=1, dtype=torch.float64) - 1.0)
-    return result
-
-
-def _finish_entropy(
-    e: torch.Tensor, top: torch.Tensor, logits: torch.Tensor, m: torch.Tensor, r_scaled: torch.Tensor
-) -> torch.Tensor:
+def log_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``log H(softmax(f))`` per row, float64, without saturation (see :class:`Entropy`)."""
+    e, top, m = runner_up_terms(logits)
+    r_scaled = e.sum(dim=1).to(torch.float64) - 1.0  # R' >= 1, R = e^m R'
     a_scaled = torch.linalg.vecdot(e, top - logits).to(torch.float64)  # A' = sum e_c g_c (the top adds 0)
-    total = torch.exp(m) * r_scaled  # R = e^m R'
+    total = torch.exp(m) * r_scaled
     # H = e^m (A' / (1 + R) + R' log1p(R) / R), and log1p(R) / R -> 1 as R -> 0 (R underflows past gaps of ~745)
     ratio = torch.where(total > 0, torch.log1p(total) / total.clamp_min(1e-300), torch.ones_like(total))
     return m + torch.log(a_scaled / (1.0 + total) + r_scaled * ratio)
-
-
-def log_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """``log H(softmax(f))`` per row, float64, without saturation (see :class:`Entropy`)."""
-    return _two_paths(logits, _finish_entropy)
 
 
 @register
@@ -192,19 +164,15 @@ class Doctor(OutputDetector):
         return log_doctor_alpha(logits)
 
 
-def _finish_doctor_alpha(
-    e: torch.Tensor, top: torch.Tensor, logits: torch.Tensor, m: torch.Tensor, r_scaled: torch.Tensor
-) -> torch.Tensor:
+def log_doctor_alpha(logits: torch.Tensor) -> torch.Tensor:
+    """``log((1 - sum p^2) / sum p^2)`` per row, float64, without saturation (see :class:`Doctor`)."""
+    e, _, m = runner_up_terms(logits)
+    r_scaled = e.sum(dim=1).to(torch.float64) - 1.0  # R' (R = e^m R')
     s_scaled = torch.linalg.vecdot(e, e).to(torch.float64) - 1.0  # S' (S = e^2m S')
     exp_m = torch.exp(m)
     cross = (r_scaled.square() - s_scaled).clamp_min(0.0)  # sum_{i != j} e_i e_j over the other classes
-    # (2R + R^2 - S) / (1 + S) with R = e^m R' and R^2 - S = e^2m cross
+    # (2R + R^2 - S) / (1 + S) with R^2 - S = e^2m cross
     return m + torch.log(2.0 * r_scaled + exp_m * cross) - torch.log1p(exp_m.square() * s_scaled)
-
-
-def log_doctor_alpha(logits: torch.Tensor) -> torch.Tensor:
-    """``log((1 - sum p^2) / sum p^2)`` per row, float64, without saturation (see :class:`Doctor`)."""
-    return _two_paths(logits, _finish_doctor_alpha)
 
 
 @register
