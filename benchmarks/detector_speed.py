@@ -111,6 +111,8 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
     edges = torch.linspace(0, 1, 50)
     coverage = torch.rand(50 * dim)
     mean = data.fit.features.mean(0)
+    log_weights = torch.rand(classes).log()
+    neco_basis = torch.randn(dim, _neco_dim(data.fit.features))
 
     def op(fn: Callable[[torch.Tensor], object], x: torch.Tensor = z) -> Callable[[], None]:
         return lambda: chunked(x, fn)
@@ -269,6 +271,16 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         # the softmax roots, their products with the C centroid roots and one arccos per (sample, class) pair
         "igeood": op(lambda x: torch.arccos((torch.softmax(x, dim=1).sqrt() @ cc).clamp_(0.0, 1.0)).sum(dim=1), f),
         "relation": paired(relation_bound),
+        # every logit's exponential and one product with it (entropy: LSE - sum p f; DOCTOR: sum p^2)
+        "entropy": op(lambda x: (torch.softmax(x, dim=1) * x).sum(dim=1), f),
+        "doctor": op(lambda x: torch.softmax(x, dim=1).square().sum(dim=1), f),
+        "webo": op(lambda x: torch.logsumexp(x + log_weights, dim=1), f),
+        "mahalanobis_pp": op(quadratic(1)),
+        "rmds_pp": op(quadratic(2)),
+        # the projection on the principal subspace of the fitted dimension, and the full norm
+        "neco": op(lambda x: ((x @ neco_basis).norm(dim=1), x.norm(dim=1))),
+        # the predicted class from the head, then a norm of the centred feature
+        "nci": op(lambda x: (head(x).argmax(dim=1), (x - mean).norm(dim=1))),
     }
 
 
@@ -282,6 +294,15 @@ def zero_shot_params(data: Data) -> dict[str, dict]:
         "lapt": {**negative, "epochs": 1},
         "clipn": {"label_embeddings": text["labels"], "no_label_embeddings": text["no_labels"]},
     }
+
+
+def _neco_dim(features: torch.Tensor) -> int:
+    """NECO's default subspace dimension on these features (90 % of the standardised variance)."""
+    from oodguard.detectors.collapse import explained_variance_dim
+
+    sample = features[:20_000].to(torch.float64)
+    standardised = (sample - sample.mean(0)) / sample.std(0).clamp_min(1e-12)
+    return explained_variance_dim(torch.linalg.eigvalsh(standardised.T @ standardised))
 
 
 def _vim_dim(dim: int) -> int:
@@ -322,7 +343,11 @@ def run(scale: str, names: list[str], repeats: int) -> list[dict]:
     config = SCALES[scale]
     print(f"generating {scale}-like outputs: {config}", file=sys.stderr)
     data = make_data(config["n_fit"], config["dim"], config["classes"], config["n_test"], config["negatives"])
-    params = {"mos": {"group_sizes": group_sizes(config["classes"])}, **zero_shot_params(data)}
+    params = {
+        "mos": {"group_sizes": group_sizes(config["classes"])},
+        "webo": {"weights": torch.rand(config["classes"], generator=torch.Generator().manual_seed(1))},
+        **zero_shot_params(data),
+    }
     bounds = lower_bounds(data, params)
     skipped = [name for name in names if name not in bounds]
     if skipped:  # e.g. detectors on intermediate layers: these synthetic outputs have none

@@ -90,6 +90,11 @@ CONTRACT_PARAMS = {
     "msma": {"epochs": 10, "hidden": 64, "components": (2,)},
     # 600 fit rows are 3 batches an epoch: the paper's 20 epochs (of 60,000 MNIST rows) leave the heads untrained
     "early_exit": {"epochs": 100},
+    # VOS learns these class weights in training; any positive weights exercise the contract
+    "webo": {"weights": np.linspace(0.5, 1.5, NUM_CLASSES)},
+    # the class clusters span C - 1 = 5 directions (the simplex of neural collapse); the 90 % variance rule
+    # counts the isotropic within-class noise of these synthetic features too
+    "neco": {"dim": NUM_CLASSES - 1},
 }
 
 
