@@ -50,6 +50,8 @@ def test_power_iteration_matches_the_svd():
     a = torch.rand(4, 6, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = remove_rank_one(a)
     torch.testing.assert_close(exact.numpy(), _remove_rank_one_numpy(a.numpy()))
+    wide = torch.rand(3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # C < HW
+    torch.testing.assert_close(remove_rank_one(wide).numpy(), _remove_rank_one_numpy(wide.numpy()))
     torch.testing.assert_close(remove_rank_one(a, "power", 200), exact, rtol=1e-8, atol=1e-8)
     rank_one = torch.einsum("bc,bs->bcs", torch.rand(2, 5), torch.rand(2, 9)).reshape(2, 5, 3, 3)
     assert remove_rank_one(rank_one).abs().max() < 1e-6  # a rank-1 map is removed entirely
