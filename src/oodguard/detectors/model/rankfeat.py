@@ -204,7 +204,7 @@ class RankFeat(ModelDetector):
         with runner.eval_mode(), torch.no_grad():
             for x, _ in runner.batches(data, progress=progress, desc=self.name):
                 if names is None or modules is None:
-                    names = [last_feature_map_layer(runner, x)]
+                    names = [last_feature_map_layer(runner, x[:1])]  # one row: the probe costs 1/B of a batch
                     modules = [get_module(runner.model, names[0], "layers")]
                 logits = None
                 for name, module in zip(names, modules, strict=True):
