@@ -13,5 +13,14 @@ def make_other_model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
 
 
+def make_dropout_cnn() -> nn.Module:
+    """The digits CNN with a dropout layer before its head (no parameters: it loads the digits CNN's weights)."""
+    from oodguard.benchmark.digits_model import DigitsCNN
+
+    model = DigitsCNN(num_classes=10)
+    model.features.append(nn.Dropout(0.5))
+    return model
+
+
 def not_a_model():
     return 42

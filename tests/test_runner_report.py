@@ -318,6 +318,7 @@ def test_model_detectors_that_need_images_are_left_out_for_other_inputs():
         "cover",
         "ae_mahalanobis_images",
         "msma_images",
+        "rankfeat",
     }
     assert set(_model_detectors_for(object(), params)) == every  # not inspectable: kept, failures are reported
 

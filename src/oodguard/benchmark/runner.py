@@ -122,14 +122,19 @@ def run(
     if detectors is None:
         names = default_detectors(fit, params)
         if model_detectors and not no_inputs:
-            names += _model_detectors_for(benchmark.fit.data, params)
+            names += _model_detectors_for(benchmark.fit.data, params, benchmark.model)
         if fit.has("features") and fit.has("labels") and MOS_HEAD not in names:
             names.append(MOS_HEAD)
     else:
         names = list(detectors)
     skipped = (
         skipped_detectors(
-            fit, names, params, inputs=None if no_inputs else benchmark.fit.data, model_detectors=model_detectors
+            fit,
+            names,
+            params,
+            inputs=None if no_inputs else benchmark.fit.data,
+            model_detectors=model_detectors,
+            model=benchmark.model,
         )  # fmt: skip
         if detectors is None
         else {}  # the user chose: the others were not asked for
@@ -193,9 +198,11 @@ def _ocs_diagnostic(runner: Any, benchmark: Benchmark, fit: ModelOutputs | Shard
     }
 
 
-def _model_detectors_for(data: Any, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
-    """Model detectors that can take these inputs (CoVer's corruptions need images ``[N, C, H, W]``) and whose
-    required parameters ``params`` gives."""
+def _model_detectors_for(
+    data: Any, params: Mapping[str, Mapping[str, Any]] | None = None, model: Any = None
+) -> list[str]:
+    """Model detectors that can take these inputs (CoVer's corruptions need images ``[N, C, H, W]``), whose required
+    parameters ``params`` gives and that can run on ``model`` when given (MC dropout needs dropout layers)."""
     ndim = getattr(data, "ndim", None)  # tensors and arrays; datasets and loaders are not inspected
     chosen = []
     for name in detector_registry.available(protocol="model"):
@@ -203,9 +210,18 @@ def _model_detectors_for(data: Any, params: Mapping[str, Mapping[str, Any]] | No
         wanted = getattr(cls, "input_ndim", None)
         if getattr(cls, "needs_auxiliary_head", False):  # only models trained for it have the head it reads
             continue
-        if (wanted is None or ndim is None or ndim == wanted) and _has_required(name, params):
+        if (
+            (wanted is None or ndim is None or ndim == wanted)
+            and _has_required(name, params)
+            and (model is None or _unsupported(cls, model) is None)
+        ):
             chosen.append(name)
     return chosen
+
+
+def _unsupported(cls: type, model: Any) -> str | None:
+    check = getattr(cls, "unsupported", None)
+    return check(model) if check is not None else None
 
 
 def _has_required(name: str, params: Mapping[str, Mapping[str, Any]] | None) -> bool:
@@ -460,10 +476,12 @@ def skipped_detectors(
     *,
     inputs: Any = None,
     model_detectors: bool = True,
+    model: Any = None,
 ) -> dict[str, str]:
     """Every registered detector not in ``chosen``, with why it was not run (missing fields, parameters, model).
 
-    ``inputs`` are the fit split's model inputs when a model is available (``None``: outputs only).
+    ``inputs`` are the fit split's model inputs when a model is available (``None``: outputs only); ``model`` the
+    model itself, when given, for detectors that cannot run on some models.
     """
     chosen = set(chosen)
     available = set(outputs.fields())
@@ -487,6 +505,10 @@ def skipped_detectors(
             ndim = getattr(inputs, "ndim", None)
             if wanted is not None and ndim is not None and ndim != wanted:
                 reasons[name] = f"needs inputs of rank {wanted} (images [N, C, H, W]); these have rank {ndim}"
+                continue
+            why = None if model is None else _unsupported(detector_registry.implementation(name), model)
+            if why is not None:
+                reasons[name] = why
                 continue
         else:
             needs = sorted((set(meta["fit_requires"]) | set(meta["requires"])) - available)
