@@ -1,5 +1,6 @@
 """Model factories that saved guards in the tests name as ``guard_factory:make_model`` (importable by name)."""
 
+import torch
 from torch import nn
 
 
@@ -24,3 +25,12 @@ def make_dropout_cnn() -> nn.Module:
 
 def not_a_model():
     return 42
+
+
+def make_rotation_cnn() -> nn.Module:
+    """The digits CNN with the auxiliary rotation head of oodguard.train's 'rotation' method (seeded head)."""
+    from oodguard.benchmark.digits_model import DigitsCNN
+    from oodguard.train import RotationNet
+
+    torch.manual_seed(0)
+    return RotationNet(DigitsCNN(num_classes=10))

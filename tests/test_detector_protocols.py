@@ -27,7 +27,7 @@ MODEL_PARAMS = {
     "mcdropout": {"samples": 3},
 }
 #: Model detectors that need more than the digits CNN has (MC dropout needs dropout layers): their model factory.
-MODEL_FACTORY = {"mcdropout": "guard_factory:make_dropout_cnn"}
+MODEL_FACTORY = {"mcdropout": "guard_factory:make_dropout_cnn", "rotation": "guard_factory:make_rotation_cnn"}
 
 
 def model_for(name: str, cnn: torch.nn.Module) -> torch.nn.Module:
@@ -37,7 +37,7 @@ def model_for(name: str, cnn: torch.nn.Module) -> torch.nn.Module:
     import guard_factory
 
     model = getattr(guard_factory, MODEL_FACTORY[name].split(":")[1])()
-    model.load_state_dict(cnn.state_dict())
+    (model.model if hasattr(model, "rotation_head") else model).load_state_dict(cnn.state_dict())
     return model
 
 

@@ -310,7 +310,8 @@ def test_model_detectors_that_need_images_are_left_out_for_other_inputs():
     from oodguard import detectors
     from oodguard.benchmark.runner import _model_detectors_for
 
-    every = set(detectors.available(needs_model=True))
+    # rotation needs a model trained with its head: never picked by default
+    every = set(detectors.available(needs_model=True)) - {"rotation"}
     params = {"nac_layers": {"layers": ["<features>"]}}  # its layers have no default
     assert set(_model_detectors_for(torch.zeros(3, 1, 8, 8), params)) == every
     assert set(_model_detectors_for(torch.zeros(3, 1, 8, 8))) == every - {"nac_layers"}
