@@ -208,7 +208,7 @@ def _model_detectors_for(
     for name in detector_registry.available(protocol="model"):
         cls = detector_registry.implementation(name)
         wanted = getattr(cls, "input_ndim", None)
-        if getattr(cls, "needs_auxiliary_head", False):  # only models trained for it have the head it reads
+        if getattr(cls, "needs_auxiliary_head", False) or cls.not_by_default:  # asked for by name only
             continue
         if (
             (wanted is None or ndim is None or ndim == wanted)
@@ -463,6 +463,8 @@ def default_detectors(outputs: ModelOutputs, params: Mapping[str, Mapping[str, A
     chosen = []
     for name in detector_registry.available(needs_model=False):
         meta = detector_registry.info(name)
+        if detector_registry.implementation(name).not_by_default:
+            continue
         needs = set(meta["fit_requires"]) | set(meta["requires"])
         if needs <= available and set(meta.get("required_params") or ()) <= set(params.get(name, {})):
             chosen.append(name)
@@ -491,6 +493,10 @@ def skipped_detectors(
             continue
         meta = detector_registry.info(name)
         missing_params = sorted(set(meta.get("required_params") or ()) - set((params or {}).get(name, {})))
+        reason = detector_registry.implementation(name).not_by_default
+        if reason:
+            reasons[name] = f"{reason}; ask for it by name (-d {name})"
+            continue
         if meta["protocol"] == "model":
             if inputs is None:
                 reasons[name] = "runs the model itself (gradients or test-time views); these are outputs only"

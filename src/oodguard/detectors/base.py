@@ -131,6 +131,8 @@ class Detector(abc.ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     fit_requires: ClassVar[frozenset[str]] = frozenset()
     needs_fit: ClassVar[bool] = True
+    #: Why benchmarks leave this detector out unless asked for by name (e.g. its cost), or None: run by default.
+    not_by_default: ClassVar[str | None] = None
     required_params: ClassVar[tuple[str, ...]] = ()
     state_reductions: ClassVar[dict[str, str] | None] = None
     _parameter_constraints: ClassVar[dict[str, list]] = {}

@@ -161,6 +161,7 @@ class RankFeat(ModelDetector):
     code = "https://github.com/KingJamesSong/RankFeat (test_ood_resnetv2.py iterate_data_rankfeat)"
     needs_fit = False
     input_ndim = 4  # feature maps [B, C, H, W] come from image models
+    not_by_default = "an SVD of the last feature maps per input, slow on CPUs (about 17 s on digits)"
     _parameter_constraints = {
         "layers": [None, SequenceOf(Text())],
         "temperature": [Interval(Real, 0, None, closed="neither")],
