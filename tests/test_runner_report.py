@@ -436,3 +436,46 @@ def test_report_draws_the_views_and_the_ocs_curve_in_a_browser(image_run, tmp_pa
     assert views.count("<tr>") == 3 and "OOD vs ambiguous AUROC" in views  # header and one row per detector
     board = dom.split('id="leaderboard"')[1].split("</table>")[0]
     assert "ambiguous AUROC" not in board  # not an OOD column
+
+
+def test_run_adds_the_benchmarks_own_rows_by_default_or_by_name(monkeypatch):
+    import torch
+    from torch import nn
+
+    from oodguard.benchmark import runner
+    from oodguard.benchmark.spec import Benchmark, DataSplit
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    x = torch.randn(60, 6, generator=g) + 3 * torch.nn.functional.one_hot(labels, 6).float()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3)).eval()
+    calls = []
+
+    def own_row() -> dict:
+        calls.append(1)
+        return {"id": np.arange(20.0), "noise": np.arange(20.0) + 10}
+
+    def benchmark(jobs):
+        return Benchmark(
+            name="tiny", model=model, fit=DataSplit("fit", x[:40], labels[:40]),
+            test=DataSplit("test", x[40:], labels[40:]),
+            ood=[DataSplit("noise", torch.randn(20, 6, generator=g) * 5, torch.full((20,), -1), group="far")],
+            extra_jobs=jobs,
+        )  # fmt: skip
+
+    tiny = benchmark({"own": own_row})
+    asked = runner.run(tiny, ["msp"], n_boot=5, progress=False)
+    assert set(asked.status["detector"]) == {"msp"} and not calls  # not asked for: not run
+    named = runner.run(tiny, ["own"], n_boot=5, progress=False)
+    assert list(named.status["detector"]) == ["own"] and calls == [1]
+    assert named.table.set_index("ood_set").loc["noise", "auroc"] == pytest.approx(metrics.auroc(
+        np.arange(20.0), np.arange(20.0) + 10))  # fmt: skip
+    monkeypatch.setattr(runner, "default_detectors", lambda outputs, params=None: ["msp"])
+    monkeypatch.setattr(runner, "_model_detectors_for", lambda data, params=None, model=None: [])
+    default = runner.run(tiny, n_boot=5, progress=False)
+    assert list(default.status["detector"]) == ["msp", "mos", "own"] and calls == [1, 1]
+    with pytest.raises(ValueError, match="own: computed by the 'tiny' benchmark itself"):
+        runner.run(tiny, ["own"], params={"own": {"k": 1}}, progress=False)
+    with pytest.raises(ValueError, match=r"own rows \['msp'\] have the names of registered detectors"):
+        runner.run(benchmark({"msp": own_row}), ["msp"], progress=False)

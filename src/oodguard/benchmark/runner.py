@@ -97,6 +97,9 @@ def run(
         ``model_detectors`` is false.
     params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``; merged over the benchmark's own
         ``detector_params`` (the user's value wins per parameter).
+
+    The benchmark's own rows (``benchmark.extra_jobs``, e.g. ``bam_lora`` on ``text``) run by default beside the
+    detectors, or when ``detectors`` names them; they take no ``params``.
     full_spectrum : count covariate-shift sets as ID (full-spectrum OOD detection) instead of as OOD.
     n_boot, seed : bootstrap replicates and seed of the 95 % intervals.
     feature_layer, output_key, batch_size : how to run the model (see :func:`oodguard.extraction.extract`).
@@ -108,6 +111,9 @@ def run(
 
     params = merge_params(benchmark.detector_params, params)
     check_params(list(params), params)  # a typo must not cost the extraction
+    requested = None if detectors is None else list(detectors)
+    extra = _benchmark_rows(benchmark, requested, params)
+    detectors = None if requested is None else [name for name in requested if name not in extra]
     outputs = extract_benchmark(
         benchmark, device=device, cache_dir=cache_dir, progress=progress, batch_size=batch_size,
         feature_layer=feature_layer, output_key=output_key,
@@ -173,6 +179,7 @@ def run(
         skipped=skipped,
         cache_dir=cache_dir,
         validation=(benchmark.validation.name, source(benchmark.validation)) if benchmark.validation else None,
+        extra_jobs=extra,
     )
     if runner is not None and not from_shards and ocs_curve:
         results.diagnostics["ocs_curve"] = _ocs_diagnostic(runner, benchmark, fit)
@@ -196,6 +203,25 @@ def _ocs_diagnostic(runner: Any, benchmark: Benchmark, fit: ModelOutputs | Shard
         "accuracy": None if curve.accuracy is None else curve.accuracy.tolist(),
         "split": benchmark.test.name,
     }
+
+
+def _benchmark_rows(
+    benchmark: Benchmark, detectors: Iterable[str] | None, params: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Callable[[], dict]]:
+    """The benchmark's own rows to run: every one by default, else those ``detectors`` names."""
+    own = dict(benchmark.extra_jobs)
+    clash = sorted(set(own) & set(detector_registry.available()))
+    if clash:
+        raise ValueError(f"{benchmark.name}: its own rows {clash} have the names of registered detectors; rename them")
+    fixed = sorted(set(own) & set(params))
+    if fixed:
+        raise ValueError(
+            f"{', '.join(fixed)}: computed by the {benchmark.name!r} benchmark itself with fixed settings (see its "
+            "notes); parameters do not apply"
+        )
+    if detectors is None:
+        return own
+    return {name: own[name] for name in detectors if name in own}
 
 
 def _model_detectors_for(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,11 @@ class Benchmark:
     #: The runner merges a user's parameters over these; a detector whose required parameters are all given
     #: here runs by default.
     detector_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Rows the benchmark computes itself, beside the registered detectors: name -> a callable that returns scores
+    #: (higher = more OOD) for ``"id"`` (the ID test split) and for every OOD set by name. For methods that need a
+    #: model of their own, e.g. the ``text`` benchmark's ``bam_lora`` (LoRA fine-tuning of the encoder, then boxes
+    #: over the LoRA layers). The runner calls one only when its row is asked for (by default, every one).
+    extra_jobs: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [split.name for split in self.ood]

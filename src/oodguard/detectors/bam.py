@@ -4,7 +4,9 @@ LoRA-BAM (Wu, Duan, Bensalem & Cheng, 2025) clusters the feature vectors of the 
 encloses each cluster in an axis-aligned box enlarged by the feature spread within the cluster, and flags a query
 outside every box as OOD. The box mechanics and the continuous box score follow the Outside-the-Box monitor of
 Guérin et al.'s monitoring benchmark. The detector works on any feature layer: the penultimate features by default,
-or a named intermediate layer of the outputs (``layer=``; the LoRA fine-tuning itself is not part of it).
+or a named intermediate layer of the outputs (``layer=``). The LoRA fine-tuning itself is not part of it:
+``oodguard.encoders.lora`` fine-tunes a text encoder and extracts its LoRA layers' features (the ``text`` benchmark's
+``bam_lora`` row).
 """
 
 from __future__ import annotations
