@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from oodguard import ModelOutputs, detectors
+from oodguard.detectors.sdm import DEFAULT_MAX_Q as SDM_MAX_Q
 
 SCALES = {
     "cifar": {"n_fit": 50_000, "dim": 512, "classes": 10, "n_test": 20_000, "negatives": 2_000},
@@ -169,6 +170,12 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
     score_network = mlp(dim + 10, 256, 256, dim)  # msma's, once per noise level
     evidential_head = torch.randn(dim, classes, dtype=torch.float64) / dim**0.5  # evidential's linear head
 
+    sdm_k = min(SDM_MAX_Q, n_fit)
+    boxes, half_widths = torch.randn(3 * classes, dim), torch.rand(3 * classes, dim) + 0.5
+
+    def sdm_bound(x: torch.Tensor) -> object:
+        return torch.topk(x @ data.fit.features.T, sdm_k, dim=1), torch.softmax(x @ w.T, dim=1)
+
     def sage_bound(x: torch.Tensor) -> object:
         latent = supervised[0](x)
         return supervised[1](latent), torch.topk(torch.cdist(latent, codes, p=1), 25, dim=1, largest=False)
@@ -261,6 +268,10 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "ocs": op(lambda x: torch.logsumexp(x, dim=1), f),
         # one ensemble member per layer (one here): a gated copy of the features through its own head, a softmax
         "early_exit": op(lambda x: torch.logsumexp(torch.relu(x) @ w.T, dim=1)),
+        # the nearest max_q fit rows by L2 (as a product with the bank, sorted), and a softmax of the logits
+        "sdm": op(sdm_bound),
+        # the normalised distance to every box (3 per class), its largest column, the smallest over boxes
+        "bam": op(lambda x: ((x[:, None, :] - boxes) / half_widths).abs().amax(dim=2).amin(dim=1)),
         # two-sided per-unit thresholds, the head, and the energy of the recomputed logits
         "vra": op(lambda x: torch.logsumexp(torch.minimum(x, high).masked_fill_(x < low, 0.0) @ w.T, dim=1)),
         "bats": op(lambda x: torch.logsumexp(torch.clamp(x, min=low, max=high) @ w.T, dim=1)),

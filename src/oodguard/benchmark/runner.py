@@ -105,7 +105,8 @@ def run(
     feature_layer, output_key, batch_size : how to run the model (see :func:`oodguard.extraction.extract`).
     ocs_curve : on image benchmarks with labels, also measure how the model's predictions approach the optimal
         constant solution under corruption (:func:`oodguard.diagnostics.ocs_curve`, 26 forward passes over the ID
-        test images), kept in ``Results.diagnostics["ocs_curve"]`` and drawn in the report.
+        test images; not with ``model_detectors=False``), kept in ``Results.diagnostics["ocs_curve"]`` and drawn in the
+        report.
     """
     from oodguard.extraction.model_runner import ModelRunner
 
@@ -181,7 +182,7 @@ def run(
         validation=(benchmark.validation.name, source(benchmark.validation)) if benchmark.validation else None,
         extra_jobs=extra,
     )
-    if runner is not None and not from_shards and ocs_curve:
+    if runner is not None and not from_shards and ocs_curve and model_detectors:  # it runs the model too
         results.diagnostics["ocs_curve"] = _ocs_diagnostic(runner, benchmark, fit)
     return results
 
