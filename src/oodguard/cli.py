@@ -320,8 +320,17 @@ def train_bench(
 
 
 @app.command("detectors")
-def list_detectors() -> None:
+def list_detectors(
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="print the markdown table of docs/detectors.md (defaults included)")
+    ] = False,
+) -> None:
     """List the detectors with what they need and their papers."""
+    if markdown:
+        from oodguard.detectors.catalogue import markdown_table
+
+        sys.stdout.write(markdown_table())
+        return
     table = Table(show_lines=True)
     for column in ("name", "protocol", "what it scores", "needs (fit)", "partial fit", "paper"):
         table.add_column(column)
