@@ -19,6 +19,7 @@ from oodguard.benchmark.results import REPORTED, Results
 from oodguard.benchmark.side_views import side_views
 from oodguard.benchmark.spec import GROUPS, Benchmark, DataSplit
 from oodguard.detectors.base import Source
+from oodguard.detectors.model.base import ModelDetector
 from oodguard.outputs import ModelOutputs
 from oodguard.shards import ShardedOutputs
 
@@ -92,8 +93,9 @@ def run(
     ----------
     benchmark : the data and model.
     detectors : registry names; default every output detector whose requirements the outputs meet (and MOS with a
-        trained head), plus every model detector that takes the benchmark's inputs (CoVer needs images) unless
-        ``model_detectors`` is false.
+        trained head), plus every model detector that takes the benchmark's inputs (CoVer needs images) and, when
+        the splits carry their texts and the benchmark its text encoder (``Benchmark.text_encoder()``), every
+        detector that embeds texts itself (``ahm``), unless ``model_detectors`` is false.
     params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``; merged over the benchmark's own
         ``detector_params`` (the user's value wins per parameter).
     full_spectrum : count covariate-shift sets as ID (full-spectrum OOD detection) instead of as OOD.
@@ -115,22 +117,30 @@ def run(
     splits = [benchmark.fit, benchmark.test, *benchmark.ood]
     from_shards = [split.name for split in splits if isinstance(split.data, ShardedOutputs)]
     no_inputs = onnx or bool(from_shards)  # model detectors need a torch model and the inputs of every split
+    encoder = benchmark.text_encoder()
     if detectors is None:
         names = default_detectors(fit, params)
         if model_detectors and not no_inputs:
             names += _model_detectors_for(benchmark.fit.data, params)
+        if model_detectors:
+            names += _text_detectors_for(encoder, params)
         if fit.has("features") and fit.has("labels") and MOS_HEAD not in names:
             names.append(MOS_HEAD)
     else:
         names = list(detectors)
     skipped = (
         skipped_detectors(
-            fit, names, params, inputs=None if no_inputs else benchmark.fit.data, model_detectors=model_detectors
-        )  # fmt: skip
+            fit,
+            names,
+            params,
+            inputs=None if no_inputs else benchmark.fit.data,
+            model_detectors=model_detectors,
+            text_encoder=encoder,
+        )
         if detectors is None
         else {}  # the user chose: the others were not asked for
     )
-    asked = [n for n in names if n in detector_registry.available(protocol="model")]
+    asked = [n for n in names if n in detector_registry.available(protocol="model") and _input_kind(n) == "tensors"]
     if onnx and asked:
         raise ValueError(f"{', '.join(asked)} run the model themselves (gradients, views): not an ONNX model")
     if from_shards and asked:
@@ -147,7 +157,8 @@ def run(
     )
 
     def source(split: DataSplit) -> Source:
-        return Source(outputs[split.name], data=split.data, labels=split.labels, runner=runner)
+        return Source(outputs[split.name], data=split.data, labels=split.labels, runner=runner, texts=split.texts,
+                      encoder=benchmark.encoder)  # fmt: skip
 
     return _evaluate(
         benchmark.name,
@@ -166,15 +177,38 @@ def run(
     )
 
 
+def _input_kind(name: str) -> str:
+    return detector_registry.implementation(name).input_kind
+
+
 def _model_detectors_for(data: Any, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
     """Model detectors that can take these inputs (CoVer's corruptions need images ``[N, C, H, W]``) and whose
-    required parameters ``params`` gives."""
+    required parameters ``params`` gives (not those that embed texts: see :func:`_text_detectors_for`)."""
     ndim = getattr(data, "ndim", None)  # tensors and arrays; datasets and loaders are not inspected
     chosen = []
     for name in detector_registry.available(protocol="model"):
         cls = detector_registry.implementation(name)
         wanted = getattr(cls, "input_ndim", None)
+        if _input_kind(name) != "tensors":
+            continue
         if (wanted is None or ndim is None or ndim == wanted) and _has_required(name, params):
+            chosen.append(name)
+    return chosen
+
+
+def _text_detectors_for(encoder: Any, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """Detectors that embed raw texts themselves and can use ``encoder`` (none without an encoder)."""
+    if encoder is None:
+        return []
+    chosen = []
+    for name in detector_registry.available(protocol="model"):
+        cls = detector_registry.implementation(name)
+        if (
+            issubclass(cls, ModelDetector)
+            and cls.input_kind == "texts"
+            and cls.encoder_problem(encoder) is None
+            and _has_required(name, params)
+        ):
             chosen.append(name)
     return chosen
 
@@ -424,10 +458,12 @@ def skipped_detectors(
     *,
     inputs: Any = None,
     model_detectors: bool = True,
+    text_encoder: Any = None,
 ) -> dict[str, str]:
     """Every registered detector not in ``chosen``, with why it was not run (missing fields, parameters, model).
 
-    ``inputs`` are the fit split's model inputs when a model is available (``None``: outputs only).
+    ``inputs`` are the fit split's model inputs when a model is available (``None``: outputs only);
+    ``text_encoder`` is the encoder behind the splits' texts when every split carries them (``None``: no texts).
     """
     chosen = set(chosen)
     available = set(outputs.fields())
@@ -437,7 +473,22 @@ def skipped_detectors(
             continue
         meta = detector_registry.info(name)
         missing_params = sorted(set(meta.get("required_params") or ()) - set((params or {}).get(name, {})))
-        if meta["protocol"] == "model":
+        cls = detector_registry.implementation(name)
+        if issubclass(cls, ModelDetector) and cls.input_kind == "texts":
+            if not model_detectors:
+                reasons[name] = "a model detector, and model detectors were turned off"
+                continue
+            if text_encoder is None:
+                reasons[name] = (
+                    "embeds raw texts with a text encoder; these splits carry no texts (a Benchmark with encoder= "
+                    "and texts on every DataSplit, as the text benchmark has)"
+                )
+                continue
+            problem = cls.encoder_problem(text_encoder)
+            if problem is not None:
+                reasons[name] = problem
+                continue
+        elif meta["protocol"] == "model":
             if inputs is None:
                 reasons[name] = "runs the model itself (gradients or test-time views); these are outputs only"
                 continue

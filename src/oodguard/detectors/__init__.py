@@ -23,6 +23,7 @@ from oodguard.detectors.base import (
 from oodguard.detectors import logits, openset, distance, subspace, shaping, head, gram, zeroshot  # noqa: E402,F401  isort: skip
 from oodguard.detectors import autoencoder  # noqa: E402,F401  isort: skip
 from oodguard.detectors import model  # noqa: E402,F401  isort: skip
+from oodguard.detectors import ahm  # noqa: E402,F401  isort: skip
 from oodguard.detectors.distributed import fit_distributed, score_distributed  # noqa: E402  isort: skip
 
 __all__ = [
