@@ -42,6 +42,7 @@ __all__ = [
     "license_notice",
     "python_docstrings",
     "DOCSTRING_MODULES",
+    "scramble_words",
 ]
 
 #: Names of the lexicographer files, indexed by ``lex_filenum`` (lexnames(5WN)); 3..28 are the noun topics.
@@ -270,3 +271,29 @@ def python_docstrings(n: int = 400, seed: int = SEED) -> list[str]:
     if len(texts) < n:
         raise ValueError(f"python_docstrings: only {len(texts)} docstrings found, {n} requested")
     return [texts[i] for i in _hash_order(texts, seed)[:n]]
+
+
+# ---------------------------------------------------------------------------------------------- unfamiliar text
+_LETTERS = re.compile(r"[A-Za-z]{4,}")
+
+
+def scramble_words(texts: Iterable[str], seed: int = SEED) -> list[str]:
+    """Each text with the inner letters of every word of 4 or more letters permuted: "definition" -> "dfiteinoin".
+
+    Lengths, first and last letters, punctuation, spacing and the multiset of letters stay; the word forms become
+    ones that natural text (and so a text encoder's pre-training corpus) almost never holds. The permutation of a
+    word's inner letters is their seeded sha256 order (key ``f"{seed}:{text}:{word}:{letter}"`` by position), so it
+    is the same on every platform and Python version.
+    """
+    scrambled = []
+    for t, text in enumerate(texts):
+        pieces, last = [], 0
+        for w, match in enumerate(_LETTERS.finditer(text)):
+            word = match.group()
+            inner = word[1:-1]
+            order = sorted(range(len(inner)),
+                           key=lambda i: hashlib.sha256(f"{seed}:{t}:{w}:{i}".encode()).hexdigest())  # fmt: skip
+            pieces.append(text[last : match.start()] + word[0] + "".join(inner[i] for i in order) + word[-1])
+            last = match.end()
+        scrambled.append("".join(pieces) + text[last:])
+    return scrambled
