@@ -245,8 +245,9 @@ def python_docstrings(n: int = 400, seed: int = SEED) -> list[str]:
 
     Real English text of another kind (software documentation) that ships with every Python. Each module's
     public functions and classes (no leading ``_``, defined in that module) and the classes' public functions
-    are visited in sorted order; the first paragraph of each docstring with 5-60 words is kept once; ``n`` are
-    chosen in seeded hash order. The texts depend on the Python version (the embedding cache is keyed by them).
+    (defined in that module too, so that methods other packages attach do not count) are visited in sorted order;
+    the first paragraph of each docstring with 5-60 words is kept once; ``n`` are chosen in seeded hash order. The
+    texts depend on the Python version (the embedding cache is keyed by them), not on what else was imported.
     """
     found: dict[str, None] = {}
     for module_name in DOCSTRING_MODULES:
@@ -262,7 +263,10 @@ def python_docstrings(n: int = 400, seed: int = SEED) -> list[str]:
                     continue
                 members = [value]
                 if inspect.isclass(value):
-                    members += [v for k, v in sorted(vars(value).items()) if k[0] != "_" and inspect.isfunction(v)]
+                    # methods defined in the module itself: other packages add some (transformers adds
+                    # logging.Logger.warning_advice on import), which would make the set depend on what was imported
+                    members += [v for k, v in sorted(vars(value).items())
+                                if k[0] != "_" and inspect.isfunction(v) and v.__module__ == module_name]  # fmt: skip
                 for member in members:
                     summary = _summary(member.__doc__) if isinstance(member.__doc__, str) else None
                     if summary is not None:
