@@ -25,7 +25,7 @@ def test_bench_digits_writes_leaderboard_and_report(bench_run, capsys):
     assert code == 0
     payload = json.loads((out / "results.json").read_text())
     assert payload["id_accuracy"] >= 0.97
-    assert set(payload["groups"]) == {"near", "far", "covariate", "synthetic"}
+    assert set(payload["groups"]) == {"near", "far", "covariate", "synthetic", "ambiguous"}
     failed = [row for row in payload["status"] if row["status"] != "ok"]
     assert failed == []
     ok = {row["detector"] for row in payload["status"]}
