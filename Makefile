@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: bench bench-text speed speed-imagenet reuse latency test test-fast lint typecheck format env clean
+.PHONY: peer-venv peer-parity bench bench-text speed speed-imagenet reuse latency test test-fast lint typecheck format env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,24 @@ reuse: $(STAMP)
 
 latency: $(STAMP)
 	$(PY) benchmarks/service_latency.py
+
+# pytorch-ood, for benchmarks/peer_parity.py only, in its own environment beside the same CPU torch (never a
+# dependency of oodguard). torchvision and pytorch-ood come without their dependencies so that pip pulls no other
+# torch; torchvision 0.28.0 is the release for torch 2.13.
+PEERS ?= .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+
+$(PEERS_STAMP): constraints.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PEERS)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps torchvision==0.28.0 pytorch-ood==0.4.0
+	$(PEERS)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt numpy scipy "typing_extensions>=4" pillow scikit-learn
+	touch $(PEERS_STAMP)
+
+peer-venv: $(PEERS_STAMP)
+
+peer-parity: $(STAMP) $(PEERS_STAMP)
+	$(PY) benchmarks/peer_parity.py --out docs/peer_parity.md
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts

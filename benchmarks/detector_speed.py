@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from oodguard import ModelOutputs, detectors
+from oodguard.detectors.sdm import DEFAULT_MAX_Q as SDM_MAX_Q
 
 SCALES = {
     "cifar": {"n_fit": 50_000, "dim": 512, "classes": 10, "n_test": 20_000, "negatives": 2_000},
@@ -31,6 +32,8 @@ SCALES = {
 }
 #: Zero-shot detectors score the features as input embeddings against text embeddings (labels, negatives, "no").
 ZERO_SHOT = ("mcm", "neglabel", "clipn", "lapt")
+#: Detectors that train on intermediate layers but score the features alone: the features stand in for one layer.
+LAYER_FIT = ("early_exit",)
 MOS_GROUPS = 8
 CHUNK = 4096  # row chunk of the lower-bound loops, so they too stay in bounded memory
 
@@ -109,6 +112,8 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
     edges = torch.linspace(0, 1, 50)
     coverage = torch.rand(50 * dim)
     mean = data.fit.features.mean(0)
+    log_weights = torch.rand(classes).log()
+    neco_basis = torch.randn(dim, _neco_dim(data.fit.features))
 
     def op(fn: Callable[[torch.Tensor], object], x: torch.Tensor = z) -> Callable[[], None]:
         return lambda: chunked(x, fn)
@@ -163,6 +168,13 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
     supervised = (mlp(dim, 128, 32), mlp(32, 128, dim))  # sage's
     codes = torch.randn(n_fit, 32, dtype=torch.float64)
     score_network = mlp(dim + 10, 256, 256, dim)  # msma's, once per noise level
+    evidential_head = torch.randn(dim, classes, dtype=torch.float64) / dim**0.5  # evidential's linear head
+
+    sdm_k = min(SDM_MAX_Q, n_fit)
+    boxes, half_widths = torch.randn(3 * classes, dim), torch.rand(3 * classes, dim) + 0.5
+
+    def sdm_bound(x: torch.Tensor) -> object:
+        return torch.topk(x @ data.fit.features.T, sdm_k, dim=1), torch.softmax(x @ w.T, dim=1)
 
     def sage_bound(x: torch.Tensor) -> object:
         latent = supervised[0](x)
@@ -182,6 +194,41 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
     def topk_head(percent: float) -> Callable[[torch.Tensor], object]:
         keep = dim - round(dim * percent / 100)
         return lambda x: (torch.topk(x, keep, dim=1), x @ w.T)
+
+    def paired(fn: Callable[[torch.Tensor, torch.Tensor], object]) -> Callable[[], None]:
+        # features and logits of the same rows, chunk by chunk
+        def run() -> None:
+            for start in range(0, z.shape[0], CHUNK):
+                fn(z[start : start + CHUNK], f[start : start + CHUNK])
+
+        return run
+
+    low, high = z.quantile(0.6, dim=0), z.quantile(0.9, dim=0)
+    class_means = torch.randn(classes, dim)
+    signs = torch.sign(w)
+
+    def relative_error(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        # the predicted class's mean feature, then an l1 distance and the features' l1 norm
+        return (x - class_means.index_select(0, logits.argmax(dim=1))).abs().sum(dim=1) / x.abs().sum(dim=1)
+
+    def decoupled_error(x: torch.Tensor, logits: torch.Tensor) -> object:
+        predicted = logits.argmax(dim=1)
+        aligned = (x - class_means.index_select(0, predicted)) * signs.index_select(0, predicted)
+        return aligned.clamp(min=0).sum(dim=1), x.abs().sum(dim=1), torch.logsumexp(logits, dim=1)
+
+    def pnml_bound(x: torch.Tensor, logits: torch.Tensor) -> object:
+        # the quadratic form with the D x D projector, and every logit's exponential
+        return ((x @ dd) * x).sum(dim=1), torch.log_softmax(logits, dim=1)
+
+    probability_bank = torch.softmax(data.fit.logits, dim=1)
+
+    def relation_bound(x: torch.Tensor, logits: torch.Tensor) -> object:
+        # the feature kernel and the softmax kernel against every fit sample
+        return (x @ bank.T) * (torch.softmax(logits, dim=1) @ probability_bank.T)
+
+    def lts_bound(x: torch.Tensor, logits: torch.Tensor) -> object:
+        # the top-k mass of the features, and every logit's exponential
+        return torch.topk(x, dim - round(dim * 0.65), dim=1).values.sum(dim=1), torch.logsumexp(logits, dim=1)
 
     # Per method, the work no implementation can skip: every logit's exponential for softmax-based scores,
     # the products with the head or the fit statistics, top-k selections, one pass over the features for
@@ -217,6 +264,34 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "ae_mahalanobis": op(lambda x: autoencoder[1](autoencoder[0](x))),
         "sage": op(sage_bound),
         "msma": op(msma_bound),
+        "evidential": op(lambda x: torch.exp(x.to(torch.float64) @ evidential_head).sum(dim=1)),
+        "ocs": op(lambda x: torch.logsumexp(x, dim=1), f),
+        # one ensemble member per layer (one here): a gated copy of the features through its own head, a softmax
+        "early_exit": op(lambda x: torch.logsumexp(torch.relu(x) @ w.T, dim=1)),
+        # the nearest max_q fit rows by L2 (as a product with the bank, sorted), and a softmax of the logits
+        "sdm": op(sdm_bound),
+        # the normalised distance to every box (3 per class), its largest column, the smallest over boxes
+        "bam": op(lambda x: ((x[:, None, :] - boxes) / half_widths).abs().amax(dim=2).amin(dim=1)),
+        # two-sided per-unit thresholds, the head, and the energy of the recomputed logits
+        "vra": op(lambda x: torch.logsumexp(torch.minimum(x, high).masked_fill_(x < low, 0.0) @ w.T, dim=1)),
+        "bats": op(lambda x: torch.logsumexp(torch.clamp(x, min=low, max=high) @ w.T, dim=1)),
+        "lts": paired(lts_bound),
+        "caref": paired(relative_error),
+        "cadref": paired(decoupled_error),
+        "pnml": paired(pnml_bound),
+        # the softmax roots, their products with the C centroid roots and one arccos per (sample, class) pair
+        "igeood": op(lambda x: torch.arccos((torch.softmax(x, dim=1).sqrt() @ cc).clamp_(0.0, 1.0)).sum(dim=1), f),
+        "relation": paired(relation_bound),
+        # every logit's exponential and one product with it (entropy: LSE - sum p f; DOCTOR: sum p^2)
+        "entropy": op(lambda x: (torch.softmax(x, dim=1) * x).sum(dim=1), f),
+        "doctor": op(lambda x: torch.softmax(x, dim=1).square().sum(dim=1), f),
+        "webo": op(lambda x: torch.logsumexp(x + log_weights, dim=1), f),
+        "mahalanobis_pp": op(quadratic(1)),
+        "rmds_pp": op(quadratic(2)),
+        # the projection on the principal subspace of the fitted dimension, and the full norm
+        "neco": op(lambda x: ((x @ neco_basis).norm(dim=1), x.norm(dim=1))),
+        # the predicted class from the head, then a norm of the centred feature
+        "nci": op(lambda x: (head(x).argmax(dim=1), (x - mean).norm(dim=1))),
     }
 
 
@@ -230,6 +305,15 @@ def zero_shot_params(data: Data) -> dict[str, dict]:
         "lapt": {**negative, "epochs": 1},
         "clipn": {"label_embeddings": text["labels"], "no_label_embeddings": text["no_labels"]},
     }
+
+
+def _neco_dim(features: torch.Tensor) -> int:
+    """NECO's default subspace dimension on these features (90 % of the standardised variance)."""
+    from oodguard.detectors.collapse import explained_variance_dim
+
+    sample = features[:20_000].to(torch.float64)
+    standardised = (sample - sample.mean(0)) / sample.std(0).clamp_min(1e-12)
+    return explained_variance_dim(torch.linalg.eigvalsh(standardised.T @ standardised))
 
 
 def _vim_dim(dim: int) -> int:
@@ -270,7 +354,11 @@ def run(scale: str, names: list[str], repeats: int) -> list[dict]:
     config = SCALES[scale]
     print(f"generating {scale}-like outputs: {config}", file=sys.stderr)
     data = make_data(config["n_fit"], config["dim"], config["classes"], config["n_test"], config["negatives"])
-    params = {"mos": {"group_sizes": group_sizes(config["classes"])}, **zero_shot_params(data)}
+    params = {
+        "mos": {"group_sizes": group_sizes(config["classes"])},
+        "webo": {"weights": torch.rand(config["classes"], generator=torch.Generator().manual_seed(1))},
+        **zero_shot_params(data),
+    }
     bounds = lower_bounds(data, params)
     skipped = [name for name in names if name not in bounds]
     if skipped:  # e.g. detectors on intermediate layers: these synthetic outputs have none
@@ -278,6 +366,8 @@ def run(scale: str, names: list[str], repeats: int) -> list[dict]:
     rows = []
     for name in (n for n in names if n in bounds):
         fit_data, test_data = (data.mos_fit, data.mos_test) if name == "mos" else (data.fit, data.test)
+        if name in LAYER_FIT:
+            fit_data = fit_data.with_fields(layers={"penultimate": fit_data.features})
         detector = detectors.create(name, **params.get(name, {}))
         fit_seconds = best_time(lambda d=detector, x=fit_data: d.fit(x), 1)
         detector.score(test_data[:256])  # warm caches (state casts) outside the timing

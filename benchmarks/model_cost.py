@@ -1,6 +1,7 @@
 """Cost of the detectors that run the model, in forward-pass equivalents.
 
-For every registered detector with ``needs_model=True`` (ODIN, AdaSCALE, CoVer, the Mahalanobis ensemble) and the
+For every registered detector with ``needs_model=True`` (ODIN, i-ODIN, AdaSCALE, CoVer, the Mahalanobis ensemble,
+RankFeat, MC dropout on a copy of each model with a dropout layer before its head) and the
 model-based variants of ``gradnorm`` (``mode="autograd"``) and ``nac`` (``layers=[...]``), the time to score N inputs
 divided by the time of one plain forward pass (:meth:`ModelRunner.forward`, i.e. :func:`oodguard.extraction.extract`)
 over the same inputs, in the same process, on (a) the digits CNN (28 x 28 gray) and (b) a ResNet-18-sized network
@@ -16,6 +17,7 @@ measured beside it (robust to other load).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import sys
 import time
@@ -39,6 +41,19 @@ PARAMS = {
         RESNET: {"layers": ["layer1", "layer2", "layer3", "<features>"]},  # the official ResNet-18 layers
     },
 }
+
+
+def with_dropout(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose final linear layer ``fc``/``head`` is preceded by ``nn.Dropout(0.5)`` (for MC dropout,
+    which needs dropout layers; in eval mode the layer costs nothing, so the baseline forward pass barely changes)."""
+    model = copy.deepcopy(model)
+    name = "head" if hasattr(model, "head") else "fc"
+    setattr(model, name, nn.Sequential(nn.Dropout(0.5), getattr(model, name)))
+    return model
+
+
+#: Model detectors that need a variant of each model; their forward baseline is measured on that variant.
+MODEL_VARIANTS = {"mcdropout": with_dropout}
 
 
 # ------------------------------------------------------------------------------------------------ ResNet-18
@@ -147,11 +162,17 @@ def run(
         for name in names:
             row: dict[str, Any] = {"detector": name, "model": model_name, "n": n}
             try:
-                det = detectors.create(name, **PARAMS.get(name, {}).get(model_name, {})).attach(runner)
+                own_forward = forward
+                own_runner = runner
+                if name in MODEL_VARIANTS:
+                    own_runner = ModelRunner(MODEL_VARIANTS[name](model).eval(), batch_size=batch_size)
+                    own_forward = lambda runner=own_runner, x=x: runner.forward(x)  # noqa: E731
+                    own_forward()  # warm-up
+                det = detectors.create(name, **PARAMS.get(name, {}).get(model_name, {})).attach(own_runner)
                 if det.needs_fit:
                     det.fit(fit_x, labels=fit_labels)
                 det.score(x[:2])  # fails fast when the detector cannot run on this model
-                forward_s, seconds = _interleaved(forward, lambda det=det, x=x: det.score(x), repeats)
+                forward_s, seconds = _interleaved(own_forward, lambda det=det, x=x: det.score(x), repeats)
             except Exception as error:  # a detector that cannot run with defaults on this model: say why
                 row["skipped"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
             else:
@@ -199,6 +220,10 @@ def main() -> None:
         batch_size=args.batch_size,
     )  # fmt: skip
     print(table(rows, "python " + " ".join(["benchmarks/model_cost.py", *sys.argv[1:]])))
+    for row in rows:
+        if row["detector"] == "mcdropout" and "forward_passes" in row:
+            passes = detectors.create("mcdropout").samples
+            print(f"mcdropout on {row['model']}: {row['forward_passes']:.2f} forward passes for T = {passes} passes")
     odin = [row for row in rows if row["detector"] == "odin" and "forward_passes" in row]
     for row in odin:
         verdict = "within" if row["forward_passes"] <= 3.5 else "ABOVE"

@@ -18,6 +18,7 @@ from oodguard.benchmark import presets, text_data
 from oodguard.benchmark.runner import default_detectors, extract_benchmark, run
 from oodguard.benchmark.text import (
     CLASS_NAMES,
+    LORA_BAM,
     MIN_CANDIDATE_WORDS,
     SPLIT_SIZES,
     ZERO_SHOT,
@@ -152,6 +153,17 @@ def test_zero_shot_detectors_run_by_default(hashed):
     assert len(results.table) == 4 * len(bench.ood)
 
 
+def test_bam_lora_is_the_benchmarks_own_row_and_needs_a_hugging_face_encoder(tmp_path):
+    bench = text_benchmark(cache_dir=tmp_path, progress=False, encoder=HashingEncoder(), subset=MIN_CANDIDATE_WORDS)
+    assert tuple(bench.extra_jobs) == presets.EXTRA_ROWS["text"] == (LORA_BAM["row"],)  # the CLI accepts its name
+    assert "LoRA-BAM" in bench.notes["bam_lora"]
+    results = run(bench, ["bam_lora"], n_boot=5, progress=False)
+    status = results.status.set_index("detector")
+    assert (
+        status.loc["bam_lora", "status"] == "failed" and "needs a HuggingFaceEncoder" in status.loc["bam_lora", "error"]
+    )
+
+
 # ---------------------------------------------------------------------------------------------- real encoder
 @pytest.fixture(scope="module")
 def minilm():
@@ -250,3 +262,38 @@ def test_pt_ood_command(monkeypatch, tmp_path):
     assert main(["pt-ood", "--out", str(out), "-q", "--k", "7", "--cache-dir", str(tmp_path)]) == 0
     assert seen["k"] == 7 and seen["progress"] is False and str(seen["cache_dir"]) == str(tmp_path)
     assert "| pre-trained (linear probe) | knn | 90.0 [85.0, 95.0] | 99.0 [98.0, 100.0] |" in out.read_text()
+
+
+@pytest.mark.slow  # fine-tunes MiniLM with LoRA on a small subset
+def test_bam_lora_fits_its_boxes_on_the_fit_rows_only(minilm, tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from oodguard.detectors.bam import BAM
+    from oodguard.encoders.lora import LAYER, LoraSettings, load_or_train_lora_classifier
+
+    monkeypatch.setitem(LORA_BAM["lora"], "epochs", 1)
+    bench = text_benchmark(cache_dir=tmp_path, progress=False, encoder=minilm, subset=30)
+    fitted = []
+    original = BAM.fit
+
+    def recording(self, outputs, *args, **kwargs):
+        fitted.append(outputs)
+        return original(self, outputs, *args, **kwargs)
+
+    monkeypatch.setattr(BAM, "fit", recording)
+    results = run(bench, ["bam_lora"], n_boot=10, progress=False)
+    assert set(results.status["status"]) == {"ok"}
+    assert len(fitted) == 1
+    # the cached classifier is the one the row trained: its features of the fit texts are the boxes' rows
+    texts, labels = text_texts(subset=30)["fit"]
+    synonyms = text_data.load_synonyms()
+    settings = LoraSettings(num_classes=len(CLASS_NAMES), **LORA_BAM["lora"])
+    classifier = load_or_train_lora_classifier(
+        minilm, texts, labels, settings, [text_data.paraphrase(t, synonyms) for t in texts], tmp_path / "text-lora"
+    )
+    assert classifier.meta["from_cache"]
+    torch.testing.assert_close(fitted[0].layers[LAYER], classifier.outputs(texts).layers[LAYER])
+    scores = results.scores["bam_lora"]
+    assert set(scores) == {"id", *bench.groups()["near"], *bench.groups()["far"]}
+    assert len(scores["id"]) == len(bench.test.data) and len(scores["python-docstrings"]) == 30
+    table = results.table.set_index("ood_set")
+    assert table.loc["python-docstrings", "auroc"] > 0.75  # software docs lie far outside the boxes of definitions

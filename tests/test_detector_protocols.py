@@ -26,7 +26,21 @@ MODEL_PARAMS = {
     "mahalanobis_ensemble": {"layers": ["features.2", "<features>"]},
     "adascale": {"n_fit": 20},
     "cover": {"views": ["identity", "brightness-1", "fog-2"]},
+    "mcdropout": {"samples": 3},
 }
+#: Model detectors that need more than the digits CNN has (MC dropout needs dropout layers): their model factory.
+MODEL_FACTORY = {"mcdropout": "guard_factory:make_dropout_cnn", "rotation": "guard_factory:make_rotation_cnn"}
+
+
+def model_for(name: str, cnn: torch.nn.Module) -> torch.nn.Module:
+    """The digits CNN, or the model of ``MODEL_FACTORY`` with the same seeded weights."""
+    if name not in MODEL_FACTORY:
+        return cnn
+    import guard_factory
+
+    model = getattr(guard_factory, MODEL_FACTORY[name].split(":")[1])()
+    (model.model if hasattr(model, "rotation_head") else model).load_state_dict(cnn.state_dict())
+    return model
 
 
 def required_params(name: str) -> dict:
@@ -128,6 +142,7 @@ def test_model_detectors_fit_and_score_through_a_source(name, cnn, images):
 
     images = torch.cat([images, images.flip(-1)])  # two fit images per class for the class-conditional fits
     labels = torch.arange(len(images)) % 10
+    cnn = model_for(name, cnn)
     runner = ModelRunner(cnn)
     fit = Source(data=images, labels=labels, runner=runner)
     detector = detectors.create(name, **required_params(name)).fit_from(fit)
@@ -144,14 +159,15 @@ def test_guard_fits_calibrates_guards_saves_and_loads_every_model_detector(name,
     fit_images = torch.rand(20, 1, 28, 28, generator=generator)
     calibration = torch.rand(30, 1, 28, 28, generator=generator)
     labels = torch.arange(20) % 10
-    guard = Guard(cnn, name, detector_params=required_params(name), model_factory=FACTORY)
+    factory = MODEL_FACTORY.get(name, FACTORY)
+    guard = Guard(model_for(name, cnn), name, detector_params=required_params(name), model_factory=factory)
     guard.fit(fit_images, labels=labels).calibrate(calibration, tpr=0.9)
     test = torch.cat([calibration[:4], torch.ones(2, 1, 28, 28)])  # inputs stay in [0, 1] (CoVer's views need it)
     result = guard.guard(test)
     assert result.score.shape == (6,) and np.isfinite(result.score).all()
     assert result.prediction.shape == (6,) and (result.prediction >= 0).all()
     guard.save(tmp_path / "guard")
-    loaded = load_guard(tmp_path / "guard", model_factory=FACTORY)
+    loaded = load_guard(tmp_path / "guard", model_factory=factory)
     assert loaded.detector.name == name and loaded.detector.protocol == "model"
     np.testing.assert_allclose(loaded.score(test), guard.score(test), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(loaded.guard(test).is_ood, result.is_ood)

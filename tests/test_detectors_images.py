@@ -88,9 +88,7 @@ def test_far_images_score_higher_seeded_saved_and_cached(name, tmp_path, monkeyp
 def test_bad_images_are_refused_with_what_to_do(name):
     detector = detectors.create(name, **FAST)
     small = torch.rand(300, 1, MIN_SIZE - 1, 20)
-    with pytest.raises(
-        ValueError, match=rf"7x20 pixels are too small .*at least 8x8.*{name.removesuffix('_images')}"
-    ):
+    with pytest.raises(ValueError, match=rf"7x20 pixels are too small .*at least 8x8.*{name.removesuffix('_images')}"):
         detector.fit(small)
     with pytest.raises(ValueError, match=r"expects images \[N, C, H, W\]"):
         detector.fit(torch.rand(300, 64))
@@ -103,8 +101,10 @@ def test_bad_images_are_refused_with_what_to_do(name):
         detector.score(torch.rand(5, 1, 16, 16))
 
 
-def test_run_by_default_on_image_benchmarks_only():
-    from oodguard.benchmark.runner import _model_detectors_for
+def test_benchmarks_run_them_when_asked_by_name_only():
+    from oodguard.benchmark.runner import _model_detectors_for, skipped_detectors
+    from oodguard.outputs import ModelOutputs
 
-    assert {"ae_mahalanobis_images", "msma_images"} <= set(_model_detectors_for(torch.rand(4, 1, 12, 12)))
-    assert not {"ae_mahalanobis_images", "msma_images"} & set(_model_detectors_for(torch.rand(4, 12)))
+    assert not {"ae_mahalanobis_images", "msma_images"} & set(_model_detectors_for(torch.rand(4, 1, 12, 12)))
+    reasons = skipped_detectors(ModelOutputs(logits=torch.rand(4, 3)), [], inputs=torch.rand(4, 1, 12, 12))
+    assert "-d msma_images" in reasons["msma_images"] and "convolutional network" in reasons["msma_images"]

@@ -122,6 +122,32 @@ def test_ash_known_answer(variant, p):
     np.testing.assert_allclose(shaped, [_reference_ash(z, p, variant) for z in queries], rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("variant", "logits"),
+    [
+        # z = [4, 1, 3, 0, 2], p = 60: k = 5 - round(3) = 2 kept (entries 0 and 2), s1 = 10, s2 = 7
+        ("p", [4.0, 3.0 + 0.5]),  # a = [4, 0, 3, 0, 0]
+        ("b", [5.0, 5.0 + 0.5]),  # a = [5, 0, 5, 0, 0]: s1 / k on the kept entries
+        ("s", [4.0 * np.exp(10 / 7), 3.0 * np.exp(10 / 7) + 0.5]),  # a = [4, 0, 3, 0, 0] * exp(s1 / s2)
+    ],
+)
+def test_ash_variants_worked_by_hand(variant, logits):
+    # Each variant as in the paper (Djurisic et al., ICLR 2023, Alg. 1) and andrijazz/ash ash.py (ash_p/ash_b/ash_s).
+    z = np.array([[4.0, 1.0, 3.0, 0.0, 2.0]])
+    weight = np.array([[1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0]])  # logit c reads entry 0 and entry 2
+    bias = np.array([0.0, 0.5])
+    detector = _fit("ash", z, weight, bias, variant=variant, percentile=60)
+    expected = -np.logaddexp(*logits)
+    assert detector.score({"features": z})[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_ash_default_is_ash_s_at_90():
+    features, weight, bias, queries = _data(seed=12)
+    default = _fit("ash", features, weight, bias).score({"features": queries})
+    explicit = _fit("ash", features, weight, bias, variant="s", percentile=90).score({"features": queries})
+    np.testing.assert_array_equal(default, explicit)
+
+
 def test_ash_defaults_are_the_official_resnet50_imagenet_setting():
     assert create("ash").params == {"variant": "s", "percentile": 90}
     assert create("scale").params == {"percentile": 85}

@@ -68,7 +68,7 @@ def test_every_method_is_evaluated_beside_the_baseline(tiny_run, tmp_path):
     expected_rows = {"baseline: msp", "baseline: energy"}
     for label in runs:
         expected_rows |= {f"{label}: msp", f"{label}: energy"}
-    expected_rows.add("dos: absent-class")
+    expected_rows |= {"dos: absent-class", "rotation: rotation"}  # own scores that are not msp or energy
     assert set(summary["row"]) == expected_rows
     own = summary[summary["own score"] & (summary["method"] != "baseline")]
     assert set(own["method"]) == set(runs)

@@ -68,11 +68,12 @@ def _detector_params(values: list[str] | None) -> dict[str, dict]:
     return params
 
 
-def _detector_names(values: list[str] | None) -> list[str] | None:
+def _detector_names(values: list[str] | None, extra: tuple[str, ...] = ()) -> list[str] | None:
+    """Detector names from ``--detectors`` (comma-separated, repeatable); ``extra``: a benchmark's own rows."""
     if not values:
         return None
     names = [name.strip() for value in values for name in value.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(detectors.available()))
+    unknown = sorted(set(names) - set(detectors.available()) - set(extra))
     if unknown:
         raise ValueError(f"unknown detector(s) {', '.join(unknown)}; run `oodguard detectors` to list them")
     return names
@@ -160,7 +161,7 @@ def bench(
     from oodguard.benchmark import presets
     from oodguard.benchmark.runner import run
 
-    names = _detector_names(detector_names)
+    names = _detector_names(detector_names, extra=presets.EXTRA_ROWS.get(name, ()))
     params = _detector_params(param)
     options: dict = {}
     if name.endswith(".toml") or Path(name).is_file():

@@ -1,4 +1,4 @@
-"""Pictures of scores with matplotlib (the ``bench`` extra): ROC curves and score histograms.
+"""Pictures of scores with matplotlib (the ``bench`` extra): ROC curves, score histograms and OCS curves.
 
 matplotlib is imported when a function is called, so ``import oodguard`` never needs it. Every function draws on
 the given ``ax`` (or a new figure) and returns the Axes.
@@ -13,7 +13,7 @@ import numpy as np
 
 from oodguard.metrics import auroc, roc_curve
 
-__all__ = ["roc_curves", "score_histograms", "robust_range"]
+__all__ = ["ocs_curves", "roc_curves", "score_histograms", "robust_range"]
 
 
 def _axes(ax: Any) -> Any:
@@ -103,4 +103,24 @@ def score_histograms(
     if title:
         ax.set_title(title)
     ax.oodguard_clipped = clipped
+    return ax
+
+
+def ocs_curves(curve: Any, *, ax: Any = None, title: str | None = None) -> Any:
+    """The distance of the predictions to the optimal constant solution against corruption severity.
+
+    ``curve`` is an :class:`oodguard.diagnostics.OCSCurve`: a line per corruption and their mean (black). A falling
+    line means the predictions approach the OCS as the shift grows (Kang et al., ICLR 2024).
+    """
+    ax = _axes(ax)
+    severities = np.asarray(curve.severities)
+    for name, row in zip(curve.corruptions, curve.distance, strict=True):
+        ax.plot(severities, row, marker="o", alpha=0.75, label=name)
+    ax.plot(severities, curve.mean_distance, color="black", linewidth=2, label="mean")
+    ax.set_xticks(severities)
+    ax.set_xlabel("corruption severity (0 = clean)")
+    ax.set_ylabel("mean KL(prediction || OCS)")
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
     return ax

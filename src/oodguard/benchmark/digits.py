@@ -21,6 +21,7 @@ import json
 import os
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,7 +60,11 @@ GRAM_LAYERS = ("features.2", "features.5")
 #: Mahalanobis: the official feature ensemble over the same layers with equal weights and no input step (one
 #: forward pass; the official code picks the step per OOD set from {0, 0.0005, ..., 0.01}, which needs OOD data,
 #: and each step costs 3 passes per layer: try it with ``-p mahalanobis_ensemble.epsilon=0.0014``).
-DETECTOR_PARAMS = {
+#: SDM: calibrated on the validation split (100 rows per class), the official minimum over classes gives d = 0
+#: (the flattest activation) to 34 % of the validation rows themselves, against 0.6 % with the predicted class's
+#: quantiles: chosen from ID data alone.
+DETECTOR_PARAMS: dict[str, dict[str, Any]] = {
+    "sdm": {"distance": "predicted"},
     "nac_layers": {"layers": [*GRAM_LAYERS, "<features>"], "alpha": [0.01, 0.1, 100.0]},
     "mahalanobis_ensemble": {"layers": [*GRAM_LAYERS, "<features>"], "epsilon": 0.0},
 }

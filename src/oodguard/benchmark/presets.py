@@ -31,6 +31,10 @@ PRESETS: dict[str, Callable[..., Benchmark]] = {
 }
 
 
+#: Rows an embedded benchmark computes itself (``Benchmark.extra_jobs``), by benchmark: ``--detectors`` may name them.
+EXTRA_ROWS: dict[str, tuple[str, ...]] = {"text": ("bam_lora",)}
+
+
 def available() -> list[str]:
     return sorted(PRESETS)
 

@@ -159,6 +159,7 @@ def report_data(results: Results) -> dict[str, object]:
         "settings": results.settings,
         "skipped": dict(sorted(getattr(results, "skipped", {}).items())),
         "views": json.loads(results.views.to_json(orient="records")),
+        "diagnostics": getattr(results, "diagnostics", {}) or {},
         "per_set": json.loads(results.table.round(4).to_json(orient="records")),
         "intervals": group_intervals(results),
     }
@@ -209,6 +210,7 @@ every replicate resamples the ID set and each OOD set once). Colour: green is be
 <div id="leaderboard"></div>
 <div id="notrun"></div>
 <div id="views"></div>
+<div id="ocs"></div>
 <h2>Per OOD set <select id="persetmetric"><option value="auroc">AUROC</option><option value="fpr95">FPR@95</option></select></h2>
 <div class="note">Per detector and OOD set (rows in leaderboard order), with the 95&nbsp;% bootstrap interval below.</div>
 <div id="perset"></div>
@@ -410,6 +412,29 @@ function renderViews() {  // misclassified and ambiguous inputs, in leaderboard 
   });
   holder.appendChild(table);
 }
+function renderOcs() {  // the model's predictions against the optimal constant solution, by corruption severity
+  const c = (DATA.diagnostics || {}).ocs_curve, holder = document.getElementById("ocs");
+  if (!c) return;
+  const title = document.createElement("h2"); title.textContent = "The model under corruption: distance to the OCS"; holder.appendChild(title);
+  const note = document.createElement("div"); note.className = "note";
+  note.textContent = `Mean KL(softmax || OCS) over the ${c.split} images, the OCS being the fit labels' distribution ` +
+    "(Kang et al., ICLR 2024), per corruption at severities 0 (clean) to 5. Falling lines: the model's " +
+    "predictions move towards the OCS as inputs shift, the premise of the ocs detector.";
+  holder.appendChild(note);
+  const w = 520, h = 300, m = 52, svg = el("svg", {width: w + 200, height: h, id: "ocs-plot"});
+  const values = c.distance.flat(), low = Math.min(0, ...values), high = Math.max(...values) * 1.05 || 1;
+  const last = c.severities[c.severities.length - 1];
+  axes(svg, w, h, m, [0, last], [low, high], "corruption severity", "KL to the OCS", c.severities);
+  const sx = x => m + x / last * (w - m - 8), sy = y => h - m - (y - low) / (high - low) * (h - m - 8);
+  c.corruptions.forEach((name, i) => {
+    const color = COLORS[i % COLORS.length];
+    el("polyline", {points: c.severities.map((x, j) => `${sx(x).toFixed(1)},${sy(c.distance[i][j]).toFixed(1)}`).join(" "),
+                    fill: "none", stroke: color, "stroke-width": 1.8}, svg);
+    el("rect", {x: w + 10, y: 14 + 18 * i, width: 12, height: 12, fill: color}, svg);
+    el("text", {x: w + 28, y: 24 + 18 * i}, svg, name);
+  });
+  const panel = document.createElement("div"); panel.className = "panel"; panel.appendChild(svg); holder.appendChild(panel);
+}
 function select(name) {
   if (!DATA.detectors[name]) return;
   document.getElementById("picker").value = name;
@@ -427,6 +452,7 @@ function select(name) {
   if (first) select(first.detector); else renderBoard(null);
   renderNotRun();
   renderViews();
+  renderOcs();
   const persetmetric = document.getElementById("persetmetric");
   persetmetric.onchange = () => renderPerSet(persetmetric.value);
   renderPerSet(persetmetric.value);

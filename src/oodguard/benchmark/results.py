@@ -39,6 +39,9 @@ class Results:
     #: Per detector, the views besides OOD vs ID (``oodguard.benchmark.side_views``): misclassified ID inputs,
     #: ambiguous inputs vs ID and vs OOD. Empty when the run has neither labels with errors nor ambiguous sets.
     views: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["detector"]))
+    #: Measurements of the model rather than of detectors, e.g. ``"ocs_curve"``: the mean distance of its predictions
+    #: to the optimal constant solution by corruption severity (:func:`oodguard.diagnostics.ocs_curve`).
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def leaderboard(self) -> pd.DataFrame:
         """One row per detector: mean AUROC and FPR@95 per group (unweighted over sets), sorted best first.
@@ -86,6 +89,7 @@ class Results:
             "status": self.status.to_dict(orient="records"),
             "skipped": self.skipped,
             "views": self.views.to_dict(orient="records"),
+            "diagnostics": self.diagnostics,
             "results": self.table.to_dict(orient="records"),
             "leaderboard": self.leaderboard().to_dict(orient="records"),
         }

@@ -80,6 +80,7 @@ def run(
     feature_layer: str | None = None,
     output_key: str | int | None = None,
     batch_size: int = 256,
+    ocs_curve: bool = True,
 ) -> Results:
     """Evaluate detectors on a benchmark; a detector that fails is reported as failed and the run goes on.
 
@@ -98,14 +99,24 @@ def run(
         detector that embeds texts itself (``ahm``), unless ``model_detectors`` is false.
     params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``; merged over the benchmark's own
         ``detector_params`` (the user's value wins per parameter).
+
+    The benchmark's own rows (``benchmark.extra_jobs``, e.g. ``bam_lora`` on ``text``) run by default beside the
+    detectors, or when ``detectors`` names them; they take no ``params``.
     full_spectrum : count covariate-shift sets as ID (full-spectrum OOD detection) instead of as OOD.
     n_boot, seed : bootstrap replicates and seed of the 95 % intervals.
     feature_layer, output_key, batch_size : how to run the model (see :func:`oodguard.extraction.extract`).
+    ocs_curve : on image benchmarks with labels, also measure how the model's predictions approach the optimal
+        constant solution under corruption (:func:`oodguard.diagnostics.ocs_curve`, 26 forward passes over the ID
+        test images; not with ``model_detectors=False``), kept in ``Results.diagnostics["ocs_curve"]`` and drawn in the
+        report.
     """
     from oodguard.extraction.model_runner import ModelRunner
 
     params = merge_params(benchmark.detector_params, params)
     check_params(list(params), params)  # a typo must not cost the extraction
+    requested = None if detectors is None else list(detectors)
+    extra = _benchmark_rows(benchmark, requested, params)
+    detectors = None if requested is None else [name for name in requested if name not in extra]
     outputs = extract_benchmark(
         benchmark, device=device, cache_dir=cache_dir, progress=progress, batch_size=batch_size,
         feature_layer=feature_layer, output_key=output_key,
@@ -121,7 +132,7 @@ def run(
     if detectors is None:
         names = default_detectors(fit, params)
         if model_detectors and not no_inputs:
-            names += _model_detectors_for(benchmark.fit.data, params)
+            names += _model_detectors_for(benchmark.fit.data, params, benchmark.model)
         if model_detectors:
             names += _text_detectors_for(encoder, params)
         if fit.has("features") and fit.has("labels") and MOS_HEAD not in names:
@@ -136,6 +147,7 @@ def run(
             inputs=None if no_inputs else benchmark.fit.data,
             model_detectors=model_detectors,
             text_encoder=encoder,
+            model=benchmark.model,
         )
         if detectors is None
         else {}  # the user chose: the others were not asked for
@@ -160,7 +172,7 @@ def run(
         return Source(outputs[split.name], data=split.data, labels=split.labels, runner=runner, texts=split.texts,
                       encoder=benchmark.encoder)  # fmt: skip
 
-    return _evaluate(
+    results = _evaluate(
         benchmark.name,
         source(benchmark.fit),
         source(benchmark.test),
@@ -174,26 +186,77 @@ def run(
         split_names=(benchmark.fit.name, benchmark.test.name),
         skipped=skipped,
         cache_dir=cache_dir,
+        validation=(benchmark.validation.name, source(benchmark.validation)) if benchmark.validation else None,
+        extra_jobs=extra,
     )
+    if runner is not None and not from_shards and ocs_curve and model_detectors:  # it runs the model too
+        results.diagnostics["ocs_curve"] = _ocs_diagnostic(runner, benchmark, fit)
+    return results
 
 
-def _input_kind(name: str) -> str:
-    return detector_registry.implementation(name).input_kind
+def _ocs_diagnostic(runner: Any, benchmark: Benchmark, fit: ModelOutputs | ShardedOutputs) -> dict[str, Any] | None:
+    """The model's OCS curve on the ID test images (None for inputs other than image tensors or without labels)."""
+    from oodguard.detectors.ocs import optimal_constant_solution
+    from oodguard.diagnostics import ocs_curve
+
+    images, labels = benchmark.test.data, benchmark.test.labels
+    if getattr(images, "ndim", None) != 4 or fit.labels is None or labels is None or not fit.has("logits"):
+        return None
+    num_classes = fit.num_classes or int(fit.labels.max()) + 1
+    curve = ocs_curve(runner, images, optimal_constant_solution(fit.labels, num_classes), labels=labels)
+    return {
+        "corruptions": list(curve.corruptions),
+        "severities": list(curve.severities),
+        "distance": curve.distance.tolist(),
+        "accuracy": None if curve.accuracy is None else curve.accuracy.tolist(),
+        "split": benchmark.test.name,
+    }
 
 
-def _model_detectors_for(data: Any, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
-    """Model detectors that can take these inputs (CoVer's corruptions need images ``[N, C, H, W]``) and whose
-    required parameters ``params`` gives (not those that embed texts: see :func:`_text_detectors_for`)."""
+def _benchmark_rows(
+    benchmark: Benchmark, detectors: Iterable[str] | None, params: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Callable[[], dict]]:
+    """The benchmark's own rows to run: every one by default, else those ``detectors`` names."""
+    own = dict(benchmark.extra_jobs)
+    clash = sorted(set(own) & set(detector_registry.available()))
+    if clash:
+        raise ValueError(f"{benchmark.name}: its own rows {clash} have the names of registered detectors; rename them")
+    fixed = sorted(set(own) & set(params))
+    if fixed:
+        raise ValueError(
+            f"{', '.join(fixed)}: computed by the {benchmark.name!r} benchmark itself with fixed settings (see its "
+            "notes); parameters do not apply"
+        )
+    if detectors is None:
+        return own
+    return {name: own[name] for name in detectors if name in own}
+
+
+def _model_detectors_for(
+    data: Any, params: Mapping[str, Mapping[str, Any]] | None = None, model: Any = None
+) -> list[str]:
+    """Model detectors that can take these inputs (CoVer's corruptions need images ``[N, C, H, W]``), whose required
+    parameters ``params`` gives and that can run on ``model`` when given (MC dropout needs dropout layers)."""
     ndim = getattr(data, "ndim", None)  # tensors and arrays; datasets and loaders are not inspected
     chosen = []
     for name in detector_registry.available(protocol="model"):
         cls = detector_registry.implementation(name)
         wanted = getattr(cls, "input_ndim", None)
-        if _input_kind(name) != "tensors":
+        if getattr(cls, "needs_auxiliary_head", False) or cls.not_by_default:  # asked for by name only
             continue
-        if (wanted is None or ndim is None or ndim == wanted) and _has_required(name, params):
+        if _input_kind(name) != "tensors":  # texts: see _text_detectors_for
+            continue
+        if (
+            (wanted is None or ndim is None or ndim == wanted)
+            and _has_required(name, params)
+            and (model is None or _unsupported(cls, model) is None)
+        ):
             chosen.append(name)
     return chosen
+
+
+def _input_kind(name: str) -> str:
+    return detector_registry.implementation(name).input_kind
 
 
 def _text_detectors_for(encoder: Any, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
@@ -206,11 +269,17 @@ def _text_detectors_for(encoder: Any, params: Mapping[str, Mapping[str, Any]] | 
         if (
             issubclass(cls, ModelDetector)
             and cls.input_kind == "texts"
+            and not cls.not_by_default
             and cls.encoder_problem(encoder) is None
             and _has_required(name, params)
         ):
             chosen.append(name)
     return chosen
+
+
+def _unsupported(cls: type, model: Any) -> str | None:
+    check = getattr(cls, "unsupported", None)
+    return check(model) if check is not None else None
 
 
 def _has_required(name: str, params: Mapping[str, Mapping[str, Any]] | None) -> bool:
@@ -264,17 +333,22 @@ def _detector_job(
     test: Source,
     ood: list[tuple[str, str, Source]],
     cache_dir: str | Path | None = None,
+    validation: Source | None = None,
 ) -> Callable[[], dict]:
     """Fit one detector on the fit source and score the test source and every OOD source (either protocol).
 
-    Detectors that train networks and take a ``cache_dir`` (``ae_mahalanobis``, ``sage``, ``msma``) cache their
-    fitted state under ``cache_dir/detectors`` unless the caller chose their cache."""
+    Detectors that train networks and take a ``cache_dir`` (``ae_mahalanobis``, ``sage``, ``msma``, ...) cache
+    their fitted state under ``cache_dir/detectors`` unless the caller chose their cache. Detectors with a
+    ``calibrate(outputs)`` step (``sdm``) are calibrated on the ``validation`` outputs when there are any."""
 
     def job() -> dict[str, np.ndarray]:
         detector = detector_registry.create(name, **params)
         if cache_dir is not None and "cache_dir" in detector.param_names() and params.get("cache_dir") is None:
             detector.set_params(cache_dir=str(Path(cache_dir) / "detectors"))
         detector.fit_from(fit)
+        calibrate = getattr(detector, "calibrate", None)
+        if callable(calibrate) and validation is not None and validation.outputs is not None:
+            calibrate(validation.outputs)
         scores = {"id": np.asarray(detector.score_from(test))}
         for set_name, _, source in ood:
             scores[set_name] = np.asarray(detector.score_from(source))
@@ -347,6 +421,7 @@ def _evaluate(
     extra_jobs: Mapping[str, Callable[[], dict]] | None = None,
     skipped: Mapping[str, str] | None = None,
     cache_dir: str | Path | None = None,
+    validation: tuple[str, Source] | None = None,
 ) -> Results:
     params = {key: dict(value) for key, value in (params or {}).items()}
     extra_jobs = dict(extra_jobs or {})
@@ -376,7 +451,7 @@ def _evaluate(
     jobs = {
         n: _mos_job(fit_outputs, test_outputs, [(s, g, src.outputs) for s, g, src in ood], params.get(n, {}))
         if n == MOS_HEAD
-        else _detector_job(n, params.get(n, {}), fit, test, ood, cache_dir)
+        else _detector_job(n, params.get(n, {}), fit, test, ood, cache_dir, validation[1] if validation else None)
         for n in names
     }
     jobs.update(extra_jobs)
@@ -425,7 +500,8 @@ def _evaluate(
         id_accuracy=id_accuracy,
         full_spectrum=full_spectrum,
         settings={"n_boot": n_boot, "seed": seed, "params": _describe_params(params), "fit_split": split_names[0],
-                  "id_split": split_names[1]},
+                  "id_split": split_names[1],
+                  "calibration_split": validation[0] if validation is not None else None},
         skipped=dict(skipped or {}),
     )  # fmt: skip
 
@@ -445,6 +521,8 @@ def default_detectors(outputs: ModelOutputs, params: Mapping[str, Mapping[str, A
     chosen = []
     for name in detector_registry.available(needs_model=False):
         meta = detector_registry.info(name)
+        if detector_registry.implementation(name).not_by_default:
+            continue
         needs = set(meta["fit_requires"]) | set(meta["requires"])
         if needs <= available and set(meta.get("required_params") or ()) <= set(params.get(name, {})):
             chosen.append(name)
@@ -459,11 +537,13 @@ def skipped_detectors(
     inputs: Any = None,
     model_detectors: bool = True,
     text_encoder: Any = None,
+    model: Any = None,
 ) -> dict[str, str]:
     """Every registered detector not in ``chosen``, with why it was not run (missing fields, parameters, model).
 
     ``inputs`` are the fit split's model inputs when a model is available (``None``: outputs only);
-    ``text_encoder`` is the encoder behind the splits' texts when every split carries them (``None``: no texts).
+    ``text_encoder`` is the encoder behind the splits' texts when every split carries them (``None``: no texts);
+    ``model`` the model itself, when given, for detectors that cannot run on some models.
     """
     chosen = set(chosen)
     available = set(outputs.fields())
@@ -473,6 +553,10 @@ def skipped_detectors(
             continue
         meta = detector_registry.info(name)
         missing_params = sorted(set(meta.get("required_params") or ()) - set((params or {}).get(name, {})))
+        reason = detector_registry.implementation(name).not_by_default
+        if reason:
+            reasons[name] = f"{reason}; ask for it by name (-d {name})"
+            continue
         cls = detector_registry.implementation(name)
         if issubclass(cls, ModelDetector) and cls.input_kind == "texts":
             if not model_detectors:
@@ -495,10 +579,17 @@ def skipped_detectors(
             if not model_detectors:
                 reasons[name] = "a model detector, and model detectors were turned off"
                 continue
+            if getattr(detector_registry.implementation(name), "needs_auxiliary_head", False):
+                reasons[name] = "needs a model trained with its auxiliary head (oodguard.train's method of that name)"
+                continue
             wanted = getattr(detector_registry.implementation(name), "input_ndim", None)
             ndim = getattr(inputs, "ndim", None)
             if wanted is not None and ndim is not None and ndim != wanted:
                 reasons[name] = f"needs inputs of rank {wanted} (images [N, C, H, W]); these have rank {ndim}"
+                continue
+            why = None if model is None else _unsupported(detector_registry.implementation(name), model)
+            if why is not None:
+                reasons[name] = why
                 continue
         else:
             needs = sorted((set(meta["fit_requires"]) | set(meta["requires"])) - available)

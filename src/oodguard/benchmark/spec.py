@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,11 @@ class Benchmark:
     #: The text encoder that embedded every split's ``texts`` into its ``data``. With it (and texts on every split)
     #: the runner also runs the detectors that embed texts themselves (``input_kind == "texts"``, e.g. ``ahm``).
     encoder: Any = None
+    #: Rows the benchmark computes itself, beside the registered detectors: name -> a callable that returns scores
+    #: (higher = more OOD) for ``"id"`` (the ID test split) and for every OOD set by name. For methods that need a
+    #: model of their own, e.g. the ``text`` benchmark's ``bam_lora`` (LoRA fine-tuning of the encoder, then boxes
+    #: over the LoRA layers). The runner calls one only when its row is asked for (by default, every one).
+    extra_jobs: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [split.name for split in self.ood]

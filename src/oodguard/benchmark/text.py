@@ -13,9 +13,14 @@ Zero-shot detectors run beside the trained-head ones: the same encoder embeds la
 ``"a definition of {topic}."`` (``mcm``, ``neglabel``, ``lapt``), negative labels mined by NegLabel's rule from
 the shipped WordNet noun and adjective lists (``neglabel``, ``lapt``), and "no" prompts
 ``"not a definition of {topic}."`` for ``clipn`` (see ``ZERO_SHOT``; CLIPN's trained no-encoder does not exist
-for this encoder, so its row measures the rules with negated prompts, not the published method). The text encoder
-is handed to the runner too (``Benchmark.encoder``, texts on every split), so ``ahm`` (attention head masking)
-embeds the texts itself.
+for this encoder, so its row measures the rules with negated prompts, not the published method).
+
+One row needs a model of its own: ``bam_lora`` (LoRA-BAM's setting, see ``LORA_BAM``) fine-tunes the encoder with
+LoRA adapters on the fit split, with LoRA-BAM's paraphrase regulariser over WordNet-synonym paraphrases of the fit
+definitions, and monitors the pooled outputs of the LoRA-adapted layers with ``bam`` (boxes around k-means clusters
+of the fit rows). The benchmark supplies it as its own row (``Benchmark.extra_jobs``); the plain ``bam`` row runs on
+the frozen embeddings like every other detector. The text encoder is handed to the runner too
+(``Benchmark.encoder``, texts on every split), so ``ahm`` (attention head masking) embeds the texts itself.
 
 :func:`pt_ood_table` measures PT-OOD (Miyai et al., 2023) on the same data: OOD text of a kind the encoder saw in
 pre-training (familiar) against the same texts with scrambled words (unfamiliar), detected by the linear probe's
@@ -30,7 +35,7 @@ import numbers
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,16 +48,9 @@ from oodguard.benchmark import text_data
 from oodguard.benchmark.spec import Benchmark, DataSplit
 
 __all__ = [
-    "text_benchmark",
-    "text_texts",
-    "zero_shot_params",
-    "pt_ood_table",
-    "PTOODTable",
-    "PT_OOD",
-    "SOURCES",
-    "ZERO_SHOT",
-    "SPLIT_SIZES",
-]
+    "text_benchmark", "text_texts", "zero_shot_params", "lora_bam_job", "pt_ood_table", "PTOODTable", "PT_OOD",
+    "SOURCES", "ZERO_SHOT", "LORA_BAM", "SPLIT_SIZES",
+]  # fmt: skip
 
 #: Per ID topic: fit / validation / test glosses (in the shipped hash order), 500 in all.
 SPLIT_SIZES = (300, 60, 140)
@@ -71,6 +69,18 @@ ZERO_SHOT: dict[str, Any] = {
     "percentile": 0.95,  # NegLabel's pencentile
     "group_size": 100,  # negatives per group: the official 10,000 negatives in 100 groups
 }
+
+#: LoRA-BAM's setting (the ``bam_lora`` row): ``lora`` are :class:`oodguard.encoders.lora.LoraSettings` (LoRA on the
+#: query and value projections of the top 2 of MiniLM's 6 layers, rank 8; 3 epochs; the paraphrase regulariser's
+#: weight), ``bam`` the monitor's parameters (:class:`oodguard.detectors.BAM`) over the pooled LoRA-layer outputs:
+#: one clustering of all fit rows, as LoRA-BAM's fine-tuning questions have no classes, into as many clusters as
+#: the task has topics, boxes enlarged by one within-cluster standard deviation per side.
+LORA_BAM: dict[str, Any] = {
+    "row": "bam_lora",
+    "lora": {"rank": 8, "alpha": 16.0, "targets": ("query", "value"), "top_layers": 2, "epochs": 3,
+             "batch_size": 32, "lr": 2e-3, "paraphrase_weight": 0.1, "max_length": 64, "seed": 0},
+    "bam": {"layer": "lora", "grouping": "all", "n_clusters": 5, "enlargement": 1.0, "seed": 0},
+}  # fmt: skip
 
 #: Fewest candidate words per kind from which NegMining keeps at least one (``floor(n * fraction) >= 1``).
 MIN_CANDIDATE_WORDS = math.ceil(1 / ZERO_SHOT["fraction"])
@@ -205,6 +215,47 @@ def zero_shot_params(
     }
 
 
+def lora_bam_job(
+    sets: dict[str, tuple[list[str], list[int]]],
+    encoder: Any,
+    cache_dir: str | os.PathLike,
+    progress: bool = True,
+) -> Callable[[], dict[str, np.ndarray]]:
+    """The ``bam_lora`` row: a callable that fine-tunes ``encoder`` with LoRA on the fit texts and scores the ID test
+    split (``"id"``) and every OOD set with ``bam`` over the pooled outputs of the LoRA-adapted layers.
+
+    Settings in :data:`LORA_BAM`. The paraphrase of each fit text swaps about half of its replaceable words for their
+    WordNet synonym (:func:`oodguard.benchmark.text_data.paraphrase`). The monitor's boxes come from the fit rows
+    only. The fine-tuned adapters and head, and the LoRA features of every text, are cached under
+    ``cache_dir/text-lora``. Needs a :class:`oodguard.encoders.HuggingFaceEncoder` and ``peft`` (the ``text`` extra).
+    """
+
+    def job() -> dict[str, np.ndarray]:
+        from oodguard.detectors.bam import BAM
+        from oodguard.encoders.lora import LoraSettings, load_or_train_lora_classifier, lora_outputs
+
+        fit_texts, fit_labels = sets["fit"]
+        synonyms = text_data.load_synonyms()
+        paraphrases = [text_data.paraphrase(text, synonyms) for text in fit_texts]
+        settings = LoraSettings(num_classes=len(CLASS_NAMES), **LORA_BAM["lora"])
+        folder = Path(cache_dir) / "text-lora"
+        scored = ["fit", "test", *(name for name in sets if name in GROUPS)]
+        with _one_thread():
+            classifier = load_or_train_lora_classifier(
+                encoder, fit_texts, fit_labels, settings, paraphrases, cache_dir=folder, progress=progress
+            )
+            texts = [text for name in scored for text in sets[name][0]]
+            outputs = lora_outputs(classifier, texts, cache_dir=folder, progress=progress, desc="LoRA features")
+        parts, start = {}, 0
+        for name in scored:
+            parts[name] = outputs[start : start + len(sets[name][0])]
+            start += len(sets[name][0])
+        monitor = BAM(**LORA_BAM["bam"]).fit(parts["fit"])
+        return {("id" if name == "test" else name): np.asarray(monitor.score(parts[name])) for name in scored[1:]}
+
+    return job
+
+
 def text_benchmark(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -233,7 +284,9 @@ def text_benchmark(
         ``model`` = a trained :class:`oodguard.heads.LinearHead` (eval mode); every split's ``data`` is ``float32
         [N, D]`` embeddings with ``labels`` ``int64 [N]`` (0-4 for ID, -1 for OOD) and ``texts``;
         ``detector_params`` hold the zero-shot detectors' text side (:func:`zero_shot_params`); ``encoder`` is the
-        text encoder, so that the detectors that embed texts themselves (``ahm``) run too.
+        text encoder, so that the detectors that embed texts themselves (``ahm``) run too; ``extra_jobs`` holds the
+        ``bam_lora`` row (:func:`lora_bam_job`; it fine-tunes only when the row runs, and needs a Hugging Face
+        encoder).
 
     Examples
     --------
@@ -285,6 +338,17 @@ def text_benchmark(
         f"{params['neglabel']['negative_embeddings'].shape[0]} mined negatives in {params['neglabel']['groups']} "
         "groups."
     )
+    lora, bam = LORA_BAM["lora"], LORA_BAM["bam"]
+    notes[LORA_BAM["row"]] = (
+        f"LoRA-BAM's setting: LoRA (rank {lora['rank']}, alpha {lora['alpha']:g}) on {'/'.join(lora['targets'])} of "
+        f"the top {lora['top_layers']} encoder layers and a linear head on the mean-pooled embedding, fine-tuned on "
+        f"the fit split ({lora['epochs']} epochs, AdamW lr {lora['lr']:g}, batches of {lora['batch_size']}, texts cut "
+        f"at {lora['max_length']} tokens, seed {lora['seed']}) with the paraphrase regulariser "
+        f"{lora['paraphrase_weight']:g} * ||phi(q) - phi(para(q))||^2 (paraphrases: about half the replaceable words "
+        "swapped for their WordNet synonym); bam over phi, the outputs of the adapted layers mean-pooled over tokens "
+        f"({bam['grouping']} fit rows in {bam['n_clusters']} k-means clusters, boxes enlarged by "
+        f"{bam['enlargement']:g} standard deviation); cached as safetensors."
+    )
     return Benchmark(
         name="text",
         model=model.eval(),
@@ -296,6 +360,7 @@ def text_benchmark(
         notes=notes,
         detector_params=params,
         encoder=encoder,
+        extra_jobs={LORA_BAM["row"]: lora_bam_job(sets, encoder, root, progress)},
     )
 
 

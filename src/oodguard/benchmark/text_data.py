@@ -43,6 +43,12 @@ __all__ = [
     "python_docstrings",
     "DOCSTRING_MODULES",
     "scramble_words",
+    "STOP_WORDS",
+    "parse_index",
+    "build_synonyms",
+    "write_synonyms",
+    "load_synonyms",
+    "paraphrase",
 ]
 
 #: Names of the lexicographer files, indexed by ``lex_filenum`` (lexnames(5WN)); 3..28 are the noun topics.
@@ -69,6 +75,8 @@ SIZES = {"id_topic": 500, "near_topic": 250, "verb": 400, "adj": 400, "noun_word
 SEED = 0
 FORMAT = "oodguard-wordnet-text-1"
 DATA_FILE = "wordnet_text.json.gz"
+SYNONYMS_FORMAT = "oodguard-wordnet-synonyms-1"
+SYNONYMS_FILE = "wordnet_synonyms.json.gz"
 LICENSE_FILE = "WORDNET_LICENSE.txt"
 MIN_WORDS = 3
 
@@ -186,11 +194,15 @@ def write_text_data(data: dict[str, Any], license_text: str, directory: str | Pa
     """Write ``data`` as gzipped JSON (no timestamp, sorted keys: same data, same bytes) and the licence notice."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     data_path, license_path = directory / DATA_FILE, directory / LICENSE_FILE
-    data_path.write_bytes(gzip.compress(payload, compresslevel=9, mtime=0))
+    _write_json_gz(data, data_path)
     license_path.write_text(license_text, encoding="utf-8")
     return data_path, license_path
+
+
+def _write_json_gz(data: dict[str, Any], path: Path) -> None:
+    payload = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    path.write_bytes(gzip.compress(payload, compresslevel=9, mtime=0))
 
 
 def _shipped(name: str) -> Any:
@@ -211,9 +223,150 @@ def load_text_data() -> dict[str, Any]:
     return data
 
 
+def load_synonyms() -> dict[str, str]:
+    """The shipped synonym table (see :func:`build_synonyms`): word -> its WordNet synonym."""
+    source = _shipped(SYNONYMS_FILE)
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"the packaged synonym table {SYNONYMS_FILE} is missing; reinstall oodguard or regenerate it with "
+            "scripts/make_text_data.py"
+        )
+    data = json.loads(gzip.decompress(source.read_bytes()).decode("utf-8"))
+    if data.get("format") != SYNONYMS_FORMAT:
+        raise ValueError(f"{SYNONYMS_FILE}: format {data.get('format')!r}, expected {SYNONYMS_FORMAT!r}; regenerate it")
+    return dict(data["synonyms"])
+
+
 def license_notice() -> str:
     """WordNet 3.0's licence, shipped next to the derived data."""
     return _shipped(LICENSE_FILE).read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- paraphrases
+#: Function words that are never replaced. WordNet lists some of them as nouns or verbs ("a": vitamin A, "in":
+#: inch, "be": beryllium), which would turn a definition into nonsense.
+STOP_WORDS = frozenset(
+    """a about above after again against all also among an and another any are as at be been before being below
+    between both but by can could did do does done during each either especially esp etc every for from had has
+    have having how however if in into is it its itself just least less may might more most much must neither no
+    nor not of off often on once one only onto or other others out over own same several shall should so some
+    such than that the their them then there these they this those through thus to too two under until up upon
+    us usually very was were what when where whether which while who whom whose why will with within without
+    would""".split()
+)
+
+_WORD = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
+_SYNONYM = re.compile(r"^[a-z]+(?:[ -][a-z]+)?$")  # one or two lowercase words: no taxa, names or formulas
+
+
+class IndexEntry(NamedTuple):
+    """One line of a WordNet ``index.<pos>`` file: the lemma, its SemCor-tagged sense count, its first synset."""
+
+    lemma: str
+    tagged_senses: int
+    first_offset: str
+
+
+def parse_index(path: str | Path) -> list[IndexEntry]:
+    """Read a WordNet 3.0 ``index.{noun,verb,adj,adv}`` file.
+
+    Line format (wndb(5WN)): ``lemma pos synset_cnt p_cnt [ptr_symbol ...] sense_cnt tagsense_cnt synset_offset
+    [synset_offset ...]``; the synsets are in order of frequency, most frequent first.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; install WordNet (Debian: apt-get install wordnet-base) or pass its directory"
+        )
+    entries = []
+    with open(path, encoding="latin-1") as handle:
+        for line in handle:
+            if line.startswith("  "):
+                continue
+            fields = line.split()
+            try:
+                pointers = int(fields[3])
+                synsets, offsets = int(fields[2]), fields[6 + pointers :]
+                if len(offsets) != synsets:
+                    raise ValueError
+                entries.append(IndexEntry(fields[0], int(fields[5 + pointers]), offsets[0]))
+            except (IndexError, ValueError):
+                raise ValueError(f"{path}: not a WordNet index line: {line[:80]!r}") from None
+    return entries
+
+
+def build_synonyms(texts: Iterable[str], wordnet_dir: str | Path = "/usr/share/wordnet") -> dict[str, Any]:
+    """A WordNet synonym for every replaceable word of ``texts``, for paraphrasing them (:func:`paraphrase`).
+
+    A word is replaceable when it is written in lowercase (names and taxa are left alone), has at least 3 letters,
+    is not in :data:`STOP_WORDS` and is a WordNet lemma with at least one sense tagged in SemCor. Its part of speech
+    is the one with the most tagged senses (ties: noun, verb, adjective, adverb); its sense is that part of speech's
+    most frequent one (the first synset of its index line); its synonym is that synset's first other lemma that is
+    one or two lowercase words. The text is not parsed, so a word used as another part of speech than its most
+    frequent one gets a synonym of the wrong kind ("marine" the adjective becomes the noun "devil dog"), as in
+    synonym-replacement augmentation (Wei & Zou, EDA, 2019), which also draws on WordNet.
+
+    Returns ``{"format", "source", "synonyms": {word: synonym}}``.
+    """
+    wordnet_dir = Path(wordnet_dir)
+    best: dict[str, tuple[int, str, str]] = {}  # lemma -> (tagged senses, pos, first synset), the most tagged pos
+    lemmas: dict[tuple[str, str], tuple[str, ...]] = {}
+    for pos in ("noun", "verb", "adj", "adv"):
+        for entry in parse_index(wordnet_dir / f"index.{pos}"):
+            if entry.lemma not in best or entry.tagged_senses > best[entry.lemma][0]:
+                best[entry.lemma] = (entry.tagged_senses, pos, entry.first_offset)
+        synsets, _ = parse_wordnet(wordnet_dir / f"data.{pos}")
+        lemmas.update(((pos, synset.offset), synset.words) for synset in synsets)
+    synonyms: dict[str, str] = {}
+    for text in texts:
+        for match in _WORD.finditer(text):
+            word = match.group()
+            if word in synonyms or not word.islower() or len(word) < 3 or word in STOP_WORDS:
+                continue
+            tagged, pos, offset = best.get(word, (0, "", ""))
+            if tagged < 1:
+                continue
+            others = (w for w in lemmas[pos, offset] if w != word and _SYNONYM.match(w))
+            synonym = next(others, None)
+            if synonym is not None:
+                synonyms[word] = synonym
+    return {
+        "format": SYNONYMS_FORMAT,
+        "source": "WordNet 3.0 (Princeton University), Debian package wordnet-base: index.* and data.* files",
+        "synonyms": dict(sorted(synonyms.items())),
+    }
+
+
+def write_synonyms(data: dict[str, Any], directory: str | Path) -> Path:
+    """Write the synonym table as gzipped JSON (same data, same bytes)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / SYNONYMS_FILE
+    _write_json_gz(data, path)
+    return path
+
+
+def paraphrase(text: str, synonyms: dict[str, str], fraction: float = 0.5, seed: int = SEED) -> str:
+    """``text`` with about ``fraction`` of its replaceable words swapped for their synonym in ``synonyms``.
+
+    Whether the word at character ``i`` is swapped is decided by ``sha256(f"{seed}:{text}:{i}")``, so a text has
+    the same paraphrase on every run, whatever the texts around it.
+
+    Examples
+    --------
+    >>> paraphrase("a large owl", {"large": "big", "owl": "hooter"}, fraction=1.0)
+    'a big hooter'
+    """
+
+    def swap(match: re.Match[str]) -> str:
+        word = match.group()
+        synonym = synonyms.get(word)
+        if synonym is None:
+            return word
+        draw = int.from_bytes(hashlib.sha256(f"{seed}:{text}:{match.start()}".encode()).digest()[:8], "big")
+        return synonym if draw < fraction * 2**64 else word
+
+    return _WORD.sub(swap, text)
 
 
 # ---------------------------------------------------------------------------------------------- far-OOD text

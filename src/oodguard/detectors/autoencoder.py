@@ -91,6 +91,51 @@ class _TrainedNetworks(OutputDetector):
         return as_outputs(outputs).features.cpu(), self.state(torch.device("cpu"), _F64)
 
 
+def split_for_standardising(name: str, rows: int, latent: int, holdout: float, seed: int,
+                            what: str = "fit rows") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(train, held_out)`` rows of the AE + Mahalanobis detectors, checked: enough training rows for the latent
+    covariance and at least 2 held-out rows to standardise the terms on (unless ``holdout`` is 0)."""
+    train, held_out = split_rows(rows, holdout, seed)
+    check_latent_rows(name, rows, latent, len(held_out))
+    if holdout > 0 and len(held_out) < 2:
+        raise ValueError(
+            f"{name}: holdout={holdout} of N={rows} {what} leaves {len(held_out)} row(s) to standardise the terms "
+            f"on; fit on more {what}, raise holdout or set holdout=0"
+        )
+    return train, held_out
+
+
+def latent_gaussian(codes: torch.Tensor, ridge: float) -> dict[str, torch.Tensor]:
+    """One Gaussian on latent codes ``[n, d]`` (float64): its mean and the symmetric root of the pseudo-inverse of
+    ``S + ridge * tr(S)/d * I``, so that ``||(z - mean) @ root||^2`` is the Mahalanobis distance."""
+    latent = codes.shape[1]
+    mean = codes.mean(dim=0)
+    centred = codes - mean
+    covariance = centred.T @ centred / codes.shape[0]
+    covariance += ridge * float(torch.trace(covariance)) / latent * torch.eye(latent, dtype=codes.dtype)
+    return {"latent_mean": mean, "latent_root": pinv_sqrt(covariance)}
+
+
+def latent_distance(codes: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The Mahalanobis distance of each code under :func:`latent_gaussian`'s state."""
+    return ((codes - state["latent_mean"]) @ state["latent_root"]).square().sum(dim=1)
+
+
+def term_statistics(distance: torch.Tensor, error: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and standard deviation of the distance and reconstruction terms on the rows they are standardised on."""
+    return {"md_mean": distance.mean(), "md_std": distance.std().clamp_min(1e-12),
+            "re_mean": error.mean(), "re_std": error.std().clamp_min(1e-12)}  # fmt: skip
+
+
+def combined_score(
+    distance: torch.Tensor, error: torch.Tensor, state: dict[str, torch.Tensor], alpha: float, beta: float
+) -> torch.Tensor:
+    """``alpha * MD_z + beta * RE_z`` with the z-scores of :func:`term_statistics`."""
+    md = (distance - state["md_mean"]) / state["md_std"]
+    re = (error - state["re_mean"]) / state["re_std"]
+    return alpha * md + beta * re
+
+
 # ---------------------------------------------------------------------------------------------- AE + Mahalanobis
 @register
 class AEMahalanobis(_TrainedNetworks):
@@ -184,13 +229,9 @@ class AEMahalanobis(_TrainedNetworks):
 
     def _train_state(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         features = outputs.features
-        train, held_out = split_rows(features.shape[0], float(self.holdout), int(self.seed))
-        check_latent_rows(self.name, features.shape[0], int(self.latent_dim), len(held_out))
-        if float(self.holdout) > 0 and len(held_out) < 2:
-            raise ValueError(
-                f"{self.name}: holdout={self.holdout} of N={features.shape[0]} fit rows leaves {len(held_out)} row(s) "
-                "to standardise the terms on; fit on more rows, raise holdout or set holdout=0"
-            )
+        train, held_out = split_for_standardising(
+            self.name, features.shape[0], int(self.latent_dim), float(self.holdout), int(self.seed)
+        )
         state = feature_scaling(features[train])
         x = standardised(features, state).to(torch.float32)
         dim, hidden, latent = x.shape[1], int(self.hidden), int(self.latent_dim)
@@ -205,14 +246,8 @@ class AEMahalanobis(_TrainedNetworks):
         networks = networks.to(_F64)
         with torch.no_grad():
             codes = networks["encoder"](x[train].to(_F64))
-        mean = codes.mean(dim=0)
-        centred = codes - mean
-        covariance = centred.T @ centred / codes.shape[0]
-        covariance += float(self.ridge) * float(torch.trace(covariance)) / latent * torch.eye(latent, dtype=_F64)
-        state.update({"latent_mean": mean, "latent_root": pinv_sqrt(covariance)})
-        distance, error = self._terms(features[held_out if len(held_out) else train], state, networks)
-        state.update({"md_mean": distance.mean(), "md_std": distance.std().clamp_min(1e-12),
-                      "re_mean": error.mean(), "re_std": error.std().clamp_min(1e-12)})  # fmt: skip
+        state.update(latent_gaussian(codes, float(self.ridge)))
+        state.update(term_statistics(*self._terms(features[held_out if len(held_out) else train], state, networks)))
         return state
 
     def _terms(
@@ -223,8 +258,7 @@ class AEMahalanobis(_TrainedNetworks):
         with torch.no_grad():
             codes = networks["encoder"](x)
             error = (networks["decoder"](codes) - x).square().mean(dim=1)
-        distance = ((codes - state["latent_mean"]) @ state["latent_root"]).square().sum(dim=1)
-        return distance, error
+        return latent_distance(codes, state), error
 
     def _build_networks(self, state: dict[str, torch.Tensor]) -> nn.Module:
         return _restore(state, state["feature_mean"].shape[0], int(self.hidden), int(self.latent_dim), 0)
@@ -237,9 +271,7 @@ class AEMahalanobis(_TrainedNetworks):
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         features, state = self._cpu_rows(outputs)
         distance, error = self._terms(features, state, self._cached_networks())
-        md = (distance - state["md_mean"]) / state["md_std"]
-        re = (error - state["re_mean"]) / state["re_std"]
-        return (float(self.alpha) * md + float(self.beta) * re).to(outputs.features.device)
+        return combined_score(distance, error, state, float(self.alpha), float(self.beta)).to(outputs.features.device)
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         return 8 * 4 * (int(self.hidden) + (outputs.feature_dim or 1))

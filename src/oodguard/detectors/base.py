@@ -141,6 +141,8 @@ class Detector(abc.ABC):
     fit_requires: ClassVar[frozenset[str]] = frozenset()
     needs_fit: ClassVar[bool] = True
     input_kind: ClassVar[str] = "outputs"
+    #: Why benchmarks leave this detector out unless asked for by name (e.g. its cost), or None: run by default.
+    not_by_default: ClassVar[str | None] = None
     required_params: ClassVar[tuple[str, ...]] = ()
     state_reductions: ClassVar[dict[str, str] | None] = None
     _parameter_constraints: ClassVar[dict[str, list]] = {}
@@ -509,13 +511,21 @@ class OutputDetector(Detector):
         missing = sorted(field for field in fields if not outputs.has(field))
         if missing:
             have = ", ".join(outputs.fields()) or "nothing"
-            how = f"extract {' and '.join(missing)} from the model"
+            hints = []
+            from_model = [field for field in missing if field != "labels"]  # labels come with the data
+            if from_model:
+                hints.append(f"extract {' and '.join(from_model)} from the model")
             if {"features", "head"} & set(missing):
-                how += (
+                hints[-1] += (
                     " (extract(model, data, feature_layer=...) names the final linear layer, or the module whose "
                     "output are the features, when they are not found automatically)"
                 )
-            raise ValueError(f"{self.name}: {stage} needs {', '.join(missing)} but the outputs have {have}; {how}")
+            if "labels" in missing:
+                hints.append("pass the true class of each fit row as labels (extract(model, data, labels=...) or "
+                             "ModelOutputs(..., labels=...))")  # fmt: skip
+            raise ValueError(
+                f"{self.name}: {stage} needs {', '.join(missing)} but the outputs have {have}; {'; '.join(hints)}"
+            )
 
     def _record_dims(self, outputs: ModelOutputs) -> None:
         if outputs.num_classes is not None:

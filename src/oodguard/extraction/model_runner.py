@@ -221,14 +221,31 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ plumbing
     @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
+    def eval_mode(self, train: Iterable[nn.Module] = ()) -> Iterator[None]:
+        """Hold the model in eval mode, with the submodules in ``train`` alone in training mode (MC dropout switches
+        its dropout layers on this way); every submodule's flag is restored afterwards, also on error."""
         modes = [(module, module.training) for module in self.model.modules()]
         try:
             self.model.eval()
+            for module in train:
+                module.training = True
             yield
         finally:
             for module, training in modes:
                 module.training = training
+
+    def batches(
+        self, data: Any, labels: Any = None, *, progress: bool | None = None, desc: str = "batches"
+    ) -> Iterator[tuple[torch.Tensor, Any]]:
+        """``(inputs, labels)`` per non-empty batch of ``batch_size``, the inputs on the runner's device in the model's
+        floating dtype: for detectors that run the model their own way (several stochastic passes, a layer's output
+        replaced by a forward hook) inside :meth:`eval_mode`."""
+        return self._batches(data, labels, progress, desc)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits ``[B, C]`` for one batch from :meth:`batches`, checked; the caller sets the mode and
+        whether autograd records."""
+        return self._check_logits(logits_of(self.model(x), self.output_key), x.shape[0])
 
     @contextlib.contextmanager
     def _hooks(self, layer_names: Sequence[str]) -> Iterator[dict[str, list]]:
@@ -343,7 +360,7 @@ class ModelRunner:
             raise ValueError(f"layers: {duplicates} requested more than once; give each layer name once")
         if not wrt_input and not (wrt_layers and layer_names):
             raise ValueError("gradient_batches: nothing to differentiate; set wrt_input=True or name layers")
-        with self._eval_mode(), self._hooks(layer_names) as captured:
+        with self.eval_mode(), self._hooks(layer_names) as captured:
             for x, batch_labels in self._batches(data, labels, progress, desc):
                 if wrt_input and not x.dtype.is_floating_point:
                     raise ValueError(

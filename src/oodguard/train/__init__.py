@@ -22,7 +22,7 @@ Examples
 """
 
 from oodguard.train.checkpoint import load_checkpoint, save_checkpoint
-from oodguard.train.heads import LearnedTemperatureHead, add_absent_class, install_abet_head
+from oodguard.train.heads import LearnedTemperatureHead, RotationNet, add_absent_class, install_abet_head
 from oodguard.train.loop import TrainResult, train
 from oodguard.train.losses import (
     AbsentCategoryLoss,
@@ -38,12 +38,16 @@ from oodguard.train.methods import (
     DOS,
     METHODS,
     AbeT,
+    CutMix,
     EnergyFineTune,
+    LabelSmoothing,
     LogitNorm,
     Method,
     MixOE,
+    Mixup,
     OutlierExposure,
     Recipe,
+    Rotation,
     auto_margins,
     create_method,
 )
@@ -52,10 +56,12 @@ from oodguard.train.samplers import DiverseOutlierSampler, TakeAll, dos_candidat
 from oodguard.train.scores import absent_class_score
 
 __all__ = [
-    "AbeT", "AbsentCategoryLoss", "DOS", "DiverseOutlierSampler", "EnergyFineTune", "EnergyMarginLoss",
+    "AbeT", "AbsentCategoryLoss", "CutMix", "DOS", "LabelSmoothing", "Mixup", "DiverseOutlierSampler",
+    "EnergyFineTune", "EnergyMarginLoss",
     "absent_class_score",
     "LearnedTemperatureHead", "LogitNorm", "LogitNormLoss", "METHODS", "Method", "MixOE", "MixOELoss",
-    "OutlierExposure", "OutlierExposureLoss", "Recipe", "TakeAll", "TrainResult", "add_absent_class", "auto_margins",
+    "OutlierExposure", "OutlierExposureLoss", "Recipe", "Rotation", "RotationNet",
+    "TakeAll", "TrainResult", "add_absent_class", "auto_margins",
     "create_method", "dos_candidate_size", "free_energy", "install_abet_head", "kmeans", "load_checkpoint",
     "mix_outliers", "rand_bbox", "sample_lambda", "save_checkpoint", "soft_cross_entropy", "train",
     "uniform_cross_entropy",

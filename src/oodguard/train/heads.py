@@ -113,3 +113,67 @@ def add_absent_class(model: nn.Module, head_name: str | None = None) -> nn.Modul
         return wider
 
     return _replace_head(model, head_name, widen)
+
+
+# ---------------------------------------------------------------------------------------------- rotation head
+class TappedLinear(nn.Linear):
+    """An ``nn.Linear`` that keeps its last input (the penultimate features) for an auxiliary head to read."""
+
+    last_input: torch.Tensor | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002  (nn.Linear's own argument name)
+        self.last_input = input
+        return super().forward(input)
+
+
+class RotationNet(nn.Module):
+    """A classifier with the auxiliary 4-way rotation head of self-supervised OOD training (Hendrycks et al.,
+    NeurIPS 2019) on its penultimate features.
+
+    ``forward(x)`` returns the classifier's logits, so the model stays a plain classifier for every detector;
+    :meth:`logits_and_rotation` also returns the rotation logits ``[B, 4]`` (0, 90, 180 and 270 degrees). The
+    final linear layer becomes a :class:`TappedLinear` (same weights) that keeps its input for the rotation head.
+    """
+
+    def __init__(self, model: nn.Module, head_name: str | None = None) -> None:
+        super().__init__()
+        found = find_head(model, head_name)
+        if found is None:
+            raise ValueError(
+                "rotation: the model's last module is not an nn.Linear, so its penultimate features cannot be found; "
+                "pass head_name= naming the linear layer that produces the logits"
+            )
+        linear = found[1]
+        # registered first, so that the model's own final layer stays the last module (find_head reads that)
+        self.rotation_head = nn.Linear(linear.in_features, 4).to(linear.weight.device, linear.weight.dtype)
+
+        def tapped(old: nn.Linear) -> nn.Module:
+            new = TappedLinear(old.in_features, old.out_features, bias=old.bias is not None)
+            new.to(old.weight.device, old.weight.dtype).load_state_dict(old.state_dict())
+            return new
+
+        self.model = _replace_head(model, head_name, tapped)
+        found = find_head(self.model, head_name)
+        assert found is not None and isinstance(found[1], TappedLinear)
+        self._tap = found[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def logits_and_rotation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        features = self._tap.last_input
+        assert features is not None
+        self._tap.last_input = None  # do not keep a batch (and its graph) alive
+        return logits, self.rotation_head(features.flatten(1))
+
+
+def rotations(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four rotations of square images ``[B, C, H, H]``: ``[4B, C, H, H]`` (all 0 degrees first, then 90, 180,
+    270) and their labels ``[4B]`` (0, 1, 2, 3)."""
+    if images.ndim != 4 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"rotation: needs square images [B, C, H, H], got {tuple(images.shape)}")
+    batch = images.shape[0]
+    turned = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
+    labels = torch.arange(4, device=images.device).repeat_interleave(batch)
+    return turned, labels

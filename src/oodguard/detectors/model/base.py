@@ -58,6 +58,12 @@ class ModelDetector(Detector):
         super().__init__()
         self.runner_: ModelRunner | None = None
 
+    @classmethod
+    def unsupported(cls, model: Any) -> str | None:
+        """Why this detector cannot run on ``model`` at all (e.g. MC dropout on a model without dropout layers), or
+        None; the benchmark runner leaves such a detector out with this reason instead of reporting a failure."""
+        return None
+
     # ------------------------------------------------------------------ runner
     def attach(self, runner: ModelRunner | nn.Module, **runner_options: Any) -> ModelDetector:
         """Give the detector a :class:`ModelRunner` (or a model, wrapped with ``runner_options``); returns self."""

@@ -1,0 +1,246 @@
+"""Logit detectors built on the whole softmax posterior: predictive entropy, DOCTOR and weighted energy.
+
+Entropy and DOCTOR's ``D_alpha`` saturate for confident samples when computed from the probabilities (every
+probability but one underflows, or rounds ``1 - p_max`` to 0, and confident samples tie). Both are computed here
+from the logit gaps to the top class, in the log domain, and returned as the logarithm of the paper's score: a
+strictly increasing transform, so the ranking (every metric) is the paper's, without saturation ties.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from oodguard.detectors.base import OutputDetector, register
+from oodguard.detectors.logits import neg_log_odds_msp
+from oodguard.detectors.params import ArrayLike, Interval, Options, Real, SequenceOf
+from oodguard.outputs import ModelOutputs
+
+#: Classes further than this below the runner-up add under e^-87 (~1e-38) to the sums: flooring them keeps the
+#: exponentials out of float32's denormal range, where they run many times slower.
+_FLOOR = 87.0
+
+
+def _need_two_classes(logits: torch.Tensor, name: str) -> None:
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"{name}: needs at least 2 classes (logits have C={logits.shape[1]}); a softmax over one class is "
+            "constant and carries no information"
+        )
+
+
+def runner_up_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The posterior relative to its top class, without underflow or cancellation.
+
+    With ``f_1 >= f_2`` the two largest logits, ``m = f_2 - f_1 <= 0`` and ``e_c = exp(min(f_c - f_2, 0))``: the top
+    class has ``e = 1`` and every other class ``e_c = exp(f_c - f_2) = (p_c / p_top) e^-m``. So ``R' = sum_c e_c - 1``
+    is ``sum_{c != top} (p_c / p_top) e^-m >= 1`` (the runner-up adds 1; classes tied with the top count as
+    runner-ups), with no cancellation and no underflow however confident the sample, and classes more than 87 below
+    the runner-up are floored there (they add under 1e-37 relative; the floor keeps float32 out of slow denormals).
+    Returns ``e [n, C]`` (logits' dtype), the top logits ``[n, 1]`` and ``m [n]`` (float64).
+    """
+    two = torch.topk(logits, 2, dim=1, sorted=True).values
+    top, second = two[:, :1], two[:, 1:]
+    e = torch.sub(logits, second).clamp_(min=-_FLOOR, max=0.0).exp_()
+    return e, top, (second - top).squeeze(1).to(torch.float64)
+
+
+@register
+class Entropy(OutputDetector):
+    """Predictive entropy of the softmax, ``H(p) = -sum_c p_c log p_c``, returned as ``log H``.
+
+    ``H`` is written through the gaps to the top class (``R = sum_{c != top} p_c / p_top``, see
+    :func:`runner_up_terms`) as ``H = sum_{c != top} r_c g_c / (1 + R) + log(1 + R)``, which stays exact (relative
+    to float rounding) however confident the sample: the naive ``-sum p log p`` rounds every confident sample of
+    float32 logits with a top gap beyond ~17 to nearly the same value. The OOD score is ``log H`` (strictly
+    increasing in ``H``), finite for every finite input; a uniform posterior gives ``log log C``.
+
+    No parameters, no fit (``fit`` is optional).
+
+    Paper: Shannon entropy of the predictive distribution as an uncertainty score, as in pytorch-ood's ``Entropy``
+    (no dedicated OOD paper; e.g. Hendrycks & Gimpel, ICLR 2017 discuss it alongside MSP).
+    Code: kkirchheim/pytorch-ood ``src/pytorch_ood/detector/entropy.py``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from oodguard.detectors import create
+    >>> scores = create("entropy").score(np.array([[0.0, 0.0], [10.0, 0.0]]))
+    >>> bool(scores[0] > scores[1]), round(float(np.exp(scores[0])), 6)  # uniform over 2 classes: H = log 2
+    (True, 0.693147)
+    """
+
+    name = "entropy"
+    summary = "predictive entropy of the softmax (as log H, from the logit gaps)"
+    paper = "Shannon entropy of the softmax posterior (baseline of pytorch-ood; e.g. Hendrycks & Gimpel, ICLR 2017)"
+    code = "kkirchheim/pytorch-ood src/pytorch_ood/detector/entropy.py"
+    requires = frozenset({"logits"})
+    needs_fit = False
+
+    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
+        return 64 * outputs.logits.shape[1]
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        logits = outputs.logits
+        _need_two_classes(logits, self.name)
+        return log_entropy(logits)
+
+
+def log_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``log H(softmax(f))`` per row, float64, without saturation (see :class:`Entropy`)."""
+    e, top, m = runner_up_terms(logits)
+    r_scaled = e.sum(dim=1).to(torch.float64) - 1.0  # R' >= 1, R = e^m R'
+    a_scaled = torch.linalg.vecdot(e, top - logits).to(torch.float64)  # A' = sum e_c g_c (the top adds 0)
+    total = torch.exp(m) * r_scaled
+    # H = e^m (A' / (1 + R) + R' log1p(R) / R), and log1p(R) / R -> 1 as R -> 0 (R underflows past gaps of ~745)
+    ratio = torch.where(total > 0, torch.log1p(total) / total.clamp_min(1e-300), torch.ones_like(total))
+    return m + torch.log(a_scaled / (1.0 + total) + r_scaled * ratio)
+
+
+@register
+class Doctor(OutputDetector):
+    """DOCTOR: ``D_alpha`` (Gini impurity ratio) or ``D_beta`` (error-probability ratio).
+
+    With ``p = softmax(f / T)`` and ``g(x) = sum_c p_c^2``:
+
+    * ``mode="alpha"``: ``D_alpha = (1 - g) / g``, computed from the gaps to the top class as
+      ``(2R + R^2 - S) / (1 + S)`` with ``R = sum_{c != top} p_c / p_top`` and ``S = sum_{c != top} (p_c / p_top)^2``
+      (exact algebra; no ``1 - g`` cancellation);
+    * ``mode="beta"``: ``D_beta = (1 - p_top) / p_top = R``, the odds of an error: the same ranking as MSP (at T).
+
+    The OOD score is ``log D`` (strictly increasing in ``D``, finite for every finite input). Defaults are the
+    official "totally black box" setting: ``T = 1``, no input perturbation (the "partially black box" setting
+    perturbs the input, which needs the model; see docs/detectors.md, section ``doctor``).
+
+    Paper: Granese, Romanelli, Gorla, Palamidessi & Piantanida, "DOCTOR: A Simple Method for Detecting
+    Misclassification Errors", NeurIPS 2021.
+    Code: fgranese/DOCTOR ``lib_discriminators/discriminators.py`` (``g_x``, ``pe_x``, ``doctor_ratio``), README
+    parameter table.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from oodguard.detectors import create
+    >>> p = np.array([0.5, 0.3, 0.2])
+    >>> score = create("doctor").score(np.log(p)[None])[0]
+    >>> bool(np.isclose(np.exp(score), (1 - (p**2).sum()) / (p**2).sum()))
+    True
+    """
+
+    name = "doctor"
+    summary = "DOCTOR's D_alpha = (1 - sum p^2) / sum p^2 (or D_beta = (1 - p_max) / p_max), as log"
+    paper = (
+        "Granese, Romanelli, Gorla, Palamidessi & Piantanida, 'DOCTOR: A Simple Method for Detecting "
+        "Misclassification Errors', NeurIPS 2021"
+    )
+    code = "https://github.com/fgranese/DOCTOR (lib_discriminators/discriminators.py: g_x, pe_x, doctor_ratio)"
+    requires = frozenset({"logits"})
+    needs_fit = False
+    _parameter_constraints = {
+        "mode": [Options(["alpha", "beta"])],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
+    }
+
+    def __init__(self, *, mode: str = "alpha", temperature: float = 1.0) -> None:
+        self.mode = mode
+        self.temperature = temperature
+        super().__init__()
+
+    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
+        return 64 * outputs.logits.shape[1]
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        _need_two_classes(outputs.logits, self.name)
+        temperature = float(self.temperature)
+        logits = outputs.logits if temperature == 1.0 else outputs.logits / temperature
+        if self.mode == "beta":
+            return neg_log_odds_msp(logits).to(torch.float64)
+        return log_doctor_alpha(logits)
+
+
+def log_doctor_alpha(logits: torch.Tensor) -> torch.Tensor:
+    """``log((1 - sum p^2) / sum p^2)`` per row, float64, without saturation (see :class:`Doctor`)."""
+    e, _, m = runner_up_terms(logits)
+    r_scaled = e.sum(dim=1).to(torch.float64) - 1.0  # R' (R = e^m R')
+    s_scaled = torch.linalg.vecdot(e, e).to(torch.float64) - 1.0  # S' (S = e^2m S')
+    exp_m = torch.exp(m)
+    cross = (r_scaled.square() - s_scaled).clamp_min(0.0)  # sum_{i != j} e_i e_j over the other classes
+    # (2R + R^2 - S) / (1 + S) with R^2 - S = e^2m cross
+    return m + torch.log(2.0 * r_scaled + exp_m * cross) - torch.log1p(exp_m.square() * s_scaled)
+
+
+@register
+class WeightedEnergy(OutputDetector):
+    """Weighted energy (WEBO): ``E_w(x) = -log sum_c relu(w_c) exp(f_c)``, the OOD score.
+
+    ``weights`` are the per-class weights ``w`` of the weighted energy that VOS learns during training (its
+    ``weight_energy`` layer, ``Linear(C, 1)``); they are a parameter here (a length-C array or list), required
+    because they come from that training. Negative weights count as 0 (the ``relu``); at least one must be positive.
+    Computed as ``-LSE(f + log relu(w))`` (stable, no overflow). With all weights 1 this is ``energy``.
+
+    Paper: Du, Wang, Cai & Li, "VOS: Learning What You Don't Know by Virtual Outlier Synthesis", ICLR 2022.
+    Code: kkirchheim/pytorch-ood ``src/pytorch_ood/detector/webo.py`` (``WeightedEBO``); the weights come from
+    deeplearning-wisc/vos training.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from oodguard.detectors import create
+    >>> webo = create("webo", weights=np.array([1.0, 0.5]))
+    >>> bool(np.isclose(webo.score(np.array([[0.0, 0.0]]))[0], -np.log(1.5)))
+    True
+    """
+
+    name = "webo"
+    summary = "weighted energy -log sum_c relu(w_c) exp(f_c) with VOS's learned class weights"
+    paper = "Du, Wang, Cai & Li, 'VOS: Learning What You Don't Know by Virtual Outlier Synthesis', ICLR 2022"
+    code = "kkirchheim/pytorch-ood src/pytorch_ood/detector/webo.py (WeightedEBO); deeplearning-wisc/vos"
+    requires = frozenset({"logits"})
+    needs_fit = False
+    required_params = ("weights",)
+    _parameter_constraints = {"weights": [ArrayLike(ndim=1), SequenceOf(Real)]}
+
+    def __init__(self, *, weights: np.ndarray | torch.Tensor | list[float] | None = None) -> None:
+        self.weights = weights
+        super().__init__()
+
+    def _check_param_combination(self) -> None:
+        values = torch.as_tensor(np.asarray(self.weights, dtype=np.float64))
+        if values.numel() == 0 or not bool(torch.isfinite(values).all()) or not bool((values > 0).any()):
+            raise self._param_error("weights", "a non-empty, finite length-C array with at least one positive weight")
+
+    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
+        return 32 * outputs.logits.shape[1]
+
+    def _log_weights(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (str(device), dtype)
+        cache = self.__dict__.setdefault("_log_weight_cache", {})
+        if key not in cache:
+            values = torch.as_tensor(np.asarray(self.weights, dtype=np.float64)).clamp_min(0.0)
+            cache.clear()  # set_params may have changed the weights; one entry is all a run needs
+            cache[key] = torch.log(values).to(device=device, dtype=dtype)
+        return cache[key]
+
+    def set_params(self, **params: object) -> WeightedEnergy:
+        self.__dict__.pop("_log_weight_cache", None)
+        super().set_params(**params)
+        return self
+
+    def _score(self, outputs: ModelOutputs) -> torch.Tensor:
+        logits = outputs.logits
+        log_weights = self._log_weights(logits.device, logits.dtype)
+        if log_weights.shape[0] != logits.shape[1]:
+            raise ValueError(
+                f"{self.name}: weights have {log_weights.shape[0]} entries but the logits have C={logits.shape[1]} "
+                "columns; pass one weight per class"
+            )
+        return torch.logsumexp(logits + log_weights, dim=1).neg_()
