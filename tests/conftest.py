@@ -68,3 +68,43 @@ def ray_local():
     )  # fmt: skip
     yield ray
     ray.shutdown()
+
+
+class HashTokenizer:
+    """Whitespace words to ids ``4 + sha256(word) % (vocabulary - 4)``, between [CLS] = 1 and [SEP] = 2, padding 0
+    on the right: a deterministic stand-in for a real tokenizer (called as transformers tokenizers are)."""
+
+    def __init__(self, vocabulary: int) -> None:
+        self.vocabulary = vocabulary
+
+    def __call__(self, texts, padding, truncation, max_length, return_tensors):
+        import hashlib
+
+        assert padding is True and truncation is True and return_tensors == "pt"
+        rows = []
+        for text in texts:
+            ids = [
+                4 + int(hashlib.sha256(word.encode()).hexdigest(), 16) % (self.vocabulary - 4) for word in text.split()
+            ]
+            rows.append([1, *ids][: max_length - 1] + [2])
+        width = max(len(row) for row in rows)
+        return {
+            "input_ids": torch.tensor([row + [0] * (width - len(row)) for row in rows]),
+            "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
+        }
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    """A BERT with seeded random weights (2 layers of 4 heads, 32-d) and a hashing tokenizer, as a text encoder."""
+    transformers = pytest.importorskip("transformers")
+    from oodguard.encoders import HuggingFaceEncoder
+
+    config = transformers.BertConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    return HuggingFaceEncoder(model, HashTokenizer(97), max_length=32, batch_size=8, identity="tiny-bert-1")

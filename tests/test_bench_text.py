@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -198,6 +199,69 @@ def test_real_embeddings_subset(minilm, tmp_path):
     assert metrics.auroc(scores["id"], scores["python-docstrings"]) == pytest.approx(
         table.loc[("mcm", "python-docstrings"), "auroc"]
     )
+
+
+# ---------------------------------------------------------------------------------------------- PT-OOD
+def test_scrambled_words_keep_length_ends_and_letters():
+    texts = ["Return the first item, or None.", "a cat", "definitions of words: 'example' (twice)"]
+    scrambled = text_data.scramble_words(texts)
+    assert scrambled == text_data.scramble_words(texts)  # seeded hash order: the same on every run
+    assert scrambled != text_data.scramble_words(texts, seed=1)
+    for original, changed in zip(texts, scrambled, strict=True):
+        assert len(changed) == len(original)
+        assert [w[0] + w[-1] for w in original.split()] == [w[0] + w[-1] for w in changed.split()]
+        assert sorted(original) == sorted(changed)
+    assert scrambled[1] == "a cat"  # words under 4 letters stay
+    assert scrambled[0] != texts[0] and scrambled[0].endswith(", or None.")
+
+
+@pytest.mark.slow  # builds a small text benchmark twice
+def test_pt_ood_table_compares_features_and_familiarity(tiny_bert, tmp_path):
+    from oodguard.benchmark.text import PT_OOD, pt_ood_table
+
+    result = pt_ood_table(cache_dir=tmp_path, progress=False, encoder=tiny_bert, k=5, n_boot=20, subset=10)
+    table = result.table
+    assert list(table["detector"]) == list(PT_OOD["detectors"]) * 2
+    assert table["features"].nunique() == 2 and set(result.accuracy) == set(table["features"])
+    for kind in ("familiar", "unfamiliar"):
+        assert (
+            (table[f"{kind}_low"] <= table[f"{kind}_auroc"]) & (table[f"{kind}_auroc"] <= table[f"{kind}_high"])
+        ).all()
+        assert table[f"{kind}_auroc"].between(0, 1).all()
+    text = result.markdown()
+    assert "| features | detector | familiar: python-docstrings | unfamiliar: scrambled-docstrings |" in text
+    assert "ID test accuracy" in text
+    # the fine-tuned layer, head and every embedding are cached: a second call gives the same table
+    again = pt_ood_table(cache_dir=tmp_path, progress=False, encoder=tiny_bert, k=5, n_boot=20, subset=10)
+    pd.testing.assert_frame_equal(again.table, table)
+    assert len(list((tmp_path / "fine-tuned").iterdir())) == 1
+
+
+def test_pt_ood_table_needs_a_bert_encoder(tmp_path):
+    from oodguard.benchmark.text import pt_ood_table
+
+    with pytest.raises(TypeError, match="HuggingFaceEncoder"):
+        pt_ood_table(cache_dir=tmp_path, progress=False, encoder=HashingEncoder(), subset=10)
+
+
+def test_pt_ood_command(monkeypatch, tmp_path):
+    from oodguard.benchmark import text
+    from oodguard.cli import main
+
+    row = {"features": "pre-trained (linear probe)", "detector": "knn", "familiar_auroc": 0.9, "familiar_low": 0.85,
+           "familiar_high": 0.95, "unfamiliar_auroc": 0.99, "unfamiliar_low": 0.98, "unfamiliar_high": 1.0}  # fmt: skip
+    fake = text.PTOODTable(table=pd.DataFrame([row]), accuracy={"pre-trained (linear probe)": 0.9})
+    seen = {}
+
+    def table(**kwargs):
+        seen.update(kwargs)
+        return fake
+
+    monkeypatch.setattr(text, "pt_ood_table", table)
+    out = tmp_path / "pt-ood.md"
+    assert main(["pt-ood", "--out", str(out), "-q", "--k", "7", "--cache-dir", str(tmp_path)]) == 0
+    assert seen["k"] == 7 and seen["progress"] is False and str(seen["cache_dir"]) == str(tmp_path)
+    assert "| pre-trained (linear probe) | knn | 90.0 [85.0, 95.0] | 99.0 [98.0, 100.0] |" in out.read_text()
 
 
 @pytest.mark.slow  # fine-tunes MiniLM with LoRA on a small subset

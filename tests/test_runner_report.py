@@ -310,13 +310,17 @@ def test_model_detectors_that_need_images_are_left_out_for_other_inputs():
     from oodguard import detectors
     from oodguard.benchmark.runner import _model_detectors_for
 
-    # rotation needs a model trained with its head, the others are slow: asked for by name only
+    # rotation needs a model trained with its head, the others are slow: asked for by name only; detectors that
+    # embed raw texts (ahm) are chosen from the benchmark's texts and encoder, not from its inputs
     by_name = {"rotation", "ae_mahalanobis_images", "msma_images", "rankfeat"}
-    every = set(detectors.available(needs_model=True)) - by_name
+    tensors = {n for n in detectors.available(needs_model=True) if detectors.info(n)["input_kind"] == "tensors"}
+    assert "ahm" in detectors.available(needs_model=True) and "ahm" not in tensors
+    every = tensors - by_name
     params = {"nac_layers": {"layers": ["<features>"]}}  # its layers have no default
     assert set(_model_detectors_for(torch.zeros(3, 1, 8, 8), params)) == every
     assert set(_model_detectors_for(torch.zeros(3, 1, 8, 8))) == every - {"nac_layers"}
-    assert set(_model_detectors_for(torch.zeros(3, 384), params)) == every - {"cover"}
+    images_only = {"cover", "ae_mahalanobis_images", "msma_images"}  # input_ndim 4: images [N, C, H, W]
+    assert set(_model_detectors_for(torch.zeros(3, 384), params)) == every - images_only
     assert set(_model_detectors_for(object(), params)) == every  # not inspectable: kept, failures are reported
 
 

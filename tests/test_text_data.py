@@ -217,6 +217,20 @@ def test_shipped_data_sizes_and_no_text_in_two_sets():
     assert "WordNet 3.0 Copyright 2006 by Princeton University" in license_notice()
 
 
+def test_python_docstrings_ignore_methods_other_packages_attach(monkeypatch):
+    # e.g. transformers adds logging.Logger.warning_advice on import: the set must not depend on what was imported
+    import logging
+
+    texts = python_docstrings(400)
+
+    def attached(self):
+        """A method that another package attached to a standard-library class after the fact."""
+
+    attached.__module__ = "some_other_package"
+    monkeypatch.setattr(logging.Logger, "attached_method", attached, raising=False)
+    assert python_docstrings(400) == texts
+
+
 def test_python_docstrings_are_distinct_prose_and_deterministic():
     texts = python_docstrings(50)
     assert texts == python_docstrings(50)

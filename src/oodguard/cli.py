@@ -1,4 +1,4 @@
-"""Command line: ``oodguard bench``, ``oodguard eval`` and ``oodguard detectors``.
+"""Command line: ``oodguard bench``, ``oodguard eval``, ``oodguard pt-ood`` and ``oodguard detectors``.
 
 Errors are printed as one line (no traceback) with a non-zero exit code.
 """
@@ -317,6 +317,27 @@ def train_bench(
     console.print(trained.to_markdown(), highlight=False, soft_wrap=True)
     console.print(f"report: {paths['html']}")
     console.print(f"tables: {paths['csv']}, {paths['markdown']}, {paths['training']}")
+
+
+@app.command("pt-ood")
+def pt_ood(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="also write the table to this markdown file")] = None,
+    k: Annotated[int, typer.Option(help="neighbours of the kNN detector")] = 50,
+    n_boot: Annotated[int, typer.Option(help="bootstrap replicates for the 95 % intervals")] = 200,
+    cache_dir: Annotated[Path | None, typer.Option(help="cache for embeddings, heads and fine-tuned layers")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """PT-OOD on the text benchmark: familiar vs unfamiliar OOD text, pre-trained vs fine-tuned features."""
+    from oodguard.benchmark import presets
+    from oodguard.benchmark.text import pt_ood_table
+
+    result = pt_ood_table(cache_dir=presets.cache_root(cache_dir), progress=not quiet, k=k, n_boot=n_boot)
+    text = result.markdown()
+    console.print(text, highlight=False, soft_wrap=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        console.print(f"table: {out}")
 
 
 @app.command("detectors")

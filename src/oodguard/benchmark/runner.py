@@ -19,6 +19,7 @@ from oodguard.benchmark.results import REPORTED, Results
 from oodguard.benchmark.side_views import side_views
 from oodguard.benchmark.spec import GROUPS, Benchmark, DataSplit
 from oodguard.detectors.base import Source
+from oodguard.detectors.model.base import ModelDetector
 from oodguard.outputs import ModelOutputs
 from oodguard.shards import ShardedOutputs
 
@@ -93,8 +94,9 @@ def run(
     ----------
     benchmark : the data and model.
     detectors : registry names; default every output detector whose requirements the outputs meet (and MOS with a
-        trained head), plus every model detector that takes the benchmark's inputs (CoVer needs images) unless
-        ``model_detectors`` is false.
+        trained head), plus every model detector that takes the benchmark's inputs (CoVer needs images) and, when
+        the splits carry their texts and the benchmark its text encoder (``Benchmark.text_encoder()``), every
+        detector that embeds texts itself (``ahm``), unless ``model_detectors`` is false.
     params : per-detector hyperparameters, e.g. ``{"knn": {"k": 10}}``; merged over the benchmark's own
         ``detector_params`` (the user's value wins per parameter).
 
@@ -126,10 +128,13 @@ def run(
     splits = [benchmark.fit, benchmark.test, *benchmark.ood]
     from_shards = [split.name for split in splits if isinstance(split.data, ShardedOutputs)]
     no_inputs = onnx or bool(from_shards)  # model detectors need a torch model and the inputs of every split
+    encoder = benchmark.text_encoder()
     if detectors is None:
         names = default_detectors(fit, params)
         if model_detectors and not no_inputs:
             names += _model_detectors_for(benchmark.fit.data, params, benchmark.model)
+        if model_detectors:
+            names += _text_detectors_for(encoder, params)
         if fit.has("features") and fit.has("labels") and MOS_HEAD not in names:
             names.append(MOS_HEAD)
     else:
@@ -141,12 +146,13 @@ def run(
             params,
             inputs=None if no_inputs else benchmark.fit.data,
             model_detectors=model_detectors,
+            text_encoder=encoder,
             model=benchmark.model,
-        )  # fmt: skip
+        )
         if detectors is None
         else {}  # the user chose: the others were not asked for
     )
-    asked = [n for n in names if n in detector_registry.available(protocol="model")]
+    asked = [n for n in names if n in detector_registry.available(protocol="model") and _input_kind(n) == "tensors"]
     if onnx and asked:
         raise ValueError(f"{', '.join(asked)} run the model themselves (gradients, views): not an ONNX model")
     if from_shards and asked:
@@ -163,7 +169,8 @@ def run(
     )
 
     def source(split: DataSplit) -> Source:
-        return Source(outputs[split.name], data=split.data, labels=split.labels, runner=runner)
+        return Source(outputs[split.name], data=split.data, labels=split.labels, runner=runner, texts=split.texts,
+                      encoder=benchmark.encoder)  # fmt: skip
 
     results = _evaluate(
         benchmark.name,
@@ -237,10 +244,34 @@ def _model_detectors_for(
         wanted = getattr(cls, "input_ndim", None)
         if getattr(cls, "needs_auxiliary_head", False) or cls.not_by_default:  # asked for by name only
             continue
+        if _input_kind(name) != "tensors":  # texts: see _text_detectors_for
+            continue
         if (
             (wanted is None or ndim is None or ndim == wanted)
             and _has_required(name, params)
             and (model is None or _unsupported(cls, model) is None)
+        ):
+            chosen.append(name)
+    return chosen
+
+
+def _input_kind(name: str) -> str:
+    return detector_registry.implementation(name).input_kind
+
+
+def _text_detectors_for(encoder: Any, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """Detectors that embed raw texts themselves and can use ``encoder`` (none without an encoder)."""
+    if encoder is None:
+        return []
+    chosen = []
+    for name in detector_registry.available(protocol="model"):
+        cls = detector_registry.implementation(name)
+        if (
+            issubclass(cls, ModelDetector)
+            and cls.input_kind == "texts"
+            and not cls.not_by_default
+            and cls.encoder_problem(encoder) is None
+            and _has_required(name, params)
         ):
             chosen.append(name)
     return chosen
@@ -505,12 +536,14 @@ def skipped_detectors(
     *,
     inputs: Any = None,
     model_detectors: bool = True,
+    text_encoder: Any = None,
     model: Any = None,
 ) -> dict[str, str]:
     """Every registered detector not in ``chosen``, with why it was not run (missing fields, parameters, model).
 
-    ``inputs`` are the fit split's model inputs when a model is available (``None``: outputs only); ``model`` the
-    model itself, when given, for detectors that cannot run on some models.
+    ``inputs`` are the fit split's model inputs when a model is available (``None``: outputs only);
+    ``text_encoder`` is the encoder behind the splits' texts when every split carries them (``None``: no texts);
+    ``model`` the model itself, when given, for detectors that cannot run on some models.
     """
     chosen = set(chosen)
     available = set(outputs.fields())
@@ -524,7 +557,22 @@ def skipped_detectors(
         if reason:
             reasons[name] = f"{reason}; ask for it by name (-d {name})"
             continue
-        if meta["protocol"] == "model":
+        cls = detector_registry.implementation(name)
+        if issubclass(cls, ModelDetector) and cls.input_kind == "texts":
+            if not model_detectors:
+                reasons[name] = "a model detector, and model detectors were turned off"
+                continue
+            if text_encoder is None:
+                reasons[name] = (
+                    "embeds raw texts with a text encoder; these splits carry no texts (a Benchmark with encoder= "
+                    "and texts on every DataSplit, as the text benchmark has)"
+                )
+                continue
+            problem = cls.encoder_problem(text_encoder)
+            if problem is not None:
+                reasons[name] = problem
+                continue
+        elif meta["protocol"] == "model":
             if inputs is None:
                 reasons[name] = "runs the model itself (gradients or test-time views); these are outputs only"
                 continue

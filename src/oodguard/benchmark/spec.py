@@ -19,7 +19,8 @@ class DataSplit:
 
     ``data`` is a tensor/array of inputs ``[N, ...]``, a torch Dataset, a DataLoader or an iterable
     of batches. ``labels`` (``[N]``, integers) is given when ``data`` holds inputs only; OOD sets of a
-    new label space use ``-1``.
+    new label space use ``-1``. ``texts`` are the raw texts behind ``data`` when ``data`` are their embeddings (the
+    ``text`` benchmark), for detectors that embed texts themselves (see ``Benchmark.encoder``).
     """
 
     name: str
@@ -27,6 +28,7 @@ class DataSplit:
     labels: Any = None
     group: str = "id"
     description: str = ""
+    texts: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.group not in ("id", *GROUPS):
@@ -51,6 +53,9 @@ class Benchmark:
     #: The runner merges a user's parameters over these; a detector whose required parameters are all given
     #: here runs by default.
     detector_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The text encoder that embedded every split's ``texts`` into its ``data``. With it (and texts on every split)
+    #: the runner also runs the detectors that embed texts themselves (``input_kind == "texts"``, e.g. ``ahm``).
+    encoder: Any = None
     #: Rows the benchmark computes itself, beside the registered detectors: name -> a callable that returns scores
     #: (higher = more OOD) for ``"id"`` (the ID test split) and for every OOD set by name. For methods that need a
     #: model of their own, e.g. the ``text`` benchmark's ``bam_lora`` (LoRA fine-tuning of the encoder, then boxes
@@ -64,6 +69,16 @@ class Benchmark:
             raise ValueError(f"{self.name}: OOD set names must be unique, repeated: {duplicates}")
         if not self.ood:
             raise ValueError(f"{self.name}: a benchmark needs at least one OOD set")
+
+    def splits(self) -> list[DataSplit]:
+        """Fit, validation (when there is one), ID test and every OOD split."""
+        return [self.fit, *([self.validation] if self.validation is not None else []), self.test, *self.ood]
+
+    def text_encoder(self) -> Any:
+        """``encoder`` when every split carries its texts (detectors that embed texts can run), else None."""
+        if self.encoder is None or any(split.texts is None for split in self.splits()):
+            return None
+        return self.encoder
 
     def groups(self) -> dict[str, list[str]]:
         """OOD set names per group, in the order of ``GROUPS``."""

@@ -19,7 +19,12 @@ One row needs a model of its own: ``bam_lora`` (LoRA-BAM's setting, see ``LORA_B
 LoRA adapters on the fit split, with LoRA-BAM's paraphrase regulariser over WordNet-synonym paraphrases of the fit
 definitions, and monitors the pooled outputs of the LoRA-adapted layers with ``bam`` (boxes around k-means clusters
 of the fit rows). The benchmark supplies it as its own row (``Benchmark.extra_jobs``); the plain ``bam`` row runs on
-the frozen embeddings like every other detector.
+the frozen embeddings like every other detector. The text encoder is handed to the runner too
+(``Benchmark.encoder``, texts on every split), so ``ahm`` (attention head masking) embeds the texts itself.
+
+:func:`pt_ood_table` measures PT-OOD (Miyai et al., 2023) on the same data: OOD text of a kind the encoder saw in
+pre-training (familiar) against the same texts with scrambled words (unfamiliar), detected by the linear probe's
+logits and by kNN on pre-trained and on fine-tuned features.
 """
 
 from __future__ import annotations
@@ -29,19 +34,22 @@ import math
 import numbers
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from oodguard.benchmark import text_data
 from oodguard.benchmark.spec import Benchmark, DataSplit
 
 __all__ = [
-    "text_benchmark", "text_texts", "zero_shot_params", "lora_bam_job", "SOURCES", "ZERO_SHOT", "LORA_BAM",
-    "SPLIT_SIZES",
+    "text_benchmark", "text_texts", "zero_shot_params", "lora_bam_job", "pt_ood_table", "PTOODTable", "PT_OOD",
+    "SOURCES", "ZERO_SHOT", "LORA_BAM", "SPLIT_SIZES",
 ]  # fmt: skip
 
 #: Per ID topic: fit / validation / test glosses (in the shipped hash order), 500 in all.
@@ -274,9 +282,11 @@ def text_benchmark(
     -------
     Benchmark
         ``model`` = a trained :class:`oodguard.heads.LinearHead` (eval mode); every split's ``data`` is ``float32
-        [N, D]`` embeddings with ``labels`` ``int64 [N]`` (0-4 for ID, -1 for OOD); ``detector_params`` hold
-        the zero-shot detectors' text side (:func:`zero_shot_params`); ``extra_jobs`` holds the ``bam_lora`` row
-        (:func:`lora_bam_job`; it fine-tunes only when the row runs, and needs a Hugging Face encoder).
+        [N, D]`` embeddings with ``labels`` ``int64 [N]`` (0-4 for ID, -1 for OOD) and ``texts``;
+        ``detector_params`` hold the zero-shot detectors' text side (:func:`zero_shot_params`); ``encoder`` is the
+        text encoder, so that the detectors that embed texts themselves (``ahm``) run too; ``extra_jobs`` holds the
+        ``bam_lora`` row (:func:`lora_bam_job`; it fine-tunes only when the row runs, and needs a Hugging Face
+        encoder).
 
     Examples
     --------
@@ -305,7 +315,7 @@ def text_benchmark(
         group = GROUPS.get(name, "id")
         description = SOURCES["id"] if group == "id" else SOURCES.get(name) or SOURCES["near"]
         splits[name] = DataSplit(
-            name, rows, torch.tensor(labels, dtype=torch.int64), group=group, description=description
+            name, rows, torch.tensor(labels, dtype=torch.int64), group=group, description=description, texts=texts
         )
     fit = splits["fit"]
     model = load_or_train_head(fit.data, fit.labels, len(CLASS_NAMES), cache_dir=root / "text-heads")
@@ -349,5 +359,147 @@ def text_benchmark(
         description=description,
         notes=notes,
         detector_params=params,
+        encoder=encoder,
         extra_jobs={LORA_BAM["row"]: lora_bam_job(sets, encoder, root, progress)},
     )
+
+
+# ---------------------------------------------------------------------------------------------- PT-OOD
+#: PT-OOD (Miyai et al., 2023) on this benchmark: the OOD sets, the features compared and the fine-tuning recipe.
+PT_OOD: dict[str, Any] = {
+    # Python docstrings: all-MiniLM-L6-v2 was trained on CodeSearchNet (docstring, code) pairs (its model card)
+    "familiar": "python-docstrings",
+    # the same docstrings with the inner letters of every word of 4+ letters permuted (text_data.scramble_words)
+    "unfamiliar": "scrambled-docstrings",
+    "detectors": ("msp", "energy", "knn"),
+    # the top transformer layer and a head started from the linear probe: about 30 s on one CPU core
+    "fine_tune": {"layers": 1, "epochs": 4, "lr": 1e-4, "head_lr": 1e-3, "batch_size": 32, "seed": 0},
+}
+
+
+@dataclass
+class PTOODTable:
+    """The PT-OOD comparison: AUROC (%) with 95 % bootstrap intervals, per features and detector, on familiar and
+    unfamiliar OOD; ``accuracy`` is each classifier's ID test accuracy; ``seconds`` the fine-tuning time (0 when
+    read from the cache)."""
+
+    table: pd.DataFrame
+    accuracy: dict[str, float]
+    seconds: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        familiar, unfamiliar = PT_OOD["familiar"], PT_OOD["unfamiliar"]
+        lines = [
+            f"| features | detector | familiar: {familiar} | unfamiliar: {unfamiliar} |",
+            "|---|---|---:|---:|",
+        ]
+        for row in self.table.itertuples(index=False):
+            cells = [
+                f"{100 * getattr(row, f'{kind}_auroc'):.1f} [{100 * getattr(row, f'{kind}_low'):.1f}, "
+                f"{100 * getattr(row, f'{kind}_high'):.1f}]"
+                for kind in ("familiar", "unfamiliar")
+            ]
+            lines.append(f"| {row.features} | {row.detector} | {cells[0]} | {cells[1]} |")
+        accuracy = ", ".join(f"{name} {100 * value:.2f} %" for name, value in self.accuracy.items())
+        return (
+            "\n".join(lines)
+            + f"\n\nID test accuracy: {accuracy}. AUROC (%) of ID test vs each set, 95 % bootstrap intervals.\n"
+        )
+
+
+def pt_ood_table(
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    encoder: Any = None,
+    k: int = 50,
+    n_boot: int = 200,
+    seed: int = 0,
+    subset: int | None = None,
+) -> PTOODTable:
+    """PT-OOD on the ``text`` benchmark: familiar versus unfamiliar OOD, pre-trained versus fine-tuned features.
+
+    Miyai et al. (2023) call OOD data that a pre-trained network has seen in pre-training *PT-OOD*, and report that
+    detectors on a linear probe over frozen pre-trained features (MSP, energy, ...) separate it poorly, while kNN in
+    the pre-trained feature space, independent of the ID decision boundaries, does well. Here:
+
+    - *familiar* OOD: the benchmark's ``python-docstrings`` (docstrings are in all-MiniLM-L6-v2's training data:
+      CodeSearchNet pairs); *unfamiliar*: the same docstrings with scrambled words
+      (:func:`oodguard.benchmark.text_data.scramble_words`), the same lengths and letters in word forms natural
+      text does not hold;
+    - *pre-trained* features: the frozen encoder's embeddings, with the benchmark's linear probe (its model);
+      *fine-tuned*: the encoder with its top layer fine-tuned on the fit texts together with a head started from
+      the linear probe (:func:`oodguard.encoders.bert.fine_tune_top_layers`, settings ``PT_OOD["fine_tune"]``);
+    - detectors: ``msp`` and ``energy`` on each classifier's logits and ``knn`` (``k``) on each feature set, fitted
+      on the fit split, scored on the ID test split and both OOD sets; AUROC with ``n_boot`` bootstrap intervals.
+
+    Everything is cached under ``cache_dir`` (embeddings, head, fine-tuned layer): a second call recomputes only
+    the scores. The encoder must be a BERT-family :class:`~oodguard.encoders.HuggingFaceEncoder` (the default);
+    ``subset`` builds the small benchmark of :func:`text_benchmark` (quick checks).
+
+    Examples
+    --------
+    >>> print(pt_ood_table(progress=False).markdown())  # doctest: +SKIP
+    """
+    from oodguard import detectors, metrics
+    from oodguard.benchmark.digits_model import default_cache_dir
+    from oodguard.encoders.bert import fine_tune_top_layers
+    from oodguard.encoders.text import HuggingFaceEncoder, embed_texts
+    from oodguard.outputs import ModelOutputs
+
+    if encoder is not None and not isinstance(encoder, HuggingFaceEncoder):
+        raise TypeError(
+            "pt_ood_table fine-tunes the encoder's top layer: it needs a HuggingFaceEncoder (BERT family), got "
+            f"{type(encoder).__name__}"
+        )
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir())
+    bench = text_benchmark(cache_dir=root, progress=progress, encoder=encoder, subset=subset)
+    encoder = bench.encoder
+    assert isinstance(encoder, HuggingFaceEncoder)  # the default encoder is one
+    probe = bench.model.linear
+    assert isinstance(probe, torch.nn.Linear)  # the benchmark's model is a LinearHead
+    familiar = next(split for split in bench.ood if split.name == PT_OOD["familiar"])
+    assert bench.fit.texts is not None and bench.test.texts is not None and familiar.texts is not None
+    texts = {"fit": bench.fit.texts, "test": bench.test.texts, "familiar": familiar.texts,
+             "unfamiliar": text_data.scramble_words(familiar.texts)}  # fmt: skip
+    seconds: dict[str, float] = {}
+    with _one_thread():
+        unfamiliar = embed_texts(encoder, texts["unfamiliar"], progress=progress, cache_dir=root,
+                                 desc="embed scrambled docstrings")  # fmt: skip
+        started = time.perf_counter()
+        tuned, tuned_head = fine_tune_top_layers(encoder, texts["fit"], bench.fit.labels, head=probe,
+                                                 cache_dir=root, progress=progress, **PT_OOD["fine_tune"])  # fmt: skip
+        seconds["fine-tune"] = time.perf_counter() - started
+        tuned_features = {
+            name: embed_texts(tuned, values, progress=progress, cache_dir=root, desc=f"embed {name} (fine-tuned)")
+            for name, values in texts.items()
+        }
+    pretrained = {"fit": bench.fit.data, "test": bench.test.data, "familiar": familiar.data, "unfamiliar": unfamiliar}
+    kinds = {
+        "pre-trained (linear probe)": (pretrained, probe),
+        f"fine-tuned (top {PT_OOD['fine_tune']['layers']} layer)": (tuned_features, tuned_head),
+    }
+    rows, accuracy = [], {}
+    for kind, (features, head) in kinds.items():
+        with torch.no_grad():
+            outputs = {
+                name: ModelOutputs(features=z, logits=head(z), labels=bench.fit.labels if name == "fit" else None)
+                for name, z in features.items()
+            }
+        logits = outputs["test"].logits
+        assert logits is not None
+        accuracy[kind] = float((logits.argmax(1) == bench.test.labels).double().mean())
+        for name in PT_OOD["detectors"]:
+            detector = detectors.create(name, **({"k": k} if name == "knn" else {}))
+            assert isinstance(detector, detectors.OutputDetector)
+            detector.fit(outputs["fit"])
+            id_scores = np.asarray(detector.score(outputs["test"]))
+            row: dict[str, Any] = {"features": kind, "detector": name}
+            for which in ("familiar", "unfamiliar"):
+                ood_scores = np.asarray(detector.score(outputs[which]))
+                estimate, low, high = metrics.bootstrap(id_scores, ood_scores, metrics=("auroc",), n_boot=n_boot,
+                                                        seed=seed)["auroc"]  # fmt: skip
+                row.update({f"{which}_auroc": estimate, f"{which}_low": low, f"{which}_high": high})
+            rows.append(row)
+    settings = {"k": k, "n_boot": n_boot, "seed": seed, **PT_OOD}
+    return PTOODTable(table=pd.DataFrame(rows), accuracy=accuracy, seconds=seconds, settings=settings)

@@ -42,6 +42,7 @@ __all__ = [
     "license_notice",
     "python_docstrings",
     "DOCSTRING_MODULES",
+    "scramble_words",
     "STOP_WORDS",
     "parse_index",
     "build_synonyms",
@@ -397,8 +398,9 @@ def python_docstrings(n: int = 400, seed: int = SEED) -> list[str]:
 
     Real English text of another kind (software documentation) that ships with every Python. Each module's
     public functions and classes (no leading ``_``, defined in that module) and the classes' public functions
-    are visited in sorted order; the first paragraph of each docstring with 5-60 words is kept once; ``n`` are
-    chosen in seeded hash order. The texts depend on the Python version (the embedding cache is keyed by them).
+    (defined in that module too, so that methods other packages attach do not count) are visited in sorted order;
+    the first paragraph of each docstring with 5-60 words is kept once; ``n`` are chosen in seeded hash order. The
+    texts depend on the Python version (the embedding cache is keyed by them), not on what else was imported.
     """
     found: dict[str, None] = {}
     for module_name in DOCSTRING_MODULES:
@@ -414,7 +416,10 @@ def python_docstrings(n: int = 400, seed: int = SEED) -> list[str]:
                     continue
                 members = [value]
                 if inspect.isclass(value):
-                    members += [v for k, v in sorted(vars(value).items()) if k[0] != "_" and inspect.isfunction(v)]
+                    # methods defined in the module itself: other packages add some (transformers adds
+                    # logging.Logger.warning_advice on import), which would make the set depend on what was imported
+                    members += [v for k, v in sorted(vars(value).items())
+                                if k[0] != "_" and inspect.isfunction(v) and v.__module__ == module_name]  # fmt: skip
                 for member in members:
                     summary = _summary(member.__doc__) if isinstance(member.__doc__, str) else None
                     if summary is not None:
@@ -423,3 +428,29 @@ def python_docstrings(n: int = 400, seed: int = SEED) -> list[str]:
     if len(texts) < n:
         raise ValueError(f"python_docstrings: only {len(texts)} docstrings found, {n} requested")
     return [texts[i] for i in _hash_order(texts, seed)[:n]]
+
+
+# ---------------------------------------------------------------------------------------------- unfamiliar text
+_LETTERS = re.compile(r"[A-Za-z]{4,}")
+
+
+def scramble_words(texts: Iterable[str], seed: int = SEED) -> list[str]:
+    """Each text with the inner letters of every word of 4 or more letters permuted: "definition" -> "dfiteinoin".
+
+    Lengths, first and last letters, punctuation, spacing and the multiset of letters stay; the word forms become
+    ones that natural text (and so a text encoder's pre-training corpus) almost never holds. The permutation of a
+    word's inner letters is their seeded sha256 order (key ``f"{seed}:{text}:{word}:{letter}"`` by position), so it
+    is the same on every platform and Python version.
+    """
+    scrambled = []
+    for t, text in enumerate(texts):
+        pieces, last = [], 0
+        for w, match in enumerate(_LETTERS.finditer(text)):
+            word = match.group()
+            inner = word[1:-1]
+            order = sorted(range(len(inner)),
+                           key=lambda i: hashlib.sha256(f"{seed}:{t}:{w}:{i}".encode()).hexdigest())  # fmt: skip
+            pieces.append(text[last : match.start()] + word[0] + "".join(inner[i] for i in order) + word[-1])
+            last = match.end()
+        scrambled.append("".join(pieces) + text[last:])
+    return scrambled

@@ -76,7 +76,9 @@ class Source:
 
     Output detectors read ``outputs``; model detectors run ``runner`` (a :class:`~oodguard.extraction.ModelRunner`)
     on ``data`` (with ``labels`` where they need them). ``outputs`` may be a zero-argument callable, called once on
-    first use, so that a source built for a model detector never runs the extraction.
+    first use, so that a source built for a model detector never runs the extraction. Where ``data`` are embeddings
+    of texts, ``texts`` are those texts and ``encoder`` the text encoder that embedded them, for the detectors that
+    embed texts themselves (``input_kind == "texts"``, e.g. ``ahm``).
     """
 
     def __init__(
@@ -86,11 +88,15 @@ class Source:
         data: Any = None,
         labels: Any = None,
         runner: Any = None,
+        texts: Any = None,
+        encoder: Any = None,
     ) -> None:
         self._outputs = outputs
         self.data = data
         self.labels = labels
         self.runner = runner
+        self.texts = texts
+        self.encoder = encoder
 
     @property
     def outputs(self) -> ModelOutputs:
@@ -116,6 +122,9 @@ class Detector(abc.ABC):
     fit_requires : what ``fit`` needs (may add labels, head).
     required_params : parameters with no usable default that the caller must give (e.g. MOS's group layout).
     needs_fit : False for detectors with no fitted state (``fit`` is then optional).
+    input_kind : what ``fit`` and ``score`` take: ``"outputs"`` (:class:`~oodguard.outputs.ModelOutputs`),
+        ``"tensors"`` (model inputs ``[N, ...]``, run through a model runner) or ``"texts"`` (raw texts, embedded
+        by an attached text encoder).
     _parameter_constraints : for every constructor parameter, the list of rules one of which its value must meet
         (see :mod:`oodguard.detectors.params`).
 
@@ -131,6 +140,7 @@ class Detector(abc.ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     fit_requires: ClassVar[frozenset[str]] = frozenset()
     needs_fit: ClassVar[bool] = True
+    input_kind: ClassVar[str] = "outputs"
     #: Why benchmarks leave this detector out unless asked for by name (e.g. its cost), or None: run by default.
     not_by_default: ClassVar[str | None] = None
     required_params: ClassVar[tuple[str, ...]] = ()
@@ -697,6 +707,7 @@ def info(name: str) -> dict[str, Any]:
         "needs_fit": cls.needs_fit,
         "required_params": list(cls.required_params),
         "needs_model": cls.protocol == "model",
+        "input_kind": cls.input_kind,
         "partial_fit": cls.state_reductions is not None,
     }
 

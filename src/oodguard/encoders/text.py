@@ -30,6 +30,7 @@ __all__ = [
     "HuggingFaceEncoder",
     "SentenceTransformerEncoder",
     "TextEncoder",
+    "check_texts",
     "default_text_encoder",
     "embed_texts",
     "file_sha256",
@@ -43,7 +44,8 @@ DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _INSTALL_HINT = 'install the text extra: pip install "oodguard[text]"'
 
 
-def _check_texts(texts: Any, argument: str = "texts") -> list[str]:
+def check_texts(texts: Any, argument: str = "texts") -> list[str]:
+    """``texts`` as a list of strings; refuses one string (not wrapped in a list) and non-string items by position."""
     if isinstance(texts, str):
         raise TypeError(f"{argument}: expected a list of strings, got one string; wrap it in a list: [{texts[:30]!r}]")
     try:
@@ -96,11 +98,11 @@ class TextEncoder:
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Embed ``texts``: ``float32 [len(texts), dim]``, each row of unit L2 norm, in the order given."""
-        return self._encode(_check_texts(texts), progress=None)
+        return self._encode(check_texts(texts), progress=None)
 
     def encode_inputs(self, inputs: Sequence[str]) -> torch.Tensor:
         """For a text encoder the inputs are texts: the same as :meth:`encode_texts`."""
-        return self._encode(_check_texts(inputs, "inputs"), progress=None)
+        return self._encode(check_texts(inputs, "inputs"), progress=None)
 
     def _encode(
         self, texts: list[str], progress: Callable[[int], Any] | None, batch_size: int | None = None
@@ -371,7 +373,7 @@ def embed_texts(
 
     if not isinstance(encoder, TextEncoder):
         raise TypeError(f"encoder: expected a TextEncoder (e.g. default_text_encoder()), got {type(encoder).__name__}")
-    texts = _check_texts(texts)
+    texts = check_texts(texts)
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     size = None if batch_size is None else int(batch_size)

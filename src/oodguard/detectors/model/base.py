@@ -45,6 +45,14 @@ class ModelDetector(Detector):
     fit_requires = frozenset({"model"})
     #: Dimensions of the inputs with the batch axis (4 for images ``[N, C, H, W]``), or None for any inputs.
     input_ndim: ClassVar[int | None] = None
+    #: ``"tensors"``: inputs of the model, run through a runner; ``"texts"``: raw texts, embedded by an attached
+    #: text encoder (consumers hand them over as ``Source(texts=..., encoder=...)``).
+    input_kind: ClassVar[str] = "tensors"
+
+    @classmethod
+    def encoder_problem(cls, encoder: Any) -> str | None:
+        """Why this detector cannot embed texts with ``encoder`` (None: it can); for ``input_kind == "texts"``."""
+        return None if cls.input_kind == "texts" else f"{cls.name} runs the model on tensors, not a text encoder"
 
     def __init__(self) -> None:
         super().__init__()
