@@ -27,11 +27,13 @@ DEFAULT_DETECTOR = "energy"
 PER_SET = 4
 
 
-def _as_bytes(values: np.ndarray) -> list[list[int]]:
-    """A map or image ``[H, W]`` scaled to 0-255 by its own range (a constant one gives zeros): compact in JSON."""
-    low, high = float(values.min()), float(values.max())
+def _as_bytes(values: np.ndarray, low: float | None = None, high: float | None = None) -> list[list[int]]:
+    """A map or image ``[H, W]`` scaled to 0-255 by ``[low, high]`` (default its own range; a constant one gives
+    zeros): compact in JSON."""
+    low = float(values.min()) if low is None else low
+    high = float(values.max()) if high is None else high
     span = high - low
-    scaled = np.zeros_like(values) if span <= 0 else (values - low) / span
+    scaled = np.zeros_like(values) if span <= 0 else np.clip((values - low) / span, 0.0, 1.0)
     return np.rint(255 * scaled).astype(np.int64).tolist()
 
 
@@ -49,7 +51,8 @@ def explanation_maps(
     """``{"detector", "per_set", "sets": [{"name", "group", "scores", "images", "maps"}]}``, or ``{"skipped": why}``.
 
     ``outputs`` are the run's extracted outputs by split name; ``skip_reason`` (e.g. no model detectors) skips.
-    Images are shown as the mean over channels; images and maps are scaled to 0-255 each by its own range.
+    Images are shown as the mean over channels on one grey scale (the range of all OOD inputs); maps are scaled to
+    0-255 each by its own range.
     """
     if skip_reason is not None:
         return {"skipped": skip_reason}
@@ -65,6 +68,9 @@ def explanation_maps(
         scorer.fit(outputs[benchmark.fit.name])
     check_explainable(scorer)
     sets = []
+    # images share one grey scale (the range of every OOD input), so that a constant image shows its level
+    low = min(float(np.asarray(split.data).min()) for split in splits)
+    high = max(float(np.asarray(split.data).max()) for split in splits)
     for split in splits:
         scores = np.asarray(scorer.score(outputs[split.name]), dtype=np.float64)
         top = np.argsort(-scores, kind="stable")[:per_set]
@@ -77,7 +83,7 @@ def explanation_maps(
                 "name": split.name,
                 "group": split.group,
                 "scores": [round(float(v), 4) for v in scores[top]],
-                "images": [_as_bytes(image) for image in shown],
+                "images": [_as_bytes(image, low, high) for image in shown],
                 "maps": [_as_bytes(m) for m in maps.astype(np.float64)],
             }
         )

@@ -444,7 +444,7 @@ function renderExplanations() {  // UA-Backprop maps of the highest-scoring inpu
   if (e.skipped) { note.textContent = `Attribution maps not shown: ${e.skipped}.`; return; }
   note.textContent = `Per OOD set, the ${e.per_set} inputs with the highest ${e.detector} score (grey) and their ` +
     "UA-Backprop map (red: the positive part of gradient × input, channels summed; brighter raises the score " +
-    "more; each image and map scaled to its own range). See docs/explain.md.";
+    "more; each map scaled to its own maximum, the images to one grey scale). See docs/explain.md.";
   const grid = document.createElement("div"); grid.className = "grid"; grid.id = "explain-grid";
   e.sets.forEach(set => {
     const panel = document.createElement("div"); panel.className = "panel";
