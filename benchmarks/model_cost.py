@@ -10,6 +10,10 @@ Detectors with fitted state are fitted first on separate inputs (not timed). Eac
 runs after a warm-up; each detector's runs alternate with forward-pass runs, and its ratio uses the best forward time
 measured beside it (robust to other load).
 
+The rows ``explain (energy)`` and ``explain (mahalanobis)`` time :func:`oodguard.explain.explain_inputs` (what
+``Guard.explain`` runs: one forward and one backward pass per batch, then the map refinements) against the same
+forward pass; ``mahalanobis`` differentiates through the features hooked at the final linear layer.
+
     python benchmarks/model_cost.py
     python benchmarks/model_cost.py --digits-n 2048 --resnet-n 128 --repeats 3 --threads 1
 """
@@ -28,6 +32,7 @@ from torch import nn
 
 from oodguard import detectors
 from oodguard.benchmark.digits_model import DigitsCNN
+from oodguard.explain import explain_inputs
 from oodguard.extraction.model_runner import ModelRunner
 
 # Modules registering model-based detectors; those that do not exist (yet) are skipped.
@@ -51,6 +56,9 @@ def with_dropout(model: nn.Module) -> nn.Module:
     setattr(model, name, nn.Sequential(nn.Dropout(0.5), getattr(model, name)))
     return model
 
+
+#: Output detectors whose attribution maps (``Guard.explain``) are timed, as rows ``explain (<name>)``.
+EXPLAINED = ("energy", "mahalanobis")
 
 #: Model detectors that need a variant of each model; their forward baseline is measured on that variant.
 MODEL_VARIANTS = {"mcdropout": with_dropout}
@@ -134,6 +142,7 @@ def run(
     repeats: int = 3,
     batch_size: int = 128,
     seed: int = 0,
+    explained: tuple[str, ...] = EXPLAINED,
 ) -> list[dict[str, Any]]:
     """Rows ``{detector, model, n, seconds, forward_s, forward_passes}``, or ``skipped`` with the reason."""
     registered = model_detectors()  # imports the modules that register model detectors
@@ -179,6 +188,17 @@ def run(
                 forward_times.append(forward_s)
                 row.update(seconds=seconds, forward_s=forward_s, forward_passes=seconds / forward_s)
             rows.append(row)
+        for name in explained:
+            row = {"detector": f"explain ({name})", "model": model_name, "n": n}
+            det = detectors.create(name)
+            if det.needs_fit:
+                det.fit(runner.forward(fit_x, labels=fit_labels))
+            explain = lambda det=det, model=model, x=x: explain_inputs(model, det, x, batch_size=batch_size)  # noqa: E731
+            explain()  # warm-up
+            forward_s, seconds = _interleaved(forward, explain, repeats)
+            forward_times.append(forward_s)
+            row.update(seconds=seconds, forward_s=forward_s, forward_passes=seconds / forward_s)
+            rows.append(row)
         if not forward_times:
             forward_times.append(min(_seconds(forward) for _ in range(repeats)))
         baseline.update(seconds=min(forward_times), forward_s=min(forward_times))
@@ -213,17 +233,25 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch.set_num_threads; 1 (default) keeps ratios stable on shared cores"
     )
     parser.add_argument("--detectors", nargs="*", default=None, help="registry names (default: every model-based)")
+    parser.add_argument(
+        "--explain", nargs="*", default=list(EXPLAINED), help="detectors whose Guard.explain maps are timed"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = run(
         args.detectors, digits_n=args.digits_n, resnet_n=args.resnet_n, repeats=args.repeats,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, explained=tuple(args.explain),
     )  # fmt: skip
     print(table(rows, "python " + " ".join(["benchmarks/model_cost.py", *sys.argv[1:]])))
     for row in rows:
         if row["detector"] == "mcdropout" and "forward_passes" in row:
             passes = detectors.create("mcdropout").samples
             print(f"mcdropout on {row['model']}: {row['forward_passes']:.2f} forward passes for T = {passes} passes")
+    for row in rows:
+        if row["detector"].startswith("explain") and "forward_passes" in row:
+            verdict = "within" if row["forward_passes"] <= 3.0 else "ABOVE"
+            passes = row["forward_passes"]
+            print(f"{row['detector']} on {row['model']}: {passes:.2f} forward passes ({verdict} the 3 bound)")
     odin = [row for row in rows if row["detector"] == "odin" and "forward_passes" in row]
     for row in odin:
         verdict = "within" if row["forward_passes"] <= 3.5 else "ABOVE"

@@ -44,6 +44,7 @@ def test_model_cost_script_counts_forward_pass_equivalents():
     cost = load("model_cost")
     rows = cost.run(["odin", "cover", "nac_layers", "gradnorm_autograd"], digits_n=8, resnet_n=2, repeats=1)
     assert {row["detector"] for row in rows} >= {"odin", "cover", "nac_layers", "gradnorm_autograd"}
+    assert {row["detector"] for row in rows} >= {"explain (energy)", "explain (mahalanobis)"}
     assert not [row for row in rows if "skipped" in row]
 
 

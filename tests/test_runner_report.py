@@ -426,6 +426,33 @@ def test_run_measures_the_models_ocs_curve_on_image_benchmarks(image_run):
     assert results.views["OOD vs ambiguous AUROC"].notna().all()
 
 
+def test_run_explains_the_top_scoring_inputs_of_each_ood_set(image_run):
+    from oodguard.benchmark.explanations import PER_SET
+    from oodguard.detectors import create
+    from oodguard.explain import explain_inputs
+
+    benchmark, results = image_run
+    explained = results.diagnostics["explanations"]
+    assert explained["detector"] == "energy" and [s["name"] for s in explained["sets"]] == ["noise"]  # not ambiguous
+    noise = explained["sets"][0]
+    scores = np.asarray(results.scores["energy"]["noise"])
+    top = np.argsort(-scores, kind="stable")[:PER_SET]
+    np.testing.assert_allclose(noise["scores"], scores[top], atol=1e-4)
+    maps = explain_inputs(benchmark.model, create("energy"), benchmark.ood[0].data[top.tolist()])
+    for shown, expected in zip(noise["maps"], maps, strict=True):  # each scaled to 0-255 by its own range
+        expected = expected - expected.min()
+        np.testing.assert_allclose(np.asarray(shown), np.rint(255 * expected / expected.max()), atol=1)
+    assert np.asarray(noise["images"]).shape == (PER_SET, 8, 8)
+
+
+def test_explanations_are_skipped_with_a_reason_when_the_model_is_not_run_again(image_run):
+    from oodguard.benchmark import runner
+
+    benchmark, _ = image_run
+    results = runner.run(benchmark, ["energy"], n_boot=10, progress=False, model_detectors=False)
+    assert "--no-model-detectors" in results.diagnostics["explanations"]["skipped"]
+
+
 @pytest.mark.slow
 def test_report_draws_the_views_and_the_ocs_curve_in_a_browser(image_run, tmp_path):
     browser = _browser()
@@ -440,6 +467,8 @@ def test_report_draws_the_views_and_the_ocs_curve_in_a_browser(image_run, tmp_pa
     assert views.count("<tr>") == 3 and "OOD vs ambiguous AUROC" in views  # header and one row per detector
     board = dom.split('id="leaderboard"')[1].split("</table>")[0]
     assert "ambiguous AUROC" not in board  # not an OOD column
+    explained = dom.split('id="explain-grid"')[1]
+    assert explained.count("<canvas") >= 8  # the 4 top-scoring noise images and their maps
 
 
 def test_run_adds_the_benchmarks_own_rows_by_default_or_by_name(monkeypatch):

@@ -68,6 +68,7 @@ from oodguard.conformal import (
 )
 from oodguard.detectors import base as detector_base
 from oodguard.detectors.base import Detector, NotFittedError, Source
+from oodguard.explain import explain_inputs
 from oodguard.extraction.extract import extract
 from oodguard.extraction.model_runner import ModelRunner
 from oodguard.guard_manifest import (
@@ -750,6 +751,30 @@ class Guard:
         return GuardResult(predictions, scores, pvalues, is_ood, reasons)
 
     __call__ = guard
+
+    def explain(self, x: Any, *, times_input: bool = True, positive: bool = True, sigma: float = 0.0,
+                normalize: bool = True) -> np.ndarray:  # fmt: skip
+        """Per input, a map of what drives its OOD score (UA-Backprop, see :mod:`oodguard.explain`): float32
+        ``[N, H, W]`` for images ``[N, C, H, W]`` (channels summed), else the inputs' shape ``[N, ...]``.
+
+        One forward and one backward pass through the model per batch. Needs a model guard whose detector scores
+        differentiably from logits/features (``oodguard.explain.DIFFERENTIABLE_DETECTORS``); the options are
+        those of :func:`oodguard.explain.refine`. Rows are not screened by the input contract: an input far
+        outside it is explained like any other (its score may still be finite).
+        """
+        if self.model is None:
+            raise ValueError(
+                "explain: this guard has no model, so there are no inputs to attribute the score to; explain needs a "
+                "guard built with the model (Guard(model, detector=...))"
+            )
+        if not self.detector.is_fitted:
+            raise NotFittedError("Guard: call fit(id_data) before explain(...)")
+        with self._model_lock:
+            return explain_inputs(
+                self.model, self.detector, x, device=self.device, batch_size=self.batch_size,
+                feature_layer=self.feature_layer, output_key=self.output_key,
+                times_input=times_input, positive=positive, sigma=sigma, normalize=normalize,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ saving
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False, key: str | bytes | None = None) -> None:

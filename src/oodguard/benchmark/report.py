@@ -211,6 +211,7 @@ every replicate resamples the ID set and each OOD set once). Colour: green is be
 <div id="notrun"></div>
 <div id="views"></div>
 <div id="ocs"></div>
+<div id="explain"></div>
 <h2>Per OOD set <select id="persetmetric"><option value="auroc">AUROC</option><option value="fpr95">FPR@95</option></select></h2>
 <div class="note">Per detector and OOD set (rows in leaderboard order), with the 95&nbsp;% bootstrap interval below.</div>
 <div id="perset"></div>
@@ -435,6 +436,41 @@ function renderOcs() {  // the model's predictions against the optimal constant 
   });
   const panel = document.createElement("div"); panel.className = "panel"; panel.appendChild(svg); holder.appendChild(panel);
 }
+function renderExplanations() {  // UA-Backprop maps of the highest-scoring inputs of each OOD set
+  const e = (DATA.diagnostics || {}).explanations, holder = document.getElementById("explain");
+  if (!e) return;
+  const title = document.createElement("h2"); title.textContent = "What drives the OOD score"; holder.appendChild(title);
+  const note = document.createElement("div"); note.className = "note"; holder.appendChild(note);
+  if (e.skipped) { note.textContent = `Attribution maps not shown: ${e.skipped}.`; return; }
+  note.textContent = `Per OOD set, the ${e.per_set} inputs with the highest ${e.detector} score (grey) and their ` +
+    "UA-Backprop map (red: the positive part of gradient × input, channels summed; brighter raises the score " +
+    "more; each map scaled to its own maximum, the images to one grey scale). See docs/explain.md.";
+  const grid = document.createElement("div"); grid.className = "grid"; grid.id = "explain-grid";
+  e.sets.forEach(set => {
+    const panel = document.createElement("div"); panel.className = "panel";
+    const h = document.createElement("h3"); h.textContent = `${set.name} (${set.group})`; panel.appendChild(h);
+    set.images.forEach((image, i) => {
+      const row = document.createElement("div");
+      row.appendChild(pixels(image, false)); row.appendChild(pixels(set.maps[i], true));
+      const score = document.createElement("span"); score.className = "note"; score.textContent = ` score ${set.scores[i]}`;
+      row.appendChild(score); panel.appendChild(row);
+    });
+    grid.appendChild(panel);
+  });
+  holder.appendChild(grid);
+}
+function pixels(rows, heat) {  // a 0-255 grid on a canvas, 3 screen pixels per pixel; heat: black to orange
+  const height = rows.length, width = rows[0].length, canvas = document.createElement("canvas");
+  canvas.width = width; canvas.height = height;
+  Object.assign(canvas.style, {width: `${3 * width}px`, height: `${3 * height}px`, imageRendering: "pixelated", marginRight: "4px"});
+  const context = canvas.getContext("2d"), image = context.createImageData(width, height);
+  rows.forEach((row, y) => row.forEach((v, x) => {
+    const k = 4 * (y * width + x);
+    image.data[k] = v; image.data[k + 1] = heat ? Math.round(0.45 * v) : v; image.data[k + 2] = heat ? 0 : v; image.data[k + 3] = 255;
+  }));
+  context.putImageData(image, 0, 0);
+  return canvas;
+}
 function select(name) {
   if (!DATA.detectors[name]) return;
   document.getElementById("picker").value = name;
@@ -453,6 +489,7 @@ function select(name) {
   renderNotRun();
   renderViews();
   renderOcs();
+  renderExplanations();
   const persetmetric = document.getElementById("persetmetric");
   persetmetric.onchange = () => renderPerSet(persetmetric.value);
   renderPerSet(persetmetric.value);

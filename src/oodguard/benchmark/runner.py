@@ -191,7 +191,32 @@ def run(
     )
     if runner is not None and not from_shards and ocs_curve and model_detectors:  # it runs the model too
         results.diagnostics["ocs_curve"] = _ocs_diagnostic(runner, benchmark, fit)
+    results.diagnostics["explanations"] = _explanations(
+        benchmark, outputs, onnx=onnx, from_shards=bool(from_shards), model_detectors=model_detectors, device=device,
+        feature_layer=feature_layer, output_key=output_key,
+    )  # fmt: skip
     return results
+
+
+def _explanations(
+    benchmark: Benchmark, outputs: Mapping[str, Any], *, onnx: bool, from_shards: bool, model_detectors: bool,
+    device: str, feature_layer: str | None, output_key: str | int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Attribution maps of the top-scoring OOD inputs for the report, or why there are none (never fails the run)."""
+    from oodguard.benchmark.explanations import explanation_maps
+
+    reason = None
+    if onnx:
+        reason = "the model runs in onnxruntime (no gradients through it)"
+    elif from_shards:
+        reason = "outputs were read from shard folders (no inputs to attribute to)"
+    elif not model_detectors:
+        reason = "the run was asked not to run the model again (--no-model-detectors)"
+    try:
+        return explanation_maps(benchmark, outputs, skip_reason=reason, device=device, feature_layer=feature_layer,
+                                output_key=output_key)  # fmt: skip
+    except (ValueError, RuntimeError) as error:  # a diagnostic: said in the report, the leaderboard still stands
+        return {"skipped": f"failed: {' '.join(str(error).split())[:300]}"}
 
 
 def _ocs_diagnostic(runner: Any, benchmark: Benchmark, fit: ModelOutputs | ShardedOutputs) -> dict[str, Any] | None:

@@ -738,6 +738,8 @@ class KNN(FaissSearch):
         else:
             similarity = normalize_rows(z) @ bank.T  # [n, N_bank]
             kth = torch.topk(similarity, k, dim=1, largest=True, sorted=False).values.amin(dim=1)
+        if kth.requires_grad:  # explain differentiates the score: no in-place steps on the graph
+            return (2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
         return kth.mul_(-2.0).add_(2.0).clamp_min_(0.0).sqrt_()
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:

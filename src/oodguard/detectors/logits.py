@@ -51,7 +51,7 @@ def neg_log_odds_msp(logits: torch.Tensor, temperature: torch.Tensor | float = 1
     # Classes more than 87 below the runner-up add under 1e-37 to its exp(0) = 1; flooring them keeps the
     # exponentials out of the denormal range, where they run many times slower (e.g. after a small temperature).
     others = torch.clamp(others, min=others.amax(dim=1, keepdim=True) - 87.0)
-    rest = torch.logsumexp(others, dim=1).sub_(top.squeeze(1))
+    rest = torch.logsumexp(others, dim=1) - top.squeeze(1)  # not in place: explain differentiates it
     return torch.where(ties > 0, torch.logaddexp(rest, torch.log(ties.to(rest.dtype))), rest)
 
 
@@ -134,7 +134,7 @@ class Energy(_LogitDetector):
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         temperature = float(self.temperature)
         if temperature == 1:  # the default: no scaled copy of the logits
-            return torch.logsumexp(outputs.logits, dim=1).neg_()
+            return -torch.logsumexp(outputs.logits, dim=1)  # not in place: explain differentiates it
         return -temperature * torch.logsumexp(outputs.logits / temperature, dim=1)
 
 

@@ -5,8 +5,9 @@ model inputs (``inputs``, for a guard that runs its model) and returns, per inpu
 prediction, the OOD score (higher = more likely OOD), the conformal p-value, the decision and, for inputs
 decided OOD without scoring (outside the value range seen at fit, or beyond what a float can hold), the
 reason. ``GET /v1/schema`` says what input the guard expects, with an example request. ``GET /healthz``
-answers while the service runs; ``GET /metrics`` exposes request counts, latencies and the rolling OOD rate
-with its alert (``prometheus_client``). The OpenAPI schema is at ``/openapi.json`` (documentation at
+answers while the service runs; ``POST /v1/explain`` (a guard that runs its model) returns, per input, a map of
+what drives its OOD score (:mod:`oodguard.explain`); ``GET /metrics`` exposes request counts, latencies and the
+rolling OOD rate with its alert (``prometheus_client``). The OpenAPI schema is at ``/openapi.json`` (documentation at
 ``/docs``; both can be switched off).
 
 Order of work per request, cheapest refusal first: the bearer token (every path but ``/healthz``, before any
@@ -61,7 +62,7 @@ DEFAULT_COMMIT_TIMEOUT = 10.0
 #: Deepest JSON nesting accepted (a model input [N, C, H, W] nests 4 deep inside the body object).
 MAX_JSON_DEPTH = 32
 _OPEN_PATHS = ("/healthz",)
-_PATHS = ("/v1/score", "/v1/schema", "/healthz", "/metrics", "/docs", "/openapi.json")
+_PATHS = ("/v1/score", "/v1/explain", "/v1/schema", "/healthz", "/metrics", "/docs", "/openapi.json")
 SETTINGS_ENV = "OODGUARD_SERVE_SETTINGS"
 # Model-output requests up to this size are decided on the event loop (no model runs; well under a millisecond).
 _INLINE_BODY_BYTES = 64 << 10
@@ -115,6 +116,31 @@ class ScoreResponse(BaseModel):
     )
 
 
+class ExplainRequest(BaseModel):
+    """Model inputs whose OOD scores to explain (only for a guard that runs its model)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"inputs": [[[[0.0, 0.5], [1.0, 0.2]]]]}]}
+    )
+
+    inputs: list[NestedNumbers] = Field(description="Model inputs as nested lists of numbers [N, ...].")
+    sigma: float | None = Field(
+        None, ge=0.0, strict=True, description="Gaussian smoothing of the maps in pixels (default 0: none)."
+    )
+
+
+class ExplainResponse(BaseModel):
+    """Per input (same order as the request), a map of what raises its OOD score."""
+
+    request_id: str = Field(description="Identifier of this request, also in X-Request-ID.")
+    detector: str = Field(description="The detector whose score is explained.")
+    shape: list[int] = Field(description="Shape of each map: [H, W] for images [C, H, W], else the row shape.")
+    maps: list[Any] = Field(
+        description="Per input, the positive part of gradient x input, channels summed, normalised to sum 1 "
+        "(all zeros: nothing raises the score), as nested lists."
+    )
+
+
 class Health(BaseModel):
     status: str = Field(description='"ok" while the service runs.')
     mode: str = Field(description='"outputs" (send logits/features) or "inputs" (send model inputs).')
@@ -143,6 +169,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (408, "Body not received within the deadline"),
         (413, "Body larger than the size limit"),
         (415, "Body not sent as application/json"),
+        (501, "The guard cannot explain (no model, or a detector whose score is not differentiable)"),
         (422, "Well-formed JSON but wrong fields, shapes or types"),
         (503, "Too many requests in flight, or the decision log cannot commit the decisions (retry)"),
     ]
@@ -254,8 +281,8 @@ def _dumps(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
 
 
-def parse_score_request(body: bytes) -> ParsedRequest:
-    """Parse and check the body of ``POST /v1/score``; a :class:`RequestProblem` says what is wrong and where."""
+def _json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a RequestProblem saying why it is not one."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -281,6 +308,12 @@ def parse_score_request(body: bytes) -> ParsedRequest:
         raise RequestProblem(
             422, f'body: expected a JSON object such as {{"features": [[...]]}}, got {_json_type(payload)}'
         )
+    return payload
+
+
+def parse_score_request(body: bytes) -> ParsedRequest:
+    """Parse and check the body of ``POST /v1/score``; a :class:`RequestProblem` says what is wrong and where."""
+    payload = _json_object(body)
     unknown = sorted(set(payload) - set(_FIELDS))
     if unknown:
         raise RequestProblem(422, f"{unknown[0]}: not a field of a score request (fields: {', '.join(_FIELDS)})")
@@ -289,6 +322,22 @@ def parse_score_request(body: bytes) -> ParsedRequest:
         raise RequestProblem(422, f"fdr: expected a number in (0, 1), got {fdr!r}")
     arrays = {name: _numbers(payload[name], name, body) for name in _FIELDS[:3] if payload.get(name) is not None}
     return ParsedRequest(arrays, None if fdr is None else float(fdr))
+
+
+def parse_explain_request(body: bytes) -> tuple[np.ndarray, float]:
+    """The inputs ``[N, ...]`` and smoothing ``sigma`` of a ``POST /v1/explain`` body (a RequestProblem if wrong)."""
+    payload = _json_object(body)
+    unknown = sorted(set(payload) - {"inputs", "sigma"})
+    if unknown:
+        raise RequestProblem(422, f"{unknown[0]}: not a field of an explain request (fields: inputs, sigma)")
+    if payload.get("inputs") is None:
+        raise RequestProblem(422, "inputs: missing; send the model's inputs as {'inputs': [...]}")
+    sigma = payload.get("sigma", 0.0)
+    if sigma is None:
+        sigma = 0.0
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < float("inf"):
+        raise RequestProblem(422, f"sigma: expected a number of pixels >= 0, got {sigma!r}")
+    return _numbers(payload["inputs"], "inputs", body), float(sigma)
 
 
 # ---------------------------------------------------------------------------- the guard behind the service
@@ -347,6 +396,28 @@ class GuardAdapter:
             "is_ood": np.asarray(result.is_ood, dtype=bool).tolist(),
             "reasons": list(getattr(result, "reason", None) or [None] * len(scores)),
         }
+
+    def explain(self, inputs: np.ndarray, sigma: float) -> dict[str, Any]:
+        """Attribution maps of the inputs' OOD scores (see :meth:`oodguard.guard.Guard.explain`)."""
+        if self.mode != "inputs":
+            raise RequestProblem(
+                501, "this guard scores model outputs and has no model: explain needs a guard that runs its model"
+            )
+        if self.contract is not None and "inputs" in self.contract.fields:
+            try:
+                self.contract.check_shape("inputs", np.empty((0, *inputs.shape[1:])), "inputs")
+            except ValueError as error:
+                raise RequestProblem(422, " ".join(str(error).split())) from error
+        try:
+            maps = self.guard.explain(self._typed(inputs, "inputs"), sigma=sigma)
+        except ValueError as error:
+            status = 501 if "cannot be explained" in str(error) else 422
+            raise RequestProblem(status, " ".join(str(error).split())) from error
+        except RuntimeError as error:
+            raise RequestProblem(
+                422, f"the model cannot run on inputs of shape {list(inputs.shape)}: {error}"
+            ) from error
+        return {"detector": self.guard.detector.name, "shape": list(maps.shape[1:]), "maps": maps.tolist()}
 
     def _typed(self, array: np.ndarray, name: str) -> np.ndarray:
         """float64 for a guard with an input contract (it screens the values, then casts); float32 otherwise, with
@@ -618,10 +689,7 @@ def create_app(
         summary="Score inputs: prediction, OOD score, p-value and decision per input",
     )
     async def score(request: Request) -> Response:
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if not (kind == "application/json" or kind.endswith("+json")):
-            shown = kind or "no content type"
-            raise RequestProblem(415, f"send the body as JSON with 'Content-Type: application/json' (got {shown})")
+        _require_json(request)
         body = await request.body()
         parsed = parse_score_request(body)
         if adapter.mode == "outputs" and len(body) <= _INLINE_BODY_BYTES:
@@ -635,6 +703,27 @@ def create_app(
                                                          allow_unlogged)  # fmt: skip
         metrics.observe_decisions(decided["is_ood"])
         return Response(_dumps({"request_id": request_id, **decided}), media_type="application/json", headers=headers)
+
+    @app.post(
+        "/v1/explain",
+        response_model=ExplainResponse,
+        responses=_ERRORS,
+        dependencies=protected,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ExplainRequest"}}},
+            }
+        },
+        summary="Explain OOD scores: per input, a map of what raises its score (UA-Backprop)",
+    )
+    async def explain(request: Request) -> Response:
+        _require_json(request)
+        inputs, sigma = parse_explain_request(await request.body())
+        explained = await run_in_threadpool(adapter.explain, inputs, sigma)
+        request_id = uuid.uuid4().hex
+        headers = {"X-Request-ID": request_id}
+        return Response(_dumps({"request_id": request_id, **explained}), media_type="application/json", headers=headers)
 
     @app.get(
         "/v1/schema",
@@ -671,6 +760,13 @@ def create_app(
     return app
 
 
+def _require_json(request: Request) -> None:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (kind == "application/json" or kind.endswith("+json")):
+        shown = kind or "no content type"
+        raise RequestProblem(415, f"send the body as JSON with 'Content-Type: application/json' (got {shown})")
+
+
 async def _commit(
     decision_log: DecisionLog,
     request_id: str,
@@ -695,16 +791,18 @@ async def _commit(
 
 
 def _document_request_model(app: FastAPI) -> None:
-    """Add ScoreRequest (parsed by the service itself, for speed and exact messages) to the OpenAPI components."""
+    """Add ScoreRequest and ExplainRequest (parsed by the service itself, for speed and exact messages) to the
+    OpenAPI components."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
-            request = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(request.pop("$defs", {}))
-            components["ScoreRequest"] = request
+            for model in (ScoreRequest, ExplainRequest):
+                request = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(request.pop("$defs", {}))
+                components[model.__name__] = request
             app.openapi_schema = schema
         return app.openapi_schema
 
