@@ -114,6 +114,8 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
     mean = data.fit.features.mean(0)
     log_weights = torch.rand(classes).log()
     neco_basis = torch.randn(dim, _neco_dim(data.fit.features))
+    # gmm's stacked per-class whitening maps [D, C D]: C D^2 floats, left out where they would not fit in memory
+    class_maps = torch.randn(dim, classes * dim) if classes * dim * dim * 4 <= 2**31 else None
 
     def op(fn: Callable[[torch.Tensor], object], x: torch.Tensor = z) -> Callable[[], None]:
         return lambda: chunked(x, fn)
@@ -292,6 +294,12 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "neco": op(lambda x: ((x @ neco_basis).norm(dim=1), x.norm(dim=1))),
         # the predicted class from the head, then a norm of the centred feature
         "nci": op(lambda x: (head(x).argmax(dim=1), (x - mean).norm(dim=1))),
+        # one whitening product per class (stacked), the squared norms, a log-sum-exp over the classes
+        **(
+            {"gmm": op(lambda x: torch.logsumexp((x @ class_maps).square_().view(x.shape[0], classes, -1).sum(2), 1))}
+            if class_maps is not None
+            else {}
+        ),
     }
 
 
