@@ -106,6 +106,7 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
     w = data.weight
     bank = torch.nn.functional.normalize(data.fit.features, dim=1)
     nn_bank = bank[: max(1, int(n_fit * 0.01))]
+    bank_sq = bank.square().sum(1)
     k_vim = _vim_dim(dim)
     sub = torch.randn(dim, min(k_vim, dim - k_vim))
 
@@ -294,6 +295,8 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "neco": op(lambda x: ((x @ neco_basis).norm(dim=1), x.norm(dim=1))),
         # the predicted class from the head, then a norm of the centred feature
         "nci": op(lambda x: (head(x).argmax(dim=1), (x - mean).norm(dim=1))),
+        # the nearest of the fit rows' gradients (a bank as large as the fit set): one product with it, a minimum
+        "grood": op(lambda x: torch.addmm(bank_sq, x, bank.T, alpha=-2.0).amin(dim=1)),
         # one whitening product per class (stacked), the squared norms, a log-sum-exp over the classes
         **(
             {"gmm": op(lambda x: torch.logsumexp((x @ class_maps).square_().view(x.shape[0], classes, -1).sum(2), 1))}
