@@ -107,6 +107,7 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
     bank = torch.nn.functional.normalize(data.fit.features, dim=1)
     nn_bank = bank[: max(1, int(n_fit * 0.01))]
     bank_sq = bank.square().sum(1)
+    perturbed = torch.randn(100 * classes, dim)  # weiper's 100 perturbed copies of the head
     k_vim = _vim_dim(dim)
     sub = torch.randn(dim, min(k_vim, dim - k_vim))
 
@@ -297,6 +298,9 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "nci": op(lambda x: (head(x).argmax(dim=1), (x - mean).norm(dim=1))),
         # the nearest of the fit rows' gradients (a bank as large as the fit set): one product with it, a minimum
         "grood": op(lambda x: torch.addmm(bank_sq, x, bank.T, alpha=-2.0).amin(dim=1)),
+        # the product with the 100 perturbed heads; one bin index per feature and per perturbed logit, and one
+        # exponential per perturbed logit (the softmax of each copy)
+        "weiper": op(lambda x: (lambda y: ((x * 0.1).floor_(), (y * 0.1).floor_(), y.exp()))(x @ perturbed.T)),
         # one whitening product per class (stacked), the squared norms, a log-sum-exp over the classes
         **(
             {"gmm": op(lambda x: torch.logsumexp((x @ class_maps).square_().view(x.shape[0], classes, -1).sum(2), 1))}

@@ -23,7 +23,8 @@ from oodguard.detectors.base import (
 from oodguard.detectors import logits, openset, distance, subspace, shaping, head, gram, zeroshot  # noqa: E402,F401  isort: skip
 from oodguard.detectors import autoencoder, bam, early_exit, evidential, ocs, sdm  # noqa: E402,F401  isort: skip
 from oodguard.detectors import information_geometry, pnml, rectification, relation, relative_feature  # noqa: E402,F401  isort: skip
-from oodguard.detectors import posterior, normalized_distance, collapse, mixture, prototype_gradient  # noqa: E402,F401  isort: skip
+from oodguard.detectors import posterior, normalized_distance, collapse  # noqa: E402,F401  isort: skip
+from oodguard.detectors import mixture, prototype_gradient, weight_perturbation  # noqa: E402,F401  isort: skip
 from oodguard.detectors import model  # noqa: E402,F401  isort: skip
 from oodguard.detectors.distributed import fit_distributed, score_distributed  # noqa: E402  isort: skip
 
