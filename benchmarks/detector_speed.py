@@ -136,6 +136,13 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
 
         return run
 
+    def fisher_rao_bound(x: torch.Tensor) -> None:
+        # one asinh per (sample, class, unit), in steps that keep the [rows, C, D] block near 64 MB
+        step = max(1, 2**24 // (classes * dim))
+        for start in range(0, x.shape[0], step):
+            rows = x[start : start + step]
+            (rows[:, None, :] - class_means).abs_().asinh_().square_().sum(dim=2).amin(dim=1)
+
     def she_bound() -> None:
         # the predicted class from the logits, then the inner product with that class's stored pattern
         for start in range(0, z.shape[0], CHUNK):
@@ -301,6 +308,7 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         # the product with the 100 perturbed heads; one bin index per feature and per perturbed logit, and one
         # exponential per perturbed logit (the softmax of each copy)
         "weiper": op(lambda x: (lambda y: ((x * 0.1).floor_(), (y * 0.1).floor_(), y.exp()))(x @ perturbed.T)),
+        "igeood_features": op(fisher_rao_bound),
         # one whitening product per class (stacked), the squared norms, a log-sum-exp over the classes
         **(
             {"gmm": op(lambda x: torch.logsumexp((x @ class_maps).square_().view(x.shape[0], classes, -1).sum(2), 1))}
