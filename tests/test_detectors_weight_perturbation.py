@@ -100,3 +100,13 @@ def test_weiper_refuses_bad_parameters_and_missing_head():
     features, _, _ = _data()
     with pytest.raises(ValueError, match="needs head"):
         create("weiper").fit({"features": features})
+
+
+def test_row_histograms_drop_values_outside_the_range_but_count_them_in_the_total():
+    from oodguard.detectors.weight_perturbation import row_histograms
+
+    values = np.array([[-5.0, 0.0, 0.49, 0.5, 1.0, 1.0 + 2e-8, 7.0, 0.99]])
+    expected = _histogram(values[0], 0.0, 1.0, 4)
+    np.testing.assert_allclose(row_histograms(torch.as_tensor(values), 0.0, 1.0, 4).numpy()[0], expected)
+    # edges 0, 0.25 + 2.5e-9, 0.5 + 5e-9, ...: 0.5 is still in the second bin; -5, 1 + 2e-8 and 7 fall outside
+    np.testing.assert_allclose(expected, [1 / 8, 2 / 8, 0, 2 / 8])

@@ -43,16 +43,24 @@ def row_histograms(values: torch.Tensor, low: float, high: float, bins: int) -> 
     neighbouring bin).
     """
     scale = bins / (high + _EDGE_PAD - low)
-    return binned_histograms(torch.sub(values, low).mul_(scale), bins)
+    # one pass: 1 + (v - low) * scale (see binned_histograms for the 1)
+    positions = torch.add(
+        torch.tensor(1.0 - low * scale, dtype=values.dtype, device=values.device), values, alpha=scale
+    )
+    return binned_histograms(positions, bins)
 
 
 def binned_histograms(positions: torch.Tensor, bins: int) -> torch.Tensor:
-    """:func:`row_histograms` of values already mapped to bin units (``(v - low) * bins / width``); overwrites
-    ``positions``."""
+    """:func:`row_histograms` of values already mapped to ``1 + (v - low) * bins / width`` (so bin ``j`` is
+    ``[j + 1, j + 2)``); overwrites ``positions``.
+
+    Clamped to ``[0, bins + 1]``, the positions are non-negative, so truncation to an integer is their floor: slot 0
+    collects the values below the range, slot ``bins + 1`` those above, and neither is returned.
+    """
     n, m = positions.shape
-    slots = bins + 2  # one below the range, the bins, one above
-    index = positions.clamp_(-0.5, bins + 0.5).floor_().to(torch.int32)
-    index += torch.arange(1, n * slots + 1, slots, device=index.device, dtype=torch.int32)[:, None]  # row offsets
+    slots = bins + 2
+    index = positions.clamp_(0.0, bins + 1.0).to(torch.int32)
+    index += torch.arange(0, n * slots, slots, device=index.device, dtype=torch.int32)[:, None]  # row offsets
     counts = torch.bincount(index.flatten(), minlength=n * slots).view(n, slots)
     return counts[:, 1:-1].to(_F64).div_(m)
 
@@ -74,13 +82,20 @@ def smooth(histograms: torch.Tensor, size: int) -> torch.Tensor:
 
 def symmetric_kld(reference: torch.Tensor, histograms: torch.Tensor, size: int, epsilon: float) -> torch.Tensor:
     """``KL(p || q) + KL(q || p)`` per row: ``p`` the reference histogram, ``q`` the row's, smoothed; both ``+ eps``
-    and renormalised."""
+    and renormalised.
+
+    With ``r = smooth(h) + eps`` and ``q = r / S``, ``S = sum r``, the sum ``sum (p - q)(log p - log q)`` expands to
+    ``p.log p - p.log r - (r.log p - r.log r) / S`` (the ``log S`` terms cancel): products with the fixed ``p`` and
+    ``log p``, and one row-wise ``r.log r``, without normalising ``r`` first.
+    """
     p = reference + epsilon
     p = p / p.sum()
-    q = smooth(histograms, size).add_(epsilon)
-    q /= q.sum(dim=1, keepdim=True)
-    log_ratio = q.log().neg_().add_(p.log())
-    return q.neg_().add_(p).mul_(log_ratio).sum(dim=1)
+    log_p = p.log()
+    smoothing = smoothing_matrix(histograms.shape[1], size).to(histograms.device)
+    r = torch.addmm(torch.tensor(epsilon, dtype=histograms.dtype, device=histograms.device), histograms, smoothing)
+    log_r = r.log()
+    cross = r @ log_p - torch.linalg.vecdot(r, log_r)
+    return (p @ log_p) - log_r @ p - cross / r.sum(dim=1)
 
 
 @register
@@ -188,10 +203,10 @@ class WeiPer(OutputDetector):
             logits = torch.addmm(bias, z[start : start + step], perturbed.T)
             low, high = min(low, float(logits.min())), max(high, float(logits.max()))
         scale = bins / (high + _EDGE_PAD - low)
-        # the perturbed head in bin units, (W~ z + b - low) * scale: the histogram needs no pass of its own
+        # the perturbed head in bin units, 1 + (W~ z + b - low) * scale: the histogram needs no pass of its own
         state: dict[str, Any] = {
             "bin_weight": perturbed * scale,
-            "bin_bias": (bias - low) * scale,
+            "bin_bias": (bias - low) * scale + 1.0,
             "logits_range": torch.tensor([low, high], dtype=_F64),
             "features_range": torch.stack([z.min(), z.max()]).to(_F64),
         }
@@ -223,7 +238,8 @@ class WeiPer(OutputDetector):
         # axis, the r copies contiguous
         low, high = exact["logits_range"].tolist()
         copies = positions.view(len(z), -1, int(self.n_repeats))
-        shifted = (copies - copies.amax(dim=1, keepdim=True)).mul_((high + _EDGE_PAD - low) / bins)
+        width = torch.tensor((high + _EDGE_PAD - low) / bins, dtype=z.dtype, device=z.device)
+        shifted = torch.addcmul(copies.amax(dim=1, keepdim=True).mul_(-width), copies, width)  # (l - max l), one pass
         msp = shifted.exp_().sum(dim=1).reciprocal_().mean(dim=1, dtype=_F64)
         logits_kld = symmetric_kld(exact["logits_density"], binned_histograms(positions, bins),
                                    int(self.smoothing_perturbed), float(self.epsilon_noise))  # fmt: skip
