@@ -106,6 +106,8 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
     w = data.weight
     bank = torch.nn.functional.normalize(data.fit.features, dim=1)
     nn_bank = bank[: max(1, int(n_fit * 0.01))]
+    bank_sq = bank.square().sum(1)
+    perturbed = torch.randn(100 * classes, dim)  # weiper's 100 perturbed copies of the head
     k_vim = _vim_dim(dim)
     sub = torch.randn(dim, min(k_vim, dim - k_vim))
 
@@ -114,6 +116,8 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
     mean = data.fit.features.mean(0)
     log_weights = torch.rand(classes).log()
     neco_basis = torch.randn(dim, _neco_dim(data.fit.features))
+    # gmm's stacked per-class whitening maps [D, C D]: C D^2 floats, left out where they would not fit in memory
+    class_maps = torch.randn(dim, classes * dim) if classes * dim * dim * 4 <= 2**31 else None
 
     def op(fn: Callable[[torch.Tensor], object], x: torch.Tensor = z) -> Callable[[], None]:
         return lambda: chunked(x, fn)
@@ -131,6 +135,13 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
             return x @ w.T
 
         return run
+
+    def fisher_rao_bound(x: torch.Tensor) -> None:
+        # one asinh per (sample, class, unit), in steps that keep the [rows, C, D] block near 64 MB
+        step = max(1, 2**24 // (classes * dim))
+        for start in range(0, x.shape[0], step):
+            rows = x[start : start + step]
+            (rows[:, None, :] - class_means).abs_().asinh_().square_().sum(dim=2).amin(dim=1)
 
     def she_bound() -> None:
         # the predicted class from the logits, then the inner product with that class's stored pattern
@@ -292,6 +303,18 @@ def lower_bounds(data: Data, params: dict[str, dict]) -> dict[str, Callable[[], 
         "neco": op(lambda x: ((x @ neco_basis).norm(dim=1), x.norm(dim=1))),
         # the predicted class from the head, then a norm of the centred feature
         "nci": op(lambda x: (head(x).argmax(dim=1), (x - mean).norm(dim=1))),
+        # the nearest of the fit rows' gradients (a bank as large as the fit set): one product with it, a minimum
+        "grood": op(lambda x: torch.addmm(bank_sq, x, bank.T, alpha=-2.0).amin(dim=1)),
+        # the product with the 100 perturbed heads; one bin index per feature and per perturbed logit, and one
+        # exponential per perturbed logit (the softmax of each copy)
+        "weiper": op(lambda x: (lambda y: ((x * 0.1).floor_(), (y * 0.1).floor_(), y.exp()))(x @ perturbed.T)),
+        "igeood_features": op(fisher_rao_bound),
+        # one whitening product per class (stacked), the squared norms, a log-sum-exp over the classes
+        **(
+            {"gmm": op(lambda x: torch.logsumexp((x @ class_maps).square_().view(x.shape[0], classes, -1).sum(2), 1))}
+            if class_maps is not None
+            else {}
+        ),
     }
 
 

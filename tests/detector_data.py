@@ -95,6 +95,8 @@ CONTRACT_PARAMS = {
     # the class clusters span C - 1 = 5 directions (the simplex of neural collapse); the 90 % variance rule
     # counts the isotropic within-class noise of these synthetic features too
     "neco": {"dim": NUM_CLASSES - 1},
+    # a row's 32 feature values cannot fill WeiPer's 100 bins: 20 bins, smoothed over 4 (the defaults' ratio)
+    "weiper": {"n_bins": 20, "smoothing": 4, "smoothing_perturbed": 4},
 }
 
 

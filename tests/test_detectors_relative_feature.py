@@ -262,3 +262,40 @@ def test_relation_save_load_round_trip(tmp_path):
     np.testing.assert_allclose(load(tmp_path).score(test), detector.score(test), rtol=1e-13)
     with pytest.raises(ValueError, match="pow"):
         create("relation", pow=0)
+
+
+# ---------------------------------------------------------------- IGEOOD (features)
+def _fisher_rao_univariate(m1, s1, m2, s2):
+    """The official closed form, sqrt(2) log((a + b) / (a - b)), written out per pair of univariate Gaussians."""
+    a = np.hypot((m1 - m2) / np.sqrt(2), s1 + s2)
+    b = np.hypot((m1 - m2) / np.sqrt(2), s1 - s2)
+    return np.sqrt(2) * np.log((a + b) / (a - b)) if a != b else 0.0
+
+
+def test_igeood_features_known_answer():
+    features, _, _, labels, queries = _data(seed=13)
+    means = np.stack([features[labels == c].mean(0) for c in range(4)])
+    sigma = np.sqrt(np.mean((features - means[labels]) ** 2, axis=0))  # tied, diagonal, biased
+    expected = [
+        min(
+            np.sqrt(sum(_fisher_rao_univariate(z[d], sigma[d], means[c, d], sigma[d]) ** 2 for d in range(len(z))))
+            for c in range(4)
+        )
+        for z in queries
+    ]
+    detector = create("igeood_features").fit({"features": features, "labels": labels})
+    np.testing.assert_allclose(detector.score(queries), expected, rtol=1e-9)
+    np.testing.assert_allclose(detector.score(queries.astype(np.float32)), expected, rtol=1e-5)
+
+
+def test_igeood_features_is_zero_at_a_class_mean_and_leaves_constant_units_out():
+    features, _, _, labels, queries = _data(seed=14)
+    features[:, 3] = 2.0  # a dead unit: no within-class variance
+    detector = create("igeood_features").fit({"features": features, "labels": labels})
+    mean = features[labels == 1].mean(0, keepdims=True)
+    assert detector.score(mean)[0] == pytest.approx(0.0, abs=1e-12)
+    moved = queries.copy()
+    moved[:, 3] += 100.0
+    np.testing.assert_allclose(detector.score(moved), detector.score(queries), rtol=1e-12)
+    with pytest.raises(ValueError, match="do not vary"):
+        create("igeood_features").fit({"features": np.ones((8, 3)), "labels": np.arange(8) % 2})

@@ -24,6 +24,7 @@ from oodguard.detectors import logits, openset, distance, subspace, shaping, hea
 from oodguard.detectors import autoencoder, bam, early_exit, evidential, ocs, sdm  # noqa: E402,F401  isort: skip
 from oodguard.detectors import information_geometry, pnml, rectification, relation, relative_feature  # noqa: E402,F401  isort: skip
 from oodguard.detectors import posterior, normalized_distance, collapse  # noqa: E402,F401  isort: skip
+from oodguard.detectors import mixture, prototype_gradient, weight_perturbation  # noqa: E402,F401  isort: skip
 from oodguard.detectors import model  # noqa: E402,F401  isort: skip
 from oodguard.detectors import ahm  # noqa: E402,F401  isort: skip
 from oodguard.detectors.distributed import fit_distributed, score_distributed  # noqa: E402  isort: skip
