@@ -338,3 +338,11 @@ def test_monitor_on_model_inputs():
         logits = model(logged[:5])
     expected = guard.failure_monitor_.predict_proba(guard.score(logged[:5]), logits)
     np.testing.assert_allclose(result.failure_probability, expected, rtol=1e-6)
+
+
+def test_fitting_the_monitor_on_the_detectors_fit_data_warns():
+    fit = id_outputs(20, seed=0)
+    guard = Guard(detector="knn", detector_params={"k": 3}).fit(fit)
+    failed = np.arange(len(fit)) % 3 == 0
+    with pytest.warns(UserWarning, match="identical to the detector's fit data"):
+        guard.fit_failure_monitor(fit, failed)

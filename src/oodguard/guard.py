@@ -594,6 +594,12 @@ class Guard:
             raise NotFittedError("Guard: call fit(id_data) before fit_failure_monitor(...)")
         monitor = FailureMonitor(**params)
         source = self._source(x, "x")
+        if self._fit_fingerprint is not None and _fingerprint(source) == self._fit_fingerprint:
+            warnings.warn(
+                "fit_failure_monitor: the data looks identical to the detector's fit data, which it scores "
+                "optimistically low; learn the monitor from other (logged production) inputs",
+                stacklevel=2,
+            )
         scores = self._score(source)
         self.failure_monitor_ = monitor.fit(scores, self._logits(source.outputs), failed)
         return self
