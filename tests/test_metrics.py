@@ -854,3 +854,44 @@ def test_every_public_function_states_its_convention():
         obj = getattr(metrics, name)
         if callable(obj):
             assert obj.__doc__ and "Examples" in obj.__doc__, name
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def test_expected_calibration_error_by_hand():
+    # 15 bins of width 1/15: 0.95 and 0.97 share the bin (14/15, 1] (accuracy 1/2, mean confidence 0.96);
+    # 0.5 lies in (7/15, 8/15] alone (accuracy 1); 0.2 in (3/15, 4/15] alone (accuracy 0).
+    confidence = [0.95, 0.97, 0.5, 0.2]
+    correct = [True, False, True, False]
+    expected = (2 * abs(0.5 - 0.96) + abs(1 - 0.5) + abs(0 - 0.2)) / 4
+    assert metrics.expected_calibration_error(confidence, correct) == pytest.approx(expected, abs=1e-15)
+    assert metrics.expected_calibration_error([1.0, 1.0], [True, True]) == 0.0  # perfectly confident and right
+    assert metrics.expected_calibration_error([0.0], [False]) == 0.0  # confidence 0 falls in the first bin
+
+
+def test_expected_calibration_error_matches_a_loop_over_bins():
+    """Against the reference formulation (Guo et al.'s code: lower < confidence <= upper per bin, in a loop)."""
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.1, 1.0, size=5000)
+    correct = rng.random(5000) < confidence**2
+    edges = np.linspace(0, 1, 16)
+    reference = 0.0
+    for lower, upper in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > lower) & (confidence <= upper)
+        if inside.any():
+            reference += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    assert metrics.expected_calibration_error(confidence, correct) == pytest.approx(reference, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("confidence", "correct", "n_bins", "message"),
+    [
+        ([1.5], [True], 15, "probabilities in"),
+        ([0.5], [True, False], 15, "entries"),
+        ([np.nan], [True], 15, "non-finite"),
+        ([0.5], [True], 0, "n_bins"),
+        ([], [], 15, "empty"),
+    ],
+)
+def test_expected_calibration_error_refuses_bad_input(confidence, correct, n_bins, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.expected_calibration_error(confidence, correct, n_bins=n_bins)

@@ -86,6 +86,26 @@ def test_every_method_is_evaluated_beside_the_baseline(tiny_run, tmp_path):
     assert payload["runs"]["oe"]["steps"] == 1 and payload["runs"]["oe"]["seconds"] > 0
 
 
+def test_every_row_reports_the_id_ece_of_its_model(tiny_run):
+    """The ID ECE of each model, by hand: softmax of the ID test logits, 15 equal-width bins of the top probability."""
+    benchmark, _, _, _, trained = tiny_run
+    summary = trained.summary
+    with torch.no_grad():
+        p = torch.softmax(benchmark.model(benchmark.test.data).double(), dim=1).numpy()
+    confidence, correct = p.max(axis=1), p.argmax(axis=1) == benchmark.test.labels.numpy()
+    edges = np.linspace(0, 1, 16)
+    by_hand = sum(
+        abs(correct[inside].mean() - confidence[inside].mean()) * inside.mean()
+        for inside in ((confidence > lo) & (confidence <= hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True))
+        if inside.any()
+    )
+    baseline = summary[summary["method"] == "baseline"]["id ece"]
+    assert baseline.tolist() == pytest.approx([by_hand] * len(baseline), abs=1e-12)
+    assert summary["id ece"].between(0, 1).all()
+    assert summary.groupby("method")["id ece"].nunique().max() == 1  # one value per model, on every score row
+    assert "| ID ECE |" in trained.to_markdown()
+
+
 def test_group_estimates_equal_the_mean_of_per_set_auroc(tiny_run):
     _, _, _, _, trained = tiny_run
     scores = trained.results.scores["oe: msp"]

@@ -26,7 +26,8 @@ Saving
 ``guard.save(dir)`` writes ``guard.json`` (format, version, decision rule, detector, model description with
 architecture and weight fingerprints, input contract, a sha256 checksum of every other file, and a seal over all
 of it: sha256, or HMAC-SHA256 with a signing key), ``calibration.safetensors``, the detector (``detector/``, via
-:meth:`Detector.save`) and, for a model guard, ``model.safetensors`` (the state dict). :func:`load_guard` checks
+:meth:`Detector.save`), for a model guard ``model.safetensors`` (the state dict) and, with a failure monitor
+(:meth:`Guard.fit_failure_monitor`), ``failure_monitor.safetensors``. :func:`load_guard` checks
 the seal, refuses files the guard does not list, checks every checksum and setting, and never imports, runs or
 unpickles anything from the folder: a model guard is rebuilt by a factory the *caller* names, and must match the
 recorded fingerprints (see :mod:`oodguard.guard_manifest`).
@@ -71,6 +72,7 @@ from oodguard.detectors.base import Detector, NotFittedError, Source
 from oodguard.explain import explain_inputs
 from oodguard.extraction.extract import extract
 from oodguard.extraction.model_runner import ModelRunner
+from oodguard.failure_monitor import FailureMonitor
 from oodguard.guard_manifest import (
     DECISION_LOG_FILES,
     architecture_digest,
@@ -99,6 +101,7 @@ _READABLE_VERSIONS = (1, 2, 3)
 GUARD_FILE = "guard.json"
 CALIBRATION_FILE = "calibration.safetensors"
 MODEL_FILE = "model.safetensors"
+FAILURE_MONITOR_FILE = "failure_monitor.safetensors"
 DETECTOR_DIR = "detector"
 RULES = ("threshold", "pvalue")
 _FINGERPRINT_ROWS = 32
@@ -124,6 +127,11 @@ class GuardResult:
         Why an input was decided OOD without being scored: a value outside the range seen at fit, NaN or
         infinity (see :class:`~oodguard.input_contract.InputContract`). Such inputs have score ``inf``,
         p-value 0 and prediction -1. ``None`` for inputs that were scored.
+    failure_probability : float64 ``[N]`` or None
+        Only for a guard with a failure monitor (:meth:`Guard.fit_failure_monitor`): the probability that the
+        system fails on the input, learned from logged outcomes; NaN for inputs decided OOD without scoring.
+    failure_flag : bool ``[N]`` or None
+        ``failure_probability >= `` the monitor's threshold (True for inputs not scored).
     """
 
     prediction: np.ndarray
@@ -131,6 +139,8 @@ class GuardResult:
     pvalue: np.ndarray
     is_ood: np.ndarray
     reason: list[str | None] = field(default_factory=list)
+    failure_probability: np.ndarray | None = None
+    failure_flag: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.reason:
@@ -140,7 +150,8 @@ class GuardResult:
         return int(self.score.shape[0])
 
     def to_pandas(self) -> Any:
-        """A pandas DataFrame: one row per input, columns prediction, score, pvalue, is_ood, reason.
+        """A pandas DataFrame: one row per input, columns prediction, score, pvalue, is_ood, reason (and
+        failure_probability, failure_flag with a failure monitor).
 
         Examples
         --------
@@ -151,18 +162,20 @@ class GuardResult:
         """
         import pandas as pd
 
-        return pd.DataFrame(
-            {
-                "prediction": self.prediction,
-                "score": self.score,
-                "pvalue": self.pvalue,
-                "is_ood": self.is_ood,
-                "reason": pd.Series(self.reason, dtype="object"),
-            }
-        )
+        columns = {
+            "prediction": self.prediction,
+            "score": self.score,
+            "pvalue": self.pvalue,
+            "is_ood": self.is_ood,
+            "reason": pd.Series(self.reason, dtype="object"),
+        }
+        if self.failure_probability is not None and self.failure_flag is not None:
+            columns |= {"failure_probability": self.failure_probability, "failure_flag": self.failure_flag}
+        return pd.DataFrame(columns)
 
     def to_records(self) -> list[dict[str, Any]]:
-        """One plain-Python dict per input (JSON-serialisable: the score of an unscored input is ``None``).
+        """One plain-Python dict per input (JSON-serialisable: the score of an unscored input is ``None``, and so is
+        its failure probability).
 
         Examples
         --------
@@ -170,7 +183,7 @@ class GuardResult:
         >>> r.to_records()
         [{'prediction': 2, 'score': 0.5, 'pvalue': 0.25, 'is_ood': False, 'reason': None}]
         """
-        return [
+        records = [
             {"prediction": a, "score": b if np.isfinite(b) else None, "pvalue": c, "is_ood": d, "reason": e}
             for a, b, c, d, e in zip(
                 self.prediction.tolist(),
@@ -181,6 +194,12 @@ class GuardResult:
                 strict=True,
             )
         ]
+        if self.failure_probability is not None and self.failure_flag is not None:
+            for record, p, flag in zip(
+                records, self.failure_probability.tolist(), self.failure_flag.tolist(), strict=True
+            ):
+                record |= {"failure_probability": None if np.isnan(p) else p, "failure_flag": flag}
+        return records
 
 
 @dataclass(frozen=True)
@@ -334,6 +353,8 @@ class Guard:
         scores, an upper bound with ties): the baseline against which to monitor the live OOD rate.
     input_contract_ : InputContract or None
         Row shape, dtype and value range of each input field seen at fit and calibration.
+    failure_monitor_ : FailureMonitor or None
+        Set by :meth:`fit_failure_monitor`: adds ``failure_probability`` and ``failure_flag`` to every result.
 
     Examples
     --------
@@ -405,6 +426,7 @@ class Guard:
         self.head_: tuple[torch.Tensor, torch.Tensor] | None = None
         self._fit_fingerprint: str | None = None
         self._calibration: _Calibration | None = None
+        self.failure_monitor_: FailureMonitor | None = None
         self._head_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         self._model_lock = threading.RLock()
         self._runner: ModelRunner | None = None
@@ -551,6 +573,36 @@ class Guard:
         self._head_cache = {}
         self._fit_fingerprint = _fingerprint(source) if self.detector.needs_fit else None
         self._calibration = None  # scores changed: an old calibration no longer applies
+        self.failure_monitor_ = None  # and so does a failure monitor learned on the old scores
+        return self
+
+    def fit_failure_monitor(self, x: Any, failed: Any, **params: Any) -> Guard:
+        """Learn the probability that the system fails on an input from logged outcomes; returns ``self``.
+
+        Fits a :class:`~oodguard.failure_monitor.FailureMonitor` (logistic regression on the OOD score and the
+        model's softmax summaries; see that module for what it uses and why) on rows of ``x`` and whether the
+        system failed on each. From then on :meth:`guard` and :meth:`guard_batch` report ``failure_probability``
+        and ``failure_flag`` beside the OOD decision, and :meth:`save` stores the monitor with the guard.
+
+        Parameters
+        ----------
+        x : inputs or model outputs, in any form :meth:`score` accepts (logged production inputs, or their
+            logits/features). Use inputs other than those the detector was fitted on.
+        failed : booleans (or 0/1) ``[N]``, one per row of ``x``: True where the system failed.
+        **params : ``c``, ``recall``, ``min_per_class`` of :class:`~oodguard.failure_monitor.FailureMonitor`.
+        """
+        if not self.detector.is_fitted:
+            raise NotFittedError("Guard: call fit(id_data) before fit_failure_monitor(...)")
+        monitor = FailureMonitor(**params)
+        source = self._source(x, "x")
+        if self._fit_fingerprint is not None and _fingerprint(source) == self._fit_fingerprint:
+            warnings.warn(
+                "fit_failure_monitor: the data looks identical to the detector's fit data, which it scores "
+                "optimistically low; learn the monitor from other (logged production) inputs",
+                stacklevel=2,
+            )
+        scores = self._score(source)
+        self.failure_monitor_ = monitor.fit(scores, self._logits(source.outputs), failed)
         return self
 
     def calibrate(
@@ -679,7 +731,8 @@ class Guard:
             scores = scores.cpu().numpy()
         return scores.astype(np.float64, copy=False)
 
-    def _predict(self, outputs: ModelOutputs) -> np.ndarray:
+    def _logits(self, outputs: ModelOutputs) -> torch.Tensor | None:
+        """The logits, or ``features @ W.T + b`` when only features and the head are known; None otherwise."""
         logits = outputs.logits
         if logits is None and outputs.features is not None:
             head = outputs.head
@@ -691,6 +744,10 @@ class Guard:
             if head is not None:
                 features = outputs.features
                 logits = torch.addmm(head[1].to(features.device), features, head[0].to(features.device).T)
+        return logits
+
+    def _predict(self, outputs: ModelOutputs) -> np.ndarray:
+        logits = self._logits(outputs)
         if logits is None:
             return np.full(len(outputs), -1, dtype=np.int64)
         return logits.argmax(dim=1).cpu().numpy().astype(np.int64, copy=False)
@@ -716,27 +773,51 @@ class Guard:
             :class:`ModelOutputs` (rank 2, finite values).
         """
         calibration = self._require_calibration("guard")
-        predictions, scores, pvalues, scored, reasons = self._scored(x)
+        predictions, scores, pvalues, scored, reasons, failure = self._scored(x)
         is_ood = np.ones(len(scores), dtype=bool)
         is_ood[scored] = calibration.decide(scores[scored], pvalues[scored])
-        return GuardResult(predictions, scores, pvalues, is_ood, reasons)
+        return self._result(predictions, scores, pvalues, is_ood, reasons, failure)
 
-    def _scored(self, x: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str | None]]:
-        """Predictions, scores and p-values of the rows inside the input contract; the others get -1, inf and 0."""
+    def _result(
+        self,
+        predictions: np.ndarray,
+        scores: np.ndarray,
+        pvalues: np.ndarray,
+        is_ood: np.ndarray,
+        reasons: list[str | None],
+        failure: np.ndarray | None,
+    ) -> GuardResult:
+        flag = None if failure is None or self.failure_monitor_ is None else self.failure_monitor_.flag(failure)
+        return GuardResult(predictions, scores, pvalues, is_ood, reasons, failure, flag)
+
+    def _failure(self, source: Source, scores: np.ndarray) -> np.ndarray | None:
+        if self.failure_monitor_ is None:
+            return None
+        return self.failure_monitor_.predict_proba(scores, self._logits(source.outputs))
+
+    def _scored(
+        self, x: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str | None], np.ndarray | None]:
+        """Predictions, scores, p-values (and failure probabilities with a monitor) of the rows inside the input
+        contract; the others get -1, inf, 0 (and NaN)."""
         calibration = self._require_calibration("guard")
         screened, keep, reasons = self._screen(x)
         if keep is None:
             source = self._source(x, "x")
             scores = self._score(source)
-            return self._predict(source.outputs), scores, calibration.pvalues(scores), np.ones(len(scores), bool), []
+            pvalues, failure = calibration.pvalues(scores), self._failure(source, scores)
+            return self._predict(source.outputs), scores, pvalues, np.ones(len(scores), bool), [], failure
         n = keep.shape[0]
         predictions, scores, pvalues = np.full(n, -1, np.int64), np.full(n, np.inf), np.zeros(n)
+        failure = None if self.failure_monitor_ is None else np.full(n, np.nan)
         if keep.any():
             source = self._source(screened, "x")
             scores[keep] = self._score(source)
             pvalues[keep] = calibration.pvalues(scores[keep])
             predictions[keep] = self._predict(source.outputs)
-        return predictions, scores, pvalues, keep, reasons
+            if failure is not None:
+                failure[keep] = self._failure(source, scores[keep])
+        return predictions, scores, pvalues, keep, reasons, failure
 
     def guard_batch(self, x: Any, fdr: float = 0.1) -> GuardResult:
         """Like :meth:`guard`, but decide the whole batch with Benjamini-Hochberg at false discovery rate ``fdr``.
@@ -746,9 +827,9 @@ class Guard:
         """
         self._require_calibration("guard_batch")
         fdr = check_fraction(fdr, "fdr")
-        predictions, scores, pvalues, scored, reasons = self._scored(x)
+        predictions, scores, pvalues, scored, reasons, failure = self._scored(x)
         is_ood = benjamini_hochberg(pvalues, fdr) | ~scored  # unscored rows have p-value 0: always rejected anyway
-        return GuardResult(predictions, scores, pvalues, is_ood, reasons)
+        return self._result(predictions, scores, pvalues, is_ood, reasons, failure)
 
     __call__ = guard
 
@@ -839,6 +920,8 @@ class Guard:
             "model": model_spec,
             "input": None if self.input_contract_ is None else self.input_contract_.to_json(),
         }
+        if self.failure_monitor_ is not None:  # absent without a monitor: such guards save as before
+            settings["failure_monitor"] = {"file": FAILURE_MONITOR_FILE}
 
         directory.parent.mkdir(parents=True, exist_ok=True)
         temporary = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -858,6 +941,8 @@ class Guard:
             )
             if self.model is not None:
                 persist.save(temporary / MODEL_FILE, self.model.state_dict(), kind="model_state", version=1)
+            if self.failure_monitor_ is not None:
+                self.failure_monitor_.save(temporary / FAILURE_MONITOR_FILE)
             files = sorted(p for p in temporary.rglob("*") if p.is_file())
             sealed = {**settings, "files": {p.relative_to(temporary).as_posix(): sha256_of_file(p) for p in files}}
             persist.write_json_atomic(temporary / GUARD_FILE, {**sealed, "seal": seal(sealed, signing)})
@@ -896,6 +981,8 @@ _SETTINGS: dict[str, type | tuple[type, ...]] = {
     "files": dict,
     "seal": dict,
 }
+# Settings present only when the guard has the part: a guard without it saves, and loads, as before it existed.
+_OPTIONAL_SETTINGS: dict[str, type] = {"failure_monitor": dict}
 _DECISION_FIELDS = ("rule", "tpr", "alpha", "delta", "correction", "threshold", "num_calibration", "false_alarm_rate")
 _MODEL_FIELDS = (
     "state_dict",
@@ -949,8 +1036,9 @@ def _read_config(directory: Path) -> tuple[Path, dict[str, Any], int]:
             "oodguard"
         )
     if version >= 3:
-        _check_keys(config, list(_SETTINGS), config_path, "")
-        for name, kind in _SETTINGS.items():
+        optional = [name for name in _OPTIONAL_SETTINGS if name in config]
+        _check_keys(config, [*_SETTINGS, *optional], config_path, "")
+        for name, kind in [*_SETTINGS.items(), *((name, _OPTIONAL_SETTINGS[name]) for name in optional)]:
             if not isinstance(config[name], kind) or isinstance(config[name], bool):
                 raise ValueError(f"{config_path}: field {name!r} has the wrong type ({config[name]!r}); damaged file")
     return config_path, config, version
@@ -1165,4 +1253,8 @@ def load_guard(
     if (np.diff(scores) < 0).any():
         raise ValueError(f"{calibration_path}: calibration scores are not sorted; damaged guard")
     guard._calibration = _decision_settings(decision, config_path, version, scores)
+    if version >= 3 and "failure_monitor" in config:
+        _check_keys(config["failure_monitor"], ("file",), config_path, "failure_monitor.")
+        name = _entry(config["failure_monitor"], "file", config_path, str, "failure_monitor.")
+        guard.failure_monitor_ = FailureMonitor.load(verified_file(directory, files, name, config_path))
     return guard

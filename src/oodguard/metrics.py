@@ -56,6 +56,7 @@ __all__ = [
     "evaluate",
     "evaluate_frame",
     "evaluate_oms",
+    "expected_calibration_error",
     "fpr_at_ood_tpr",
     "fpr_at_tpr",
     "paired_bootstrap",
@@ -914,6 +915,51 @@ def eaurc(scores: ArrayLike, correct: ArrayLike) -> float:
     score = _as_scores(scores, "scores")
     is_error = ~_as_correct(correct, "correct", score.size)
     return _aurc(score, is_error) - _oracle_aurc(score.size, int(is_error.sum()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Calibration
+# ----------------------------------------------------------------------------------------------------
+
+
+def expected_calibration_error(confidence: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
+    """Expected calibration error with equal-width confidence bins (Naeini et al., AAAI 2015; Guo et al., ICML 2017).
+
+    Bin ``m`` holds the samples whose confidence lies in ``((m - 1) / M, m / M]`` (bin 1 also takes confidence 0),
+    and
+
+        ECE = sum_m |B_m| / n * |accuracy(B_m) - mean confidence(B_m)|,
+
+    empty bins contributing nothing. With ``M = 15`` and the maximum softmax probability as the confidence this is
+    the ECE of Guo et al. and of the regularisation study of Chun et al. (arXiv 1906.02900), in [0, 1].
+
+    Parameters
+    ----------
+    confidence : 1-D array of the predicted class's probability, in [0, 1].
+    correct : 1-D booleans (or 0/1), True where the prediction is correct.
+    n_bins : number of equal-width bins, default 15.
+
+    Examples
+    --------
+    >>> # bin (0.8, 0.9]: accuracy 1/2, confidence 0.9; bin (0.5, 0.6]: accuracy 1, confidence 0.6
+    >>> expected_calibration_error([0.9, 0.9, 0.6, 0.6], [True, False, True, True], n_bins=10)
+    0.4
+    """
+    conf = _as_scores(confidence, "confidence")
+    if conf.size and (conf.min() < 0.0 or conf.max() > 1.0):
+        raise ValueError("confidence: expected probabilities in [0, 1] (the predicted class's softmax probability)")
+    is_correct = _as_correct(correct, "correct", conf.size)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins: expected a positive integer, got {n_bins!r}")
+    if conf.size == 0:
+        raise ValueError("confidence: empty; the ECE needs at least one sample")
+    # lower < confidence <= upper with the edges of np.linspace, as the reference implementations compare
+    bins = np.clip(np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1), conf, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    gap = np.bincount(bins, weights=is_correct.astype(np.float64), minlength=n_bins) - np.bincount(
+        bins, weights=conf, minlength=n_bins
+    )  # per bin: count * (accuracy - mean confidence)
+    return float(np.abs(gap).sum() / count.sum())
 
 
 def error_detection_auroc(scores: ArrayLike, correct: ArrayLike) -> float:

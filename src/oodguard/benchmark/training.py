@@ -276,20 +276,23 @@ class TrainingResults:
         lines = [
             f"Benchmark `{self.results.benchmark}`. AUROC in % with paired-bootstrap 95 % intervals "
             f"({self.results.settings['n_boot']} replicates) of the group mean; FPR@95 in % (ID-TPR convention); "
+            "ID ECE in %: expected calibration error of the maximum softmax probability on the ID test set (15 "
+            "equal-width bins); "
             "train s = CPU seconds of the fine-tuning. Verdict: the method's own score against the baseline's better "
             f"score (`{self.reference}`), helped / hurt when the paired-bootstrap 95 % interval of the AUROC "
             "difference (below) lies above / below 0, per group (near / far).",
             "",
-            "| method | score | ID acc. | " + " | ".join(f"{g} AUROC" for g in groups)
+            "| method | score | ID acc. | ID ECE | " + " | ".join(f"{g} AUROC" for g in groups)
             + " | near FPR@95 | far FPR@95 | train s | verdict (near / far) |",
-            "|---|---|---:|" + "---:|" * len(groups) + "---:|---:|---:|---|",
+            "|---|---|---:|---:|" + "---:|" * len(groups) + "---:|---:|---:|---|",
         ]  # fmt: skip
         for row in self.summary.to_dict(orient="records"):
             cells = [f"{100 * row[f'{g} AUROC']:.2f} [{100 * row[f'{g} low']:.2f}, {100 * row[f'{g} high']:.2f}]"
                      for g in groups]  # fmt: skip
             fpr = [f"{100 * row[f'{g} FPR@95']:.2f}" if f"{g} FPR@95" in row else "" for g in VERDICT_GROUPS]
             seconds = "" if pd.isna(row["train cpu s"]) else f"{row['train cpu s']:.1f}"
-            lines.append(f"| {row['method']} | {row['score']} | {100 * row['id accuracy']:.2f} | " + " | ".join(cells)
+            lines.append(f"| {row['method']} | {row['score']} | {100 * row['id accuracy']:.2f} | "
+                         f"{100 * row['id ece']:.2f} | " + " | ".join(cells)
                          + f" | {' | '.join(fpr)} | {seconds} | {row['verdict']} |")  # fmt: skip
         own = self.summary[self.summary["own score"] & (self.summary["method"] != BASELINE)]
         shown = [g for g in VERDICT_GROUPS if g in groups]
@@ -373,12 +376,14 @@ def run_training_benchmark(
     context["margins"] = compute_margins
     plain = dataclasses.replace(benchmark, layers=[])
     evaluations: dict[str, Results] = {}
+    calibration_errors: dict[str, float] = {}
     facts: dict[str, dict[str, Any]] = {BASELINE: {"score": "msp, energy", "seconds": None}}
     own_scores: dict[str, str | None] = {BASELINE: None}
 
     def evaluate(label: str, model: torch.nn.Module, own: str | None) -> None:
         outputs = extract_benchmark(dataclasses.replace(plain, model=model), cache_dir=outputs_cache_dir,
                                     progress=progress)  # fmt: skip
+        calibration_errors[label] = id_calibration_error(outputs[benchmark.test.name])
         extra = {}
         if own == ABSENT_CLASS:  # DOS's own score is not a registered detector (it needs the (K+1)-way head)
             names = [benchmark.test.name, *(split.name for split in benchmark.ood)]
@@ -405,7 +410,21 @@ def run_training_benchmark(
                         "note": runs[label].note}  # fmt: skip
         own_scores[label] = method.score
         evaluate(label, model, method.score)
-    return _combine(benchmark.name, evaluations, own_scores, facts, n_boot, seed)
+    return _combine(benchmark.name, evaluations, own_scores, facts, n_boot, seed, calibration_errors)
+
+
+def id_calibration_error(outputs: Any, n_bins: int = 15) -> float:
+    """ECE of the maximum softmax probability on the rows with a known class (every class of the model's output,
+    e.g. DOS's extra one: a prediction of it counts as wrong, as in the ID accuracy); NaN without logits or labels."""
+    if outputs.logits is None or outputs.labels is None:
+        return float("nan")
+    known = outputs.labels >= 0
+    if not bool(known.any()):
+        return float("nan")
+    probabilities = torch.softmax(outputs.logits[known].to(torch.float64), dim=1)
+    confidence, predicted = probabilities.max(dim=1)
+    correct = (predicted == outputs.labels[known]).numpy()
+    return metrics.expected_calibration_error(confidence.numpy(), correct, n_bins=n_bins)
 
 
 def _model_score_job(name: str, model: torch.nn.Module, benchmark: Benchmark) -> Any:
@@ -436,6 +455,7 @@ def _combine(
     facts: dict[str, dict[str, Any]],
     n_boot: int,
     seed: int,
+    calibration_errors: Mapping[str, float] | None = None,
 ) -> TrainingResults:
     tables, statuses, scores = [], [], {}
     for label, res in evaluations.items():
@@ -473,6 +493,7 @@ def _combine(
     for row in ok:
         label, _, detector = row.partition(": ")
         entry: dict[str, Any] = {"method": label, "score": detector, "row": row, "id accuracy": accuracy[label],
+                                 "id ece": (calibration_errors or {}).get(label, np.nan),
                                  "own score": detector == own_scores[label] or label == BASELINE}  # fmt: skip
         for g, group in enumerate(group_names):
             estimate, low, high = _interval(boot[row][:, g])

@@ -114,6 +114,16 @@ class ScoreResponse(BaseModel):
     reasons: list[str | None] = Field(
         description="Why an input was decided OOD without scoring (outside the range seen at fit, not finite)."
     )
+    failure_probabilities: list[float | None] | None = Field(
+        None,
+        description="Only for a guard with a failure monitor: the probability that the system fails on the input, "
+        "learned from logged outcomes (null: decided without scoring).",
+    )
+    failure_flags: list[bool] | None = Field(
+        None,
+        description="Only for a guard with a failure monitor: failure probability at or above the monitor's "
+        "threshold (true for inputs decided without scoring).",
+    )
 
 
 class ExplainRequest(BaseModel):
@@ -389,13 +399,19 @@ class GuardAdapter:
             shape = list(arrays["inputs"].shape)
             raise RequestProblem(422, f"the model cannot run on inputs of shape {shape}: {error}") from error
         scores = np.asarray(result.score, dtype=np.float64)
-        return {
+        decided = {
             "predictions": [None if p < 0 else p for p in np.asarray(result.prediction).tolist()],
             "scores": [v if np.isfinite(v) else None for v in scores.tolist()],
             "pvalues": np.asarray(result.pvalue, dtype=np.float64).tolist(),
             "is_ood": np.asarray(result.is_ood, dtype=bool).tolist(),
             "reasons": list(getattr(result, "reason", None) or [None] * len(scores)),
         }
+        failure = getattr(result, "failure_probability", None)
+        if failure is not None:  # a guard with a failure monitor; without one the response is as before
+            failure = np.asarray(failure, dtype=np.float64)
+            decided["failure_probabilities"] = [None if np.isnan(v) else v for v in failure.tolist()]
+            decided["failure_flags"] = np.asarray(result.failure_flag, dtype=bool).tolist()
+        return decided
 
     def explain(self, inputs: np.ndarray, sigma: float) -> dict[str, Any]:
         """Attribution maps of the inputs' OOD scores (see :meth:`oodguard.guard.Guard.explain`)."""

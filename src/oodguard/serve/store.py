@@ -3,8 +3,10 @@
 SQLite by default (a file; WAL mode so that readers such as ``oodguard monitor`` never block the
 writer), any SQLAlchemy URL otherwise (e.g. ``postgresql+psycopg://...``, with its driver installed).
 One row per decision: time, request id, index in the request's batch, prediction, score, p-value,
-decision, the reason of a decision made without scoring, and the replica (host and process) that made it,
-so that several replicas behind a load balancer can share one log (PostgreSQL, or SQLite on one machine).
+decision, the reason of a decision made without scoring, the replica (host and process) that made it,
+so that several replicas behind a load balancer can share one log (PostgreSQL, or SQLite on one machine),
+and, for a guard with a failure monitor, its failure probability and flag (null otherwise). Columns added
+since the first release are added, nullable, to an existing log when it is opened; no row is rewritten.
 
 Writes go through a single writer thread fed by a bounded queue: request threads never contend for the
 database. The writer takes everything queued and commits it in one transaction (group commit), then
@@ -53,9 +55,13 @@ decisions_table = sa.Table(
     sa.Column("is_ood", sa.Boolean, nullable=False),
     sa.Column("reason", sa.Text, nullable=True, comment="why the input was decided OOD without scoring"),
     sa.Column("replica", sa.String(128), nullable=True, comment="host:pid of the service replica that decided"),
+    sa.Column(
+        "failure_probability", sa.Float, nullable=True, comment="failure monitor's probability (null: no monitor)"
+    ),
+    sa.Column("failure_flag", sa.Boolean, nullable=True, comment="failure monitor's flag (null: no monitor)"),
 )
 #: Columns added since the first release: added to an existing log when it is opened.
-_ADDED_COLUMNS = ("reason", "replica")
+_ADDED_COLUMNS = ("reason", "replica", "failure_probability", "failure_flag")
 # Settings the summary needs to test the OOD rate: the guard's false-alarm rate and the test's level.
 info_table = sa.Table(
     "oodguard_log_info",
@@ -247,10 +253,15 @@ class DecisionLog:
         pvalues: Sequence[float | None] | np.ndarray | None,
         is_ood: Sequence[bool] | np.ndarray,
         reasons: Sequence[str | None] | None = None,
+        failure_probabilities: Sequence[float | None] | np.ndarray | None = None,
+        failure_flags: Sequence[bool | None] | np.ndarray | None = None,
         timestamp: float | None = None,
         block: bool = True,
     ) -> Future[int]:
         """Queue one request's decisions (row ``i`` of each array is input ``i`` of the request).
+
+        ``failure_probabilities`` and ``failure_flags`` come from a guard with a failure monitor; without them the
+        columns hold null.
 
         Returns a future that resolves to the number of rows once they are committed, or fails with
         :class:`DecisionLogError` when the database refused them. ``block=False``: raise
@@ -265,8 +276,13 @@ class DecisionLog:
         predicted = _nullable(predictions, n, int)
         pvals = _nullable(pvalues, n, float)
         why = [None] * n if reasons is None else list(reasons)
-        if not (len(decisions) == len(predicted) == len(pvals) == len(why) == n):
-            raise ValueError("decision log: predictions, scores, pvalues, is_ood and reasons must have the same length")
+        failure = _nullable(failure_probabilities, n, float)
+        flags = _nullable(failure_flags, n, bool)
+        if not (len(decisions) == len(predicted) == len(pvals) == len(why) == len(failure) == len(flags) == n):
+            raise ValueError(
+                "decision log: predictions, scores, pvalues, is_ood, reasons and failure probabilities and flags must "
+                "have the same length"
+            )
         when = time.time() if timestamp is None else float(timestamp)
         rows = [
             {
@@ -279,6 +295,8 @@ class DecisionLog:
                 "is_ood": decisions[i],
                 "reason": why[i],
                 "replica": self.replica,
+                "failure_probability": failure[i],
+                "failure_flag": flags[i],
             }
             for i in range(n)
         ]
