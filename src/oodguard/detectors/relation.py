@@ -90,7 +90,7 @@ class Relation(OutputDetector):
         # max(cos, 0) is not taken: p . p_j >= 0, so a negative cosine gives r_j <= 0 <= threshold, which the cut
         # zeroes anyway; threshold_ cuts in one in-place pass (a mask and masked_fill_ cost two and a bool temporary)
         relations = (units @ state["bank"].T).mul_(probabilities @ state["probability_bank"].T)
-        torch.nn.functional.threshold_(relations, float(self.threshold), 0.0)
+        torch.threshold_(relations, float(self.threshold), 0.0)
         if float(self.pow) != 1.0:
             relations.pow_(float(self.pow))
         return -relations.sum(dim=1, dtype=_F64)
