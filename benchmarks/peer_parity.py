@@ -5,7 +5,10 @@ For every detector that both libraries ship, both are fitted on the same fit row
 per-sample scores (both libraries score higher = more OOD; a pair whose peer uses the other sign says so in
 ``PAIRS``). Two input sets: ``digits`` (the digits benchmark's model outputs: fit split, ID test split, every OOD
 set but ``ambiguous``) and ``synthetic`` (Gaussian class clusters through a ReLU, a fixed random head, shifted
-clusters as OOD).
+clusters as OOD). Model detectors run a network on both sides: ODIN and RankFeat the digits CNN on the digits test
+images (traced to TorchScript; for RankFeat also as two parts, cut after the last feature maps), MC dropout a small
+MLP with dropout trained (seeded) on each input set's fit features, its ``state_dict`` loaded on the peer side, with
+the RNG seeded the same way so that both draw the same dropout masks.
 
 pytorch-ood is never a dependency of oodguard: it runs in its own virtual environment (``make peer-venv``:
 ``.venv-peers`` with the same local CPU torch, torchvision and pytorch-ood installed without their dependencies,
@@ -61,8 +64,11 @@ class Pair:
     peer_fit: str = "all"
     #: an attribute of the fitted oodguard detector to report beside the peer's (e.g. a fitted temperature)
     fitted: str = ""
-    #: a model detector: both run the digits model on the digits test images (inputs without a model skip it)
+    #: a model detector: both run the same network (``network``) on the same test inputs
     model: bool = False
+    #: ``digits``: the digits CNN on the digits test images (other inputs skip the pair); ``dropout``: a small MLP
+    #: with dropout trained (seeded) on each input set's fit features, scoring the test features
+    network: str = "digits"
 
 
 # Parameters are set to the same values on both sides; where the libraries' defaults differ the note says so.
@@ -105,6 +111,25 @@ PAIRS: list[Pair] = [
               "gradient of its weight only (the paper's choice); oodguard's gradnorm is the closed form of that"),
     Pair("odin", "ODIN", {"temperature": 1000.0, "epsilon": 0.0014}, {"temperature": 1000.0, "eps": 0.0014},
          model=True, note="the digits model normalises inside its forward, so neither side divides the step by a std"),
+    Pair("lts", "LTS", {"percentile": 65}, {"p": 0.35},
+         note="oodguard's percentile p leaves out p% of the units, pytorch-ood's p keeps that fraction: 65 = 0.35; "
+              "oodguard's default (the official lts function's)"),
+    Pair("lts", "LTS", {"percentile": 95}, {"p": 0.05}, note="pytorch-ood's default p = 0.05"),
+    Pair("nci", "NCI", {"alpha": 1e-4}, {"alpha": 1e-4}, note="defaults differ: pytorch-ood alpha 0, oodguard 1e-4"),
+    Pair("nci", "NCI", {"alpha": 0.0}, {"alpha": 0.0}),
+    Pair("mcdropout", "MCD", {"samples": 30, "uncertainty": "msp"}, {"samples": 30, "mode": "mean"}, model=True,
+         network="dropout",
+         note="the same dropout masks on both sides: the global RNG seeded with 0, then batches of 128 rows in the "
+              "same order, 30 passes each; oodguard returns log((1 - max p)/max p), pytorch-ood -max p (same ranks)"),
+    Pair("mcdropout", "MCD", {"samples": 30, "uncertainty": "variance"}, {"samples": 30, "mode": "var"},
+         model=True, network="dropout"),
+    Pair("mcdropout", "MCD", {"samples": 30, "uncertainty": "msp", "seed": 0},
+         {"samples": 30, "mode": "mean", "seed": 1}, model=True, network="dropout",
+         note="control: pytorch-ood's masks drawn from seed 1, independent of oodguard's: how far two independent "
+              "30-pass estimates of the same expectation lie apart"),
+    Pair("rankfeat", "RankFeat", model=True,
+         note="oodguard hooks the digits CNN's last feature maps (features.5, 32 x 7 x 7); pytorch-ood gets the same "
+              "network cut there into a backbone and the rest"),
     # Being added to oodguard: listed as skipped until registered.
     Pair("entropy", "Entropy"),
     Pair("gmm", "GMM"),
@@ -243,6 +268,7 @@ def digits_inputs(work: Path) -> dict[str, np.ndarray]:
         if not torch.equal(traced(images[:256]), bench.model(images[:256])):
             raise RuntimeError("the traced digits model's logits differ from the model's")
     traced.save(str(work / MODEL_FILE))
+    _save_split_digits_model(bench.model, images, work)
     _MODELS["digits"] = bench.model
     outputs = extract_benchmark(bench, progress=False)
     fit, test = outputs[bench.fit.name], outputs[bench.test.name]
@@ -267,6 +293,67 @@ def digits_inputs(work: Path) -> dict[str, np.ndarray]:
 
 
 _MODELS: dict[str, Any] = {}  # input name -> the model whose outputs they are
+_DROPOUT_MODELS: dict[str, Any] = {}  # input name -> the MC-dropout network trained on its fit features
+
+#: the digits CNN cut after its last feature maps (``features.5``, where oodguard's RankFeat finds them)
+BACKBONE_FILE, REST_FILE = "digits-backbone.pt", "digits-rest.pt"
+
+
+def _save_split_digits_model(model: Any, images: Any, work: Path) -> None:
+    """Trace the digits CNN as two parts (input to the last feature maps, and the rest) for pytorch-ood's RankFeat,
+    which takes a backbone and a head; their composition must give the model's logits."""
+    import torch
+
+    backbone = torch.nn.Sequential(model.normalize, *model.features[:6])
+    rest = torch.nn.Sequential(*model.features[6:], model.head)
+    with torch.no_grad():
+        maps = backbone(images[:8])
+        if maps.ndim != 4:
+            raise RuntimeError(f"the digits CNN's features[:6] gives {tuple(maps.shape)}, not feature maps")
+        traced_backbone, traced_rest = torch.jit.trace(backbone, images[:8]), torch.jit.trace(rest, maps)
+        if not torch.allclose(traced_rest(traced_backbone(images[:256])), model(images[:256]), atol=1e-5):
+            raise RuntimeError("the two traced parts of the digits model do not compose to the model")
+    traced_backbone.save(str(work / BACKBONE_FILE))
+    traced_rest.save(str(work / REST_FILE))
+
+
+# --------------------------------------------------------------------------------------------------- MC dropout
+DROPOUT_SEED, DROPOUT_BATCH = 0, 128
+
+
+def dropout_file(input_name: str) -> str:
+    return f"dropout-mlp-{input_name}.pt"
+
+
+def dropout_mlp(dim: int, classes: int) -> Any:
+    """The MC-dropout network, built the same way on both sides: features -> 128 -> ReLU -> dropout 0.5 -> classes.
+    Only torch: the peers' environment builds it too and loads the weights oodguard's side trained."""
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Linear(dim, 128), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(128, classes)
+    )
+
+
+def train_dropout_mlp(inputs: dict[str, np.ndarray], path: Path, steps: int = 300) -> Any:
+    """Train :func:`dropout_mlp` with dropout on (full-batch Adam, seeded) on the fit features and labels; save its
+    ``state_dict`` to ``path`` and return it in eval mode."""
+    import torch
+
+    features = torch.from_numpy(inputs["fit_features"])
+    labels = torch.from_numpy(inputs["fit_labels"])
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(DROPOUT_SEED)
+    model = dropout_mlp(features.shape[1], int(inputs["head_weight"].shape[0]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(features), labels).backward()
+        optimizer.step()
+    torch.random.set_rng_state(generator_state)
+    torch.save(model.state_dict(), path)
+    return model.eval()
 
 
 def resolve(params: dict[str, Any], inputs: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -287,8 +374,9 @@ def oodguard_scores(pair: Pair, inputs: dict[str, np.ndarray], model: Any = None
     from oodguard.outputs import ModelOutputs
 
     if pair.model:
-        detector = create(pair.oodguard, **resolve(pair.params, inputs)).attach(model).fit()
-        return np.asarray(detector.score(inputs["test_images"], progress=False), dtype=np.float64), None
+        x = inputs["test_images"] if pair.network == "digits" else inputs["test_features"]
+        detector = create(pair.oodguard, **resolve(pair.params, inputs)).attach(model, batch_size=DROPOUT_BATCH).fit()
+        return np.asarray(detector.score(x, progress=False), dtype=np.float64), None
 
     head = (inputs["head_weight"], inputs["head_bias"])
     fit = ModelOutputs(inputs["fit_logits"], inputs["fit_features"], inputs["fit_labels"], head=head)
@@ -392,6 +480,24 @@ def _peer_runners() -> dict[str, Callable[[Any, dict[str, Any], dict[str, Any]],
     def webo(_: Any, d: dict[str, Any], p: dict[str, Any]) -> Any:
         return detector.WeightedEBO(None, weights=torch.as_tensor(p["weights"])).predict_logits(d["test_logits"])
 
+    def lts(_: Any, d: dict[str, Any], p: dict[str, Any]) -> Any:
+        return detector.LTS(None, head(d), **p).predict_features(d["test_features"])
+
+    def mcd(_: Any, d: dict[str, Any], p: dict[str, Any]) -> Any:
+        # the network oodguard's side trained, its weights loaded; the global RNG seeded as oodguard seeds it, and
+        # the same batches in the same order, so that every pass draws the same dropout masks
+        model = dropout_mlp(d["test_features"].shape[1], d["head_weight"].shape[0])
+        model.load_state_dict(torch.load(d["dropout_path"], weights_only=True))
+        seed = p.pop("seed", DROPOUT_SEED)
+        det = detector.MCD(model.eval(), **p)
+        torch.manual_seed(seed)
+        return torch.cat([det.predict(batch) for batch in d["test_features"].split(DROPOUT_BATCH)])
+
+    def rankfeat(_: Any, d: dict[str, Any], p: dict[str, Any]) -> Any:
+        backbone, rest = (torch.jit.load(d[key]).eval() for key in ("backbone_path", "rest_path"))
+        det = detector.RankFeat(backbone, rest, **p)
+        return torch.cat([det.predict(batch) for batch in d["test_images"].split(256)])
+
     return {
         "MaxSoftmax": logits_only("MaxSoftmax"),
         "MaxLogit": logits_only("MaxLogit"),
@@ -418,6 +524,10 @@ def _peer_runners() -> dict[str, Callable[[Any, dict[str, Any], dict[str, Any]],
         "WeightedEBO": webo,
         "ODIN": odin,
         "GradNorm": gradnorm,
+        "LTS": lts,
+        "NCI": fitted_features("NCI", "head"),
+        "MCD": mcd,
+        "RankFeat": rankfeat,
     }
 
 
@@ -440,10 +550,14 @@ def peer_side(work: Path) -> None:
                 for key, value in arrays.items()
             }
             for key, job in jobs["pairs"].items():
-                if job["model"] and ("test_images" not in arrays or precision != "float32"):
+                if job["model"] and (
+                    precision != "float32" or (job["network"] == "digits" and "test_images" not in arrays)
+                ):
                     continue  # a model detector runs the model in its own precision, once
                 params = resolve(job["peer_params"], arrays)
-                data = dict(tensors, model_path=str(work / MODEL_FILE))
+                paths = {"model_path": MODEL_FILE, "backbone_path": BACKBONE_FILE, "rest_path": REST_FILE,
+                         "dropout_path": dropout_file(input_name)}  # fmt: skip
+                data = dict(tensors, **{key: str(work / name) for key, name in paths.items()})
                 if job["peer_fit"] == "correct":
                     correct = data["fit_logits"].argmax(dim=1) == data["fit_labels"]
                     data |= {name: data[name][correct] for name in ("fit_logits", "fit_features", "fit_labels")}
@@ -521,10 +635,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.inputs:
         inputs[name] = digits_inputs(work) if name == "digits" else synthetic_inputs()
         np.savez(work / f"inputs-{name}.npz", **inputs[name])
+        if any(pair.network == "dropout" for pair in pairs):
+            _DROPOUT_MODELS[name] = train_dropout_mlp(inputs[name], work / dropout_file(name))
     jobs = {
         "inputs": args.inputs,
         "pairs": {
-            pair_key(p): {"peer": p.peer, "peer_params": p.peer_params, "peer_fit": p.peer_fit, "model": p.model}
+            pair_key(p): {
+                "peer": p.peer,
+                "peer_params": p.peer_params,
+                "peer_fit": p.peer_fit,
+                "model": p.model,
+                "network": p.network,
+            }
             for p in pairs
         },
     }
@@ -543,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         for pair in pairs:
             key = pair_key(pair)
             row: dict[str, Any] = {"input": name, "key": key, "peer": _peer_label(pair)}
-            if pair.model and name not in _MODELS:
+            if pair.model and pair.network == "digits" and name not in _MODELS:
                 continue  # no model behind these inputs
             row["model"] = pair.model
             if f"float32/{key}" in errors:
@@ -551,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 continue
             try:
-                ours, value = oodguard_scores(pair, data, _MODELS.get(name))
+                network = _MODELS.get(name) if pair.network == "digits" else _DROPOUT_MODELS.get(name)
+                ours, value = oodguard_scores(pair, data, network)
             except Exception as error:  # noqa: BLE001  reported in the table
                 row["error"] = f"oodguard failed: {type(error).__name__}: {error}"
                 rows.append(row)

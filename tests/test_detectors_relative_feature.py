@@ -264,6 +264,18 @@ def test_relation_save_load_round_trip(tmp_path):
         create("relation", pow=0)
 
 
+def test_relation_row_sums_accumulate_blocks_in_float64():
+    from oodguard.detectors.relation import row_sums
+
+    rng = np.random.default_rng(16)
+    values = rng.random((6, 5000)).astype(np.float32) * (rng.random((6, 5000)) > 0.3)
+    exact = values.astype(np.float64).sum(axis=1)
+    sums = row_sums(torch.from_numpy(values))
+    assert sums.dtype == torch.float64
+    np.testing.assert_allclose(sums.numpy(), exact, rtol=2e-7)  # float32 blocks, float64 across them
+    wide = torch.from_numpy(values.astype(np.float64))
+    assert torch.equal(row_sums(wide), wide.sum(dim=1))
+    assert row_sums(torch.zeros(0, 7)).shape == (0,) and row_sums(torch.zeros(3, 0)).tolist() == [0.0, 0.0, 0.0]
 # ---------------------------------------------------------------- IGEOOD (features)
 def _fisher_rao_univariate(m1, s1, m2, s2):
     """The official closed form, sqrt(2) log((a + b) / (a - b)), written out per pair of univariate Gaussians."""

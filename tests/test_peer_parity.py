@@ -72,3 +72,19 @@ def test_every_registered_pair_scores_on_the_oodguard_side(parity):
         scores, fitted = parity.oodguard_scores(pair, inputs)
         assert scores.shape == (len(inputs["is_ood"]),) and np.isfinite(scores).all(), pair
         assert (fitted is not None) == bool(pair.fitted)
+
+
+def test_dropout_network_reloads_identically_and_its_pairs_score(parity, tmp_path):
+    inputs = parity.synthetic_inputs(seed=0, classes=4, dim=16, per_class=60)
+    model = parity.train_dropout_mlp(inputs, tmp_path / "mlp.pt", steps=20)
+    # the peer side builds the same network and loads the saved weights: the same logits in eval mode
+    rebuilt = parity.dropout_mlp(16, 4)
+    rebuilt.load_state_dict(torch.load(tmp_path / "mlp.pt", weights_only=True))
+    x = torch.from_numpy(inputs["test_features"])
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), model(x))
+    pairs = [pair for pair in parity.PAIRS if pair.network == "dropout" and pair.oodguard in set(available())]
+    assert pairs
+    for pair in pairs:
+        scores, _ = parity.oodguard_scores(pair, inputs, model)
+        assert scores.shape == (len(inputs["is_ood"]),) and np.isfinite(scores).all(), pair

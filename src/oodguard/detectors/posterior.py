@@ -93,7 +93,8 @@ def log_entropy(logits: torch.Tensor) -> torch.Tensor:
     """``log H(softmax(f))`` per row, float64, without saturation (see :class:`Entropy`)."""
     e, top, m = runner_up_terms(logits)
     r_scaled = e.sum(dim=1).to(torch.float64) - 1.0  # R' >= 1, R = e^m R'
-    a_scaled = torch.linalg.vecdot(e, top - logits).to(torch.float64)  # A' = sum e_c g_c (the top adds 0)
+    # A' = sum e_c g_c (the top adds 0); the product in place in the gaps' buffer (vecdot would add a temporary)
+    a_scaled = torch.sub(top, logits).mul_(e).sum(dim=1).to(torch.float64)
     total = torch.exp(m) * r_scaled
     # H = e^m (A' / (1 + R) + R' log1p(R) / R), and log1p(R) / R -> 1 as R -> 0 (R underflows past gaps of ~745)
     ratio = torch.where(total > 0, torch.log1p(total) / total.clamp_min(1e-300), torch.ones_like(total))
@@ -168,7 +169,7 @@ def log_doctor_alpha(logits: torch.Tensor) -> torch.Tensor:
     """``log((1 - sum p^2) / sum p^2)`` per row, float64, without saturation (see :class:`Doctor`)."""
     e, _, m = runner_up_terms(logits)
     r_scaled = e.sum(dim=1).to(torch.float64) - 1.0  # R' (R = e^m R')
-    s_scaled = torch.linalg.vecdot(e, e).to(torch.float64) - 1.0  # S' (S = e^2m S')
+    s_scaled = e.square_().sum(dim=1).to(torch.float64) - 1.0  # S' (S = e^2m S'), squared in place: no temporary
     exp_m = torch.exp(m)
     cross = (r_scaled.square() - s_scaled).clamp_min(0.0)  # sum_{i != j} e_i e_j over the other classes
     # (2R + R^2 - S) / (1 + S) with R^2 - S = e^2m cross

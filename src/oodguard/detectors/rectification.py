@@ -203,7 +203,7 @@ class LTS(OutputDetector):
     No fit: the score reads the logits and the features of the same rows. A row whose rectified features are all
     zero has no scale (``0 / 0``) and is refused.
 
-    Deviations (pytorch-ood divides the logits by the factor): docs/detectors.md, section ``lts``.
+    Deviations and pytorch-ood 0.4.0 (which also multiplies): docs/detectors.md, section ``lts``.
 
     Paper: Djurisic, Liu & Nikolic, "Logit Scaling for Out-of-Distribution Detection", arXiv:2409.01175, 2024
     (Machine Vision and Applications, 2025). Code: andrijazz/lts ``lts.py`` (``lts``), ``models/*.py``.

@@ -87,8 +87,30 @@ class Relation(OutputDetector):
         state = self.state(features.device, features.dtype)
         units = relation_units(features)
         probabilities = torch.softmax(outputs.logits.to(_F64), dim=1).to(dtype=features.dtype, device=features.device)
-        relations = (units @ state["bank"].T).clamp_min_(0.0).mul_(probabilities @ state["probability_bank"].T)
-        relations.masked_fill_(relations <= float(self.threshold), 0.0)
+        # max(cos, 0) is not taken: p . p_j >= 0, so a negative cosine gives r_j <= 0 <= threshold, which the cut
+        # zeroes anyway; threshold_ cuts in one in-place pass (a mask and masked_fill_ cost two and a bool temporary)
+        relations = (units @ state["bank"].T).mul_(probabilities @ state["probability_bank"].T)
+        torch.threshold_(relations, float(self.threshold), 0.0)
         if float(self.pow) != 1.0:
             relations.pow_(float(self.pow))
-        return -relations.sum(dim=1, dtype=_F64)
+        return -row_sums(relations)
+
+
+#: Columns per float32 partial sum in :func:`row_sums`.
+_SUM_BLOCK = 1024
+
+
+def row_sums(values: torch.Tensor) -> torch.Tensor:
+    """Row sums of a non-negative ``[n, N]`` matrix in float64, without a float64 copy of it.
+
+    Float32 rows are summed in float32 over blocks of 1024 columns (non-negative terms: each partial sum is within
+    a few float32 ulps, under 3e-8 relative in tests), and the partial sums in float64. ``sum(dtype=float64)``
+    instead casts the whole matrix, which took 20 times as long as the float32 pass and a fifth of a score call
+    at N = 50,000. Float64 rows are summed as they are.
+    """
+    if values.dtype == _F64:
+        return values.sum(dim=1)
+    rows, columns = values.shape
+    full = columns - columns % _SUM_BLOCK
+    blocks = values[:, :full].view(rows, full // _SUM_BLOCK, _SUM_BLOCK).sum(dim=2).to(_F64).sum(dim=1)
+    return blocks + values[:, full:].sum(dim=1).to(_F64)
