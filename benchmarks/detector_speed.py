@@ -439,7 +439,13 @@ def main() -> None:
     parser.add_argument("--detectors", nargs="*", default=None, help="registry names (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="score timings take the best of this many runs")
     parser.add_argument("--out", help="append the Markdown table to this file")
+    # the score / bound ratio hardly depends on the row counts (both grow linearly in N_test), so a scale's D and C
+    # can be measured with fewer rows where a full run would take hours (e.g. weiper's 100 x C perturbed logits)
+    parser.add_argument("--n-fit", type=int, help="override the scale's N_fit")
+    parser.add_argument("--n-test", type=int, help="override the scale's N_test")
     args = parser.parse_args()
+    overrides = {"n_fit": args.n_fit, "n_test": args.n_test}
+    SCALES[args.scale] = {**SCALES[args.scale], **{key: value for key, value in overrides.items() if value}}
     names = args.detectors or detectors.available()
     unknown = sorted(set(names) - set(detectors.available()))
     if unknown:
@@ -450,6 +456,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "a") as handle:
             command = f"python benchmarks/{os.path.basename(__file__)} --scale {args.scale}"
+            command += "".join(f" --{key.replace('_', '-')} {value}" for key, value in overrides.items() if value)
             handle.write(f"\n{text}\n\nCommand: `{command}`\n")
     failing = [row["detector"] for row in rows if not row["ok"]]
     if failing:

@@ -78,3 +78,18 @@ def test_gmm_refuses_bad_parameters_and_short_classes():
     features, labels = _clusters()
     with pytest.raises(ValueError, match="at least 2"):
         create("gmm").fit({"features": features[:31], "labels": labels[:31]})
+
+
+def test_gmm_refuses_covariances_that_cannot_fit_in_memory_before_allocating():
+    from oodguard.detectors.mixture import check_covariance_memory, physical_memory_bytes
+
+    # ImageNet-sized features: 1000 classes x 2048^2 float64 is 31 GiB per block
+    with pytest.raises(MemoryError, match=r"1000 classes x 2048\^2 .* 93\.8 GiB, more than .* 24\.0 GiB; reduce"):
+        check_covariance_memory("gmm", 1000, 2048, limit=24 * 2**30)
+    check_covariance_memory("gmm", 10, 64, limit=24 * 2**30)  # a few MB: fine
+    memory = physical_memory_bytes()
+    assert memory is None or memory > 2**30
+    # the detector checks before it converts or allocates anything: a [2, 1e6] float32 view costs nothing
+    wide = {"features": torch.zeros(2, 1_000_000).expand(2, -1), "labels": torch.tensor([0, 1])}
+    with pytest.raises(MemoryError, match="gmm: 2 classes"):
+        create("gmm").fit(wide)

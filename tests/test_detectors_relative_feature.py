@@ -276,6 +276,8 @@ def test_relation_row_sums_accumulate_blocks_in_float64():
     wide = torch.from_numpy(values.astype(np.float64))
     assert torch.equal(row_sums(wide), wide.sum(dim=1))
     assert row_sums(torch.zeros(0, 7)).shape == (0,) and row_sums(torch.zeros(3, 0)).tolist() == [0.0, 0.0, 0.0]
+
+
 # ---------------------------------------------------------------- IGEOOD (features)
 def _fisher_rao_univariate(m1, s1, m2, s2):
     """The official closed form, sqrt(2) log((a + b) / (a - b)), written out per pair of univariate Gaussians."""

@@ -8,6 +8,7 @@ covariance per class and the mixture likelihood in place of the nearest class).
 from __future__ import annotations
 
 import math
+import os
 from typing import ClassVar
 
 import torch
@@ -40,6 +41,30 @@ def class_scatter(centred: torch.Tensor, labels: torch.Tensor, num_classes: int)
         padded[y_sorted, position] = rows[order]
         scatter.baddbmm_(padded.transpose(1, 2), padded)
     return scatter
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_covariance_memory(name: str, num_classes: int, dim: int, limit: int | None = None) -> None:
+    """Refuse, before allocating, per-class covariances that cannot fit in memory.
+
+    The fit holds the ``[C, D, D]`` float64 scatter and the state its Cholesky factors and whitening maps, about
+    three such blocks at once; past the machine's memory the process would be killed rather than fail.
+    """
+    limit = physical_memory_bytes() if limit is None else limit
+    needed = 3 * 8 * num_classes * dim * dim
+    if limit is not None and needed > limit:
+        raise MemoryError(
+            f"{name}: {num_classes} classes x {dim}^2 float64 covariances need about {needed / 2**30:.1f} GiB, "
+            f"more than this machine's {limit / 2**30:.1f} GiB; reduce the feature dimension (e.g. PCA to a few "
+            "hundred) or use mahalanobis, which shares one covariance across classes"
+        )
 
 
 @register
@@ -91,9 +116,10 @@ class GaussianMixture(ClassStatistics):
         super().__init__()
 
     def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+        num_classes = infer_num_classes(outputs)
+        check_covariance_memory(self.name, num_classes, outputs.features.shape[1])
         z = outputs.features.to(_F64)
         labels = outputs.labels.to(device=z.device, dtype=torch.long)
-        num_classes = infer_num_classes(outputs)
         counts = class_counts(labels, num_classes, self.name, minimum=0)
         sums = z.new_zeros(num_classes, z.shape[1]).index_add_(0, labels, z)
         means = sums / counts.clamp_min(1).to(_F64)[:, None]
