@@ -96,8 +96,9 @@ def log_entropy(logits: torch.Tensor) -> torch.Tensor:
     # A' = sum e_c g_c (the top adds 0); the product in place in the gaps' buffer (vecdot would add a temporary)
     a_scaled = torch.sub(top, logits).mul_(e).sum(dim=1).to(torch.float64)
     total = torch.exp(m) * r_scaled
-    # H = e^m (A' / (1 + R) + R' log1p(R) / R), and log1p(R) / R -> 1 as R -> 0 (R underflows past gaps of ~745)
-    ratio = torch.where(total > 0, torch.log1p(total) / total.clamp_min(1e-300), torch.ones_like(total))
+    # H = e^m (A' / (1 + R) + R' log1p(R) / R), and log1p(R) / R -> 1 as R -> 0 (R underflows past gaps of ~745);
+    # below 1e-300 it is 1 to float64 precision (dividing by the clamped R there would shrink it)
+    ratio = torch.where(total > 1e-300, torch.log1p(total) / total.clamp_min(1e-300), torch.ones_like(total))
     return m + torch.log(a_scaled / (1.0 + total) + r_scaled * ratio)
 
 
