@@ -85,6 +85,38 @@ def test_doctor_alpha_does_not_saturate():
     np.testing.assert_allclose(scores, np.log(2 * 3 * np.exp(-gaps)), rtol=1e-6)  # D_alpha ~ 2R, R = 3 e^-g
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_entropy_and_doctor_when_every_other_class_is_far_below_the_top(dtype):
+    # runner-up gaps from 60 to 900: on both sides of the float32 (~60 here) and float64 (~660) limits of the one-pass
+    # path, where exp(-g) of every other class is (near) zero, mixed with an ordinary row in one call
+    gaps = np.array([60.0, 100.0, 300.0, 700.0, 900.0])
+    f = np.zeros((len(gaps) + 1, 4), dtype=dtype)
+    f[:-1, 0] = gaps
+    f[:-1, 3] = -5.0  # classes at g, g and g + 5
+    f[-1] = [1.0, 0.0, 0.0, -1.0]
+    # to O(e^-g): H = A + R, A = e^-g (2g + (g + 5) e^-5), R = e^-g (2 + e^-5); D_alpha = 2R
+    tail = np.exp(-5.0)
+    expected_h = -gaps + np.log(2 * gaps + (gaps + 5) * tail + 2 + tail)
+    expected_d = np.log(2.0) - gaps + np.log(2 + tail)
+    p = softmax(f[-1].astype(np.float64))
+    h_scores, d_scores = detectors.create("entropy").score(f), detectors.create("doctor").score(f)
+    np.testing.assert_allclose(h_scores[:-1], expected_h, rtol=1e-7 if dtype == np.float32 else 1e-12)
+    np.testing.assert_allclose(d_scores[:-1], expected_d, rtol=1e-7 if dtype == np.float32 else 1e-12)
+    rtol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(h_scores[-1], np.log(-(p * np.log(p)).sum()), rtol=rtol)
+    np.testing.assert_allclose(d_scores[-1], np.log((1 - (p**2).sum()) / (p**2).sum()), rtol=rtol)
+
+
+def test_entropy_and_doctor_count_ties_with_the_top_in_wide_rows():
+    # 20,000 classes (the tie count sums in float64 past 16,384) with the top tied 3 times, against scipy
+    f = logits(4, n=4, c=20_000).astype(np.float32)
+    f[:, :3] = f.max(axis=1, keepdims=True) + 2.0
+    p = softmax(f.astype(np.float64), axis=1)
+    g = (p**2).sum(axis=1)
+    np.testing.assert_allclose(detectors.create("entropy").score(f), np.log(-(p * np.log(p)).sum(axis=1)), rtol=1e-6)
+    np.testing.assert_allclose(detectors.create("doctor").score(f), np.log((1 - g) / g), rtol=1e-6)
+
+
 def test_doctor_refuses_bad_parameters():
     with pytest.raises(ValueError, match="parameter 'mode'"):
         detectors.create("doctor", mode="gamma")
