@@ -108,3 +108,13 @@ def tiny_bert():
         torch.manual_seed(0)
         model = transformers.BertModel(config, add_pooling_layer=False).eval()
     return HuggingFaceEncoder(model, HashTokenizer(97), max_length=32, batch_size=8, identity="tiny-bert-1")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one intra-op thread for the test: on tiny models a second thread only waits on the first (and the
+    shared CPU makes that costly)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

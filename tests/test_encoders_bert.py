@@ -35,12 +35,8 @@ TEXTS = [
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: a second thread only waits on the first (and the shared CPU makes that costly)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _tiny_models_on_one_thread(one_torch_thread):
+    """Every test here runs on one thread (see ``one_torch_thread``)."""
 
 
 def zeroed_value_projection(encoder: HuggingFaceEncoder, layer: int, head: int) -> HuggingFaceEncoder:
