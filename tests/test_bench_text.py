@@ -244,6 +244,15 @@ def test_pt_ood_table_needs_a_bert_encoder(tmp_path):
         pt_ood_table(cache_dir=tmp_path, progress=False, encoder=HashingEncoder(), subset=10)
 
 
+@pytest.mark.parametrize(("argument", "value"), [("k", 0), ("k", 2.5), ("n_boot", -1)])
+def test_pt_ood_table_checks_its_numbers_before_any_work(tmp_path, argument, value):
+    from oodguard.benchmark.text import pt_ood_table
+
+    with pytest.raises(ValueError, match=f"{argument} must be an integer >= 1"):
+        pt_ood_table(cache_dir=tmp_path, progress=False, encoder=HashingEncoder(), **{argument: value})
+    assert not any(tmp_path.iterdir())  # nothing built, embedded or cached
+
+
 def test_pt_ood_command(monkeypatch, tmp_path):
     from oodguard.benchmark import text
     from oodguard.cli import main

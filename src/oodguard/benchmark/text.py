@@ -447,6 +447,10 @@ def pt_ood_table(
     from oodguard.encoders.text import HuggingFaceEncoder, embed_texts
     from oodguard.outputs import ModelOutputs
 
+    # checked before the encoder loads and the top layer is fine-tuned, not after
+    for name, value in (("k", k), ("n_boot", n_boot)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"pt_ood_table: {name} must be an integer >= 1; got {value!r}")
     if encoder is not None and not isinstance(encoder, HuggingFaceEncoder):
         raise TypeError(
             "pt_ood_table fine-tunes the encoder's top layer: it needs a HuggingFaceEncoder (BERT family), got "
