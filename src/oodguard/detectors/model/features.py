@@ -262,33 +262,6 @@ class MahalanobisEnsemble(ModelDetector):
         return -(confidences @ weights)
 
 
-def _torch_logistic(features: torch.Tensor, targets: torch.Tensor, c: float = 1.0) -> tuple[torch.Tensor, float]:
-    """L2-regularised logistic regression (sklearn's objective with ``C = c``, intercept not penalised) by LBFGS."""
-    x = features.to(torch.float64)
-    t = targets.to(torch.float64)
-    coef = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    intercept = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [coef, intercept],
-        lr=1.0,
-        max_iter=500,
-        tolerance_grad=1e-10,
-        tolerance_change=1e-14,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        margin = x @ coef + intercept
-        loss = c * torch.nn.functional.binary_cross_entropy_with_logits(margin, t, reduction="sum")
-        loss = loss + 0.5 * coef.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return coef.detach(), float(intercept.detach())
-
-
 def fit_ensemble_weights(
     detector: MahalanobisEnsemble,
     id_inputs: Any,
@@ -314,7 +287,7 @@ def fit_ensemble_weights(
     ----------
     backend : "auto", "sklearn" or "torch"
         ``"sklearn"``: ``LogisticRegressionCV()`` with default arguments, as the official code. ``"torch"``:
-        a plain L2-regularised logistic regression (``C = 1``, no cross-validation) by LBFGS, for
+        a plain L2-regularised logistic regression (``C = 1``, no cross-validation) by Newton steps, for
         environments without scikit-learn. ``"auto"``: sklearn when importable, else torch.
     """
     if not isinstance(detector, MahalanobisEnsemble):
@@ -340,7 +313,9 @@ def fit_ensemble_weights(
             model = LogisticRegressionCV().fit(x.numpy(), t.numpy().astype(np.int64))
         weights = np.asarray(model.coef_[0], dtype=np.float64)
     else:
-        weights = _torch_logistic(x, t)[0].numpy()
+        from oodguard.logistic import fit_logistic
+
+        weights = fit_logistic(x.double().numpy(), t.double().numpy())[0]
     if not np.all(np.isfinite(weights)) or not np.any(weights):
         raise ValueError(
             "the logistic regression gave no usable weights (all zero or non-finite); the ID and OOD validation "
