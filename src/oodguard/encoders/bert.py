@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodguard import persist
-from oodguard.encoders.text import HuggingFaceEncoder, TextEncoder
+from oodguard.encoders.text import HuggingFaceEncoder, TextEncoder, mean_pool
 
 __all__ = [
     "HeadMaskedEncoder",
@@ -246,7 +246,7 @@ class TopLayers:
                         first_output = hidden
                     args, kwargs = kept.pop()
                     self._batches.append((rows, args, kwargs, mask))
-                    pooled[rows] = _mean_pool(hidden, mask).to("cpu", torch.float32)
+                    pooled[rows] = mean_pool(hidden, mask).to("cpu", torch.float32)
                     if progress is not None:
                         progress(len(rows))
         finally:
@@ -281,7 +281,7 @@ class TopLayers:
         for layer in layers:
             output = layer(hidden, *args[1:], **kwargs)
             hidden = output[0] if isinstance(output, tuple) else output  # transformers < 5 returns tuples
-        return _mean_pool(hidden, mask) if pool else hidden
+        return mean_pool(hidden, mask) if pool else hidden
 
     def rows(self, index: int) -> torch.Tensor:
         """Positions in ``texts`` of batch ``index``'s rows."""
@@ -303,11 +303,6 @@ class TopLayers:
         if not bool(torch.isfinite(pooled).all()):
             raise ValueError("the re-run layers produced non-finite embeddings; check the model's weights")
         return F.normalize(pooled, dim=1)
-
-
-def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # the pooling of HuggingFaceEncoder: mean over the real tokens
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning

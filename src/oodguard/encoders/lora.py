@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from oodguard import persist
-from oodguard.encoders.text import HuggingFaceEncoder
+from oodguard.encoders.text import HuggingFaceEncoder, mean_pool
 from oodguard.outputs import ModelOutputs
 
 __all__ = [
@@ -124,12 +124,6 @@ class LoraSettings:
             raise ValueError(f"targets must be a non-empty tuple of layer names, got {self.targets!r}")
 
 
-def _pool(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the real tokens: ``values [B, T, H]``, ``mask [B, T]`` (1 = token, 0 = padding) -> ``[B, H]``."""
-    weights = mask[..., None].to(values.dtype)
-    return (values * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-
-
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[B, 1, 1, T]``: 0 where a token may be attended to, the dtype's minimum on padding."""
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
@@ -217,7 +211,7 @@ class LoraClassifier(nn.Module):
         self._captured = []
         try:
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return _pool(hidden, attention_mask), self._features(attention_mask)
+            return mean_pool(hidden, attention_mask), self._features(attention_mask)
         finally:
             self._captured = None
 
@@ -232,7 +226,7 @@ class LoraClassifier(nn.Module):
         self._captured = []
         try:
             hidden = self._run(_layer_stack(self.model.base_model.model)[self.layers_below :], states, attention_mask)
-            return _pool(hidden, attention_mask), self._features(attention_mask)
+            return mean_pool(hidden, attention_mask), self._features(attention_mask)
         finally:
             self._captured = None
 
@@ -248,7 +242,7 @@ class LoraClassifier(nn.Module):
         captured = self._captured or []
         if len(captured) != len(self.adapted_names):
             raise RuntimeError(f"expected the outputs of {len(self.adapted_names)} adapted layers, got {len(captured)}")
-        return torch.cat([_pool(values, attention_mask) for values in captured], dim=1)
+        return torch.cat([mean_pool(values, attention_mask) for values in captured], dim=1)
 
     # ------------------------------------------------------------------ outputs, state, identity
     def outputs(

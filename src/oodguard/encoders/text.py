@@ -28,6 +28,7 @@ from oodguard.persist import sha256_of_file
 __all__ = [
     "DEFAULT_MODEL_SHA256",
     "HuggingFaceEncoder",
+    "mean_pool",
     "SentenceTransformerEncoder",
     "TextEncoder",
     "check_texts",
@@ -172,6 +173,15 @@ class SentenceTransformerEncoder(TextEncoder):
         return f"sentence-transformers:{model_fingerprint(self.model)}"
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden [B, T, H]`` over the real tokens of ``attention_mask`` (``[B, T]`` or ``[B, T, 1]``, 1 =
+    token, 0 = padding) -> ``[B, H]``: the pooling of :class:`HuggingFaceEncoder` and of its fine-tuned copies."""
+    mask = attention_mask if attention_mask.ndim == hidden.ndim else attention_mask.unsqueeze(-1)
+    mask = mask.to(hidden.dtype)
+    # Every tokenised text keeps at least its special tokens, so the mask sum is >= 1; clamp for safety.
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 class HuggingFaceEncoder(TextEncoder):
     """A Hugging Face ``AutoModel`` + tokenizer as a text encoder: mean of the last hidden state over real tokens.
 
@@ -236,9 +246,7 @@ class HuggingFaceEncoder(TextEncoder):
         device = self._device()
         batch = {key: value.to(device) for key, value in batch.items()}
         hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        # Every tokenised text keeps at least its special tokens, so the mask sum is >= 1; clamp for safety.
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return mean_pool(hidden, batch["attention_mask"])
 
     def _fingerprint(self) -> str:
         from oodguard.extraction.extract import model_fingerprint
