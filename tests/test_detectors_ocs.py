@@ -67,3 +67,12 @@ def test_bad_input_is_refused():
         detectors.create("ocs").fit(ModelOutputs(logits=torch.zeros(4, 3), labels=torch.tensor([0, 1, 2, 3])))
     with pytest.raises(ValueError, match="1-D array of class indices"):
         optimal_constant_solution(torch.tensor([0.5, 1.0]), 2)
+
+
+def test_balanced_labels_make_ocs_the_entropy_minus_log_k():
+    # a uniform OCS: -KL(p || 1/K) = H(p) - log K; entropy returns log H (why the two digits rows are identical)
+    logits = torch.randn(400, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    outputs = ModelOutputs(logits=logits, labels=torch.arange(400) % 10)
+    ocs = np.asarray(detectors.create("ocs").fit(outputs).score(outputs))
+    log_entropy = np.asarray(detectors.create("entropy").score(outputs))
+    np.testing.assert_allclose(ocs + math.log(10), np.exp(log_entropy), rtol=1e-10)
