@@ -35,6 +35,7 @@ from torch import nn
 
 from oodguard.detectors.base import Detector, OutputDetector
 from oodguard.extraction.model_runner import FEATURES, ModelRunner
+from oodguard.extraction.onnx_model import OnnxModel
 from oodguard.outputs import ModelOutputs
 
 __all__ = ["DIFFERENTIABLE_DETECTORS", "check_explainable", "score_gradients", "refine", "explain_inputs"]
@@ -131,14 +132,22 @@ def score_gradients(runner: ModelRunner, detector: Detector, inputs: Any) -> tup
         grads.append(batch.input_gradient.cpu())
     if not grads:
         raise ValueError("x: no rows to explain; pass at least one input")
-    gradient = torch.cat(grads)
+    x, gradient = torch.cat(xs), torch.cat(grads)
+    # A model may mask a NaN input (nan_to_num, attention masks): its gradient is then finite, but gradient x input
+    # would turn the whole map into NaN.
+    bad_rows = (~torch.isfinite(x).flatten(1).all(dim=1)).nonzero().flatten()
+    if len(bad_rows):
+        raise ValueError(
+            f"x: {len(bad_rows)} input(s) contain NaN or infinite values (rows {bad_rows[:10].tolist()}); "
+            "repair or remove them before explaining"
+        )
     if not bool(torch.isfinite(gradient).all()):
         bad = int((~torch.isfinite(gradient).flatten(1).all(dim=1)).sum())
         raise ValueError(
             f"explain: the gradient of the {detector.name!r} score is not finite for {bad} input(s) (a score at a "
             "point where it is not differentiable, e.g. a k-NN distance of exactly 0); explain other inputs"
         )
-    return torch.cat(xs), gradient
+    return x, gradient
 
 
 def _gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -230,6 +239,11 @@ def explain_inputs(
 
     ``model`` and the extraction settings are those the detector was fitted with; see :func:`refine` for the rest.
     """
+    if isinstance(model, OnnxModel):
+        raise ValueError(
+            "explain: the guard's model is an ONNX file run by onnxruntime, which gives no gradients; explain needs "
+            "the torch model (build the guard with the nn.Module the ONNX file was exported from)"
+        )
     if feature_layer is not None and "features" in detector.requires:
         from oodguard.extraction.modules import get_module
 
