@@ -182,7 +182,7 @@ def refine(
     times_input : multiply by the input (gradient x input); False keeps the raw gradient.
     positive : keep only the positive part (what raises the OOD score).
     sigma : standard deviation in pixels of a Gaussian smoothing over the two last axes (0: none; only for maps of
-        rank >= 2 per input).
+        rank >= 2 per input; at most a third of the maps' larger side).
     normalize : divide each map by its sum of absolute values (a map of zeros stays zeros).
 
     Returns
@@ -213,6 +213,14 @@ def refine(
     if sigma > 0:
         if maps.ndim < 3:
             raise ValueError(f"sigma: smoothing needs spatial maps [N, H, W]; these are {tuple(maps.shape)}")
+        # The kernel reaches 3 sigma on each side and the map is padded by as much: a sigma beyond the map's size
+        # flattens the map and, unbounded, would allocate padding of any size (1e5 asks for terabytes).
+        largest = max(maps.shape[-2:]) / 3
+        if sigma > largest:
+            raise ValueError(
+                f"sigma: {sigma!r} pixels blurs beyond these {tuple(maps.shape[-2:])} maps; give at most "
+                f"{largest:.4g} (a third of the larger side, so that the kernel's 3 sigma fits in the map)"
+            )
         maps = _gaussian_smooth(maps, float(sigma))
     if normalize:
         total = maps.abs().flatten(1).sum(dim=1)
