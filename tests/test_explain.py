@@ -260,3 +260,12 @@ def test_an_onnx_model_is_refused_because_it_gives_no_gradients(tmp_path):
     guard = Guard(OnnxModel(path), detector="energy").fit(images(20, 0))
     with pytest.raises(ValueError, match="ONNX file run by onnxruntime, which gives no gradients"):
         guard.explain(images(1, 0))
+
+
+def test_integer_images_are_refused_with_what_to_pass():
+    guard = one_pixel_guard()
+    for x in ((images(2, 1) * 255).astype(np.uint8), torch.zeros(2, 1, SIDE, SIDE, dtype=torch.int64)):
+        with pytest.raises(
+            ValueError, match="must be floating point, got .*(uint8|int64).*float32 scaled like the fit"
+        ):
+            guard.explain(x)

@@ -247,6 +247,15 @@ def explain_inputs(
 
     ``model`` and the extraction settings are those the detector was fitted with; see :func:`refine` for the rest.
     """
+    dtype = getattr(inputs, "dtype", None)
+    if isinstance(inputs, (np.ndarray, torch.Tensor)) and not (
+        inputs.dtype.is_floating_point if isinstance(inputs, torch.Tensor) else inputs.dtype.kind == "f"
+    ):
+        raise ValueError(
+            f"x: explain differentiates the score with respect to the inputs, which must be floating point, got "
+            f"{dtype}; pass them as the model receives them (e.g. 0-255 uint8 images as float32 scaled like the fit "
+            "data)"
+        )
     if isinstance(model, OnnxModel):
         raise ValueError(
             "explain: the guard's model is an ONNX file run by onnxruntime, which gives no gradients; explain needs "
