@@ -253,6 +253,20 @@ def test_pt_ood_table_checks_its_numbers_before_any_work(tmp_path, argument, val
     assert not any(tmp_path.iterdir())  # nothing built, embedded or cached
 
 
+def test_pt_ood_table_refuses_a_non_bert_layout_before_embedding(tiny_bert, tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from oodguard.benchmark import text
+    from oodguard.encoders import HuggingFaceEncoder
+
+    config = transformers.DistilBertConfig(vocab_size=97, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
+                                           max_position_embeddings=64)  # fmt: skip
+    distil = HuggingFaceEncoder(transformers.DistilBertModel(config).eval(), tiny_bert.tokenizer, max_length=32,
+                                identity="tiny-distilbert")  # fmt: skip
+    monkeypatch.setattr(text, "text_benchmark", lambda **_: pytest.fail("embedded before checking the layout"))
+    with pytest.raises(ValueError, match="DistilBertModel: expected a BERT-family encoder"):
+        text.pt_ood_table(cache_dir=tmp_path, progress=False, encoder=distil, subset=10)
+
+
 def test_pt_ood_command(monkeypatch, tmp_path):
     from oodguard.benchmark import text
     from oodguard.cli import main

@@ -93,3 +93,13 @@ def test_gmm_refuses_covariances_that_cannot_fit_in_memory_before_allocating():
     wide = {"features": torch.zeros(2, 1_000_000).expand(2, -1), "labels": torch.tensor([0, 1])}
     with pytest.raises(MemoryError, match="gmm: 2 classes"):
         create("gmm").fit(wide)
+
+
+def test_gmm_refuses_features_that_vary_in_no_class():
+    _, labels = _clusters()
+    constant = np.full((len(labels), 5), 2.0)  # only reg would remain: every other input scores about 1/reg
+    with pytest.raises(ValueError, match="do not vary within any class"):
+        create("gmm").fit({"features": constant, "labels": labels})
+    one_varies = constant.copy()
+    one_varies[labels == 0, 0] += np.arange((labels == 0).sum())  # one class that varies is enough to fit
+    assert np.isfinite(create("gmm").fit({"features": one_varies, "labels": labels}).score(one_varies)).all()

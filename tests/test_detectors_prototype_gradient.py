@@ -92,3 +92,14 @@ def test_grood_save_load_keeps_the_ood_features(tmp_path):
     loaded = load(tmp_path / "grood")
     np.testing.assert_array_equal(loaded.ood_features, ood)
     np.testing.assert_array_equal(loaded.score(features[:7]), detector.score(features[:7]))
+
+
+def test_grood_refuses_prototypes_that_coincide_with_the_ood_prototype():
+    _, logits, labels = _data()
+    constant = np.full((len(labels), 6), 1.5)  # every input would score (1/(C+1))^2 = 1/16
+    with pytest.raises(ValueError, match="every class prototype coincides with the OOD prototype"):
+        create("grood").fit({"features": constant, "logits": logits, "labels": labels})
+    detector = create("grood", ood_features=np.zeros((2, 6))).fit(
+        {"features": constant, "logits": logits, "labels": labels}
+    )  # an OOD prototype of its own: the gradient direction still varies
+    assert np.isfinite(detector.score(np.random.default_rng(1).normal(size=(4, 6)))).all()

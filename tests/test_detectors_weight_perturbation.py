@@ -110,3 +110,10 @@ def test_row_histograms_drop_values_outside_the_range_but_count_them_in_the_tota
     np.testing.assert_allclose(row_histograms(torch.as_tensor(values), 0.0, 1.0, 4).numpy()[0], expected)
     # edges 0, 0.25 + 2.5e-9, 0.5 + 5e-9, ...: 0.5 is still in the second bin; -5, 1 + 2e-8 and 7 fall outside
     np.testing.assert_allclose(expected, [1 / 8, 2 / 8, 0, 2 / 8])
+
+
+def test_weiper_refuses_constant_features():
+    features, weight, bias = _data()
+    constant = np.full_like(features, 0.7)  # one bin of width 1e-8: every other input falls outside the histograms
+    with pytest.raises(ValueError, match="every fit value of the features is the same"):
+        create("weiper", **PARAMS).fit({"features": constant, "head": (weight, bias)})

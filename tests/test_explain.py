@@ -210,3 +210,62 @@ def test_refusals_say_what_to_do():
         one_pixel_guard().explain(np.zeros((0, 1, SIDE, SIDE), np.float32))
     with pytest.raises(ValueError, match="same shape"):
         refine(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+class LogitsInADict(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.inner(x), "extra": x.flatten(1)}
+
+
+def test_a_model_returning_a_dict_is_explained_through_output_key():
+    guard = Guard(LogitsInADict(one_pixel_model()), detector="energy", output_key="logits").fit(images(20, 0))
+    np.testing.assert_array_equal(guard.explain(images(3, 1)), one_pixel_guard().explain(images(3, 1)))
+
+
+class NanToNum(nn.Module):
+    """Masks NaN inputs to 0, so their score and gradient stay finite while gradient x input would be NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = one_pixel_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.nan_to_num(x))
+
+
+def test_a_non_finite_input_is_refused_rather_than_mapped_to_nan():
+    guard = Guard(NanToNum(), detector="energy").fit(images(20, 0))
+    x = images(3, 1)
+    x[1, 0, 0, 0] = np.nan
+    assert np.isfinite(guard.score(x)).all()  # the model hides the NaN from the score
+    with pytest.raises(ValueError, match=r"x: 1 input\(s\) contain NaN or infinite values \(rows \[1\]\)"):
+        guard.explain(x)
+
+
+def test_an_onnx_model_is_refused_because_it_gives_no_gradients(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from oodguard.extraction.onnx_model import OnnxModel
+
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter warns that it is the older one
+        torch.onnx.export(one_pixel_model(), (torch.from_numpy(images(2, 0)),), str(path), dynamo=False,
+                          input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})  # fmt: skip
+    guard = Guard(OnnxModel(path), detector="energy").fit(images(20, 0))
+    with pytest.raises(ValueError, match="ONNX file run by onnxruntime, which gives no gradients"):
+        guard.explain(images(1, 0))
+
+
+def test_integer_images_are_refused_with_what_to_pass():
+    guard = one_pixel_guard()
+    for x in ((images(2, 1) * 255).astype(np.uint8), torch.zeros(2, 1, SIDE, SIDE, dtype=torch.int64)):
+        with pytest.raises(
+            ValueError, match="must be floating point, got .*(uint8|int64).*float32 scaled like the fit"
+        ):
+            guard.explain(x)

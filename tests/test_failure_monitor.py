@@ -213,7 +213,19 @@ def test_refitting_the_detector_drops_the_monitor():
     logged, failed = production(120, seed=5)
     guard.fit_failure_monitor(logged, failed)
     assert guard.failure_monitor_ is not None
-    assert guard.fit(id_outputs(60, seed=2)).failure_monitor_ is None
+    with pytest.warns(UserWarning, match="failure monitor .* is dropped"):
+        assert guard.fit(id_outputs(60, seed=2)).failure_monitor_ is None
+
+
+def test_rows_outside_the_input_contract_are_named_when_fitting():
+    guard = Guard(detector="knn", detector_params={"k": 3}).fit(id_outputs(60, seed=0))
+    guard.calibrate(id_outputs(60, seed=1), alpha=0.05)
+    logged, failed = production(120, seed=5)
+    logged["logits"][[3, 7]] = 1e9  # decided OOD without scoring at run time
+    outside = sum(reason is not None for reason in guard.guard(logged).reason)
+    assert outside >= 2
+    with pytest.warns(UserWarning, match=f"{outside} of 120 rows are outside the input contract"):
+        guard.fit_failure_monitor(logged, failed)
 
 
 def test_a_guard_without_logits_learns_from_the_score_and_says_so():

@@ -4,6 +4,8 @@ process and on a real server."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from guard_factory import make_model
 from oodguard.guard import Guard
@@ -75,6 +78,18 @@ def test_malformed_bodies_get_4xx_with_a_message(guard, body, status, message):
         assert client.post("/v1/explain", content="{}", headers={"content-type": "text/plain"}).status_code == 415
 
 
+def test_a_sigma_wider_than_the_images_is_refused_not_allocated():
+    rng = np.random.default_rng(0)
+    images = Guard(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), detector="energy")
+    images.fit(rng.random((30, 1, 4, 4), dtype=np.float32)).calibrate(rng.random((40, 1, 4, 4), dtype=np.float32))
+    x = rng.random((2, 1, 4, 4), dtype=np.float32).tolist()
+    with TestClient(create_app(images), raise_server_exceptions=False) as client:
+        assert client.post("/v1/explain", json={"inputs": x, "sigma": 1.0}).status_code == 200
+        for sigma in (1e5, 1e308):  # terabytes of padding; an infinite kernel radius
+            response = client.post("/v1/explain", json={"inputs": x, "sigma": sigma})
+            assert response.status_code == 422 and "blurs beyond these (4, 4) maps" in response.json()["detail"]
+
+
 def test_guards_that_cannot_explain_say_so():
     rng = np.random.default_rng(0)
     outputs_only = Guard(detector="energy").fit({"logits": rng.normal(size=(30, 3))})
@@ -135,3 +150,22 @@ def test_real_server_explains_with_the_token_and_the_size_limit(server, guard):
         lines = client.get("/metrics", headers=token).text.splitlines()
         assert 'oodguard_requests_total{path="/v1/explain",status="401"} 2.0' in lines
         assert 'oodguard_requests_total{path="/v1/explain",status="200"} 2.0' in lines
+
+
+@pytest.mark.slow
+def test_a_half_sent_body_does_not_reach_the_guard_and_the_server_keeps_serving(server, guard):
+    body = json.dumps({"inputs": rows(2, 5)}).encode()
+    head = (f"POST /v1/explain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) + 100}\r\nAuthorization: Bearer explain-token\r\n\r\n")  # fmt: skip
+    for _ in range(3):  # announce more than is sent, then hang up
+        connection = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        connection.sendall(head.encode() + body)
+        time.sleep(0.1)
+        connection.close()
+    with httpx.Client(base_url=server.url, timeout=30.0) as client:
+        token = {"Authorization": "Bearer explain-token"}
+        response = client.post("/v1/explain", json={"inputs": rows(2, 5)}, headers=token)
+        assert response.status_code == 200
+        np.testing.assert_allclose(np.asarray(response.json()["maps"]),
+                                   guard.explain(np.asarray(rows(2, 5), np.float32)), rtol=1e-6)  # fmt: skip
+        assert 'oodguard_requests_total{path="/v1/explain",status="200"}' in client.get("/metrics", headers=token).text

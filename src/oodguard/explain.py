@@ -35,6 +35,7 @@ from torch import nn
 
 from oodguard.detectors.base import Detector, OutputDetector
 from oodguard.extraction.model_runner import FEATURES, ModelRunner
+from oodguard.extraction.onnx_model import OnnxModel
 from oodguard.outputs import ModelOutputs
 
 __all__ = ["DIFFERENTIABLE_DETECTORS", "check_explainable", "score_gradients", "refine", "explain_inputs"]
@@ -131,14 +132,22 @@ def score_gradients(runner: ModelRunner, detector: Detector, inputs: Any) -> tup
         grads.append(batch.input_gradient.cpu())
     if not grads:
         raise ValueError("x: no rows to explain; pass at least one input")
-    gradient = torch.cat(grads)
+    x, gradient = torch.cat(xs), torch.cat(grads)
+    # A model may mask a NaN input (nan_to_num, attention masks): its gradient is then finite, but gradient x input
+    # would turn the whole map into NaN.
+    bad_rows = (~torch.isfinite(x).flatten(1).all(dim=1)).nonzero().flatten()
+    if len(bad_rows):
+        raise ValueError(
+            f"x: {len(bad_rows)} input(s) contain NaN or infinite values (rows {bad_rows[:10].tolist()}); "
+            "repair or remove them before explaining"
+        )
     if not bool(torch.isfinite(gradient).all()):
         bad = int((~torch.isfinite(gradient).flatten(1).all(dim=1)).sum())
         raise ValueError(
             f"explain: the gradient of the {detector.name!r} score is not finite for {bad} input(s) (a score at a "
             "point where it is not differentiable, e.g. a k-NN distance of exactly 0); explain other inputs"
         )
-    return torch.cat(xs), gradient
+    return x, gradient
 
 
 def _gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -173,7 +182,7 @@ def refine(
     times_input : multiply by the input (gradient x input); False keeps the raw gradient.
     positive : keep only the positive part (what raises the OOD score).
     sigma : standard deviation in pixels of a Gaussian smoothing over the two last axes (0: none; only for maps of
-        rank >= 2 per input).
+        rank >= 2 per input; at most a third of the maps' larger side).
     normalize : divide each map by its sum of absolute values (a map of zeros stays zeros).
 
     Returns
@@ -204,6 +213,14 @@ def refine(
     if sigma > 0:
         if maps.ndim < 3:
             raise ValueError(f"sigma: smoothing needs spatial maps [N, H, W]; these are {tuple(maps.shape)}")
+        # The kernel reaches 3 sigma on each side and the map is padded by as much: a sigma beyond the map's size
+        # flattens the map and, unbounded, would allocate padding of any size (1e5 asks for terabytes).
+        largest = max(maps.shape[-2:]) / 3
+        if sigma > largest:
+            raise ValueError(
+                f"sigma: {sigma!r} pixels blurs beyond these {tuple(maps.shape[-2:])} maps; give at most "
+                f"{largest:.4g} (a third of the larger side, so that the kernel's 3 sigma fits in the map)"
+            )
         maps = _gaussian_smooth(maps, float(sigma))
     if normalize:
         total = maps.abs().flatten(1).sum(dim=1)
@@ -230,6 +247,20 @@ def explain_inputs(
 
     ``model`` and the extraction settings are those the detector was fitted with; see :func:`refine` for the rest.
     """
+    dtype = getattr(inputs, "dtype", None)
+    if isinstance(inputs, (np.ndarray, torch.Tensor)) and not (
+        inputs.dtype.is_floating_point if isinstance(inputs, torch.Tensor) else inputs.dtype.kind == "f"
+    ):
+        raise ValueError(
+            f"x: explain differentiates the score with respect to the inputs, which must be floating point, got "
+            f"{dtype}; pass them as the model receives them (e.g. 0-255 uint8 images as float32 scaled like the fit "
+            "data)"
+        )
+    if isinstance(model, OnnxModel):
+        raise ValueError(
+            "explain: the guard's model is an ONNX file run by onnxruntime, which gives no gradients; explain needs "
+            "the torch model (build the guard with the nn.Module the ONNX file was exported from)"
+        )
     if feature_layer is not None and "features" in detector.requires:
         from oodguard.extraction.modules import get_module
 

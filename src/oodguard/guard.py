@@ -573,7 +573,13 @@ class Guard:
         self._head_cache = {}
         self._fit_fingerprint = _fingerprint(source) if self.detector.needs_fit else None
         self._calibration = None  # scores changed: an old calibration no longer applies
-        self.failure_monitor_ = None  # and so does a failure monitor learned on the old scores
+        if self.failure_monitor_ is not None:  # learned on the old scores: results would lose its columns unnoticed
+            warnings.warn(
+                "fit: the failure monitor was learned on the previous detector's scores and is dropped; results no "
+                "longer carry failure_probability until you call fit_failure_monitor(...) again",
+                stacklevel=2,
+            )
+        self.failure_monitor_ = None
         return self
 
     def fit_failure_monitor(self, x: Any, failed: Any, **params: Any) -> Guard:
@@ -599,6 +605,14 @@ class Guard:
             warnings.warn(
                 "fit_failure_monitor: the data looks identical to the detector's fit data, which it scores "
                 "optimistically low; learn the monitor from other (logged production) inputs",
+                stacklevel=2,
+            )
+        _, inside, _ = self._screen(x)
+        if inside is not None and not inside.all():
+            warnings.warn(
+                f"fit_failure_monitor: {int((~inside).sum())} of {inside.shape[0]} rows are outside the input "
+                "contract; guard() decides such inputs OOD without scoring and always flags them, so the monitor "
+                "learns from rows it will never be asked about. Drop them (with their outcomes) to fit on what it sees",
                 stacklevel=2,
             )
         scores = self._score(source)

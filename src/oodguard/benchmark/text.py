@@ -443,7 +443,7 @@ def pt_ood_table(
     """
     from oodguard import detectors, metrics
     from oodguard.benchmark.digits_model import default_cache_dir
-    from oodguard.encoders.bert import fine_tune_top_layers
+    from oodguard.encoders.bert import encoder_layers, fine_tune_top_layers
     from oodguard.encoders.text import HuggingFaceEncoder, embed_texts
     from oodguard.outputs import ModelOutputs
 
@@ -456,6 +456,8 @@ def pt_ood_table(
             "pt_ood_table fine-tunes the encoder's top layer: it needs a HuggingFaceEncoder (BERT family), got "
             f"{type(encoder).__name__}"
         )
+    if encoder is not None:
+        encoder_layers(encoder.model)  # another layout is refused now, not after embedding the whole benchmark
     root = Path(cache_dir if cache_dir is not None else default_cache_dir())
     bench = text_benchmark(cache_dir=root, progress=progress, encoder=encoder, subset=subset)
     encoder = bench.encoder

@@ -147,6 +147,12 @@ class GaussianMixture(ClassStatistics):
         means = stats["sums"] / counts[:, None]
         dim = means.shape[1]
         covariance = stats["scatter"] / counts[:, None, None]
+        if not bool((covariance.diagonal(dim1=1, dim2=2) > 0).any()):
+            raise ValueError(
+                f"{self.name}: the fit features do not vary within any class (every class covariance is zero), so "
+                f"only reg={self.reg} would remain and every input off a class mean would score about 1/reg; fit on "
+                "features that vary"
+            )
         covariance = 0.5 * (covariance + covariance.transpose(1, 2))
         covariance.diagonal(dim1=1, dim2=2).add_(float(self.reg))
         cholesky, info = torch.linalg.cholesky_ex(covariance)

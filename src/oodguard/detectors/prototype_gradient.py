@@ -113,6 +113,13 @@ class Grood(OutputDetector):
                     "pass OOD features from the same model and layer"
                 )
             ood_prototype = extra.mean(0)
+        spread = float((prototypes - ood_prototype).abs().max())
+        if spread <= 1e-12 * max(1.0, float(ood_prototype.abs().max())):
+            raise ValueError(
+                f"{self.name}: every class prototype coincides with the OOD prototype (the fit features do not differ "
+                "between classes), so the OOD probability is 1/(C+1) everywhere and every input would score the same; "
+                "fit on features that separate the classes, or pass ood_features"
+            )
         correct = outputs.logits.argmax(dim=1).to(labels.device) == labels
         if not bool(correct.any()):
             raise ValueError(

@@ -211,6 +211,13 @@ class WeiPer(OutputDetector):
             "features_range": torch.stack([z.min(), z.max()]).to(_F64),
         }
         f_low, f_high = state["features_range"].tolist()
+        if f_high <= f_low or high <= low:
+            what = "features" if f_high <= f_low else "perturbed logits"
+            raise ValueError(
+                f"{self.name}: every fit value of the {what} is the same ({f_low if f_high <= f_low else low:g}), so "
+                "the histograms have one bin of width 1e-8 and any other input falls outside them; fit on features "
+                "that vary"
+            )
         feature_density = torch.zeros(bins, dtype=_F64, device=z.device)
         logit_density = torch.zeros(bins, dtype=_F64, device=z.device)
         for start in range(0, len(z), step):
