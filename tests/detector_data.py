@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from oodguard import ModelOutputs
+from oodguard.detectors import Detector, create
 
 NUM_CLASSES = 6
 FEATURE_DIM = 32
@@ -102,3 +103,27 @@ CONTRACT_PARAMS = {
 
 def detector_params(name: str) -> dict:
     return dict(CONTRACT_PARAMS.get(name, {}))
+
+
+def head_data(
+    n: int, d: int, c: int, seed: int, *, loc: float, query_scale: float, queries: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(features [n, d], weight [c, d], bias [c], queries [queries, d])`` for the head-shaping tests: post-ReLU
+    features centred at ``loc`` (with a little positive jitter), a random head, non-negative queries."""
+    rng = np.random.default_rng(seed)
+    features = np.maximum(rng.normal(loc, 1.0, size=(n, d)), 0) + 0.01 * rng.random((n, d))
+    weight = rng.normal(size=(c, d))
+    bias = rng.normal(size=c)
+    query_rows = np.abs(rng.normal(loc, query_scale, size=(queries, d)))
+    return features, weight, bias, query_rows
+
+
+def neg_energy_by_hand(logits) -> float:
+    """``-LSE(logits)`` of one row by a Python loop (stable: shifted by the max)."""
+    m = max(logits)
+    return -(m + np.log(sum(np.exp(v - m) for v in logits)))
+
+
+def fit_with_head(name: str, features: np.ndarray, weight: np.ndarray, bias: np.ndarray, **params) -> Detector:
+    """Detector ``name`` fitted on ``features`` with the head ``(weight, bias)``."""
+    return create(name, **params).fit({"features": features, "head": (weight, bias)})
