@@ -23,7 +23,8 @@ TEMPERATURE_BOUND = 1e3
 
 
 # ---------------------------------------------------------------------- shared helpers
-def _need_two_classes(logits: torch.Tensor, name: str) -> None:
+def need_two_classes(logits: torch.Tensor, name: str) -> None:
+    """A clear error for logits of fewer than two classes (a softmax over one class carries no information)."""
     if logits.shape[1] < 2:
         raise ValueError(
             f"{name}: needs at least 2 classes (logits have C={logits.shape[1]}); a softmax over one class is "
@@ -89,7 +90,7 @@ class MSP(_LogitDetector):
     code = "Jingkang50/OpenOOD openood/postprocessors/base_postprocessor.py"
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
-        _need_two_classes(outputs.logits, self.name)
+        need_two_classes(outputs.logits, self.name)
         return neg_log_odds_msp(outputs.logits)
 
 
@@ -167,7 +168,7 @@ class GEN(_LogitDetector):
         super().__init__()
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
-        _need_two_classes(outputs.logits, self.name)
+        need_two_classes(outputs.logits, self.name)
         logits = outputs.logits
         gamma = float(self.gamma)
         m = min(int(self.M), logits.shape[1])
@@ -214,7 +215,7 @@ class KLMatching(OutputDetector):
     state_reductions = {"softmax_sums": "sum", "counts": "sum"}
 
     def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        _need_two_classes(outputs.logits, self.name)
+        need_two_classes(outputs.logits, self.name)
         logits = outputs.logits.to(torch.float64)
         num_classes = logits.shape[1]
         probs = torch.softmax(logits, dim=1)
@@ -312,7 +313,7 @@ class TemperatureScaling(OutputDetector):
     fit_requires = frozenset({"logits", "labels"})
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        _need_two_classes(outputs.logits, self.name)
+        need_two_classes(outputs.logits, self.name)
         class_counts(outputs.labels, outputs.logits.shape[1], self.name, minimum=0)
         temperature = fit_temperature(outputs.logits, outputs.labels)
         return {"temperature": torch.tensor([temperature], dtype=torch.float64)}

@@ -16,21 +16,13 @@ import torch
 from torch.nn import functional
 
 from oodguard.detectors.base import OutputDetector, register
-from oodguard.detectors.logits import neg_log_odds_msp
+from oodguard.detectors.logits import need_two_classes, neg_log_odds_msp
 from oodguard.detectors.params import ArrayLike, Interval, Options, Real, SequenceOf
 from oodguard.outputs import ModelOutputs
 
 #: Classes further than this below the runner-up add under e^-87 (~1e-38) to the sums: flooring them keeps the
 #: exponentials out of float32's denormal range, where they run many times slower.
 _FLOOR = 87.0
-
-
-def _need_two_classes(logits: torch.Tensor, name: str) -> None:
-    if logits.shape[1] < 2:
-        raise ValueError(
-            f"{name}: needs at least 2 classes (logits have C={logits.shape[1]}); a softmax over one class is "
-            "constant and carries no information"
-        )
 
 
 def runner_up_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,7 +128,7 @@ class Entropy(OutputDetector):
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         logits = outputs.logits
-        _need_two_classes(logits, self.name)
+        need_two_classes(logits, self.name)
         return log_entropy(logits)
 
 
@@ -220,7 +212,7 @@ class Doctor(OutputDetector):
         return 64 * outputs.logits.shape[1]
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
-        _need_two_classes(outputs.logits, self.name)
+        need_two_classes(outputs.logits, self.name)
         temperature = float(self.temperature)
         logits = outputs.logits if temperature == 1.0 else outputs.logits / temperature
         if self.mode == "beta":
