@@ -8,10 +8,15 @@ units no class uses: low logits, far from every class mean, and outside the subs
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import pytest
+import torch
 
 from oodguard import ModelOutputs
-from oodguard.detectors import Detector, create
+from oodguard.detectors import Detector, create, load
 
 NUM_CLASSES = 6
 FEATURE_DIM = 32
@@ -127,3 +132,15 @@ def neg_energy_by_hand(logits) -> float:
 def fit_with_head(name: str, features: np.ndarray, weight: np.ndarray, bias: np.ndarray, **params) -> Detector:
     """Detector ``name`` fitted on ``features`` with the head ``(weight, bias)``."""
     return create(name, **params).fit({"features": features, "head": (weight, bias)})
+
+
+def assert_model_round_trip(detector: Detector, model: Any, x: Any, directory: Path, **close: Any) -> None:
+    """``detector`` (attached to ``model``) saved to ``directory`` loads with the same params, refuses to score until
+    attached again, and then scores ``x`` as before (``close``: tolerances for ``torch.testing.assert_close``)."""
+    before = detector.score(x)
+    detector.save(directory)
+    loaded = load(directory)
+    assert loaded.params == detector.params
+    with pytest.raises(RuntimeError, match="attach"):
+        loaded.score(x)
+    torch.testing.assert_close(loaded.attach(model).score(x), before, **close)
