@@ -57,7 +57,7 @@ def neg_log_odds_msp(logits: torch.Tensor, temperature: torch.Tensor | float = 1
 
 
 # ---------------------------------------------------------------------- stateless scores
-class _LogitDetector(OutputDetector):
+class LogitDetector(OutputDetector):
     """Logit-only detector without fitted state."""
 
     requires = frozenset({"logits"})
@@ -72,7 +72,7 @@ class _LogitDetector(OutputDetector):
 
 
 @register
-class MSP(_LogitDetector):
+class MSP(LogitDetector):
     """Maximum softmax probability, returned as the log-odds of *not* being the top class.
 
     ``s(x) = max_c softmax(f)_c``; the OOD score is ``log((1 - s)/s) = LSE_{c != ŷ}(f_c) - f_max``, a strictly
@@ -95,7 +95,7 @@ class MSP(_LogitDetector):
 
 
 @register
-class MaxLogit(_LogitDetector):
+class MaxLogit(LogitDetector):
     """Maximum logit: ``s(x) = max_c f_c``; the OOD score is ``-max_c f_c``.
 
     Paper: Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings", ICML 2022.
@@ -112,7 +112,7 @@ class MaxLogit(_LogitDetector):
 
 
 @register
-class Energy(_LogitDetector):
+class Energy(LogitDetector):
     """Free energy: the OOD score is ``E(x; T) = -T * LSE(f / T)`` (``s(x) = -E``).
 
     Default ``temperature = 1`` (official ``--T``; OpenOOD ``ebo.yml``). Computed in the logits' dtype: the
@@ -140,7 +140,7 @@ class Energy(_LogitDetector):
 
 
 @register
-class GEN(_LogitDetector):
+class GEN(LogitDetector):
     """Generalized entropy over the ``M`` largest probabilities.
 
     ``s(x) = -sum_{j<=M} p_(j)^γ (1 - p_(j))^γ`` with ``p_(1) >= p_(2) >= ...``; the OOD score is the sum itself.

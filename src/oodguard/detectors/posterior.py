@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.nn import functional
 
-from oodguard.detectors.base import OutputDetector, register
-from oodguard.detectors.logits import need_two_classes, neg_log_odds_msp
+from oodguard.detectors.base import register
+from oodguard.detectors.logits import LogitDetector, need_two_classes, neg_log_odds_msp
 from oodguard.detectors.params import ArrayLike, Interval, Options, Real, SequenceOf
 from oodguard.outputs import ModelOutputs
 
@@ -89,7 +89,7 @@ def _exact_far_rows(
 
 
 @register
-class Entropy(OutputDetector):
+class Entropy(LogitDetector):
     """Predictive entropy of the softmax, ``H(p) = -sum_c p_c log p_c``, returned as ``log H``.
 
     ``H`` is written through the gaps to the top class (``R = sum_{c != top} p_c / p_top``, see
@@ -117,14 +117,6 @@ class Entropy(OutputDetector):
     summary = "predictive entropy of the softmax (as log H, from the logit gaps)"
     paper = "Shannon entropy of the softmax posterior (baseline of pytorch-ood; e.g. Hendrycks & Gimpel, ICLR 2017)"
     code = "kkirchheim/pytorch-ood src/pytorch_ood/detector/entropy.py"
-    requires = frozenset({"logits"})
-    needs_fit = False
-
-    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        return {}
-
-    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
-        return 64 * outputs.logits.shape[1]
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         logits = outputs.logits
@@ -157,7 +149,7 @@ def _log_entropy_from_runner_up(logits: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class Doctor(OutputDetector):
+class Doctor(LogitDetector):
     """DOCTOR: ``D_alpha`` (Gini impurity ratio) or ``D_beta`` (error-probability ratio).
 
     With ``p = softmax(f / T)`` and ``g(x) = sum_c p_c^2``:
@@ -193,8 +185,6 @@ class Doctor(OutputDetector):
         "Misclassification Errors', NeurIPS 2021"
     )
     code = "https://github.com/fgranese/DOCTOR (lib_discriminators/discriminators.py: g_x, pe_x, doctor_ratio)"
-    requires = frozenset({"logits"})
-    needs_fit = False
     _parameter_constraints = {
         "mode": [Options(["alpha", "beta"])],
         "temperature": [Interval(Real, 0, None, closed="neither")],
@@ -204,12 +194,6 @@ class Doctor(OutputDetector):
         self.mode = mode
         self.temperature = temperature
         super().__init__()
-
-    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        return {}
-
-    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
-        return 64 * outputs.logits.shape[1]
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         need_two_classes(outputs.logits, self.name)
@@ -242,7 +226,7 @@ def _log_doctor_alpha_from_runner_up(logits: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class WeightedEnergy(OutputDetector):
+class WeightedEnergy(LogitDetector):
     """Weighted energy (WEBO): ``E_w(x) = -log sum_c relu(w_c) exp(f_c)``, the OOD score.
 
     ``weights`` are the per-class weights ``w`` of the weighted energy that VOS learns during training (its
@@ -267,8 +251,6 @@ class WeightedEnergy(OutputDetector):
     summary = "weighted energy -log sum_c relu(w_c) exp(f_c) with VOS's learned class weights"
     paper = "Du, Wang, Cai & Li, 'VOS: Learning What You Don't Know by Virtual Outlier Synthesis', ICLR 2022"
     code = "kkirchheim/pytorch-ood src/pytorch_ood/detector/webo.py (WeightedEBO); deeplearning-wisc/vos"
-    requires = frozenset({"logits"})
-    needs_fit = False
     required_params = ("weights",)
     _parameter_constraints = {"weights": [ArrayLike(ndim=1), SequenceOf(Real)]}
 
@@ -280,9 +262,6 @@ class WeightedEnergy(OutputDetector):
         values = torch.as_tensor(np.asarray(self.weights, dtype=np.float64))
         if values.numel() == 0 or not bool(torch.isfinite(values).all()) or not bool((values > 0).any()):
             raise self._param_error("weights", "a non-empty, finite length-C array with at least one positive weight")
-
-    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        return {}
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         return 32 * outputs.logits.shape[1]
