@@ -144,3 +144,13 @@ def assert_model_round_trip(detector: Detector, model: Any, x: Any, directory: P
     with pytest.raises(RuntimeError, match="attach"):
         loaded.score(x)
     torch.testing.assert_close(loaded.attach(model).score(x), before, **close)
+
+
+def confidence_probe() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A 2-input, 3-class linear model (bias 0) and three inputs: confident ``[8, 0]``, flat ``[0, 0]`` and almost
+    flat ``[0.05, 0]``; an ODIN-style score ranks them confident < almost flat < flat."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+        model[0].bias.zero_()
+    return model, torch.tensor([[8.0, 0.0], [0.0, 0.0], [0.05, 0.0]])

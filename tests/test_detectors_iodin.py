@@ -9,7 +9,7 @@ from oodguard import detectors
 from oodguard.detectors.model.iodin import largest_gradient_step
 from oodguard.extraction.model_runner import ModelRunner
 
-from detector_data import assert_model_round_trip
+from detector_data import assert_model_round_trip, confidence_probe
 
 
 def _iodin_by_hand(model, x, t, eps, std):
@@ -78,11 +78,7 @@ def test_epsilon_zero_is_temperature_scaled_msp(cnn, images):
 
 
 def test_direction_confident_input_scores_lower():
-    model = nn.Sequential(nn.Linear(2, 3))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
-        model[0].bias.zero_()
-    x = torch.tensor([[8.0, 0.0], [0.0, 0.0], [0.05, 0.0]])
+    model, x = confidence_probe()  # confident, flat, almost flat
     scores = detectors.create("iodin").attach(model).score(x)
     assert scores[0] < scores[2] < scores[1]
 
