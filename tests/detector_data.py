@@ -8,9 +8,15 @@ units no class uses: low logits, far from every class mean, and outside the subs
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import pytest
+import torch
 
 from oodguard import ModelOutputs
+from oodguard.detectors import Detector, create, load
 
 NUM_CLASSES = 6
 FEATURE_DIM = 32
@@ -102,3 +108,49 @@ CONTRACT_PARAMS = {
 
 def detector_params(name: str) -> dict:
     return dict(CONTRACT_PARAMS.get(name, {}))
+
+
+def head_data(
+    n: int, d: int, c: int, seed: int, *, loc: float, query_scale: float, queries: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(features [n, d], weight [c, d], bias [c], queries [queries, d])`` for the head-shaping tests: post-ReLU
+    features centred at ``loc`` (with a little positive jitter), a random head, non-negative queries."""
+    rng = np.random.default_rng(seed)
+    features = np.maximum(rng.normal(loc, 1.0, size=(n, d)), 0) + 0.01 * rng.random((n, d))
+    weight = rng.normal(size=(c, d))
+    bias = rng.normal(size=c)
+    query_rows = np.abs(rng.normal(loc, query_scale, size=(queries, d)))
+    return features, weight, bias, query_rows
+
+
+def neg_energy_by_hand(logits) -> float:
+    """``-LSE(logits)`` of one row by a Python loop (stable: shifted by the max)."""
+    m = max(logits)
+    return -(m + np.log(sum(np.exp(v - m) for v in logits)))
+
+
+def fit_with_head(name: str, features: np.ndarray, weight: np.ndarray, bias: np.ndarray, **params) -> Detector:
+    """Detector ``name`` fitted on ``features`` with the head ``(weight, bias)``."""
+    return create(name, **params).fit({"features": features, "head": (weight, bias)})
+
+
+def assert_model_round_trip(detector: Detector, model: Any, x: Any, directory: Path, **close: Any) -> None:
+    """``detector`` (attached to ``model``) saved to ``directory`` loads with the same params, refuses to score until
+    attached again, and then scores ``x`` as before (``close``: tolerances for ``torch.testing.assert_close``)."""
+    before = detector.score(x)
+    detector.save(directory)
+    loaded = load(directory)
+    assert loaded.params == detector.params
+    with pytest.raises(RuntimeError, match="attach"):
+        loaded.score(x)
+    torch.testing.assert_close(loaded.attach(model).score(x), before, **close)
+
+
+def confidence_probe() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A 2-input, 3-class linear model (bias 0) and three inputs: confident ``[8, 0]``, flat ``[0, 0]`` and almost
+    flat ``[0.05, 0]``; an ODIN-style score ranks them confident < almost flat < flat."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+        model[0].bias.zero_()
+    return model, torch.tensor([[8.0, 0.0], [0.0, 0.0], [0.05, 0.0]])

@@ -14,6 +14,8 @@ from oodguard.detectors.model.gradient import ODIN, GradNormAutograd
 from oodguard.extraction.extract import extract
 from oodguard.extraction.model_runner import ModelRunner
 
+from detector_data import confidence_probe
+
 
 @pytest.fixture(scope="module")
 def images():  # 10 rows: three batches of 4 (overrides the shared 12-image fixture)
@@ -69,11 +71,7 @@ def test_odin_epsilon_zero_is_temperature_scaled_msp(cnn, images):
 
 
 def test_odin_direction_confident_input_scores_lower():
-    model = nn.Sequential(nn.Linear(2, 3))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
-        model[0].bias.zero_()
-    x = torch.tensor([[8.0, 0.0], [0.0, 0.0], [0.05, 0.0]])  # confident, flat, almost flat
+    model, x = confidence_probe()  # confident, flat, almost flat
     scores = detectors.create("odin").attach(model).score(x)
     assert scores[0] < scores[2] < scores[1]
 

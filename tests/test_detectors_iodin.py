@@ -9,6 +9,8 @@ from oodguard import detectors
 from oodguard.detectors.model.iodin import largest_gradient_step
 from oodguard.extraction.model_runner import ModelRunner
 
+from detector_data import assert_model_round_trip, confidence_probe
+
 
 def _iodin_by_hand(model, x, t, eps, std):
     """The official postprocessor: CE to the argmax at T, gradient, mask of the largest |g| per sample over every
@@ -76,11 +78,7 @@ def test_epsilon_zero_is_temperature_scaled_msp(cnn, images):
 
 
 def test_direction_confident_input_scores_lower():
-    model = nn.Sequential(nn.Linear(2, 3))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
-        model[0].bias.zero_()
-    x = torch.tensor([[8.0, 0.0], [0.0, 0.0], [0.05, 0.0]])
+    model, x = confidence_probe()  # confident, flat, almost flat
     scores = detectors.create("iodin").attach(model).score(x)
     assert scores[0] < scores[2] < scores[1]
 
@@ -88,13 +86,7 @@ def test_direction_confident_input_scores_lower():
 def test_save_load_round_trip(cnn, images, tmp_path):
     det = detectors.create("iodin", temperature=100.0, epsilon=0.01, scale_by_std=False)
     runner = ModelRunner(cnn, input_std=0.5)
-    before = det.attach(runner).score(images)
-    det.save(tmp_path / "iodin")
-    loaded = detectors.load(tmp_path / "iodin")
-    assert loaded.params == det.params
-    with pytest.raises(RuntimeError, match="attach"):
-        loaded.score(images)
-    torch.testing.assert_close(loaded.attach(runner).score(images), before)
+    assert_model_round_trip(det.attach(runner), runner, images, tmp_path / "iodin")
 
 
 def test_bad_parameters_and_inputs():

@@ -8,6 +8,8 @@ from torch import nn
 from oodguard import detectors
 from oodguard.extraction.model_runner import ModelRunner
 
+from detector_data import assert_model_round_trip
+
 
 def _model(p=0.5):
     torch.manual_seed(3)
@@ -91,13 +93,7 @@ def test_direction_confident_input_scores_lower():
 def test_save_load_round_trip(tmp_path):
     model, x = _model(), _inputs()
     det = detectors.create("mcdropout", samples=3, uncertainty="entropy", seed=5).attach(model)
-    before = det.score(x)
-    det.save(tmp_path / "mcd")
-    loaded = detectors.load(tmp_path / "mcd")
-    assert loaded.params == det.params
-    with pytest.raises(RuntimeError, match="attach"):
-        loaded.score(x)
-    torch.testing.assert_close(loaded.attach(model).score(x), before, rtol=0, atol=0)
+    assert_model_round_trip(det, model, x, tmp_path / "mcd", rtol=0, atol=0)
 
 
 def test_a_model_without_dropout_gets_a_clear_error():

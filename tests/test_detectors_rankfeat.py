@@ -9,6 +9,8 @@ from oodguard import detectors
 from oodguard.detectors.model.rankfeat import last_feature_map_layer, remove_rank_one
 from oodguard.extraction.model_runner import ModelRunner
 
+from detector_data import assert_model_round_trip
+
 
 def _remove_rank_one_numpy(a):
     out = np.empty_like(a)
@@ -95,13 +97,7 @@ def test_finds_the_last_block_of_a_resnet_like_model():
 
 def test_save_load_round_trip(cnn, images, tmp_path):
     det = detectors.create("rankfeat", layers=["features.2"], temperature=3.0).attach(cnn)
-    before = det.score(images)
-    det.save(tmp_path / "rankfeat")
-    loaded = detectors.load(tmp_path / "rankfeat")
-    assert loaded.params == det.params
-    with pytest.raises(RuntimeError, match="attach"):
-        loaded.score(images)
-    torch.testing.assert_close(loaded.attach(cnn).score(images), before)
+    assert_model_round_trip(det, cnn, images, tmp_path / "rankfeat")
 
 
 def test_bad_parameters_and_layers(cnn, images):

@@ -8,23 +8,11 @@ import torch
 
 from oodguard.detectors import create, load
 
+from detector_data import fit_with_head, head_data, neg_energy_by_hand
+
 
 def _data(n=60, d=16, c=5, seed=0):
-    rng = np.random.default_rng(seed)
-    features = np.maximum(rng.normal(0.4, 1.0, size=(n, d)), 0) + 0.01 * rng.random((n, d))
-    weight = rng.normal(size=(c, d))
-    bias = rng.normal(size=c)
-    queries = np.abs(rng.normal(0.4, 1.5, size=(9, d)))
-    return features, weight, bias, queries
-
-
-def _neg_energy(logits):
-    m = max(logits)
-    return -(m + np.log(sum(np.exp(v - m) for v in logits)))
-
-
-def _fit(name, features, weight, bias, **params):
-    return create(name, **params).fit({"features": features, "head": (weight, bias)})
+    return head_data(n, d, c, seed, loc=0.4, query_scale=1.5, queries=9)
 
 
 # ---------------------------------------------------------------- VRA
@@ -36,16 +24,16 @@ def test_vra_known_answer(low, high, gamma):
     expected = []
     for z in queries:
         h = np.array([0.0 if z[d] < a[d] else (b[d] if z[d] > b[d] else z[d] + gamma) for d in range(len(z))])
-        expected.append(_neg_energy(weight @ h + bias))
-    detector = _fit("vra", features, weight, bias, lower_percentile=low, upper_percentile=high, gamma=gamma)
+        expected.append(neg_energy_by_hand(weight @ h + bias))
+    detector = fit_with_head("vra", features, weight, bias, lower_percentile=low, upper_percentile=high, gamma=gamma)
     np.testing.assert_allclose(detector.score({"features": queries}), expected, rtol=1e-10)
 
 
 def test_vra_with_the_whole_range_and_no_gamma_is_the_energy():
     features, weight, bias, queries = _data(seed=1)
-    detector = _fit("vra", features, weight, bias, lower_percentile=0, upper_percentile=100)
+    detector = fit_with_head("vra", features, weight, bias, lower_percentile=0, upper_percentile=100)
     inside = np.clip(queries, features.min(0), features.max(0))
-    expected = [_neg_energy(weight @ z + bias) for z in inside]
+    expected = [neg_energy_by_hand(weight @ z + bias) for z in inside]
     np.testing.assert_allclose(detector.score({"features": inside}), expected, rtol=1e-10)
 
 
@@ -59,14 +47,14 @@ def test_vra_refuses_crossed_percentiles():
 def test_bats_known_answer(lam):
     features, weight, bias, queries = _data(seed=2)
     mean, std = features.mean(axis=0), features.std(axis=0)  # population std
-    expected = [_neg_energy(weight @ np.clip(z, mean - lam * std, mean + lam * std) + bias) for z in queries]
-    detector = _fit("bats", features, weight, bias, lam=lam)
+    expected = [neg_energy_by_hand(weight @ np.clip(z, mean - lam * std, mean + lam * std) + bias) for z in queries]
+    detector = fit_with_head("bats", features, weight, bias, lam=lam)
     np.testing.assert_allclose(detector.score({"features": queries}), expected, rtol=1e-10)
 
 
 def test_bats_partial_fit_equals_fit_and_refuses_another_head():
     features, weight, bias, queries = _data(seed=3)
-    full = _fit("bats", features, weight, bias)
+    full = fit_with_head("bats", features, weight, bias)
     parts = create("bats")
     for chunk in np.array_split(np.arange(len(features)), 3):
         parts.partial_fit({"features": features[chunk], "head": (weight, bias)})
@@ -88,7 +76,7 @@ def test_lts_known_answer(p):
     for z, f in zip(signed, logits, strict=True):
         r = np.maximum(z, 0)
         scale = (r.sum() / np.sort(r)[::-1][:k].sum()) ** 2
-        expected.append(_neg_energy(scale * f))
+        expected.append(neg_energy_by_hand(scale * f))
     detector = create("lts", percentile=p)
     assert not detector.needs_fit
     np.testing.assert_allclose(detector.score({"features": signed, "logits": logits}), expected, rtol=1e-10)
@@ -106,7 +94,7 @@ def test_lts_refuses_rows_without_activation_and_too_high_percentiles():
 @pytest.mark.parametrize("name", ["vra", "bats"])
 def test_float32_scores_match_float64(name):
     features, weight, bias, queries = _data(seed=5)
-    detector = _fit(name, features, weight, bias)
+    detector = fit_with_head(name, features, weight, bias)
     np.testing.assert_allclose(
         detector.score({"features": queries.astype(np.float32)}), detector.score({"features": queries}), rtol=1e-5
     )
@@ -115,7 +103,7 @@ def test_float32_scores_match_float64(name):
 @pytest.mark.parametrize("name", ["vra", "bats"])
 def test_save_load_round_trip(name, tmp_path):
     features, weight, bias, queries = _data(seed=6)
-    detector = _fit(name, features, weight, bias)
+    detector = fit_with_head(name, features, weight, bias)
     detector.save(tmp_path)
     again = load(tmp_path)
     np.testing.assert_array_equal(again.score({"features": queries}), detector.score({"features": queries}))

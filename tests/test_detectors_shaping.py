@@ -12,23 +12,11 @@ from oodguard.detectors import create, implementation
 from oodguard.detectors.base import clone
 from oodguard.detectors.shaping import kept_count, shape_activations
 
+from detector_data import fit_with_head, head_data, neg_energy_by_hand
+
 
 def _data(n=50, d=20, c=6, seed=0):
-    rng = np.random.default_rng(seed)
-    features = np.maximum(rng.normal(0.3, 1.0, size=(n, d)), 0) + 0.01 * rng.random((n, d))
-    weight = rng.normal(size=(c, d))
-    bias = rng.normal(size=c)
-    queries = np.abs(rng.normal(0.3, 1.2, size=(8, d)))
-    return features, weight, bias, queries
-
-
-def _neg_energy(logits):
-    m = max(logits)
-    return -(m + np.log(sum(np.exp(v - m) for v in logits)))
-
-
-def _fit(name, features, weight, bias, **params):
-    return create(name, **params).fit({"features": features, "head": (weight, bias)})
+    return head_data(n, d, c, seed, loc=0.3, query_scale=1.2, queries=8)
 
 
 def _top_k_indices(z, k):
@@ -40,8 +28,8 @@ def _top_k_indices(z, k):
 def test_react_known_answer(p):
     features, weight, bias, queries = _data()
     threshold = np.percentile(features, p)
-    expected = [_neg_energy(weight @ np.minimum(z, threshold) + bias) for z in queries]
-    detector = _fit("react", features, weight, bias, percentile=p)
+    expected = [neg_energy_by_hand(weight @ np.minimum(z, threshold) + bias) for z in queries]
+    detector = fit_with_head("react", features, weight, bias, percentile=p)
     assert float(detector.state_["threshold"]) == pytest.approx(threshold, rel=1e-12)
     np.testing.assert_allclose(detector.score({"features": queries}), expected, rtol=1e-10)
 
@@ -54,8 +42,8 @@ def test_dice_known_answer(p):
     contribution = weight * mean[None, :]
     threshold = np.percentile(contribution, p)
     masked = np.where(contribution > threshold, weight, 0.0)
-    expected = [_neg_energy(masked @ z + bias) for z in queries]
-    detector = _fit("dice", features, weight, bias, percentile=p)
+    expected = [neg_energy_by_hand(masked @ z + bias) for z in queries]
+    detector = fit_with_head("dice", features, weight, bias, percentile=p)
     np.testing.assert_allclose(detector.score({"features": queries}), expected, rtol=1e-10)
     assert int((detector.state_["weight"] != 0).sum()) == int((contribution > threshold).sum())
 
@@ -63,7 +51,7 @@ def test_dice_known_answer(p):
 def test_dice_partial_fit_and_merge_equal_full_fit():
     features, weight, bias, queries = _data(n=90, seed=2)
     head = (weight, bias)
-    full = _fit("dice", features, weight, bias)
+    full = fit_with_head("dice", features, weight, bias)
     chunked = create("dice")
     for rows in (slice(0, 17), slice(17, 60), slice(60, 90)):
         chunked.partial_fit({"features": features[rows], "head": head})
@@ -78,8 +66,8 @@ def test_dice_partial_fit_and_merge_equal_full_fit():
 
 def test_dice_refuses_to_merge_different_heads():
     features, weight, bias, _ = _data(seed=3)
-    left = _fit("dice", features, weight, bias)
-    right = _fit("dice", features, weight + 1.0, bias)
+    left = fit_with_head("dice", features, weight, bias)
+    right = fit_with_head("dice", features, weight + 1.0, bias)
     with pytest.raises(ValueError, match="different heads"):
         left.merge(right)
 
@@ -92,7 +80,7 @@ def test_dice_save_load_keeps_partial_fit(tmp_path):
     detector = create("dice").partial_fit({"features": features[:30], "head": head})
     detector.save(tmp_path)
     restored = load(tmp_path).partial_fit({"features": features[30:], "head": head})
-    full = _fit("dice", features, weight, bias)
+    full = fit_with_head("dice", features, weight, bias)
     np.testing.assert_allclose(restored.score({"features": queries}), full.score({"features": queries}), atol=1e-10)
 
 
@@ -115,8 +103,8 @@ def _reference_ash(z, p, variant):
 @pytest.mark.parametrize("p", [90, 65, 0])
 def test_ash_known_answer(variant, p):
     features, weight, bias, queries = _data(seed=5)
-    expected = [_neg_energy(weight @ _reference_ash(z, p, variant) + bias) for z in queries]
-    detector = _fit("ash", features, weight, bias, variant=variant, percentile=p)
+    expected = [neg_energy_by_hand(weight @ _reference_ash(z, p, variant) + bias) for z in queries]
+    detector = fit_with_head("ash", features, weight, bias, variant=variant, percentile=p)
     np.testing.assert_allclose(detector.score({"features": queries}), expected, rtol=1e-10)
     shaped = shape_activations(torch.from_numpy(queries), p, variant).numpy()
     np.testing.assert_allclose(shaped, [_reference_ash(z, p, variant) for z in queries], rtol=1e-12)
@@ -136,15 +124,15 @@ def test_ash_variants_worked_by_hand(variant, logits):
     z = np.array([[4.0, 1.0, 3.0, 0.0, 2.0]])
     weight = np.array([[1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0]])  # logit c reads entry 0 and entry 2
     bias = np.array([0.0, 0.5])
-    detector = _fit("ash", z, weight, bias, variant=variant, percentile=60)
+    detector = fit_with_head("ash", z, weight, bias, variant=variant, percentile=60)
     expected = -np.logaddexp(*logits)
     assert detector.score({"features": z})[0] == pytest.approx(expected, rel=1e-12)
 
 
 def test_ash_default_is_ash_s_at_90():
     features, weight, bias, queries = _data(seed=12)
-    default = _fit("ash", features, weight, bias).score({"features": queries})
-    explicit = _fit("ash", features, weight, bias, variant="s", percentile=90).score({"features": queries})
+    default = fit_with_head("ash", features, weight, bias).score({"features": queries})
+    explicit = fit_with_head("ash", features, weight, bias, variant="s", percentile=90).score({"features": queries})
     np.testing.assert_array_equal(default, explicit)
 
 
@@ -173,12 +161,12 @@ def test_ash_s_float32_does_not_overflow():
     weight, bias = rng.normal(size=(4, 800)), rng.normal(size=4)
     features = rng.random((30, 800))
     queries = rng.random((5, 800))
-    detector = _fit("ash", features, weight, bias, percentile=99.9)
+    detector = fit_with_head("ash", features, weight, bias, percentile=99.9)
     scores64 = detector.score({"features": queries})
     scores32 = detector.score({"features": queries.astype(np.float32)})
     assert np.all(np.isfinite(scores32))
     np.testing.assert_allclose(scores32, scores64, rtol=1e-4)
-    expected = [_neg_energy(weight @ _reference_ash(z, 99.9, "s") + bias) for z in queries]
+    expected = [neg_energy_by_hand(weight @ _reference_ash(z, 99.9, "s") + bias) for z in queries]
     np.testing.assert_allclose(scores64, expected, rtol=1e-10)
 
 
@@ -190,8 +178,8 @@ def test_scale_known_answer(p):
     for z in queries:
         k = len(z) - int(np.round(len(z) * p / 100.0))
         ratio = z.sum() / z[_top_k_indices(z, k)].sum()
-        expected.append(_neg_energy(weight @ (z * np.exp(ratio)) + bias))  # the bias is not scaled
-    detector = _fit("scale", features, weight, bias, percentile=p)
+        expected.append(neg_energy_by_hand(weight @ (z * np.exp(ratio)) + bias))  # the bias is not scaled
+    detector = fit_with_head("scale", features, weight, bias, percentile=p)
     np.testing.assert_allclose(detector.score({"features": queries}), expected, rtol=1e-10)
 
 
@@ -199,7 +187,7 @@ def test_scale_known_answer(p):
 @pytest.mark.parametrize("name", ["ash", "scale"])
 def test_signed_features_with_non_positive_kept_sum_are_refused(name):
     features, weight, bias, queries = _data(seed=9)
-    detector = _fit(name, features, weight, bias)
+    detector = fit_with_head(name, features, weight, bias)
     signed = queries.copy()
     signed[0] = -np.abs(signed[0])  # every entry negative: the kept top-k sum is negative
     with pytest.raises(ValueError, match="non-negative"):
@@ -209,26 +197,26 @@ def test_signed_features_with_non_positive_kept_sum_are_refused(name):
 @pytest.mark.parametrize("name", ["ash", "scale"])
 def test_all_zero_rows_score_as_the_bias_alone(name):
     features, weight, bias, queries = _data(seed=10)
-    detector = _fit(name, features, weight, bias)
+    detector = fit_with_head(name, features, weight, bias)
     rows = queries.copy()
     rows[2] = 0.0
     scores = detector.score({"features": rows})
-    assert scores[2] == pytest.approx(_neg_energy(bias), rel=1e-12)
+    assert scores[2] == pytest.approx(neg_energy_by_hand(bias), rel=1e-12)
 
 
 def test_ash_p_and_b_accept_signed_features():
     features, weight, bias, queries = _data(seed=11)
     signed = queries - 1.0
     for variant in ("p", "b"):
-        scores = _fit("ash", features, weight, bias, variant=variant).score({"features": signed})
-        expected = [_neg_energy(weight @ _reference_ash(z, 90, variant) + bias) for z in signed]
+        scores = fit_with_head("ash", features, weight, bias, variant=variant).score({"features": signed})
+        expected = [neg_energy_by_hand(weight @ _reference_ash(z, 90, variant) + bias) for z in signed]
         np.testing.assert_allclose(scores, expected, rtol=1e-10)
 
 
 @pytest.mark.parametrize("name", ["react", "dice", "ash", "scale"])
 def test_float32_features_agree_with_float64(name):
     features, weight, bias, queries = _data(n=200, d=64, seed=12)
-    detector = _fit(name, features, weight, bias)
+    detector = fit_with_head(name, features, weight, bias)
     scores32 = detector.score({"features": torch.from_numpy(queries.astype(np.float32))})
     np.testing.assert_allclose(scores32.numpy(), detector.score({"features": queries}), rtol=1e-5, atol=1e-5)
 
@@ -264,13 +252,13 @@ def test_bad_parameters_are_refused(name, params):
 def test_percentile_that_keeps_nothing_is_refused_at_fit(name):
     features, weight, bias, _ = _data(d=8)
     with pytest.raises(ValueError, match="keeps no activation"):
-        _fit(name, features, weight, bias, percentile=95)  # round(8 * 0.95) = 8 -> k = 0
+        fit_with_head(name, features, weight, bias, percentile=95)  # round(8 * 0.95) = 8 -> k = 0
 
 
 @pytest.mark.parametrize("name", ["react", "dice", "ash", "scale"])
 def test_state_does_not_alias_the_callers_head(name):
     features, weight, bias, queries = _data(seed=13)
-    detector = _fit(name, features, weight, bias)
+    detector = fit_with_head(name, features, weight, bias)
     before = detector.score({"features": queries})
     weight[:] = 0.0
     bias[:] = 0.0
@@ -303,7 +291,7 @@ def test_signature_names_every_parameter_keyword_only_with_its_default(name):
 @pytest.mark.parametrize("name", sorted(GIVEN))
 def test_get_params_are_the_arguments_as_given_and_clone_is_unfitted(name):
     features, weight, bias, queries = _data()
-    detector = _fit(name, features, weight, bias, **GIVEN[name])
+    detector = fit_with_head(name, features, weight, bias, **GIVEN[name])
     params = detector.get_params()
     assert params == GIVEN[name]
     assert {k: type(v) for k, v in params.items()} == {k: type(v) for k, v in GIVEN[name].items()}

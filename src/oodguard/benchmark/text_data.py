@@ -209,32 +209,27 @@ def _shipped(name: str) -> Any:
     return resources.files("oodguard.benchmark").joinpath("data").joinpath(name)
 
 
-def load_text_data() -> dict[str, Any]:
-    """The shipped WordNet data (see :func:`build_text_data` for its layout)."""
-    source = _shipped(DATA_FILE)
+def _load_shipped(name: str, expected_format: Any, what: str) -> dict[str, Any]:
+    """A shipped ``.json.gz`` file, checked to exist and to carry ``expected_format``; ``what`` names it in errors."""
+    source = _shipped(name)
     if not source.is_file():
         raise FileNotFoundError(
-            f"the packaged text benchmark data {DATA_FILE} is missing; reinstall oodguard or regenerate it with "
-            "scripts/make_text_data.py"
+            f"the packaged {what} {name} is missing; reinstall oodguard or regenerate it with scripts/make_text_data.py"
         )
     data = json.loads(gzip.decompress(source.read_bytes()).decode("utf-8"))
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{DATA_FILE}: format {data.get('format')!r}, expected {FORMAT!r}; regenerate it")
+    if data.get("format") != expected_format:
+        raise ValueError(f"{name}: format {data.get('format')!r}, expected {expected_format!r}; regenerate it")
     return data
+
+
+def load_text_data() -> dict[str, Any]:
+    """The shipped WordNet data (see :func:`build_text_data` for its layout)."""
+    return _load_shipped(DATA_FILE, FORMAT, "text benchmark data")
 
 
 def load_synonyms() -> dict[str, str]:
     """The shipped synonym table (see :func:`build_synonyms`): word -> its WordNet synonym."""
-    source = _shipped(SYNONYMS_FILE)
-    if not source.is_file():
-        raise FileNotFoundError(
-            f"the packaged synonym table {SYNONYMS_FILE} is missing; reinstall oodguard or regenerate it with "
-            "scripts/make_text_data.py"
-        )
-    data = json.loads(gzip.decompress(source.read_bytes()).decode("utf-8"))
-    if data.get("format") != SYNONYMS_FORMAT:
-        raise ValueError(f"{SYNONYMS_FILE}: format {data.get('format')!r}, expected {SYNONYMS_FORMAT!r}; regenerate it")
-    return dict(data["synonyms"])
+    return dict(_load_shipped(SYNONYMS_FILE, SYNONYMS_FORMAT, "synonym table")["synonyms"])
 
 
 def license_notice() -> str:

@@ -581,6 +581,18 @@ def refuse_non_finite(name: str, scores: torch.Tensor) -> None:
         )
 
 
+def named_layers(outputs: ModelOutputs, names: list[str], detector: str, stage: str) -> list[torch.Tensor]:
+    """``outputs.layers[name]`` for each of ``names``; a missing one is an error naming the layers that are there."""
+    missing = [name for name in names if name not in outputs.layers]
+    if missing:
+        available = ", ".join(repr(k) for k in sorted(outputs.layers)) or "none"
+        raise ValueError(
+            f"{detector}: layer(s) {missing} are missing from the outputs at {stage} (available: {available}); "
+            "extract them with extract(model, data, layers=[...]) or choose layers from the available ones"
+        )
+    return [outputs.layers[name] for name in names]
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equality of parameter values that may hold tensors or arrays."""
     if isinstance(a, (torch.Tensor, np.ndarray)) or isinstance(b, (torch.Tensor, np.ndarray)):

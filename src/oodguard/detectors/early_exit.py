@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodguard.detectors.base import OutputDetector, class_counts, infer_num_classes, register
+from oodguard.detectors.base import OutputDetector, class_counts, infer_num_classes, named_layers, register
 from oodguard.detectors.params import Integral, Interval, Options, Real, SequenceOf, Text
 from oodguard.detectors.trained import cached_training, feature_scaling, seeded, standardised, train_networks
 from oodguard.outputs import ModelOutputs, as_outputs
@@ -197,14 +197,7 @@ class EarlyExit(OutputDetector):
 
     # ------------------------------------------------------------------ layers
     def _layer_maps(self, outputs: ModelOutputs, names: list[str], stage: str) -> list[torch.Tensor]:
-        missing = [name for name in names if name not in outputs.layers]
-        if missing:
-            available = ", ".join(repr(k) for k in sorted(outputs.layers)) or "none"
-            raise ValueError(
-                f"{self.name}: layer(s) {missing} are missing from the outputs at {stage} (available: {available}); "
-                "extract them with extract(model, data, layers=[...]) or choose layers from the available ones"
-            )
-        maps = [outputs.layers[name].detach().cpu() for name in names]
+        maps = [tensor.detach().cpu() for tensor in named_layers(outputs, names, self.name, stage)]
         for name, tensor in zip(names, maps, strict=True):
             if tensor.ndim > 2 + len(_POOLS):
                 raise ValueError(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from oodguard.detectors.base import SCORE_MEMORY_BUDGET, OutputDetector, class_counts, register
+from oodguard.detectors.base import SCORE_MEMORY_BUDGET, OutputDetector, class_counts, named_layers, register
 from oodguard.detectors.params import Integral, Interval, Options, Real, SequenceOf, Text
 from oodguard.outputs import ModelOutputs
 
@@ -154,14 +154,7 @@ class Gram(OutputDetector):
 
     # ------------------------------------------------------------------ helpers
     def _layer_maps(self, outputs: ModelOutputs, names: list[str], stage: str) -> list[torch.Tensor]:
-        missing = [name for name in names if name not in outputs.layers]
-        if missing:
-            available = ", ".join(repr(k) for k in sorted(outputs.layers)) or "none"
-            raise ValueError(
-                f"{self.name}: layer(s) {missing} are missing from the outputs at {stage} (available: {available}); "
-                "extract them with extract(model, data, layers=[...]) or choose layers from the available ones"
-            )
-        return [outputs.layers[name] for name in names]
+        return named_layers(outputs, names, self.name, stage)
 
     def _gram(self, maps: torch.Tensor, name: str) -> torch.Tensor:
         """:func:`gram_features` in row chunks that fit the memory budget; refuses float64 overflow."""

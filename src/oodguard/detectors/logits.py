@@ -23,7 +23,8 @@ TEMPERATURE_BOUND = 1e3
 
 
 # ---------------------------------------------------------------------- shared helpers
-def _need_two_classes(logits: torch.Tensor, name: str) -> None:
+def need_two_classes(logits: torch.Tensor, name: str) -> None:
+    """A clear error for logits of fewer than two classes (a softmax over one class carries no information)."""
     if logits.shape[1] < 2:
         raise ValueError(
             f"{name}: needs at least 2 classes (logits have C={logits.shape[1]}); a softmax over one class is "
@@ -56,7 +57,7 @@ def neg_log_odds_msp(logits: torch.Tensor, temperature: torch.Tensor | float = 1
 
 
 # ---------------------------------------------------------------------- stateless scores
-class _LogitDetector(OutputDetector):
+class LogitDetector(OutputDetector):
     """Logit-only detector without fitted state."""
 
     requires = frozenset({"logits"})
@@ -71,7 +72,7 @@ class _LogitDetector(OutputDetector):
 
 
 @register
-class MSP(_LogitDetector):
+class MSP(LogitDetector):
     """Maximum softmax probability, returned as the log-odds of *not* being the top class.
 
     ``s(x) = max_c softmax(f)_c``; the OOD score is ``log((1 - s)/s) = LSE_{c != ŷ}(f_c) - f_max``, a strictly
@@ -89,12 +90,12 @@ class MSP(_LogitDetector):
     code = "Jingkang50/OpenOOD openood/postprocessors/base_postprocessor.py"
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
-        _need_two_classes(outputs.logits, self.name)
+        need_two_classes(outputs.logits, self.name)
         return neg_log_odds_msp(outputs.logits)
 
 
 @register
-class MaxLogit(_LogitDetector):
+class MaxLogit(LogitDetector):
     """Maximum logit: ``s(x) = max_c f_c``; the OOD score is ``-max_c f_c``.
 
     Paper: Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings", ICML 2022.
@@ -111,7 +112,7 @@ class MaxLogit(_LogitDetector):
 
 
 @register
-class Energy(_LogitDetector):
+class Energy(LogitDetector):
     """Free energy: the OOD score is ``E(x; T) = -T * LSE(f / T)`` (``s(x) = -E``).
 
     Default ``temperature = 1`` (official ``--T``; OpenOOD ``ebo.yml``). Computed in the logits' dtype: the
@@ -139,7 +140,7 @@ class Energy(_LogitDetector):
 
 
 @register
-class GEN(_LogitDetector):
+class GEN(LogitDetector):
     """Generalized entropy over the ``M`` largest probabilities.
 
     ``s(x) = -sum_{j<=M} p_(j)^γ (1 - p_(j))^γ`` with ``p_(1) >= p_(2) >= ...``; the OOD score is the sum itself.
@@ -167,7 +168,7 @@ class GEN(_LogitDetector):
         super().__init__()
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
-        _need_two_classes(outputs.logits, self.name)
+        need_two_classes(outputs.logits, self.name)
         logits = outputs.logits
         gamma = float(self.gamma)
         m = min(int(self.M), logits.shape[1])
@@ -214,7 +215,7 @@ class KLMatching(OutputDetector):
     state_reductions = {"softmax_sums": "sum", "counts": "sum"}
 
     def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        _need_two_classes(outputs.logits, self.name)
+        need_two_classes(outputs.logits, self.name)
         logits = outputs.logits.to(torch.float64)
         num_classes = logits.shape[1]
         probs = torch.softmax(logits, dim=1)
@@ -312,7 +313,7 @@ class TemperatureScaling(OutputDetector):
     fit_requires = frozenset({"logits", "labels"})
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        _need_two_classes(outputs.logits, self.name)
+        need_two_classes(outputs.logits, self.name)
         class_counts(outputs.labels, outputs.logits.shape[1], self.name, minimum=0)
         temperature = fit_temperature(outputs.logits, outputs.labels)
         return {"temperature": torch.tensor([temperature], dtype=torch.float64)}

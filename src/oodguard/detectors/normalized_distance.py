@@ -13,7 +13,7 @@ import copy
 import torch
 
 from oodguard.detectors.base import register
-from oodguard.detectors.distance import Mahalanobis, RelativeMahalanobis, normalize_rows
+from oodguard.detectors.distance import ClassStatistics, Mahalanobis, RelativeMahalanobis, normalize_rows
 from oodguard.outputs import ModelOutputs
 
 _PAPER = "Mueller & Hein, 'Mahalanobis++: Improving OOD Detection via Feature Normalization', arXiv:2505.18032, 2025"
@@ -26,8 +26,18 @@ def _normalized(outputs: ModelOutputs) -> ModelOutputs:
     return copied
 
 
+class _OnNormalizedFeatures(ClassStatistics):
+    """Fit and score the class statistics of the next class in the MRO on L2-normalised features."""
+
+    def _fit_features(self, outputs: ModelOutputs) -> torch.Tensor:
+        return normalize_rows(outputs.features.to(torch.float64))
+
+    def _score_complete(self, outputs: ModelOutputs) -> torch.Tensor:
+        return super()._score_complete(_normalized(outputs))
+
+
 @register
-class MahalanobisPlusPlus(Mahalanobis):
+class MahalanobisPlusPlus(_OnNormalizedFeatures, Mahalanobis):
     """Mahalanobis++: ``mahalanobis`` on L2-normalised features.
 
     Fit (ID training features and true labels): ``z_hat = z / ||z||``; class means, tied covariance (biased, 1/N) and
@@ -44,15 +54,9 @@ class MahalanobisPlusPlus(Mahalanobis):
     paper = _PAPER
     code = "https://github.com/mueller-mp/maha-norm (OpenOOD/openood/postprocessors/mdsn_postprocessor.py)"
 
-    def _fit_features(self, outputs: ModelOutputs) -> torch.Tensor:
-        return normalize_rows(outputs.features.to(torch.float64))
-
-    def _score_complete(self, outputs: ModelOutputs) -> torch.Tensor:
-        return super()._score_complete(_normalized(outputs))
-
 
 @register
-class RelativeMahalanobisPlusPlus(RelativeMahalanobis):
+class RelativeMahalanobisPlusPlus(_OnNormalizedFeatures, RelativeMahalanobis):
     """Relative Mahalanobis on L2-normalised features (the RMDS variant of Mahalanobis++).
 
     As :class:`~oodguard.detectors.distance.RelativeMahalanobis` with every feature replaced by ``z / ||z||`` at fit
@@ -66,9 +70,3 @@ class RelativeMahalanobisPlusPlus(RelativeMahalanobis):
     summary = "Relative Mahalanobis distance (class minus global Gaussian) of L2-normalised features"
     paper = _PAPER
     code = "https://github.com/mueller-mp/maha-norm (OpenOOD/openood/postprocessors/rmdsn_postprocessor.py)"
-
-    def _fit_features(self, outputs: ModelOutputs) -> torch.Tensor:
-        return normalize_rows(outputs.features.to(torch.float64))
-
-    def _score_complete(self, outputs: ModelOutputs) -> torch.Tensor:
-        return super()._score_complete(_normalized(outputs))

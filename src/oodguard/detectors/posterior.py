@@ -15,22 +15,14 @@ import numpy as np
 import torch
 from torch.nn import functional
 
-from oodguard.detectors.base import OutputDetector, register
-from oodguard.detectors.logits import neg_log_odds_msp
+from oodguard.detectors.base import register
+from oodguard.detectors.logits import LogitDetector, need_two_classes, neg_log_odds_msp
 from oodguard.detectors.params import ArrayLike, Interval, Options, Real, SequenceOf
 from oodguard.outputs import ModelOutputs
 
 #: Classes further than this below the runner-up add under e^-87 (~1e-38) to the sums: flooring them keeps the
 #: exponentials out of float32's denormal range, where they run many times slower.
 _FLOOR = 87.0
-
-
-def _need_two_classes(logits: torch.Tensor, name: str) -> None:
-    if logits.shape[1] < 2:
-        raise ValueError(
-            f"{name}: needs at least 2 classes (logits have C={logits.shape[1]}); a softmax over one class is "
-            "constant and carries no information"
-        )
 
 
 def runner_up_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,7 +89,7 @@ def _exact_far_rows(
 
 
 @register
-class Entropy(OutputDetector):
+class Entropy(LogitDetector):
     """Predictive entropy of the softmax, ``H(p) = -sum_c p_c log p_c``, returned as ``log H``.
 
     ``H`` is written through the gaps to the top class (``R = sum_{c != top} p_c / p_top``, see
@@ -125,18 +117,10 @@ class Entropy(OutputDetector):
     summary = "predictive entropy of the softmax (as log H, from the logit gaps)"
     paper = "Shannon entropy of the softmax posterior (baseline of pytorch-ood; e.g. Hendrycks & Gimpel, ICLR 2017)"
     code = "kkirchheim/pytorch-ood src/pytorch_ood/detector/entropy.py"
-    requires = frozenset({"logits"})
-    needs_fit = False
-
-    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        return {}
-
-    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
-        return 64 * outputs.logits.shape[1]
 
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         logits = outputs.logits
-        _need_two_classes(logits, self.name)
+        need_two_classes(logits, self.name)
         return log_entropy(logits)
 
 
@@ -165,7 +149,7 @@ def _log_entropy_from_runner_up(logits: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class Doctor(OutputDetector):
+class Doctor(LogitDetector):
     """DOCTOR: ``D_alpha`` (Gini impurity ratio) or ``D_beta`` (error-probability ratio).
 
     With ``p = softmax(f / T)`` and ``g(x) = sum_c p_c^2``:
@@ -201,8 +185,6 @@ class Doctor(OutputDetector):
         "Misclassification Errors', NeurIPS 2021"
     )
     code = "https://github.com/fgranese/DOCTOR (lib_discriminators/discriminators.py: g_x, pe_x, doctor_ratio)"
-    requires = frozenset({"logits"})
-    needs_fit = False
     _parameter_constraints = {
         "mode": [Options(["alpha", "beta"])],
         "temperature": [Interval(Real, 0, None, closed="neither")],
@@ -213,14 +195,8 @@ class Doctor(OutputDetector):
         self.temperature = temperature
         super().__init__()
 
-    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        return {}
-
-    def _score_row_bytes(self, outputs: ModelOutputs) -> int:
-        return 64 * outputs.logits.shape[1]
-
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
-        _need_two_classes(outputs.logits, self.name)
+        need_two_classes(outputs.logits, self.name)
         temperature = float(self.temperature)
         logits = outputs.logits if temperature == 1.0 else outputs.logits / temperature
         if self.mode == "beta":
@@ -250,7 +226,7 @@ def _log_doctor_alpha_from_runner_up(logits: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class WeightedEnergy(OutputDetector):
+class WeightedEnergy(LogitDetector):
     """Weighted energy (WEBO): ``E_w(x) = -log sum_c relu(w_c) exp(f_c)``, the OOD score.
 
     ``weights`` are the per-class weights ``w`` of the weighted energy that VOS learns during training (its
@@ -275,8 +251,6 @@ class WeightedEnergy(OutputDetector):
     summary = "weighted energy -log sum_c relu(w_c) exp(f_c) with VOS's learned class weights"
     paper = "Du, Wang, Cai & Li, 'VOS: Learning What You Don't Know by Virtual Outlier Synthesis', ICLR 2022"
     code = "kkirchheim/pytorch-ood src/pytorch_ood/detector/webo.py (WeightedEBO); deeplearning-wisc/vos"
-    requires = frozenset({"logits"})
-    needs_fit = False
     required_params = ("weights",)
     _parameter_constraints = {"weights": [ArrayLike(ndim=1), SequenceOf(Real)]}
 
@@ -288,9 +262,6 @@ class WeightedEnergy(OutputDetector):
         values = torch.as_tensor(np.asarray(self.weights, dtype=np.float64))
         if values.numel() == 0 or not bool(torch.isfinite(values).all()) or not bool((values > 0).any()):
             raise self._param_error("weights", "a non-empty, finite length-C array with at least one positive weight")
-
-    def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        return {}
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         return 32 * outputs.logits.shape[1]

@@ -16,21 +16,10 @@ import torch
 
 from oodguard.detectors.base import OutputDetector, register
 from oodguard.detectors.params import Interval, Real
-from oodguard.detectors.shaping import kept_count
+from oodguard.detectors.shaping import HeadStateDetector, head_state, kept_count, neg_energy_of_head
 from oodguard.outputs import ModelOutputs
 
 _F64 = torch.float64
-
-
-def _head_copy(outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-    """The head in float64 on the features' device (copies: the state never aliases the caller's arrays)."""
-    device = outputs.features.device
-    weight, bias = (t.to(device=device, dtype=_F64, copy=True) for t in outputs.head)
-    return {"weight": weight, "bias": bias}
-
-
-def _neg_energy_of_head(features: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    return -torch.logsumexp(torch.addmm(state["bias"], features, state["weight"].T), dim=1).to(_F64)
 
 
 def vra_rectify(features: torch.Tensor, low: torch.Tensor, high: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -39,10 +28,7 @@ def vra_rectify(features: torch.Tensor, low: torch.Tensor, high: torch.Tensor, g
     return shaped.masked_fill_(features < low, 0.0)
 
 
-class _RectifiedEnergy(OutputDetector):
-    requires = frozenset({"features"})
-    fit_requires = frozenset({"features", "head"})
-
+class _RectifiedEnergy(HeadStateDetector):
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         assert self.state_ is not None
         c, d = self.state_["weight"].shape
@@ -98,7 +84,7 @@ class VRA(_RectifiedEnergy):
             raise self._param_error("lower_percentile", f"at most upper_percentile ({self.upper_percentile})")
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        state = _head_copy(outputs)
+        state = head_state(outputs)
         # numpy's per-column percentile (linear interpolation) partitions instead of sorting: far faster than
         # torch.quantile along a dimension
         features = outputs.features.detach().cpu().numpy()
@@ -112,7 +98,7 @@ class VRA(_RectifiedEnergy):
         features = outputs.features
         state = self.state(features.device, features.dtype)
         shaped = vra_rectify(features, state["low"], state["high"], float(self.gamma))
-        return _neg_energy_of_head(shaped, state)
+        return neg_energy_of_head(shaped, state)
 
 
 @register
@@ -156,21 +142,11 @@ class BATS(_RectifiedEnergy):
 
     def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         features = outputs.features.to(_F64)
-        stats = _head_copy(outputs)
+        stats = head_state(outputs)
         stats["feature_sum"] = features.sum(dim=0)
         stats["feature_square_sum"] = (features * features).sum(dim=0)
         stats["count"] = torch.tensor([float(features.shape[0])], dtype=_F64, device=features.device)
         return stats
-
-    def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if a["weight"].shape != b["weight"].shape or not (
-            torch.equal(a["weight"], b["weight"].to(a["weight"].device))
-            and torch.equal(a["bias"], b["bias"].to(a["bias"].device))
-        ):
-            raise ValueError(f"{self.name}: the chunks were fitted with different heads; fit on outputs of one model")
-        combined = super()._combine(a, b)
-        combined["weight"], combined["bias"] = a["weight"], a["bias"]
-        return combined
 
     def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         count = stats["count"]
@@ -182,7 +158,7 @@ class BATS(_RectifiedEnergy):
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         features = outputs.features
         state = self.state(features.device, features.dtype)
-        return _neg_energy_of_head(torch.clamp(features, min=state["low"], max=state["high"]), state)
+        return neg_energy_of_head(torch.clamp(features, min=state["low"], max=state["high"]), state)
 
 
 @register

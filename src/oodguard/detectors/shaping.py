@@ -30,7 +30,7 @@ _ASH_VARIANTS = ("p", "b", "s")
 _BELOW_HUNDRED = [Interval(Real, 0, 100, closed="left")]
 
 
-def _head_state(outputs: ModelOutputs) -> dict[str, torch.Tensor]:
+def head_state(outputs: ModelOutputs) -> dict[str, torch.Tensor]:
     """The head in float64 on the features' device; copies, so that the state never aliases the caller's arrays."""
     device = outputs.features.device
     weight, bias = (t.to(device=device, dtype=torch.float64, copy=True) for t in outputs.head)
@@ -39,6 +39,11 @@ def _head_state(outputs: ModelOutputs) -> dict[str, torch.Tensor]:
 
 def _neg_energy(logits: torch.Tensor) -> torch.Tensor:
     return -torch.logsumexp(logits, dim=1).to(torch.float64)
+
+
+def neg_energy_of_head(features: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``-LSE(W z + b)`` in float64 with the head ``(W, b)`` of ``state``."""
+    return _neg_energy(torch.addmm(state["bias"], features, state["weight"].T))
 
 
 def kept_count(feature_dim: int, percentile_value: float) -> int:
@@ -130,11 +135,29 @@ def _scaled_logits(kept: torch.Tensor, scale: torch.Tensor | None, state: dict[s
     return torch.addcmul(state["bias"].to(torch.float64), products.to(torch.float64), scale.to(torch.float64)[:, None])
 
 
-class _HeadShapingDetector(OutputDetector):
-    """Shared declarations: features + head at fit, features at score, energy of the modified logits."""
+class HeadStateDetector(OutputDetector):
+    """Features + head at fit, features at score; the head copied into the state (:func:`head_state`).
+
+    Chunks of a ``partial_fit`` or ``merge`` must carry the same head, which is kept once.
+    """
 
     requires = frozenset({"features"})
     fit_requires = frozenset({"features", "head"})
+
+    def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # The head is not additive: it must be the same model's head in every chunk, and is kept once.
+        if a["weight"].shape != b["weight"].shape or not (
+            torch.equal(a["weight"], b["weight"].to(a["weight"].device))
+            and torch.equal(a["bias"], b["bias"].to(a["bias"].device))
+        ):
+            raise ValueError(f"{self.name}: the chunks were fitted with different heads; fit on outputs of one model")
+        combined = super()._combine(a, b)
+        combined["weight"], combined["bias"] = a["weight"], a["bias"]
+        return combined
+
+
+class _HeadShapingDetector(HeadStateDetector):
+    """Shared declarations: energy of the logits of a shaped head or shaped features."""
 
     def _score_row_bytes(self, outputs: ModelOutputs) -> int:
         assert self.state_ is not None
@@ -180,7 +203,7 @@ class ReAct(_HeadShapingDetector):
         super().__init__()
 
     def _fit(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-        state = _head_state(outputs)
+        state = head_state(outputs)
         state["threshold"] = percentile(outputs.features, float(self.percentile)).to(torch.float64)
         return state
 
@@ -234,21 +257,10 @@ class DICE(_HeadShapingDetector):
 
     def _statistics(self, outputs: ModelOutputs) -> dict[str, torch.Tensor]:
         features = outputs.features
-        stats = _head_state(outputs)
+        stats = head_state(outputs)
         stats["feature_sum"] = features.sum(dim=0, dtype=torch.float64)
         stats["count"] = torch.tensor([float(features.shape[0])], dtype=torch.float64, device=features.device)
         return stats
-
-    def _combine(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # The head is not additive: it must be the same model's head in every chunk, and is kept once.
-        if a["weight"].shape != b["weight"].shape or not (
-            torch.equal(a["weight"], b["weight"].to(a["weight"].device))
-            and torch.equal(a["bias"], b["bias"].to(a["bias"].device))
-        ):
-            raise ValueError(f"{self.name}: the chunks were fitted with different heads; fit on outputs of one model")
-        combined = super()._combine(a, b)
-        combined["weight"], combined["bias"] = a["weight"], a["bias"]
-        return combined
 
     def _finalize(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mean = stats["feature_sum"] / stats["count"]
@@ -260,7 +272,7 @@ class DICE(_HeadShapingDetector):
     def _score(self, outputs: ModelOutputs) -> torch.Tensor:
         features = outputs.features
         state = self.state(features.device, features.dtype)
-        return _neg_energy(torch.addmm(state["bias"], features, state["weight"].T))
+        return neg_energy_of_head(features, state)
 
 
 class _TopKDetector(_HeadShapingDetector):
@@ -274,7 +286,7 @@ class _TopKDetector(_HeadShapingDetector):
                 f"{self.name}: percentile {self.percentile:g} keeps no activation of "
                 f"D = {outputs.features.shape[1]}; lower the percentile so that round(D * p / 100) < D"
             )
-        return _head_state(outputs)
+        return head_state(outputs)
 
 
 @register

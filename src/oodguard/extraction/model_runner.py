@@ -55,12 +55,13 @@ from oodguard.extraction.forward import logits_of
 from oodguard.extraction.modules import check_model_device, find_head, get_module, head_tensors, resolve_device
 from oodguard.outputs import ModelOutputs
 
-__all__ = ["ModelRunner", "GradientBatch", "FEATURES"]
+__all__ = ["ModelRunner", "GradientBatch", "FEATURES", "Direction", "sign_step", "std_divisor"]
 
 #: Pseudo layer name for the input of the final linear layer (the features); module names never contain "<".
 FEATURES = "<features>"
 
 Loss = Callable[..., torch.Tensor]
+Direction = Callable[[torch.Tensor], torch.Tensor]
 _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,23 @@ class GradientBatch:
     gradients: dict[str, torch.Tensor]
     input_gradient: torch.Tensor | None
     labels: torch.Tensor | None
+
+
+def sign_step(gradient: torch.Tensor) -> torch.Tensor:
+    """ODIN's step direction ``sign(g)`` with ``sign(0) := +1``, as the official code ((g >= 0) -> +1, else -1)."""
+    return torch.where(gradient >= 0, 1.0, -1.0).to(gradient.dtype)
+
+
+def std_divisor(std: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``std`` (one value, or one per channel, dimension 1) shaped to divide ``x``, on its device and dtype."""
+    if std.numel() > 1:
+        if x.ndim < 2 or x.shape[1] != std.numel():
+            raise ValueError(
+                f"input_std: {std.numel()} per-channel values, but the inputs have shape {tuple(x.shape)} "
+                f"(channels are dimension 1); give one std per channel or a single value"
+            )
+        std = std.reshape(1, -1, *([1] * (x.ndim - 2)))
+    return std.to(device=x.device, dtype=x.dtype)
 
 
 def _not_differentiable(what: str) -> ValueError:
@@ -391,27 +409,18 @@ class ModelRunner:
                 )
 
     def _std_divisor(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.input_std is None:
-            return None
-        std = self.input_std
-        if std.numel() > 1:
-            if x.ndim < 2 or x.shape[1] != std.numel():
-                raise ValueError(
-                    f"input_std: {std.numel()} per-channel values, but the inputs have shape {tuple(x.shape)} "
-                    f"(channels are dimension 1); give one std per channel or a single value"
-                )
-            std = std.reshape(1, -1, *([1] * (x.ndim - 2)))
-        return std.to(device=x.device, dtype=x.dtype)
+        return None if self.input_std is None else std_divisor(self.input_std, x)
 
-    def _perturbed(self, batch: GradientBatch, epsilon: float, scale_by_std: bool) -> torch.Tensor:
+    def _perturbed(
+        self, batch: GradientBatch, epsilon: float, scale_by_std: bool, direction: Direction = sign_step
+    ) -> torch.Tensor:
         gradient = batch.input_gradient
         assert gradient is not None
         if not bool(torch.isfinite(gradient).all()):
             raise FloatingPointError(
                 "the input gradient has non-finite values (the loss overflowed); check the model's outputs and the loss"
             )
-        # sign(0) := +1, as the official ODIN code ((g >= 0) -> +1, else -1).
-        step = torch.where(gradient >= 0, 1.0, -1.0).to(batch.inputs.dtype)
+        step = direction(gradient).to(batch.inputs.dtype)
         divisor = self._std_divisor(batch.inputs) if scale_by_std else None
         if divisor is not None:
             step = step / divisor
@@ -618,22 +627,26 @@ class ModelRunner:
         loss_layers: Sequence[str] | str = (),
         labels: Any = None,
         progress: bool | None = None,
+        direction: Direction = sign_step,
+        desc: str = "perturb",
     ) -> ModelOutputs:
         """:meth:`perturb` then a forward pass of the perturbed inputs, batch by batch on the device.
 
         Costs one forward with autograd, one backward to the input and one forward without autograd per batch.
         Returns the perturbed inputs' logits, features and head (when the head is known), ``layers`` and labels.
-        ``loss_layers`` are given to ``loss`` as in :meth:`gradient_batches`.
+        ``loss_layers`` are given to ``loss`` as in :meth:`gradient_batches`. ``direction`` maps the input gradient
+        to the unscaled step (default ODIN's ``sign(g)``; i-ODIN moves one element); the step is then divided by
+        ``std_ch`` as in :meth:`perturb`.
         """
         epsilon = self._check_epsilon(epsilon)
         layer_names = [layers] if isinstance(layers, str) else list(layers)
         want = [*layer_names, *([FEATURES] if self.head is not None and FEATURES not in layer_names else [])]
         pieces: list[dict] = []
         gradients = self.gradient_batches(
-            x, loss, layers=loss_layers, wrt_layers=False, labels=labels, progress=progress, desc="perturb"
+            x, loss, layers=loss_layers, wrt_layers=False, labels=labels, progress=progress, desc=desc
         )
         for batch in gradients:
-            perturbed = self._perturbed(batch, epsilon, scale_by_std)
+            perturbed = self._perturbed(batch, epsilon, scale_by_std, direction)
             # The gradient pass holds eval mode; these hooks only add a no-grad forward of the perturbed batch.
             with torch.no_grad(), self._hooks(want) as captured:
                 fields = self._forward_batch(perturbed, layer_names, captured)

@@ -11,12 +11,12 @@ from oodguard.detectors.logits import neg_log_odds_msp
 from oodguard.detectors.model.base import ModelDetector
 from oodguard.detectors.model.gradient import odin_loss
 from oodguard.detectors.params import Boolean, Interval, Real
-from oodguard.extraction.model_runner import ModelRunner
+from oodguard.extraction.model_runner import ModelRunner, sign_step, std_divisor
 
 __all__ = ["IODIN", "largest_gradient_step"]
 
 
-def largest_gradient_step(gradient: torch.Tensor, std: torch.Tensor | None) -> torch.Tensor:
+def largest_gradient_step(gradient: torch.Tensor, std: torch.Tensor | None = None) -> torch.Tensor:
     """The i-ODIN step direction ``[B, ...]``: ``sign(g) / std_ch`` at each sample's entry of largest ``|g|``, else 0.
 
     ``sign(0) := +1`` (as ODIN); ties of ``|g|`` go to the first entry in row-major order (``argmax``). ``std`` is the
@@ -25,18 +25,9 @@ def largest_gradient_step(gradient: torch.Tensor, std: torch.Tensor | None) -> t
     rows = gradient.shape[0]
     flat = gradient.reshape(rows, -1)
     top = flat.abs().argmax(dim=1, keepdim=True)
-    sign = torch.where(flat.gather(1, top) >= 0, 1.0, -1.0).to(gradient.dtype)
+    sign = sign_step(flat.gather(1, top))
     step = torch.zeros_like(flat).scatter_(1, top, sign).reshape(gradient.shape)
-    if std is None:
-        return step
-    if std.numel() > 1:
-        if gradient.ndim < 2 or gradient.shape[1] != std.numel():
-            raise ValueError(
-                f"input_std: {std.numel()} per-channel values, but the inputs have shape {tuple(gradient.shape)} "
-                "(channels are dimension 1); give one std per channel or a single value"
-            )
-        std = std.reshape(1, -1, *([1] * (gradient.ndim - 2)))
-    return step / std.to(device=gradient.device, dtype=gradient.dtype)
+    return step if std is None else step / std_divisor(std, gradient)
 
 
 @register
@@ -91,20 +82,14 @@ class IODIN(ModelDetector):
         if epsilon == 0.0:
             logits = runner.forward(data, progress=progress, desc=self.name).logits
             return neg_log_odds_msp(logits.to(torch.float64), t)
-        std = runner.input_std if self.scale_by_std else None
         loss = odin_loss(t)
-        pieces = []
-        for batch in runner.gradient_batches(data, loss, wrt_layers=False, progress=progress, desc=self.name):
-            assert batch.input_gradient is not None  # wrt_input is on
-            if not bool(torch.isfinite(batch.input_gradient).all()):
-                raise FloatingPointError(
-                    f"{self.name}: the input gradient has non-finite values (the loss overflowed); check the model's "
-                    "outputs and the temperature"
-                )
-            perturbed = batch.inputs - epsilon * largest_gradient_step(batch.input_gradient, std)
-            with torch.no_grad():
-                logits = runner.logits(perturbed)
-            pieces.append(neg_log_odds_msp(logits.to(torch.float64), t).to("cpu"))
-        if not pieces:
-            raise ValueError(f"{self.name}: data produced no rows")
-        return torch.cat(pieces)
+        outputs = runner.perturbed_forward(
+            data,
+            loss,
+            epsilon,
+            bool(self.scale_by_std),
+            progress=progress,
+            direction=largest_gradient_step,
+            desc=self.name,
+        )
+        return neg_log_odds_msp(outputs.logits.to(torch.float64), t)
